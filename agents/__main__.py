@@ -1,0 +1,3 @@
+from agents.agent import main
+
+raise SystemExit(main())

@@ -1,0 +1,659 @@
+"""On-device measurement agent: describes the device (``info``) and benchmarks one ONNX model (``bench``).
+
+DEPENDENCY NOTE: this module runs on the edge device itself (Raspberry Pi, Jetson, ...) where only
+Python 3.9+, numpy and onnxruntime are installed (psutil is optional and its import is guarded).
+Import ONLY the standard library, numpy and onnxruntime here: no torch, ray, pluggy, pydantic, yaml,
+and nothing from ``orchestrator``. Keep the syntax Python 3.9 compatible. Do not spawn subprocesses
+(the agent may run under qemu-user, where child processes cannot exec); the single exception is the
+optional, guarded ``vcgencmd`` call on Raspberry Pis.
+
+Every command prints exactly one JSON object on stdout (``schema_version`` 1) and returns an
+``ExitCode``; errors are reported as ``{"schema_version": 1, "command": ..., "error": ..., "exit_code": N}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import glob
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from enum import IntEnum
+
+import numpy as np
+
+try:
+    import onnxruntime as ort
+except ImportError:  # reported as an error by the commands that need it
+    ort = None
+
+try:
+    import psutil
+except ImportError:
+    psutil = None
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
+SCHEMA_VERSION = 1
+MIN_TIMED_RUNS = 5
+NOISY_CV = 0.05
+IDLE_SECONDS = 0.5
+SYSFS_ROOT_ENV = "EDGE_AGENT_SYSFS_ROOT"
+
+ELEMENT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(bool)": np.bool_,
+}
+
+# ARM "CPU part" codes (implementer 0x41) for the cores found on common edge boards.
+ARM_CPU_PARTS = {
+    "0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
+    "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
+    "0xd0c": "Neoverse-N1", "0xd41": "Cortex-A78", "0xd42": "Cortex-A78AE",
+}
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    MODEL_INVALID = 3
+    MODEL_NOT_FOUND = 4
+
+
+class AgentError(Exception):
+    """An error reported to the caller as one JSON line with this exit code."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def one_line(text: object) -> str:
+    """Collapse any message (e.g. a multi-line onnxruntime error) to one line."""
+    return " ".join(str(text).split())
+
+
+def read_text_file(path: str) -> str | None:
+    """Return the stripped contents of a text file, or None if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read().strip()
+    except (OSError, ValueError):
+        return None
+
+
+def read_int_file(path: str) -> int | None:
+    """Return the integer stored in a (sysfs) file, or None if unreadable or not an integer."""
+    text = read_text_file(path)
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def sys_path(relative: str) -> str:
+    """Map an absolute sysfs path under the root given by $EDGE_AGENT_SYSFS_ROOT (default "/")."""
+    return os.path.join(os.environ.get(SYSFS_ROOT_ENV) or "/", relative.lstrip("/"))
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def latency_stats(samples_ms: list[float]) -> dict:
+    """p50/p90/p99 (linear interpolation), mean, std (sample), min, max and cv of latencies in ms."""
+    arr = np.asarray(samples_ms, dtype=np.float64)
+    p50, p90, p99 = (float(v) for v in np.percentile(arr, [50, 90, 99]))
+    mean = float(arr.mean())
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return {
+        "p50": p50, "p90": p90, "p99": p99, "mean": mean, "std": std,
+        "min": float(arr.min()), "max": float(arr.max()), "cv": std / mean if mean > 0 else 0.0,
+    }
+
+
+def _status_kib(field: str) -> int | None:
+    for line in (read_text_file("/proc/self/status") or "").splitlines():
+        if line.startswith(field + ":"):
+            try:
+                return int(line.split()[1])
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def current_rss_mb() -> float | None:
+    """Resident set size of this process in MiB (/proc/self/status VmRSS, else psutil)."""
+    kib = _status_kib("VmRSS")
+    if kib is not None:
+        return kib / 1024.0
+    if psutil is not None:
+        return psutil.Process().memory_info().rss / 2**20
+    return None
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident set size of this process in MiB (getrusage ru_maxrss, else VmHWM)."""
+    if resource is not None:
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024.0  # bytes on macOS, KiB else
+    kib = _status_kib("VmHWM")
+    return kib / 1024.0 if kib is not None else None
+
+
+# ------------------------------------------------------------------------------------ device probes
+
+
+def parse_cpuinfo(text: str) -> str | None:
+    """CPU model from /proc/cpuinfo text: "model name", else "Hardware", else the ARM "CPU part"."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and value.strip():
+            fields.setdefault(key.strip().lower(), value.strip())
+    if "model name" in fields:
+        return fields["model name"]
+    if "hardware" in fields:
+        return fields["hardware"]
+    part = fields.get("cpu part")
+    if part:
+        return "ARM " + ARM_CPU_PARTS[part.lower()] if part.lower() in ARM_CPU_PARTS else "ARM CPU part " + part
+    return None
+
+
+def cpu_model() -> str | None:
+    """Human-readable CPU model of this device."""
+    return parse_cpuinfo(read_text_file("/proc/cpuinfo") or "") or platform.processor() or None
+
+
+def memory_mb() -> int | None:
+    """Total RAM in MiB from /proc/meminfo MemTotal (sysconf as a fallback)."""
+    for line in (read_text_file("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            try:
+                return int(line.split()[1]) // 1024
+            except (IndexError, ValueError):
+                break
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def read_thermal() -> list[dict]:
+    """[{zone, type, temp_c}] for every /sys/class/thermal/thermal_zone*."""
+    zones = []
+    for zone_dir in glob.glob(sys_path("/sys/class/thermal/thermal_zone*")):
+        name = os.path.basename(zone_dir)
+        millideg = read_int_file(os.path.join(zone_dir, "temp"))
+        zones.append({
+            "zone": name,
+            "type": read_text_file(os.path.join(zone_dir, "type")),
+            "temp_c": millideg / 1000.0 if millideg is not None else None,
+        })
+    return sorted(zones, key=lambda z: int("0" + "".join(c for c in z["zone"] if c.isdigit())))
+
+
+def cpu_governor() -> str | None:
+    """The cpufreq scaling governor of cpu0, if readable."""
+    return read_text_file(sys_path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"))
+
+
+def vcgencmd_throttled() -> str | None:
+    """`vcgencmd get_throttled` value (e.g. "0x0") on Raspberry Pis; None if vcgencmd is absent or fails."""
+    exe = shutil.which("vcgencmd")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "get_throttled"], capture_output=True, text=True, timeout=2).stdout
+    except Exception:  # noqa: BLE001 - cannot exec under qemu-user, timeouts, ...
+        return None
+    _, sep, value = out.strip().partition("=")
+    return value.strip() if sep else None
+
+
+def _ina3221_readable() -> bool:
+    patterns = [
+        "/sys/bus/i2c/drivers/ina3221*/*/hwmon/hwmon*/in*_input",
+        "/sys/bus/i2c/drivers/ina3221*/*/iio:device*/in_power*_input",  # older Jetson kernels
+    ]
+    for pattern in patterns:
+        if any(read_text_file(p) is not None for p in glob.glob(sys_path(pattern))):
+            return True
+    return any("ina3221" in (read_text_file(p) or "") for p in glob.glob(sys_path("/sys/class/hwmon/*/name")))
+
+
+def energy_sensor_names() -> list[str]:
+    """Names of the energy sensors this device can read ("rapl", "ina3221")."""
+    names = []
+    if any(read_int_file(p) is not None for p in glob.glob(sys_path("/sys/class/powercap/*/energy_uj"))):
+        names.append("rapl")
+    if _ina3221_readable():
+        names.append("ina3221")
+    return names
+
+
+# ---------------------------------------------------------------------------------- energy sensors
+
+
+class SensorError(Exception):
+    """A sensor that was readable failed during a measurement."""
+
+
+class EnergySensor:
+    """A measured energy source. Subclasses implement start() and stop() -> (joules, seconds).
+
+    Counter sensors (RAPL) read a cumulative counter in start/stop; sampled sensors (INA3221, PMIC,
+    NVML) can start a background sampling thread in start() and integrate power in stop().
+    """
+
+    source = "measured"
+    description = "energy sensor"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def idle_watts(self, seconds: float = IDLE_SECONDS) -> float:
+        """Average power over `seconds` of doing nothing."""
+        self.start()
+        time.sleep(seconds)
+        joules, elapsed = self.stop()
+        return joules / elapsed if elapsed > 0 else 0.0
+
+
+class RaplSensor(EnergySensor):
+    """Intel/AMD RAPL package energy counter (powercap energy_uj, wraps at max_energy_range_uj)."""
+
+    source = "measured:rapl"
+    description = "RAPL package energy counter"
+    DOMAIN = "/sys/class/powercap/intel-rapl:0"
+
+    def __init__(self, domain_dir: str):
+        self.energy_path = os.path.join(domain_dir, "energy_uj")
+        self.range_path = os.path.join(domain_dir, "max_energy_range_uj")
+        self._start = None
+
+    @classmethod
+    def discover(cls) -> RaplSensor | None:
+        """The package-0 RAPL sensor under the sysfs root, if its counter is readable."""
+        sensor = cls(sys_path(cls.DOMAIN))
+        return sensor if read_int_file(sensor.energy_path) is not None else None
+
+    def read_uj(self) -> int:
+        value = read_int_file(self.energy_path)
+        if value is None:
+            raise SensorError("cannot read " + self.energy_path)
+        return value
+
+    def delta_uj(self, before: int, after: int) -> int:
+        """Energy between two counter readings, allowing for one wrap-around."""
+        if after >= before:
+            return after - before
+        max_range = read_int_file(self.range_path)
+        if not max_range:
+            raise SensorError("RAPL counter wrapped and %s is unreadable" % self.range_path)
+        return after + max_range - before
+
+    def start(self) -> None:
+        self._start = (self.read_uj(), time.perf_counter_ns())
+
+    def stop(self) -> tuple[float, float]:
+        after, t1 = self.read_uj(), time.perf_counter_ns()
+        before, t0 = self._start
+        return self.delta_uj(before, after) / 1e6, (t1 - t0) / 1e9
+
+
+SENSOR_CLASSES = (RaplSensor,)  # tried in order; the first one found measures
+
+
+def discover_energy_sensor() -> EnergySensor | None:
+    """The first readable measured energy sensor, or None."""
+    for cls in SENSOR_CLASSES:
+        sensor = cls.discover()
+        if sensor is not None:
+            return sensor
+    return None
+
+
+def measured_energy(sensor: EnergySensor, joules: float, seconds: float, idle_w: float, runs: int) -> dict:
+    """Per-inference energy from a measured window: (energy - idle power x time) / runs."""
+    dynamic_j = max(joules - idle_w * seconds, 0.0)
+    return {
+        "energy_mj": dynamic_j / runs * 1000.0,
+        "source": sensor.source,
+        "method": "%s over %d timed runs minus idle power measured for %.1f s before them, per inference"
+        % (sensor.description, runs, IDLE_SECONDS),
+        "idle_watts": idle_w,
+        "power_watts": joules / seconds if seconds > 0 else None,
+    }
+
+
+def estimated_energy(idle_w: float, active_w: float, power_cores: int, threads: int, mean_ms: float) -> dict:
+    """Per-inference energy from a power model: (active - idle) x min(threads, cores)/cores x latency."""
+    busy = min(threads, power_cores)
+    dynamic_w = (active_w - idle_w) * busy / power_cores
+    return {
+        "energy_mj": dynamic_w * mean_ms,  # W x ms = mJ
+        "source": "estimated",
+        "method": "power model: (active %.3g W - idle %.3g W) x %d/%d busy cores x mean latency"
+        % (active_w, idle_w, busy, power_cores),
+        "idle_watts": idle_w,
+        "power_watts": idle_w + dynamic_w,
+    }
+
+
+def unavailable_energy() -> dict:
+    return {
+        "energy_mj": None, "source": "unavailable",
+        "method": "no readable energy sensor and no power model (--power-idle-w/--power-active-w)",
+        "idle_watts": None, "power_watts": None,
+    }
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def _require_ort() -> None:
+    if ort is None:
+        raise AgentError("onnxruntime is not installed on this device")
+
+
+def cmd_info(args: argparse.Namespace) -> dict:
+    """Describe the device: CPU, memory, OS, runtime, execution providers, sensors, thermal state."""
+    return {
+        "arch": platform.machine(),
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_mb": memory_mb(),
+        "os": platform.platform(),
+        "hostname": platform.node(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__ if ort is not None else None,
+        "providers": ort.get_available_providers() if ort is not None else [],
+        "energy_sensors": energy_sensor_names(),
+        "thermal": read_thermal(),
+        "cpu_governor": cpu_governor(),
+        "throttled": vcgencmd_throttled(),
+    }
+
+
+def make_inputs(session, batch: int, seed: int, warnings: list[str]) -> dict:
+    """Random feeds for every model input: symbolic dims -> batch (first dim) or 1, dtype from metadata."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for meta in session.get_inputs():
+        shape = []
+        for i, dim in enumerate(meta.shape):
+            if isinstance(dim, int) and dim > 0:
+                if i == 0 and batch != 1 and dim != batch:
+                    warnings.append("input %s has a fixed batch dimension %d; --batch %d ignored"
+                                    % (meta.name, dim, batch))
+                shape.append(dim)
+            else:
+                shape.append(batch if i == 0 else 1)
+        dtype = ELEMENT_TYPES.get(meta.type)
+        if dtype is None:
+            raise AgentError("input %s has unsupported type %s" % (meta.name, meta.type))
+        if np.issubdtype(dtype, np.floating):
+            feeds[meta.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[meta.name] = rng.integers(0, 2, size=shape).astype(np.bool_)
+        elif dtype in (np.uint8, np.int8):
+            info = np.iinfo(dtype)
+            feeds[meta.name] = rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
+        else:  # ids/indices: keep them small so embedding lookups stay in range
+            feeds[meta.name] = rng.integers(0, 10, size=shape, dtype=dtype)
+    return feeds
+
+
+def _choose_providers(requested: list[str], warnings: list[str]) -> list[str]:
+    available = ort.get_available_providers()
+    chosen = [p for p in requested if p in available]
+    for p in requested:
+        if p not in available:
+            warnings.append("execution provider %s is not available (available: %s)" % (p, ", ".join(available)))
+    if not chosen:
+        warnings.append("none of the requested providers is available; falling back to CPUExecutionProvider")
+        chosen = ["CPUExecutionProvider"]
+    return chosen
+
+
+def _pin_cpu(cpu: int | None, warnings: list[str]) -> int | None:
+    if cpu is None:
+        return None
+    if not hasattr(os, "sched_setaffinity"):
+        warnings.append("CPU pinning is not supported on this platform; --pin-cpu ignored")
+        return None
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except (OSError, ValueError) as exc:
+        raise AgentError("cannot pin to CPU %d: %s" % (cpu, one_line(exc)), ExitCode.USAGE)
+    return cpu
+
+
+def _timed_loop(run, count: int, budget_s: float, min_runs: int) -> list[float]:
+    """Run `run()` up to `count` times or until `budget_s` passed (after at least `min_runs`); ms per run."""
+    samples = []
+    deadline = time.perf_counter_ns() + int(budget_s * 1e9)
+    while len(samples) < count and (len(samples) < min_runs or time.perf_counter_ns() < deadline):
+        t0 = time.perf_counter_ns()
+        run()
+        samples.append((time.perf_counter_ns() - t0) / 1e6)
+    return samples
+
+
+def _create_session(path: str, args: argparse.Namespace, providers: list[str]):
+    """InferenceSession with the requested threads and full graph optimisation; MODEL_INVALID if it fails."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = args.inter_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(path, sess_options=options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
+        raise AgentError("cannot load model %s: %s" % (path, one_line(exc)), ExitCode.MODEL_INVALID)
+
+
+def _measure(run, args: argparse.Namespace, warnings: list[str]):
+    """Warm-up, then timed runs (GC off) bracketed by the energy sensor if there is one.
+
+    Returns (warmup_samples, samples, energy_dict_or_None); None means no measured energy.
+    """
+    warmup = _timed_loop(run, args.warmup, args.time_budget, min(args.warmup, 1))
+    if len(warmup) < args.warmup:
+        warnings.append("warm-up stopped after %d runs by --time-budget" % len(warmup))
+    sensor, idle_w = discover_energy_sensor(), None
+    if sensor is not None:
+        try:
+            idle_w = sensor.idle_watts()
+            sensor.start()
+        except SensorError as exc:
+            warnings.append("energy sensor failed: %s" % one_line(exc))
+            sensor = None
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        samples = _timed_loop(run, args.runs, args.time_budget, min(args.runs, MIN_TIMED_RUNS))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    energy = None
+    if sensor is not None:
+        try:
+            joules, seconds = sensor.stop()
+            energy = measured_energy(sensor, joules, seconds, idle_w, len(samples))
+        except SensorError as exc:
+            warnings.append("energy sensor failed: %s" % one_line(exc))
+    return warmup, samples, energy
+
+
+def cmd_bench(args: argparse.Namespace) -> dict:
+    """Benchmark one ONNX model: latency distribution, memory, energy, thermal state."""
+    _require_ort()
+    path = args.model
+    if not os.path.isfile(path):
+        raise AgentError("model file not found: %s" % path, ExitCode.MODEL_NOT_FOUND)
+    if (args.power_idle_w is None) != (args.power_active_w is None):
+        raise AgentError("--power-idle-w and --power-active-w must be given together", ExitCode.USAGE)
+    if args.power_idle_w is not None and args.power_active_w < args.power_idle_w:
+        raise AgentError("--power-active-w must be >= --power-idle-w", ExitCode.USAGE)
+
+    warnings = []
+    requested = [p.strip() for p in args.providers.split(",") if p.strip()]
+    saved_affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        pinned = _pin_cpu(args.pin_cpu, warnings)  # before the session, so its thread pool inherits it
+        rss_before = current_rss_mb()
+        session = _create_session(path, args, _choose_providers(requested, warnings))
+        feeds = make_inputs(session, args.batch, args.seed, warnings)
+        try:
+            warmup, samples, energy = _measure(lambda: session.run(None, feeds), args, warnings)
+        except Exception as exc:  # noqa: BLE001
+            raise AgentError("inference failed for model %s: %s" % (path, one_line(exc)))
+    finally:
+        if saved_affinity is not None and args.pin_cpu is not None:
+            try:
+                os.sched_setaffinity(0, saved_affinity)  # matters when main() is called in-process
+            except OSError:
+                pass
+
+    stats = latency_stats(samples)
+    if energy is None and args.power_idle_w is not None:
+        # busy cores: --threads (0 = onnxruntime default, all cores); a single one when pinned
+        threads = 1 if pinned is not None else (args.threads or os.cpu_count() or 1)
+        energy = estimated_energy(args.power_idle_w, args.power_active_w,
+                                  args.power_cores or os.cpu_count() or 1, threads, stats["mean"])
+    elif energy is None:
+        energy = unavailable_energy()
+
+    peak = peak_rss_mb()
+    return {
+        "model": {"path": path, "sha256": file_sha256(path), "size_bytes": os.path.getsize(path)},
+        "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in feeds.items()],
+        "batch": args.batch,
+        "latency_ms": stats,
+        "runs": len(samples),
+        "warmup_runs": len(warmup),
+        "noisy": stats["cv"] > NOISY_CV,
+        "peak_memory_mb": peak,
+        "model_memory_mb": max(peak - rss_before, 0.0) if peak is not None and rss_before is not None else None,
+        "execution_provider": session.get_providers()[0],
+        "providers_requested": requested,
+        "threads": {"intra_op": args.threads, "inter_op": args.inter_op_threads},
+        "pinned_cpu": pinned,
+        "energy": energy,
+        "cpu_governor": cpu_governor(),
+        "thermal": read_thermal(),
+        "throttled": vcgencmd_throttled(),
+        "warnings": warnings,
+    }
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser that raises instead of exiting, so usage errors are reported as JSON too."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        raise _UsageError(message)
+
+
+def _bounded(kind, low, strict=False):
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("invalid %s value: %r" % (kind.__name__, text))
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError("must be %s %s, got %s" % (">" if strict else ">=", low, text))
+        return value
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The agent's command line: `info` and `bench`."""
+    parser = _Parser(prog="python -m agents", description="Edge measurement agent (prints one JSON object).")
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench}")
+    sub.required = True
+    sub.add_parser("info", help="describe this device")
+    b = sub.add_parser("bench", help="benchmark one ONNX model")
+    b.add_argument("--model", required=True, help="path to the .onnx file")
+    b.add_argument("--warmup", type=_bounded(int, 0), default=20, help="warm-up runs (default 20)")
+    b.add_argument("--runs", type=_bounded(int, 1), default=200, help="timed runs (default 200)")
+    b.add_argument("--time-budget", type=_bounded(float, 0, strict=True), default=10.0,
+                   help="stop timed runs after this many seconds, after at least 5 runs (default 10)")
+    b.add_argument("--threads", type=_bounded(int, 0), default=1, help="intra-op threads, 0 = all (default 1)")
+    b.add_argument("--inter-op-threads", type=_bounded(int, 0), default=1, help="inter-op threads (default 1)")
+    b.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated execution providers")
+    b.add_argument("--batch", type=_bounded(int, 1), default=1, help="size of symbolic batch dimensions")
+    b.add_argument("--pin-cpu", type=_bounded(int, 0), default=None, help="pin the process to this CPU")
+    b.add_argument("--power-idle-w", type=_bounded(float, 0), default=None, help="power model: idle watts")
+    b.add_argument("--power-active-w", type=_bounded(float, 0), default=None,
+                   help="power model: watts with all --power-cores busy")
+    b.add_argument("--power-cores", type=_bounded(int, 1), default=None,
+                   help="power model: cores behind --power-active-w (default: this device's cores)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    return parser
+
+
+COMMANDS = {"info": cmd_info, "bench": cmd_bench}
+
+
+def _emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the agent; prints one JSON object on stdout and returns an ExitCode value."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    try:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        result = COMMANDS[command](args)
+        _emit(dict({"schema_version": SCHEMA_VERSION, "command": command}, **result))
+        return int(ExitCode.OK)
+    except _UsageError as exc:
+        code, message = ExitCode.USAGE, one_line(exc)
+    except AgentError as exc:
+        code, message = exc.code, one_line(exc)
+    except KeyboardInterrupt:
+        code, message = ExitCode.ERROR, "interrupted"
+    except Exception as exc:  # noqa: BLE001 - never a traceback on the device
+        code, message = ExitCode.ERROR, "%s: %s" % (type(exc).__name__, one_line(exc))
+    _emit({"schema_version": SCHEMA_VERSION, "command": command, "error": message, "exit_code": int(code)})
+    return int(code)

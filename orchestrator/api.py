@@ -1,0 +1,178 @@
+"""The public plugin API: what a technique or task author subclasses and calls.
+
+Heavy libraries (torch, onnxruntime.quantization, torch_pruning) are imported
+inside methods, never at module level, so `orchestrate plugins` and `--help`
+stay fast.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
+
+import pluggy
+
+from orchestrator.errors import TechniqueParamsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from orchestrator.profile import Profile
+
+PROJECT_NAME = "edge_orchestrator"
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+Stage = Literal["architecture", "training", "graph"]
+#: Stages run in this order; `export` (torch -> ONNX) sits between training and graph.
+STAGE_ORDER: tuple[str, ...] = ("architecture", "training", "graph")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A searchable parameter: one of a finite list of values."""
+
+    values: tuple[Any, ...]
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise ValueError("choice() needs at least one value")
+
+
+def choice(values: Sequence[Any]) -> Choice:
+    """Declare a parameter the search picks from `values`."""
+    return Choice(tuple(values))
+
+
+class Technique:
+    """One way to make a model smaller or faster. Subclass it and implement `apply`.
+
+    Class attributes an author sets:
+      name          unique, kebab-case, shown to users and written in profiles
+      stage         "architecture" | "training" (model is a torch.nn.Module) or "graph" (model is onnx.ModelProto)
+      version       bump it when `apply` changes its output, so caches are invalidated
+      search_space  {param: choice([...])}: what the search may try
+      defaults      {param: value}: used for params the search does not set
+    """
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[Stage] = "graph"
+    version: ClassVar[str] = "1"
+    search_space: ClassVar[dict[str, Choice]] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
+    description: ClassVar[str] = ""
+
+    def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Fill defaults and refuse unknown or out-of-space parameters; returns the full params."""
+        known = set(self.search_space) | set(self.defaults)
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise TechniqueParamsError(
+                f"technique {self.name!r}: unknown parameter(s) {', '.join(unknown)}; "
+                f"it accepts {', '.join(sorted(known)) or 'none'}"
+            )
+        full = {**self.defaults, **params}
+        for key, domain in self.search_space.items():
+            if key not in full:
+                full[key] = domain.values[0]
+            if full[key] not in domain.values:
+                raise TechniqueParamsError(
+                    f"technique {self.name!r}: {key}={full[key]!r} is not one of {list(domain.values)}"
+                )
+        reason = self.invalid(full)
+        if reason:
+            raise TechniqueParamsError(f"technique {self.name!r}: {reason}")
+        return full
+
+    def invalid(self, params: dict[str, Any]) -> str | None:
+        """Return why this combination of parameters is invalid, or None. Checked before the search."""
+        return None
+
+    def param_grid(self) -> list[dict[str, Any]]:
+        """Every valid parameter combination in the search space (used for grid search)."""
+        keys = sorted(self.search_space)
+        grid = []
+        for values in itertools.product(*(self.search_space[k].values for k in keys)):
+            params = {**self.defaults, **dict(zip(keys, values))}
+            if self.invalid(params) is None:
+                grid.append(params)
+        return grid
+
+    def apply(self, model: Any, params: dict[str, Any], ctx: TechniqueContext) -> Any:
+        """Return the transformed model. Must not modify `model` in place."""
+        raise NotImplementedError
+
+
+@dataclass
+class Dataset:
+    """Arrays of inputs (N, C, H, W float32) and integer labels (N,), as numpy."""
+
+    inputs: Any
+    labels: Any
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class Task:
+    """A model family plus its data and metric. Subclass it to bring your own model.
+
+    `build(arch)` makes an untrained model of the family; `arch` holds the family's
+    knobs (empty means the default architecture). `train(model, data, epochs, seed)`
+    trains in place. Data comes from `load_data(seed)`; `metric` scores logits.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    input_name: ClassVar[str] = "input"
+    input_shape: ClassVar[tuple[int, ...]] = ()  # without the batch dimension
+    default_arch: ClassVar[dict[str, Any]] = {}
+    train_epochs: ClassVar[int] = 1
+
+    def build(self, arch: dict[str, Any] | None = None) -> Any:
+        """An untrained torch.nn.Module of this family."""
+        raise NotImplementedError
+
+    def load_data(self, seed: int) -> dict[str, Dataset]:
+        """{'train', 'calibration', 'eval'} datasets; the eval split is fixed by `seed`."""
+        raise NotImplementedError
+
+    def train(self, model: Any, data: Dataset, epochs: int, seed: int,
+              teacher: Any = None, temperature: float = 4.0, alpha: float = 0.5) -> Any:
+        """Train `model` in place on `data`; with a teacher, distil (soft targets mixed with labels)."""
+        raise NotImplementedError
+
+    def metric(self, logits: Any, labels: Any) -> float:
+        """Accuracy in [0, 1] of logits (N, classes) against labels (N,)."""
+        import numpy as np
+
+        return float((np.asarray(logits).argmax(axis=1) == np.asarray(labels)).mean())
+
+    def fingerprint(self) -> str:
+        """What the trained base model depends on, beyond the seed (part of its cache key)."""
+        return f"{self.name}:{self.version}:{self.default_arch}:{self.train_epochs}"
+
+
+@dataclass
+class TechniqueContext:
+    """What a technique gets besides the model: data, the teacher, a fine-tune helper, scratch space."""
+
+    task: Task
+    data: dict[str, Dataset]
+    teacher: Any
+    profile: Profile
+    scratch_dir: Path
+    seed: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def fine_tune(self, model: Any, epochs: int, teacher: Any = None, **kwargs: Any) -> Any:
+        """Train `model` for `epochs` on the task's training data (distilling when given a teacher)."""
+        return self.task.train(model, self.data["train"], epochs=epochs, seed=self.seed, teacher=teacher, **kwargs)
+
+    def calibration_batches(self, limit: int) -> list[Any]:
+        """Up to `limit` single-sample float32 input batches from the calibration split."""
+        inputs = self.data["calibration"].inputs[:limit]
+        return [inputs[i : i + 1] for i in range(len(inputs))]
+
+
+Register = Callable[[Any], None]

@@ -1,0 +1,143 @@
+"""`orchestrate`: the command line. Errors become one line and a meaningful exit code here, nowhere else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from pathlib import Path
+
+import click
+
+from orchestrator.errors import ExitCode, OrchestratorError
+
+_SHOW_TRACEBACK = False
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path), help="Device profile YAML to search for.")
+@click.option("--task", default="digits", show_default=True, help="Task (model + data) from a plugin.")
+@click.option("--trials", type=click.IntRange(min=1), help="Trial budget (default: the profile's search.trials).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Folder for OUT/<run-id>/ (best.onnx, results.json, report.html).")
+@click.option("--ray-address", help="Join an existing Ray cluster instead of starting a local one.")
+@click.option("--traceback", "show_traceback", is_flag=True, help="Show the full stack on errors.")
+@click.option("-v", "--verbose", is_flag=True, help="More log lines.")
+@click.version_option(package_name="edge-orchestrator")
+@click.pass_context
+def cli(ctx: click.Context, profile_path: Path | None, task: str, trials: int | None, out_dir: Path,
+        ray_address: str | None, show_traceback: bool, verbose: bool) -> None:
+    """Find, measure and pick the best compressed model for a device profile.
+
+    \b
+    orchestrate --profile device_profiles/x86-host.yaml
+    orchestrate plugins | runs list | runs show RUN_ID
+    """
+    global _SHOW_TRACEBACK
+    _SHOW_TRACEBACK = show_traceback
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if ctx.invoked_subcommand is not None:
+        if profile_path is not None:
+            raise click.UsageError(f"--profile cannot be used with the {ctx.invoked_subcommand!r} command")
+        return
+    if profile_path is None:
+        click.echo(ctx.get_help())
+        ctx.exit(ExitCode.USAGE)
+    from orchestrator.console import run_with_progress
+
+    ctx.exit(run_with_progress(profile_path, task, trials, out_dir, ray_address))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List installed plugins: name, version, techniques, tasks (broken ones with the reason)."""
+    from dataclasses import asdict
+
+    from orchestrator.plugins import get_plugin_manager
+
+    registry = get_plugin_manager()
+    infos = [asdict(p) for p in registry.plugins.values()]
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    from rich.table import Table
+
+    from orchestrator.console import out_console
+
+    table = Table("plugin", "package", "version", "techniques", "tasks", "status")
+    for p in infos:
+        table.add_row(p["name"], p["package"], p["version"], ", ".join(p["techniques"]) or "-",
+                      ", ".join(p["tasks"]) or "-", f"[red]broken: {p['error']}[/red]" if p["error"] else "ok")
+    out_console().print(table)
+
+
+@cli.group()
+def runs() -> None:
+    """Runs in the run store."""
+
+
+@runs.command("list")
+@click.option("--limit", default=20, show_default=True)
+def runs_list(limit: int) -> None:
+    """The newest runs."""
+    import time
+
+    from rich.table import Table
+
+    from orchestrator.console import out_console
+    from orchestrator.paths import store_path
+    from orchestrator.store import RunStore
+
+    table = Table("run", "profile", "task", "status", "candidates", "best", "started")
+    for r in RunStore(store_path()).list_runs(limit):
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"]))
+        table.add_row(r["id"], r["profile"], r["task"], r["status"], str(r["n_candidates"]), r["best_id"] or "-", started)
+    out_console().print(table)
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="The stored run and its candidates as JSON.")
+def runs_show(run_id: str, as_json: bool) -> None:
+    """One run: status, where its files are, and its candidates."""
+    from orchestrator.console import print_candidates
+    from orchestrator.paths import store_path
+    from orchestrator.store import RunStore
+
+    run = RunStore(store_path()).get_run(run_id)
+    if as_json:
+        click.echo(json.dumps(run, indent=2))
+        return
+    click.echo(f"run {run['id']}: profile {run['profile']}, task {run['task']}, status {run['status']}")
+    if run["message"]:
+        click.echo(f"  {run['message']}")
+    click.echo(f"  output: {run['out_dir']}")
+    print_candidates(run["candidates"], run["best_id"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turn errors into one line and an exit code."""
+    try:
+        # standalone_mode=False: click returns ctx.exit()'s code instead of calling sys.exit
+        code = cli.main(args=argv, prog_name="orchestrate", standalone_mode=False)
+        return code if isinstance(code, int) else ExitCode.OK
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return ExitCode.USAGE if isinstance(exc, click.UsageError) else ExitCode.ERROR
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("interrupted", err=True)
+        return ExitCode.INTERRUPTED
+    except OrchestratorError as exc:
+        if _SHOW_TRACEBACK:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except Exception as exc:  # a bug: still one line unless asked for the stack
+        if _SHOW_TRACEBACK:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (run with --traceback for details)", err=True)
+        return ExitCode.ERROR
+

@@ -1,0 +1,139 @@
+"""Terminal output of a run: a progress bar on a terminal, plain log lines otherwise, then the front and the pick."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.errors import ExitCode
+from orchestrator.selection import pipeline_label
+
+
+def out_console() -> Console:
+    """Console for stdout: the terminal's width, or wide enough for tables when piped."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def print_candidates(candidates: list[dict[str, Any]], best_id: str | None, only_front: bool = False,
+                     console: Console | None = None) -> None:
+    """A table of candidates (or of the Pareto front) with the pick marked."""
+    console = console or out_console()
+    table = Table("", "id", "pipeline", "accuracy", "drop", "size KiB", "p50 ms", "p90 ms", "energy mJ", "feasible")
+    for c in candidates:
+        if only_front and not c.get("on_front") and c["id"] != best_id:
+            continue
+        m = c.get("metrics") or {}
+        lat = m.get("latency_ms") or {}
+        energy = m.get("energy_mj")
+        energy_text = "-" if energy is None else f"{energy:.4f}" + (" (est.)" if m.get("energy_source") == "estimated" else "")
+        table.add_row(
+            "★" if c["id"] == best_id else "", c["id"], pipeline_label(c),
+            _f(m.get("accuracy"), 4), _f(m.get("accuracy_drop"), 2),
+            _f(m["size_bytes"] / 1024, 1) if m.get("size_bytes") else "-", _f(lat.get("p50"), 3), _f(lat.get("p90"), 3),
+            energy_text, "failed: " + (c.get("error") or "")[:60] if c["status"] != "ok" else ("yes" if c.get("feasible") else "no"),
+        )
+    console.print(table)
+
+
+def _f(value: Any, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+class _Reporter:
+    """Turns run events into a rich progress bar (TTY) or one log line per event (pipes, CI)."""
+
+    def __init__(self) -> None:
+        self.err = Console(stderr=True)
+        self.tty = sys.stderr.isatty()
+        self.progress = None
+        self.bar = None
+        self.done = 0
+        self.best_text = ""
+        self.started = time.monotonic()
+
+    def log(self, text: str) -> None:
+        stamp = f"[{time.monotonic() - self.started:6.1f}s]"
+        if self.progress is not None:
+            self.progress.console.print(f"{stamp} {text}", highlight=False)
+        else:
+            self.err.print(f"{stamp} {text}", highlight=False, soft_wrap=True)
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "run_started":
+            self.total = data["trials"]
+            self.log(f"run {data['run_id']}: {data['space']} candidates in the space, {self.total} trials; output in {data['out']}")
+        elif kind == "base_model":
+            self.log(f"loading the {data['task']} base model (trained on first use, then cached)")
+        elif kind == "base_model_ready":
+            how = "trained now" if data["trained_now"] else "from cache"
+            self.log(f"base model ready ({how}), held-out accuracy {data['accuracy']:.4f}; starting Ray")
+            self._start_bar()
+        elif kind == "candidate":
+            self.done += 1
+            m = data.get("metrics") or {}
+            if data["status"] == "ok":
+                lat = (m.get("latency_ms") or {}).get("p50")
+                text = f"acc {m.get('accuracy', 0):.4f}, p50 {lat:.3f} ms, {m.get('size_bytes', 0) / 1024:.0f} KiB"
+                if lat is not None and (not self.best_text or lat < self.best_lat):
+                    self.best_lat, self.best_text = lat, f"fastest so far {data['id']} {lat:.3f} ms"
+            else:
+                text = f"FAILED: {data.get('error')}"
+            self.log(f"candidate {self.done}/{self.total} {data['id']} {pipeline_label(data)}: {text}")
+            if self.progress is not None:
+                self.progress.update(self.bar, completed=self.done, description=self.best_text or "searching")
+
+    def _start_bar(self) -> None:
+        if not self.tty:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=self.err, transient=True)
+        self.progress.start()
+        self.bar = self.progress.add_task("searching", total=self.total)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def run_with_progress(profile_path: Path, task: str, trials: int | None, out_dir: Path, ray_address: str | None) -> int:
+    """Load the profile and plugins, run, print the front and the pick; returns the exit code."""
+    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.profile import load_profile
+    from orchestrator.run import RunOptions, execute_run
+
+    loaded = load_profile(profile_path)
+    registry = get_plugin_manager()
+    reporter = _Reporter()
+    try:
+        outcome = execute_run(loaded, registry, RunOptions(task=task, trials=trials, out_dir=out_dir,
+                                                           ray_address=ray_address), reporter)
+    finally:
+        reporter.close()
+    console = out_console()
+    results = outcome.results
+    best = results.get("best")
+    if outcome.candidates:
+        console.print("Pareto front of the feasible candidates (★ = pick):" if best else "Candidates:")
+        print_candidates(outcome.candidates, best["id"] if best else None, only_front=bool(best), console=console)
+    if best:
+        m = best["metrics"]
+        console.print(
+            f"picked {best['id']} ({pipeline_label(best)}): accuracy {m['accuracy']:.4f} "
+            f"(drop {m['accuracy_drop']:.2f} pts), p50 {m['latency_ms']['p50']:.3f} ms, {m['size_bytes'] / 1024:.0f} KiB"
+        )
+    console.print(f"wrote {outcome.out_dir}/ (results.json, report.html{', best.onnx' if best else ''})")
+    if outcome.status == "interrupted":
+        reporter.err.print(f"interrupted: {len(outcome.candidates)} candidates kept in run {outcome.run_id}")
+        return ExitCode.INTERRUPTED
+    if outcome.error is not None:
+        reporter.err.print(f"error: {outcome.error}", highlight=False)
+        return outcome.error.exit_code
+    return ExitCode.OK

@@ -1,0 +1,65 @@
+"""Typed errors. Library code raises these; only the CLI turns them into one line and an exit code."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit codes of `orchestrate`: each one means one thing."""
+
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    NO_FEASIBLE_CANDIDATE = 3
+    NO_DEVICE_REACHABLE = 4
+    INTERRUPTED = 130
+
+
+class OrchestratorError(Exception):
+    """Base of every error the CLI reports as one clear line."""
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+
+class ProfileError(OrchestratorError):
+    """A device profile is missing, is not YAML, or does not validate.
+
+    The message is already shaped `FILE:LINE: field.path: message`.
+    """
+
+    exit_code = ExitCode.USAGE
+
+
+class PluginError(OrchestratorError):
+    """A plugin is broken, duplicates a name, or a name asked for is not installed."""
+
+    exit_code = ExitCode.USAGE
+
+
+class TechniqueParamsError(OrchestratorError):
+    """A technique was given parameters it does not accept (checked before any work starts)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class NoFeasibleCandidate(OrchestratorError):
+    """Every candidate broke at least one of the profile's constraints."""
+
+    exit_code = ExitCode.NO_FEASIBLE_CANDIDATE
+
+
+class DeviceUnreachable(OrchestratorError):
+    """No device of the profile could be reached."""
+
+    exit_code = ExitCode.NO_DEVICE_REACHABLE
+
+
+class MeasurementError(OrchestratorError):
+    """The agent could not measure a candidate on a device (the candidate fails, the run goes on)."""
+
+
+class RunNotFound(OrchestratorError):
+    """A run id that the run store does not know."""
+
+    exit_code = ExitCode.USAGE

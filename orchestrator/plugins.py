@@ -1,0 +1,142 @@
+"""The plugin manager: hookspecs, entry-point plugins (built-ins included), and the registries they fill."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from orchestrator import hookspecs
+from orchestrator.api import PROJECT_NAME, STAGE_ORDER, Task, Technique
+from orchestrator.errors import PluginError
+
+log = logging.getLogger(__name__)
+
+#: Comma-separated plugin (entry-point) names that are not loaded.
+DISABLE_ENV = "EDGE_ORCHESTRATOR_DISABLE_PLUGINS"
+
+
+@dataclass
+class PluginInfo:
+    """One loaded (or broken) plugin, as `orchestrate plugins` shows it."""
+
+    name: str
+    package: str
+    version: str
+    techniques: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class PluginRegistry:
+    """The plugin manager plus the techniques and tasks the plugins registered."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.techniques: dict[str, Technique] = {}
+        self.tasks: dict[str, Task] = {}
+        self.plugins: dict[str, PluginInfo] = {}
+        self._owner: dict[str, str] = {}
+
+    # -- loading -----------------------------------------------------------
+    def load_entry_points(self) -> None:
+        """Load every plugin of the entry-point group; a broken one is recorded, the rest still load."""
+        disabled = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+        for ep in sorted(importlib.metadata.entry_points(group=PROJECT_NAME), key=lambda e: e.name):
+            if ep.name in disabled or ep.name in self.plugins:
+                continue
+            dist = ep.dist
+            info = PluginInfo(ep.name, dist.name if dist else "?", dist.version if dist else "?")
+            self.plugins[ep.name] = info
+            try:
+                module = ep.load()
+            except Exception as exc:  # a third party's import error must not stop the others
+                info.error = f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
+                log.warning("plugin %s: %s", ep.name, info.error)
+                continue
+            self.add_plugin(module, ep.name, info)
+
+    def add_plugin(self, plugin: Any, name: str, info: PluginInfo | None = None) -> None:
+        """Register one plugin object (module or instance) and collect what it registers."""
+        info = info or self.plugins.setdefault(name, PluginInfo(name, "(in-process)", "-"))
+        self.plugins[name] = info
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except Exception as exc:
+            info.error = f"{type(exc).__name__}: {exc}"
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            log.warning("plugin %s: %s", name, info.error)
+            return
+        try:
+            caller = self.pm.subset_hook_caller
+            caller("register_techniques", remove_plugins=[p for p in self.pm.get_plugins() if p is not plugin])(
+                register=lambda t: self._register_technique(t, name, info)
+            )
+            caller("register_tasks", remove_plugins=[p for p in self.pm.get_plugins() if p is not plugin])(
+                register=lambda t: self._register_task(t, name, info)
+            )
+        except PluginError as exc:
+            info.error = str(exc)
+            log.warning("plugin %s: %s", name, info.error)
+
+    def _register_technique(self, technique: Technique, plugin: str, info: PluginInfo) -> None:
+        if not isinstance(technique, Technique) or not technique.name:
+            raise PluginError(f"plugin {plugin!r} registered {technique!r}, which is not a named Technique")
+        if technique.stage not in STAGE_ORDER:
+            raise PluginError(f"technique {technique.name!r} (plugin {plugin!r}): unknown stage {technique.stage!r}")
+        key = f"technique:{technique.name}"
+        if key in self._owner:
+            raise PluginError(
+                f"technique {technique.name!r} from plugin {plugin!r} is already registered by plugin {self._owner[key]!r}"
+            )
+        self._owner[key] = plugin
+        self.techniques[technique.name] = technique
+        info.techniques.append(technique.name)
+
+    def _register_task(self, task: Task, plugin: str, info: PluginInfo) -> None:
+        if not isinstance(task, Task) or not task.name:
+            raise PluginError(f"plugin {plugin!r} registered {task!r}, which is not a named Task")
+        key = f"task:{task.name}"
+        if key in self._owner:
+            raise PluginError(f"task {task.name!r} from plugin {plugin!r} is already registered by plugin {self._owner[key]!r}")
+        self._owner[key] = plugin
+        self.tasks[task.name] = task
+        info.tasks.append(task.name)
+
+    # -- lookups -----------------------------------------------------------
+    def technique(self, name: str) -> Technique:
+        """The technique called `name`, or a PluginError listing the installed ones."""
+        try:
+            return self.techniques[name]
+        except KeyError:
+            raise PluginError(
+                f"unknown technique {name!r}; installed: {', '.join(sorted(self.techniques)) or 'none'}"
+            ) from None
+
+    def task(self, name: str) -> Task:
+        """The task called `name`, or a PluginError listing the installed ones."""
+        try:
+            return self.tasks[name]
+        except KeyError:
+            raise PluginError(f"unknown task {name!r}; installed: {', '.join(sorted(self.tasks)) or 'none'}") from None
+
+    def notify(self, hook: str, **kwargs: Any) -> None:
+        """Call an event hook; a plugin's exception is logged, never fatal."""
+        try:
+            getattr(self.pm.hook, hook)(**kwargs)
+        except Exception as exc:
+            log.warning("event hook %s failed: %s: %s", hook, type(exc).__name__, exc)
+
+
+def get_plugin_manager() -> PluginRegistry:
+    """Build the registry: hookspecs, then every entry-point plugin (the built-ins are entry points too)."""
+    registry = PluginRegistry()
+    registry.load_entry_points()
+    return registry

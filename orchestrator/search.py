@@ -1,0 +1,234 @@
+"""The search: one Ray Tune trial per candidate; devices are leased by one Ray actor each.
+
+Grid search when the whole space fits the trial budget, else Optuna's multi-objective
+sampler through Ray Tune (accuracy up; latency and size down). We write no search
+algorithm of our own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from orchestrator.selection import pipeline_label
+from orchestrator.space import Candidate
+
+log = logging.getLogger(__name__)
+
+# Set before Ray is imported anywhere in this process; workers inherit them.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C reaches us: we close the run ourselves
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+FAILED_SCORE = {"accuracy": 0.0, "latency_p50": 1e9, "size_bytes": 1e12}
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[Any]:
+    """Join `address`, or start a quiet local Ray bound to loopback; always shut it down."""
+    import ray
+
+    if ray.is_initialized():  # a caller (a test session, a notebook) owns Ray: use it, leave it running
+        yield ray
+        return
+    kwargs: dict[str, Any] = dict(
+        include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, configure_logging=True
+    )
+    if address:
+        ray.init(address=address, **{k: v for k, v in kwargs.items() if k != "include_dashboard"})
+    else:
+        # "local": always a new local Ray, even where RAY_ADDRESS points elsewhere
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+class ModelSink:
+    """Receives candidate models from trials on any node and keeps them on the driver's disk by sha256."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def put(self, model_bytes: bytes) -> str:
+        """Store a model; returns its sha256 (the file is `<sha256>.onnx`)."""
+        sha = hashlib.sha256(model_bytes).hexdigest()
+        path = self.folder / f"{sha}.onnx"
+        if not path.exists():
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(model_bytes)
+            os.replace(tmp, path)
+        return sha
+
+
+@dataclass
+class TrialPayload:
+    """What every trial needs, shipped once through the object store."""
+
+    task_name: str
+    base_state: bytes
+    base_arch: dict[str, Any]
+    profile: Any
+    seed: int
+    lease: Any
+    sink: Any
+    grid: list[Candidate] | None
+    avoid_cpu: int | None
+
+
+def config_to_pipeline(config: dict[str, Any], payload: TrialPayload, labels: dict[str, list[str]]) -> Candidate:
+    """The candidate a trial's config stands for (grid index, or Optuna's flat parameters)."""
+    if payload.grid is not None:
+        return payload.grid[config["index"]]
+    names = labels[config["pipeline"]]
+    return [
+        {"technique": name, "params": {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith(name + ".")}}
+        for name in names
+    ]
+
+
+_WORKER_STATE: dict[tuple[str, int, int], tuple[Any, Any, Any, Any]] = {}
+
+
+def _worker_state(payload: TrialPayload) -> tuple[Any, Any, Any, Any]:
+    """(registry, task, data, base model), built once per worker process (Tune reuses trial actors)."""
+    from orchestrator.basemodel import TrainedModel
+    from orchestrator.plugins import get_plugin_manager
+
+    key = (payload.task_name, payload.seed, hash(payload.base_state))
+    if key not in _WORKER_STATE:
+        registry = get_plugin_manager()
+        task = registry.task(payload.task_name)
+        data = task.load_data(payload.seed)
+        base = TrainedModel(task.name, "", payload.base_arch, payload.base_state, 0.0, False).load(task)
+        _WORKER_STATE.clear()
+        _WORKER_STATE[key] = (registry, task, data, base)
+    return _WORKER_STATE[key]
+
+
+def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, list[str]]) -> None:
+    """One Tune trial: build the candidate, score it on held-out data, measure it on the leased device."""
+    import ray
+    import torch
+    from ray import tune
+
+    from orchestrator.pipeline import build_candidate, evaluate_onnx
+
+    torch.set_num_threads(1)
+    if payload.avoid_cpu is not None and hasattr(os, "sched_setaffinity"):
+        others = set(range(os.cpu_count() or 1)) - {payload.avoid_cpu}
+        if others:  # keep compression work off the core the local device measures on
+            os.sched_setaffinity(0, others)
+    pipeline = config_to_pipeline(config, payload, labels)
+    record: dict[str, Any] = {"pipeline": pipeline, "status": "ok", "error": None, "metrics": {}}
+    try:
+        registry, task, data, base = _worker_state(payload)
+        model_bytes, info = build_candidate(
+            registry, task, base, pipeline, {"data": data, "profile": payload.profile, "seed": payload.seed}
+        )
+        record["model_sha256"] = ray.get(payload.sink.put.remote(model_bytes))
+        record["build"] = info["build_seconds"]
+        accuracy = evaluate_onnx(task, model_bytes, data["eval"])
+        record["metrics"] = {"accuracy": accuracy, "size_bytes": len(model_bytes)}
+        bench = ray.get(payload.lease.measure.remote(model_bytes))
+        if "error" in bench:
+            raise RuntimeError(bench["error"])
+        energy = bench.get("energy") or {}
+        record["metrics"].update(
+            latency_ms={k: bench["latency_ms"][k] for k in ("p50", "p90", "p99", "mean", "std", "cv")},
+            peak_memory_mb=bench["peak_memory_mb"],
+            model_memory_mb=bench.get("model_memory_mb"),
+            energy_mj=energy.get("energy_mj"),
+            energy_source=energy.get("source", "unavailable"),
+        )
+        record["measurement"] = {
+            k: bench.get(k) for k in ("runs", "warmup_runs", "noisy", "execution_provider", "threads", "pinned_cpu")
+        }
+        score = {"accuracy": accuracy, "latency_p50": bench["latency_ms"]["p50"], "size_bytes": len(model_bytes)}
+    except Exception as exc:  # a broken candidate fails alone; the run goes on
+        record["status"], record["error"] = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+        score = dict(FAILED_SCORE)
+    tune.report({**score, "record": json.dumps(record)})
+
+
+class SpaceDefinition:
+    """Optuna define-by-run space: the pipeline first, then only the parameters of its techniques."""
+
+    def __init__(self, labels: dict[str, list[str]], choices: dict[str, list[Any]]) -> None:
+        self.labels, self.choices = labels, choices
+
+    def __call__(self, trial: Any) -> None:
+        label = trial.suggest_categorical("pipeline", list(self.labels))
+        for name in self.labels[label]:
+            for key, values in self.choices.items():
+                if key.startswith(name + "."):
+                    trial.suggest_categorical(key, values)
+
+
+def make_searcher(candidates: list[Candidate], trials: int, seed: int) -> tuple[Any, dict, int, dict]:
+    """(search_alg, param_space, num_samples, labels): grid when the space fits the budget, else Optuna."""
+    from ray import tune
+
+    labels: dict[str, list[str]] = {}
+    for cand in candidates:
+        labels.setdefault(pipeline_label({"pipeline": cand}), [s["technique"] for s in cand])
+    if len(candidates) <= trials:
+        return None, {"index": tune.grid_search(list(range(len(candidates))))}, 1, labels
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    choices: dict[str, list[Any]] = {}
+    for cand in candidates:
+        for step in cand:
+            for key, value in step["params"].items():
+                values = choices.setdefault(f"{step['technique']}.{key}", [])
+                if value not in values:
+                    values.append(value)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = OptunaSearch(
+        space=SpaceDefinition(labels, choices),
+        metric=["accuracy", "latency_p50", "size_bytes"],
+        mode=["max", "min", "min"],
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        points_to_evaluate=[{"pipeline": "baseline"}],
+    )
+    return searcher, {}, trials, labels
+
+
+def recording_callback(on_candidate: Callable[[dict[str, Any]], None]) -> Any:
+    """A Tune callback (driver side): every finished trial becomes a stored candidate at once."""
+    from ray.tune import Callback
+
+    class _Recorder(Callback):
+        def __init__(self, sink: Callable[[dict[str, Any]], None]) -> None:
+            self.seen: set[int] = set()
+            self.sink = sink
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its run config; the sink (store, console) must not go with it.
+            return {"seen": self.seen, "sink": None}
+
+        def emit(self, index: int, record: dict[str, Any]) -> None:
+            if index not in self.seen:
+                self.seen.add(index)
+                self.sink({"id": f"c{index:03d}", **record})
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: D102
+            self.emit(trials.index(trial), json.loads(result["record"]))
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: D102
+            self.emit(trials.index(trial), {"pipeline": [], "status": "failed",
+                                            "error": "trial crashed (see the Ray logs)", "metrics": {}})
+
+    return _Recorder(on_candidate)

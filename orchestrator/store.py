@@ -1,0 +1,107 @@
+"""The run store: every run and every candidate, in one SQLite file (WAL, one transaction per write)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import RunNotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    profile TEXT NOT NULL,
+    profile_path TEXT NOT NULL,
+    task TEXT NOT NULL,
+    status TEXT NOT NULL,          -- running | finished | no_feasible | interrupted | failed
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    out_dir TEXT,
+    device TEXT,                   -- JSON
+    best_id TEXT,
+    message TEXT
+);
+CREATE TABLE IF NOT EXISTS candidates (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    id TEXT NOT NULL,
+    record TEXT NOT NULL,          -- JSON, the results.json candidate
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (run_id, id)
+);
+"""
+
+
+class RunStore:
+    """Runs and their candidates. Safe to use from one process at a time per write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.row_factory = sqlite3.Row
+        return db
+
+    def start_run(self, run_id: str, profile: str, profile_path: str, task: str, out_dir: str) -> None:
+        """Record a new run as `running`."""
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "INSERT INTO runs (id, profile, profile_path, task, status, started_at, out_dir) "
+                "VALUES (?, ?, ?, ?, 'running', ?, ?)",
+                (run_id, profile, profile_path, task, time.time(), out_dir),
+            )
+
+    def set_device(self, run_id: str, device: dict[str, Any]) -> None:
+        """Record the device(s) a run measures on."""
+        with closing(self._connect()) as db, db:
+            db.execute("UPDATE runs SET device = ? WHERE id = ?", (json.dumps(device), run_id))
+
+    def add_candidate(self, run_id: str, candidate: dict[str, Any]) -> None:
+        """Insert or replace one candidate record (atomic)."""
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "INSERT OR REPLACE INTO candidates (run_id, id, record, status, created_at) VALUES (?, ?, ?, ?, ?)",
+                (run_id, candidate["id"], json.dumps(candidate), candidate["status"], time.time()),
+            )
+
+    def finish_run(self, run_id: str, status: str, best_id: str | None = None, message: str | None = None) -> None:
+        """Close a run with its final status."""
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, best_id = ?, message = ? WHERE id = ?",
+                (status, time.time(), best_id, message, run_id),
+            )
+
+    def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest runs first, with candidate counts."""
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                "SELECT r.*, (SELECT COUNT(*) FROM candidates c WHERE c.run_id = r.id) AS n_candidates "
+                "FROM runs r ORDER BY started_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        """One run with its candidates; a unique prefix of the id is enough."""
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT * FROM runs WHERE id LIKE ? ORDER BY id", (run_id + "%",)).fetchall()
+            if len(rows) != 1:
+                what = "no run" if not rows else f"{len(rows)} runs"
+                raise RunNotFound(f"{what} with id {run_id!r} in {self.path}")
+            run = dict(rows[0])
+            cands = db.execute(
+                "SELECT record FROM candidates WHERE run_id = ? ORDER BY id", (run["id"],)
+            ).fetchall()
+        run["device"] = json.loads(run["device"]) if run["device"] else None
+        run["candidates"] = [json.loads(c["record"]) for c in cands]
+        return run

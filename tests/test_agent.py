@@ -1,0 +1,333 @@
+"""Tests of the on-device agent (agents/agent.py) with real onnxruntime and tiny ONNX models."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper, save
+
+from agents.agent import ExitCode, RaplSensor, SensorError, latency_stats, main, parse_cpuinfo, read_thermal
+
+REPO = Path(__file__).resolve().parents[1]
+AGENT_SRC = REPO / "agents" / "agent.py"
+
+
+def _save(graph, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save(model, str(path))
+    return path
+
+
+def tiny_cnn(path: Path, batch="N") -> Path:
+    """x [batch,1,8,8] -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> y [batch,4]."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "conv_b"),
+        numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float32), "fc_w"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
+        initializer=inits,
+    )
+    return _save(graph, path)
+
+
+def int_inputs_model(path: Path) -> Path:
+    """ids int64 [N,3] and pixels uint8 [N,3] -> y = float(ids) + float(pixels)."""
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["a"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["pixels"], ["b"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "int_inputs",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3]),
+         helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    return _save(graph, path)
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    return tiny_cnn(tmp_path / "tiny.onnx")
+
+
+@pytest.fixture
+def no_sensors(tmp_path, monkeypatch):
+    """Point the agent's sysfs root at an empty directory: no RAPL, no thermal zones."""
+    root = tmp_path / "empty_sysroot"
+    root.mkdir()
+    monkeypatch.setenv("EDGE_AGENT_SYSFS_ROOT", str(root))
+    return root
+
+
+def run_main(capsys, *argv: str):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    return code, json.loads(lines[0]), err
+
+
+def test_bench_reports_latency_memory_and_provenance(capsys, model):
+    code, out, _ = run_main(capsys, "bench", "--model", str(model), "--runs", "30", "--warmup", "3")
+    assert code == ExitCode.OK
+    assert out["schema_version"] == 1 and out["command"] == "bench"
+    lat = out["latency_ms"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert 5 <= out["runs"] <= 30 and out["warmup_runs"] == 3
+    assert out["model"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert out["model"]["size_bytes"] == model.stat().st_size
+    assert out["execution_provider"] == "CPUExecutionProvider"
+    assert out["peak_memory_mb"] > 0 and out["model_memory_mb"] >= 0
+    assert out["threads"] == {"intra_op": 1, "inter_op": 1}
+    assert out["inputs"] == [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+    assert out["noisy"] == (lat["cv"] > 0.05)
+    assert out["energy"]["source"] in ("measured:rapl", "unavailable")
+    assert isinstance(out["warnings"], list)
+
+
+def test_bench_batch_symbolic_and_fixed(capsys, tmp_path):
+    dynamic = tiny_cnn(tmp_path / "dyn.onnx")
+    fixed = tiny_cnn(tmp_path / "fixed.onnx", batch=2)
+    code, out, _ = run_main(capsys, "bench", "--model", str(dynamic), "--runs", "5", "--warmup", "0", "--batch", "3")
+    assert code == 0 and out["inputs"][0]["shape"] == [3, 1, 8, 8] and out["warmup_runs"] == 0
+    code, out, _ = run_main(capsys, "bench", "--model", str(fixed), "--runs", "5", "--warmup", "1", "--batch", "3")
+    assert code == 0 and out["inputs"][0]["shape"] == [2, 1, 8, 8]
+    assert any("fixed batch" in w for w in out["warnings"])
+
+
+def test_bench_integer_inputs(capsys, tmp_path):
+    path = int_inputs_model(tmp_path / "ints.onnx")
+    code, out, _ = run_main(capsys, "bench", "--model", str(path), "--runs", "5", "--warmup", "1", "--batch", "2")
+    assert code == 0
+    assert [(i["name"], i["shape"], i["dtype"]) for i in out["inputs"]] == [
+        ("ids", [2, 3], "int64"), ("pixels", [2, 3], "uint8")]
+
+
+def test_energy_estimate_from_power_model(capsys, model, no_sensors):
+    code, out, _ = run_main(capsys, "bench", "--model", str(model), "--runs", "20", "--warmup", "2", "--threads", "1",
+                            "--power-idle-w", "2", "--power-active-w", "6", "--power-cores", "4")
+    assert code == 0
+    energy = out["energy"]
+    assert energy["source"] == "estimated"
+    expected = (6 - 2) * 1 / 4 * out["latency_ms"]["mean"]  # W x ms = mJ
+    assert energy["energy_mj"] == pytest.approx(expected, rel=1e-6)
+    assert energy["idle_watts"] == 2 and energy["power_watts"] == pytest.approx(3.0)
+    assert out["thermal"] == [] and out["cpu_governor"] is None
+
+
+def test_energy_unavailable_without_sensor_or_model(capsys, model, no_sensors):
+    code, out, _ = run_main(capsys, "bench", "--model", str(model), "--runs", "5", "--warmup", "0")
+    assert code == 0
+    assert out["energy"]["energy_mj"] is None and out["energy"]["source"] == "unavailable"
+
+
+def test_power_model_needs_both_watts(capsys, model):
+    code, out, _ = run_main(capsys, "bench", "--model", str(model), "--power-idle-w", "2")
+    assert code == ExitCode.USAGE and "--power-active-w" in out["error"]
+
+
+def _rapl_recording(root: Path, energy_uj: int, max_range: int = 262143328850) -> Path:
+    domain = root / "sys/class/powercap/intel-rapl:0"
+    domain.mkdir(parents=True, exist_ok=True)
+    (domain / "energy_uj").write_text("%d\n" % energy_uj)
+    (domain / "max_energy_range_uj").write_text("%d\n" % max_range)
+    return domain
+
+
+def test_rapl_sensor_reads_counter_and_handles_wraparound(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_AGENT_SYSFS_ROOT", str(tmp_path))
+    domain = _rapl_recording(tmp_path, 1_000_000, max_range=10_000_000)
+    sensor = RaplSensor.discover()
+    assert sensor is not None and sensor.source == "measured:rapl"
+
+    sensor.start()
+    (domain / "energy_uj").write_text("3500000\n")
+    joules, seconds = sensor.stop()
+    assert joules == pytest.approx(2.5) and seconds >= 0
+
+    (domain / "energy_uj").write_text("9999000\n")
+    sensor.start()
+    (domain / "energy_uj").write_text("500\n")  # wrapped at max_energy_range_uj
+    joules, _ = sensor.stop()
+    assert joules == pytest.approx((10_000_000 - 9_999_000 + 500) / 1e6)
+
+    assert sensor.delta_uj(10, 30) == 20
+    (domain / "max_energy_range_uj").unlink()
+    with pytest.raises(SensorError):
+        sensor.delta_uj(30, 10)
+
+
+def test_rapl_sensor_absent_or_unreadable(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_AGENT_SYSFS_ROOT", str(tmp_path))
+    assert RaplSensor.discover() is None
+    domain = _rapl_recording(tmp_path, 0)
+    (domain / "energy_uj").write_text("not a number")
+    assert RaplSensor.discover() is None
+
+
+def test_bench_uses_rapl_when_readable(capsys, model, tmp_path, monkeypatch):
+    # A static recording: the counter does not move, so the measured dynamic energy is 0.
+    monkeypatch.setenv("EDGE_AGENT_SYSFS_ROOT", str(tmp_path))
+    _rapl_recording(tmp_path, 123456)
+    code, out, _ = run_main(capsys, "bench", "--model", str(model), "--runs", "5", "--warmup", "0",
+                            "--power-idle-w", "2", "--power-active-w", "6")
+    assert code == 0
+    assert out["energy"]["source"] == "measured:rapl" and out["energy"]["energy_mj"] == 0.0
+    assert out["energy"]["idle_watts"] == 0.0
+
+
+def test_corrupt_model_is_invalid(capsys, tmp_path):
+    bad = tmp_path / "corrupt.onnx"
+    bad.write_bytes(np.random.default_rng(1).bytes(512))
+    code, out, err = run_main(capsys, "bench", "--model", str(bad), "--runs", "5")
+    assert code == ExitCode.MODEL_INVALID == 3
+    assert out == {"schema_version": 1, "command": "bench", "error": out["error"], "exit_code": 3}
+    assert str(bad) in out["error"] and "\n" not in out["error"]
+    assert "Traceback" not in err
+
+
+def test_missing_model_is_not_found(capsys, tmp_path):
+    missing = tmp_path / "nope.onnx"
+    code, out, err = run_main(capsys, "bench", "--model", str(missing))
+    assert code == ExitCode.MODEL_NOT_FOUND == 4
+    assert out["exit_code"] == 4 and str(missing) in out["error"]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "--model", "m.onnx", "--runs", "0"], ["frobnicate"], []])
+def test_usage_errors_exit_2_with_json(capsys, argv):
+    code, out, _ = run_main(capsys, *argv)
+    assert code == ExitCode.USAGE and out["exit_code"] == 2 and out["error"]
+
+
+def test_unavailable_provider_falls_back_to_cpu(capsys, model):
+    code, out, _ = run_main(capsys, "bench", "--model", str(model), "--runs", "5", "--warmup", "0",
+                            "--providers", "NoSuchExecutionProvider")
+    assert code == 0 and out["execution_provider"] == "CPUExecutionProvider"
+    assert out["providers_requested"] == ["NoSuchExecutionProvider"]
+    assert any("falling back to CPUExecutionProvider" in w for w in out["warnings"])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_pin_cpu_records_and_restores_affinity(capsys, model):
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    code, out, _ = run_main(capsys, "bench", "--model", str(model), "--runs", "5", "--warmup", "0",
+                            "--pin-cpu", str(cpu))
+    assert code == 0 and out["pinned_cpu"] == cpu
+    assert os.sched_getaffinity(0) == before
+
+
+def test_info(capsys):
+    code, out, _ = run_main(capsys, "info")
+    assert code == 0 and out["schema_version"] == 1 and out["command"] == "info"
+    for key in ("arch", "cpu_model", "cores", "memory_mb", "os", "python", "onnxruntime", "providers",
+                "energy_sensors", "thermal", "cpu_governor", "throttled"):
+        assert key in out
+    assert out["arch"] == platform.machine()
+    assert out["cores"] == os.cpu_count()
+    assert "CPUExecutionProvider" in out["providers"]
+
+
+def test_info_reads_sensors_thermal_and_governor_from_sysfs_root(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_AGENT_SYSFS_ROOT", str(tmp_path))
+    _rapl_recording(tmp_path, 42)
+    hwmon = tmp_path / "sys/bus/i2c/drivers/ina3221/1-0040/hwmon/hwmon3"
+    hwmon.mkdir(parents=True)
+    (hwmon / "in1_input").write_text("5000\n")
+    for i, (kind, milli) in enumerate([("cpu-thermal", "45500"), ("gpu-thermal", "41000")]):
+        zone = tmp_path / ("sys/class/thermal/thermal_zone%d" % i)
+        zone.mkdir(parents=True)
+        (zone / "type").write_text(kind + "\n")
+        (zone / "temp").write_text(milli + "\n")
+    gov = tmp_path / "sys/devices/system/cpu/cpu0/cpufreq"
+    gov.mkdir(parents=True)
+    (gov / "scaling_governor").write_text("performance\n")
+
+    code, out, _ = run_main(capsys, "info")
+    assert code == 0
+    assert out["energy_sensors"] == ["rapl", "ina3221"]
+    assert out["thermal"] == [{"zone": "thermal_zone0", "type": "cpu-thermal", "temp_c": 45.5},
+                              {"zone": "thermal_zone1", "type": "gpu-thermal", "temp_c": 41.0}]
+    assert read_thermal() == out["thermal"]
+    assert out["cpu_governor"] == "performance"
+
+
+def test_parse_cpuinfo():
+    assert parse_cpuinfo("processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\n") == "Intel(R) Xeon(R)"
+    assert parse_cpuinfo("processor\t: 0\nCPU implementer\t: 0x41\nCPU part\t: 0xd08\n") == "ARM Cortex-A72"
+    assert parse_cpuinfo("CPU part\t: 0xd08\nHardware\t: BCM2835\n") == "BCM2835"
+    assert parse_cpuinfo("") is None
+
+
+def test_latency_stats():
+    stats = latency_stats([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert stats["p50"] == 3.0 and stats["p90"] == pytest.approx(4.6) and stats["p99"] == pytest.approx(4.96)
+    assert stats["mean"] == 3.0 and stats["min"] == 1.0 and stats["max"] == 5.0
+    assert stats["cv"] == pytest.approx(np.std([1, 2, 3, 4, 5], ddof=1) / 3.0)
+
+
+def test_agent_runs_as_a_separate_process(model):
+    proc = subprocess.run(
+        [sys.executable, "-m", "agents", "bench", "--model", str(model), "--runs", "10", "--warmup", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["schema_version"] == 1 and out["command"] == "bench" and out["runs"] >= 5
+
+
+def test_agent_process_error_exit_code(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "agents", "bench", "--model", str(tmp_path / "missing.onnx")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 4
+    assert json.loads(proc.stdout)["exit_code"] == 4 and "Traceback" not in proc.stderr
+
+
+def test_import_hygiene():
+    code = ("import agents.agent, sys; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in {'torch','ray','pluggy','pydantic','yaml','orchestrator'}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_agent_source_imports_only_stdlib_numpy_onnxruntime_and_parses_as_python39():
+    source = AGENT_SRC.read_text()
+    tree = ast.parse(source, feature_version=(3, 9))
+    allowed = set(sys.stdlib_module_names) | {"numpy", "onnxruntime", "psutil", "__future__"}
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative imports would pull in the package"
+            imported.add(node.module.split(".")[0])
+    assert imported <= allowed, imported - allowed
+    assert "from __future__ import annotations" in source

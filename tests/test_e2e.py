@@ -1,0 +1,159 @@
+"""End to end with real parts: real training on sklearn digits, real Ray Tune, real onnxruntime, the real agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.paths import store_path
+from orchestrator.plugins import get_plugin_manager
+from orchestrator.profile import load_profile
+from orchestrator.run import RunOptions, execute_run
+from orchestrator.store import RunStore
+
+ROOT = Path(__file__).resolve().parents[1]
+X86 = ROOT / "device_profiles" / "x86-host.yaml"
+CANDIDATE_KEYS = {"id", "pipeline", "status", "error", "metrics", "feasible", "violations"}
+METRIC_KEYS = {"accuracy", "accuracy_drop", "size_bytes", "latency_ms", "peak_memory_mb", "energy_mj", "energy_source"}
+
+pytestmark = pytest.mark.slow
+
+
+def _profile_variant(tmp_path: Path, **changes) -> Path:
+    data = yaml.safe_load(X86.read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_run(ray_local, tmp_path_factory):
+    """A real run of the x86-host profile with a small trial budget (Optuna picks 4 of 13 candidates)."""
+    out = tmp_path_factory.mktemp("runs")
+    loaded = load_profile(X86)
+    events = []
+    outcome = execute_run(loaded, get_plugin_manager(), RunOptions(trials=4, out_dir=out),
+                          lambda kind, data: events.append(kind))
+    return outcome, events
+
+
+def test_run_writes_results_report_and_best_model(small_run):
+    outcome, events = small_run
+    assert outcome.status == "finished", outcome.error
+    folder = outcome.out_dir
+    results = json.loads((folder / "results.json").read_text())
+    assert {"run_id", "profile", "task", "device", "baseline", "best", "candidates"} <= set(results)
+    assert results["profile"] == "x86-host" and results["task"] == "digits"
+    assert results["device"]["transport"] == "local" and results["device"]["emulated"] is False
+    assert len(results["candidates"]) == 4
+    assert results["baseline"]["pipeline"] == []
+    for cand in results["candidates"]:
+        assert CANDIDATE_KEYS <= set(cand)
+        if cand["status"] == "ok":
+            assert METRIC_KEYS <= set(cand["metrics"])
+            lat = cand["metrics"]["latency_ms"]
+            assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+            assert cand["metrics"]["energy_source"] == "estimated"  # no sensor here: must say so
+    best = results["best"]
+    assert best["feasible"] and best["metrics"]["accuracy_drop"] <= 1.0
+    assert "report.html" in os.listdir(folder)
+    html = (folder / "report.html").read_text()
+    assert all(c["id"] in html for c in results["candidates"])
+    assert events.count("candidate") == 4
+
+
+def test_best_onnx_runs_in_onnxruntime(small_run):
+    outcome, _ = small_run
+    session = ort.InferenceSession(str(outcome.out_dir / "best.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": np.zeros((3, 1, 32, 32), np.float32)})[0]
+    assert logits.shape == (3, 10)
+
+
+def test_run_is_in_the_store_and_cli_shows_it(small_run, capsys):
+    outcome, _ = small_run
+    run = RunStore(store_path()).get_run(outcome.run_id)
+    assert run["status"] == "finished" and len(run["candidates"]) == 4
+    assert run["best_id"] == outcome.results["best"]["id"]
+    assert main(["runs", "show", outcome.run_id[:20], "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["id"] == outcome.run_id
+    assert main(["runs", "list"]) == 0
+    assert outcome.run_id[:15] in capsys.readouterr().out
+
+
+def test_no_feasible_candidate_exits_3_and_names_the_constraint(ray_local, tmp_path, capsys):
+    profile = _profile_variant(tmp_path, constraints__max_latency_ms=0.001)
+    code = main(["--profile", str(profile), "--trials", "2", "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "no candidate met the profile 'x86-host'" in err and "max_latency_ms" in err
+    results = json.loads(next((tmp_path / "runs").glob("*/results.json")).read_text())
+    assert results["status"] == "no_feasible" and results["best"] is None
+    assert len(results["candidates"]) == 2  # nothing measured is lost
+
+
+def test_unknown_technique_in_profile_names_the_line(tmp_path, capsys):
+    profile = _profile_variant(tmp_path, search__techniques=["int8-static", "warp-drive"])
+    code = main(["--profile", str(profile), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    line = next(i for i, text in enumerate(profile.read_text().splitlines(), 1) if "warp-drive" in text)
+    assert code == 2
+    assert err.startswith(f"error: {profile}:{line}: search.techniques[1]: unknown technique 'warp-drive'; installed: ")
+    assert "int8-static" in err
+
+
+def test_ctrl_c_keeps_what_was_measured_and_leaves_nothing_running(small_run, tmp_path):
+    """A real SIGINT to a real `orchestrate` process: the store stays consistent, Ray is gone."""
+    # A private (short: unix socket paths) Ray temp dir, so we can look for leftover Ray processes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="eo-ray-", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "--profile", str(X86), "--trials", "13", "--out", str(tmp_path / "runs")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    db = store_path()
+    deadline = time.monotonic() + 240
+    run_id = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute(
+                "SELECT r.id, COUNT(c.id) FROM runs r LEFT JOIN candidates c ON c.run_id = r.id "
+                "WHERE r.out_dir LIKE ? GROUP BY r.id", (str(tmp_path) + "%",)
+            ).fetchone()
+        if row and row[1] >= 2:
+            run_id = row[0]
+            break
+        time.sleep(0.5)
+    if not run_id:
+        proc.kill()
+        pytest.fail(f"the run never stored two candidates: {proc.communicate()[1][-2000:]}")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    run = RunStore(db).get_run(run_id)
+    assert run["status"] == "interrupted"
+    assert 2 <= len(run["candidates"]) < 13
+    assert all(c["status"] in ("ok", "failed") and "metrics" in c for c in run["candidates"])
+    results = json.loads((Path(run["out_dir"]) / "results.json").read_text())
+    assert results["status"] == "interrupted" and len(results["candidates"]) == len(run["candidates"])
+    time.sleep(2)
+    leftovers = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], f"Ray processes left running: {leftovers}"
+    shutil.rmtree(ray_tmp, ignore_errors=True)
