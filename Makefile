@@ -9,25 +9,35 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/edge-orchestrator-lowrank/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: a CPU build (an unpinned torch pulls a multi-GB CUDA build)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# the example third-party plugin: its tests run with ours, and a search uses it
+	$(BIN)/python -m pip install --quiet -e examples/edge-orchestrator-lowrank
 	touch $(STAMP)
 
-# Debian packages the tests use (sshd for the device tests); skipped when not root or not Debian.
+# Debian packages the tests use: openssh-server (the device tests' sshd on 127.0.0.1), qemu-user-static
+# (the emulated aarch64 device), chromium (the report test). Skipped when not root or not Debian;
+# the tests that need them then skip, saying why.
 system-packages:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		command -v sshd >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null); \
-	else echo "system-packages: not root or no apt-get; install openssh-server yourself for the SSH tests"; fi
+	@missing=""; \
+	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	command -v qemu-aarch64-static >/dev/null || missing="$$missing qemu-user-static debian-archive-keyring"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "system-packages: not root or no apt-get; install$$missing yourself (their tests are skipped)"; fi
 
 demo: setup
 	$(BIN)/orchestrate --profile device_profiles/x86-host.yaml
 
 test: setup system-packages
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests examples/edge-orchestrator-lowrank/tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,4 +1,5 @@
-"""On-device measurement agent: describes the device (``info``) and benchmarks one ONNX model (``bench``).
+"""On-device measurement agent: describes the device (``info``), benchmarks one ONNX model (``bench``)
+and runs one on given inputs (``run``, for output parity with the host).
 
 DEPENDENCY NOTE: this module runs on the edge device itself (Raspberry Pi, Jetson, ...) where only
 Python 3.9+, numpy and onnxruntime are installed (psutil is optional and its import is guarded).
@@ -23,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from enum import IntEnum
 
@@ -157,12 +159,18 @@ def current_rss_mb() -> float | None:
 
 
 def peak_rss_mb() -> float | None:
-    """Peak resident set size of this process in MiB (getrusage ru_maxrss, else VmHWM)."""
+    """Peak resident set size of this process in MiB (/proc/self/status VmHWM, else getrusage ru_maxrss).
+
+    VmHWM first: on Linux ru_maxrss keeps the parent's high-water mark across execve, so an
+    agent started from a big process (a Ray worker) would report that process's peak.
+    """
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib / 1024.0
     if resource is not None:
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024.0  # bytes on macOS, KiB else
-    kib = _status_kib("VmHWM")
-    return kib / 1024.0 if kib is not None else None
+    return None
 
 
 # ------------------------------------------------------------------------------------ device probes
@@ -514,9 +522,104 @@ def _measure(run, args: argparse.Namespace, warnings: list[str]):
     return warmup, samples, energy
 
 
+def cmd_sha256(args: argparse.Namespace) -> dict:
+    """SHA-256 and size of a file on this device (the host checks every upload with it before renaming)."""
+    if not os.path.isfile(args.file):
+        raise AgentError("file not found: %s" % args.file, ExitCode.MODEL_NOT_FOUND)
+    return {"path": args.file, "sha256": file_sha256(args.file), "size_bytes": os.path.getsize(args.file)}
+
+
+def _load_feeds(path: str, session) -> dict:
+    """Feeds from a .npy (the model's one input) or a .npz (one array per input name), dtypes checked."""
+    metas = session.get_inputs()
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise AgentError("cannot read inputs %s: %s" % (path, one_line(exc)), ExitCode.USAGE)
+    if isinstance(loaded, np.ndarray):
+        if len(metas) != 1:
+            raise AgentError("the model has %d inputs (%s): give them as a .npz"
+                             % (len(metas), ", ".join(m.name for m in metas)), ExitCode.USAGE)
+        feeds = {metas[0].name: loaded}
+    else:
+        with loaded:
+            feeds = {name: loaded[name] for name in loaded.files}
+        wanted = {m.name for m in metas}
+        if set(feeds) != wanted:
+            raise AgentError("inputs %s hold %s, the model wants %s"
+                             % (path, ", ".join(sorted(feeds)), ", ".join(sorted(wanted))), ExitCode.USAGE)
+    for meta in metas:
+        dtype = ELEMENT_TYPES.get(meta.type)
+        if dtype is not None and feeds[meta.name].dtype != np.dtype(dtype):
+            raise AgentError("input %s is %s, the model wants %s"
+                             % (meta.name, feeds[meta.name].dtype, np.dtype(dtype)), ExitCode.USAGE)
+    return feeds
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    """Run one ONNX model once on given inputs and save its outputs (for output parity with the host)."""
+    _require_ort()
+    if not os.path.isfile(args.model):
+        raise AgentError("model file not found: %s" % args.model, ExitCode.MODEL_NOT_FOUND)
+    if not os.path.isfile(args.inputs):
+        raise AgentError("inputs file not found: %s" % args.inputs, ExitCode.USAGE)
+    warnings = []
+    requested = [p.strip() for p in args.providers.split(",") if p.strip()]
+    session = _create_session(args.model, args, _choose_providers(requested, warnings))
+    feeds = _load_feeds(args.inputs, session)
+    names = [m.name for m in session.get_outputs()]
+    t0 = time.perf_counter()
+    try:
+        outputs = session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001
+        raise AgentError("inference failed for model %s: %s" % (args.model, one_line(exc)))
+    seconds = time.perf_counter() - t0
+    if args.outputs.endswith(".npz"):
+        with open(args.outputs, "wb") as fh:
+            np.savez(fh, **dict(zip(names, outputs)))
+    else:
+        if len(outputs) > 1:
+            warnings.append("the model has %d outputs; only %s saved (use a .npz for all)" % (len(outputs), names[0]))
+        with open(args.outputs, "wb") as fh:  # a file object: np.save would append .npy to the name
+            np.save(fh, outputs[0])
+    return {
+        "model": {"path": args.model, "sha256": file_sha256(args.model), "size_bytes": os.path.getsize(args.model)},
+        "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in feeds.items()],
+        "outputs": [{"name": n, "shape": list(np.shape(o)), "dtype": str(np.asarray(o).dtype)}
+                    for n, o in zip(names, outputs)],
+        "saved_to": args.outputs,
+        "seconds": seconds,
+        "execution_provider": session.get_providers()[0],
+        "threads": {"intra_op": args.threads, "inter_op": args.inter_op_threads},
+        "warnings": warnings,
+    }
+
+
+def _exit_when_stdin_closes() -> None:
+    """Exit at once when stdin reaches end of file.
+
+    Over SSH without a terminal, nothing signals the agent when the connection drops or the
+    host gives up on it; its stdin closing is the one sign, so a lost host stops the benchmark
+    instead of leaving it to hold the device's cores.
+    """
+    def watch():
+        try:
+            # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader aborts
+            # the interpreter's shutdown ("could not acquire lock for <stdin>").
+            while os.read(0, 1 << 16):
+                pass
+        except OSError:
+            pass
+        os._exit(int(ExitCode.ERROR))
+
+    threading.Thread(target=watch, name="stdin-watchdog", daemon=True).start()
+
+
 def cmd_bench(args: argparse.Namespace) -> dict:
     """Benchmark one ONNX model: latency distribution, memory, energy, thermal state."""
     _require_ort()
+    if args.exit_on_stdin_eof:
+        _exit_when_stdin_closes()
     path = args.model
     if not os.path.isfile(path):
         raise AgentError("model file not found: %s" % path, ExitCode.MODEL_NOT_FOUND)
@@ -604,11 +707,20 @@ def _bounded(kind, low, strict=False):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The agent's command line: `info` and `bench`."""
+    """The agent's command line: `info`, `bench`, `run` and `sha256`."""
     parser = _Parser(prog="python -m agents", description="Edge measurement agent (prints one JSON object).")
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench,run,sha256}")
     sub.required = True
     sub.add_parser("info", help="describe this device")
+    h = sub.add_parser("sha256", help="SHA-256 and size of a file (checks an upload)")
+    h.add_argument("--file", required=True, help="path of the file")
+    r = sub.add_parser("run", help="run a model on given inputs, save its outputs")
+    r.add_argument("--model", required=True, help="path to the .onnx file")
+    r.add_argument("--inputs", required=True, help=".npy (the model's one input) or .npz (by input name)")
+    r.add_argument("--outputs", required=True, help=".npy (first output) or .npz (all outputs, by name)")
+    r.add_argument("--threads", type=_bounded(int, 0), default=1, help="intra-op threads, 0 = all (default 1)")
+    r.add_argument("--inter-op-threads", type=_bounded(int, 0), default=1, help="inter-op threads (default 1)")
+    r.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated execution providers")
     b = sub.add_parser("bench", help="benchmark one ONNX model")
     b.add_argument("--model", required=True, help="path to the .onnx file")
     b.add_argument("--warmup", type=_bounded(int, 0), default=20, help="warm-up runs (default 20)")
@@ -626,10 +738,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--power-cores", type=_bounded(int, 1), default=None,
                    help="power model: cores behind --power-active-w (default: this device's cores)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    b.add_argument("--exit-on-stdin-eof", action="store_true",
+                   help="stop at once when stdin closes (the host's SSH connection is gone)")
     return parser
 
 
-COMMANDS = {"info": cmd_info, "bench": cmd_bench}
+COMMANDS = {"info": cmd_info, "bench": cmd_bench, "run": cmd_run, "sha256": cmd_sha256}
 
 
 def _emit(obj: dict) -> None:

@@ -8,6 +8,7 @@ stay fast.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
@@ -52,6 +53,14 @@ class Technique:
       version       bump it when `apply` changes its output, so caches are invalidated
       search_space  {param: choice([...])}: what the search may try
       defaults      {param: value}: used for params the search does not set
+      incompatible_with  names of techniques never to share a pipeline with this one
+      cannot_follow      names of techniques that must not run before this one
+
+    Combinations are checked before the search starts (`orchestrator.space`), never
+    discovered by a crash mid-search. Either side of a pair may declare the
+    incompatibility, and a name that is not installed is simply ignored. Within one
+    stage, `cannot_follow` orders the pipeline (this technique runs first); where the
+    stages force the other order, the pipeline is refused.
     """
 
     name: ClassVar[str] = ""
@@ -60,6 +69,8 @@ class Technique:
     search_space: ClassVar[dict[str, Choice]] = {}
     defaults: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
+    incompatible_with: ClassVar[tuple[str, ...]] = ()
+    cannot_follow: ClassVar[tuple[str, ...]] = ()
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults and refuse unknown or out-of-space parameters; returns the full params."""
@@ -148,6 +159,17 @@ class Task:
 
         return float((np.asarray(logits).argmax(axis=1) == np.asarray(labels)).mean())
 
+    def scaled_arch(self, width_mult: float = 1.0, depth: int | None = None) -> dict[str, Any]:
+        """Knobs for a smaller (or larger) member of the family, for `build()`.
+
+        `width_mult` scales every stage's channel count; `depth` sets the number of
+        blocks per stage (None keeps the default). Techniques that make a new model
+        of the family (distillation, architecture search) call this, so they need not
+        know the family's knobs. A task without a scalable family keeps this default,
+        which refuses.
+        """
+        raise NotImplementedError(f"task {self.name!r} does not say how to scale its model (Task.scaled_arch)")
+
     def fingerprint(self) -> str:
         """What the trained base model depends on, beyond the seed (part of its cache key)."""
         return f"{self.name}:{self.version}:{self.default_arch}:{self.train_epochs}"
@@ -164,10 +186,16 @@ class TechniqueContext:
     scratch_dir: Path
     seed: int
     extras: dict[str, Any] = field(default_factory=dict)
+    #: Seconds spent in `fine_tune` since the context was made (the pipeline reports it per technique).
+    fine_tune_seconds: float = 0.0
 
     def fine_tune(self, model: Any, epochs: int, teacher: Any = None, **kwargs: Any) -> Any:
         """Train `model` for `epochs` on the task's training data (distilling when given a teacher)."""
-        return self.task.train(model, self.data["train"], epochs=epochs, seed=self.seed, teacher=teacher, **kwargs)
+        start = time.perf_counter()
+        try:
+            return self.task.train(model, self.data["train"], epochs=epochs, seed=self.seed, teacher=teacher, **kwargs)
+        finally:
+            self.fine_tune_seconds += time.perf_counter() - start
 
     def calibration_batches(self, limit: int) -> list[Any]:
         """Up to `limit` single-sample float32 input batches from the calibration split."""

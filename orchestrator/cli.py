@@ -99,7 +99,8 @@ def runs_list(limit: int) -> None:
 @runs.command("show")
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="The stored run and its candidates as JSON.")
-def runs_show(run_id: str, as_json: bool) -> None:
+@click.option("--open", "open_report", is_flag=True, help="Open the run's report.html in the browser.")
+def runs_show(run_id: str, as_json: bool, open_report: bool) -> None:
     """One run: status, where its files are, and its candidates."""
     from orchestrator.console import print_candidates
     from orchestrator.paths import store_path
@@ -109,11 +110,45 @@ def runs_show(run_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(run, indent=2))
         return
+    if open_report:
+        from pathlib import Path
+
+        from orchestrator.errors import OrchestratorError
+
+        report = Path(run["out_dir"] or "") / "report.html"
+        if not report.is_file():
+            raise OrchestratorError(f"run {run['id']}: no report at {report}")
+        click.echo(f"opening {report}")
+        click.launch(str(report))
+        return
     click.echo(f"run {run['id']}: profile {run['profile']}, task {run['task']}, status {run['status']}")
     if run["message"]:
         click.echo(f"  {run['message']}")
     click.echo(f"  output: {run['out_dir']}")
     print_candidates(run["candidates"], run["best_id"])
+
+
+@runs.command("compare")
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--json", "as_json", is_flag=True, help="The comparison as JSON.")
+def runs_compare(run_a: str, run_b: str, as_json: bool) -> None:
+    """What changed between two runs: the pick, and every candidate both runs tried."""
+    from orchestrator.compare import compare_runs, print_comparison
+    from orchestrator.paths import store_path
+    from orchestrator.store import RunStore
+
+    store = RunStore(store_path())
+    diff = compare_runs(store.get_run(run_a), store.get_run(run_b))
+    if as_json:
+        click.echo(json.dumps(diff, indent=2))
+    else:
+        print_comparison(diff)
+
+
+from orchestrator.cli_devices import devices  # noqa: E402  (the `devices` command group)
+
+cli.add_command(devices)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,6 +67,10 @@ class _Reporter:
         if kind == "run_started":
             self.total = data["trials"]
             self.log(f"run {data['run_id']}: {data['space']} candidates in the space, {self.total} trials; output in {data['out']}")
+        elif kind == "devices":
+            self.log(data["note"])
+            for skipped in data.get("unreachable", []):
+                self.log(f"skipped: {skipped['reason']}")
         elif kind == "base_model":
             self.log(f"loading the {data['task']} base model (trained on first use, then cached)")
         elif kind == "base_model_ready":

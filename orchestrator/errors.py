@@ -63,3 +63,31 @@ class RunNotFound(OrchestratorError):
     """A run id that the run store does not know."""
 
     exit_code = ExitCode.USAGE
+
+
+class DeviceNotFound(OrchestratorError):
+    """A device name that the device registry does not know."""
+
+    exit_code = ExitCode.USAGE
+
+
+class DeviceRefused(OrchestratorError):
+    """A device cannot be registered: it does not fit its profile, its agent cannot run, or the name is taken."""
+
+
+class HostKeyMismatch(OrchestratorError):
+    """A device offered a host key other than the one pinned (or given) for it: the connection is refused."""
+
+
+class DeviceOffline(MeasurementError):
+    """A device could not be reached after reconnecting with back-off; it is marked offline."""
+
+
+class ConnectionLost(MeasurementError):
+    """The connection to a device dropped while a command ran on it."""
+
+
+class InventoryError(OrchestratorError):
+    """An inventory file that cannot be read as an Ansible-style YAML inventory, or a host in it without a profile."""
+
+    exit_code = ExitCode.USAGE

@@ -1,4 +1,4 @@
-"""report.html: one self-contained page (no network) with every candidate, the front and the pick."""
+"""report.html: one self-contained page (opens offline) with the Pareto plots, every candidate, the pick."""
 
 from __future__ import annotations
 
@@ -10,11 +10,40 @@ from typing import Any
 from orchestrator.selection import pipeline_label
 
 STYLE = """
-body{font-family:system-ui,sans-serif;margin:2rem;color:#222}
-table{border-collapse:collapse;font-size:.9rem}th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}
-th{background:#f2f2f2}td.l{text-align:left}tr.best{background:#e6f6e6}tr.failed{color:#999}
-.tag{font-size:.75rem;padding:0 .3rem;border-radius:.2rem;background:#fde9c4;margin-left:.3rem}
-.front{font-weight:bold}code{background:#f4f4f4;padding:0 .2rem}
+body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1400px}
+table{border-collapse:collapse;font-size:.85rem}th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}
+th{background:#f2f2f2;cursor:pointer;user-select:none}th.sorted-asc::after{content:" ▲"}th.sorted-desc::after{content:" ▼"}
+td.l{text-align:left}tr.best{background:#e6f6e6}tr.failed{color:#999}
+.tag{font-size:.7rem;padding:0 .3rem;border-radius:.2rem;background:#fde9c4;margin-left:.3rem;color:#8a4b00}
+.front{font-weight:bold}code{background:#f4f4f4;padding:0 .2rem}.plots{display:flex;flex-wrap:wrap;gap:1rem}
+.plots figure{margin:0}.muted{color:#666}
+"""
+
+# Click a header to sort by it (numbers numerically, "–" last).
+SORT_JS = """
+document.querySelectorAll('table.sortable').forEach(function (table) {
+  table.querySelectorAll('th').forEach(function (th, col) {
+    th.addEventListener('click', function () {
+      var asc = !th.classList.contains('sorted-asc');
+      table.querySelectorAll('th').forEach(function (h) { h.classList.remove('sorted-asc', 'sorted-desc'); });
+      th.classList.add(asc ? 'sorted-asc' : 'sorted-desc');
+      var body = table.tBodies[0];
+      var rows = Array.prototype.slice.call(body.rows);
+      function key(row) {
+        var text = row.cells[col].getAttribute('data-sort') || row.cells[col].textContent.trim();
+        var num = parseFloat(text);
+        return isNaN(num) ? text : num;
+      }
+      rows.sort(function (a, b) {
+        var x = key(a), y = key(b);
+        if (x === y) return 0;
+        if (typeof x !== typeof y) return typeof x === 'number' ? -1 : 1;
+        return (x < y ? -1 : 1) * (asc ? 1 : -1);
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+});
 """
 
 
@@ -26,61 +55,114 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
-def _row(c: dict[str, Any], best_id: str | None, front_ids: set[str], emulated: bool) -> str:
+def _num(value: Any, digits: int = 3, tag: str | None = None) -> str:
+    sort = "" if value is None else f' data-sort="{value}"'
+    text = _fmt(value, digits) + (f'<span class="tag">{tag}</span>' if tag and value is not None else "")
+    return f"<td{sort}>{text}</td>"
+
+
+def _row(c: dict[str, Any], best_id: str | None, emulated: bool) -> str:
     m = c.get("metrics") or {}
     lat = m.get("latency_ms") or {}
     cls = "best" if c["id"] == best_id else ("failed" if c["status"] != "ok" else "")
-    energy = _fmt(m.get("energy_mj"), 4)
-    if m.get("energy_source") == "estimated":
-        energy += '<span class="tag">estimated</span>'
-    latency = _fmt(lat.get("p50"))
-    if emulated and lat:
-        latency += '<span class="tag">emulated</span>'
     notes = "; ".join(v["message"] for v in c.get("violations") or []) or (c.get("error") or "")
     params = "; ".join(f"{s['technique']}: {json.dumps(s['params'])}" for s in c["pipeline"]) or "exported unchanged"
+    build = sum((c.get("build") or {}).values()) if c.get("build") else None
+    size_kib = m["size_bytes"] / 1024 if m.get("size_bytes") else None
+    emu = "emulated" if emulated else None
     return (
-        f'<tr class="{cls}"><td class="l{" front" if c["id"] in front_ids else ""}">{html.escape(c["id"])}</td>'
-        f'<td class="l">{html.escape(pipeline_label(c))}</td><td class="l"><code>{html.escape(params)}</code></td>'
-        f"<td>{_fmt(m.get('accuracy'), 4)}</td><td>{_fmt(m.get('accuracy_drop'), 2)}</td>"
-        f"<td>{_fmt((m.get('size_bytes') or 0) / 1024, 1) if m.get('size_bytes') else '–'}</td>"
-        f"<td>{latency}</td><td>{_fmt(lat.get('p90'))}</td><td>{_fmt(lat.get('p99'))}</td>"
-        f"<td>{_fmt(m.get('peak_memory_mb'), 1)}</td><td>{energy}</td>"
-        f"<td>{'yes' if c.get('feasible') else 'no'}</td><td class=\"l\">{html.escape(notes)}</td></tr>"
+        f'<tr class="{cls}" data-id="{html.escape(c["id"])}"><td class="l{" front" if c.get("on_front") else ""}">'
+        f'{html.escape(c["id"])}</td><td class="l">{html.escape(pipeline_label(c))}</td>'
+        f'<td class="l"><code>{html.escape(params)}</code></td>'
+        f"{_num(m.get('accuracy'), 4)}{_num(m.get('accuracy_drop'), 2)}{_num(size_kib, 1)}"
+        f"{_num(lat.get('p50'), 3, emu)}{_num(lat.get('p90'), 3, emu)}{_num(lat.get('p99'), 3, emu)}"
+        f"{_num(m.get('peak_memory_mb'), 1)}"
+        f"{_num(m.get('energy_mj'), 4, 'estimated' if m.get('energy_source') == 'estimated' else None)}"
+        f"{_num(build, 1)}<td class=\"l\">{html.escape(str(c.get('device') or ''))}</td>"
+        f"<td class=\"l\">{'yes' if c.get('feasible') else 'no'}</td><td class=\"l\">{html.escape(notes)}</td></tr>"
     )
+
+
+def _pick_section(results: dict[str, Any]) -> str:
+    best, base = results.get("best"), results.get("baseline")
+    if not best:
+        return (f"<p><b>No model picked</b> (run {html.escape(results['status'])}): "
+                f"{html.escape(results.get('message') or '')}</p>")
+    steps = "".join(
+        f"<li><b>{html.escape(s['technique'])}</b> <code>{html.escape(json.dumps(s['params']))}</code>"
+        f"{' — ' + _fmt((best.get('build') or {}).get(s['technique']), 1) + ' s' if best.get('build') else ''}</li>"
+        for s in best["pipeline"]
+    ) or "<li>the base model, exported unchanged</li>"
+    ratios = ""
+    if base and base.get("status") == "ok":
+        bm, pm = base["metrics"], best["metrics"]
+        ratios = (f"<p>Against the baseline: {bm['size_bytes'] / pm['size_bytes']:.2f}x smaller, "
+                  f"{bm['latency_ms']['p50'] / pm['latency_ms']['p50']:.2f}x faster at p50, "
+                  f"accuracy {pm['accuracy']:.4f} vs {bm['accuracy']:.4f} ({pm.get('accuracy_drop', 0):.2f} points lost).</p>")
+    obj = results["objective"]
+    return (f"<h2>The pick: {html.escape(best['id'])} ({html.escape(pipeline_label(best))})</h2>"
+            f"<p>Chosen on the Pareto front of the feasible candidates by <b>{html.escape(obj['metric'])}</b> "
+            f"({html.escape(obj['goal'])}). Pipeline:</p><ol>{steps}</ol>{ratios}")
+
+
+def _constraints_section(results: dict[str, Any]) -> str:
+    limits = {k: v for k, v in (results.get("constraints") or {}).items() if v is not None}
+    broke: dict[str, list[str]] = {}
+    for c in results["candidates"]:
+        for v in c.get("violations") or []:
+            broke.setdefault(v["constraint"], []).append(c["id"])
+    rows = "".join(
+        f"<tr><td class=\"l\">{html.escape(k)}</td><td>{html.escape(str(v))}</td>"
+        f"<td class=\"l\">{html.escape(', '.join(broke.get(k, [])) or 'none')}</td></tr>"
+        for k, v in limits.items()
+    )
+    if "status" in broke:
+        rows += f"<tr><td class=\"l\">(failed)</td><td>–</td><td class=\"l\">{', '.join(broke['status'])}</td></tr>"
+    return ("<h2>Constraints</h2><table><thead><tr><th>constraint</th><th>limit</th><th>broken by</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
 
 
 def render_report(results: dict[str, Any]) -> str:
     """The report page as a string."""
+    from orchestrator.report_plots import AXES, pareto_svg
+
     best = results.get("best")
-    best_id = best["id"] if best else None
-    front_ids = {c["id"] for c in results["candidates"] if c.get("on_front")}
     device = results.get("device") or {}
     emulated = bool(device.get("emulated"))
-    rows = "\n".join(_row(c, best_id, front_ids, emulated) for c in results["candidates"])
-    constraints = {k: v for k, v in (results.get("constraints") or {}).items() if v is not None}
-    if best:
-        pick = (f"<p>Picked <b>{html.escape(best['id'])}</b> ({html.escape(pipeline_label(best))}) by "
-                f"{html.escape(results['objective']['metric'])} ({html.escape(results['objective']['goal'])}).</p>")
-    else:
-        pick = f"<p><b>No model picked</b> (run {html.escape(results['status'])}): {html.escape(results.get('message') or '')}</p>"
+    rows = "\n".join(_row(c, best["id"] if best else None, emulated) for c in results["candidates"])
+    plots = [pareto_svg(results, *axis) for axis in AXES]
+    figures = "".join(f'<figure class="plot">{svg}</figure>' for svg in plots if svg)
+    devices = results.get("devices") or [device]
+    device_items = "".join(
+        f"<li><b>{html.escape(str(d.get('name')))}</b>: {html.escape(str(d.get('transport')))}, "
+        f"{html.escape(str(d.get('arch')))}{' <span class=tag>emulated</span>' if d.get('emulated') else ''}</li>"
+        for d in devices
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>edge-orchestrator run {html.escape(results['run_id'])}</title>
 <style>{STYLE}</style></head><body>
 <h1>Run {html.escape(results['run_id'])}</h1>
 <p>Profile <b>{html.escape(results['profile'])}</b> (<code>{html.escape(results.get('profile_path', ''))}</code>),
-task <b>{html.escape(results['task'])}</b>, device <b>{html.escape(str(device.get('name')))}</b>
-({html.escape(str(device.get('transport')))}, {html.escape(str(device.get('arch')))}{', emulated' if emulated else ''}).
-Status: <b>{html.escape(results['status'])}</b>.</p>
-{pick}
-<p>Constraints: <code>{html.escape(json.dumps(constraints))}</code>. Bold ids are on the Pareto front of the
-feasible candidates (accuracy up; latency p50, size and energy down). Energy marked <span class="tag">estimated</span>
-comes from the profile's power model, not a sensor.</p>
-<table><thead><tr><th>id</th><th>pipeline</th><th>parameters</th><th>accuracy</th><th>drop (pts)</th>
-<th>size (KiB)</th><th>p50 (ms)</th><th>p90 (ms)</th><th>p99 (ms)</th><th>peak mem (MB)</th><th>energy (mJ)</th>
-<th>feasible</th><th>violations / error</th></tr></thead>
+task <b>{html.escape(results['task'])}</b>, status <b>{html.escape(results['status'])}</b>.</p>
+<p>Measured on:</p><ul>{device_items}</ul>
+{_pick_section(results)}
+<h2>Pareto front</h2>
+<p class="muted">Accuracy on held-out data against latency, energy and size. Orange: the front of the feasible
+candidates; black square: the baseline; green star: the pick; grey crosses broke a constraint.
+Values marked <span class="tag">estimated</span> come from the profile's power model, not a sensor;
+<span class="tag">emulated</span> latencies were measured under QEMU.</p>
+<div class="plots">{figures or '<p>No candidate was measured.</p>'}</div>
+<h2>All candidates</h2>
+<p class="muted">Click a column to sort. Bold ids are on the Pareto front. Build time is the cost of making the
+candidate (training, fine-tuning, export, quantization) in seconds.</p>
+<table class="sortable" id="candidates"><thead><tr><th>id</th><th>pipeline</th><th>parameters</th><th>accuracy</th>
+<th>drop (pts)</th><th>size (KiB)</th><th>p50 (ms)</th><th>p90 (ms)</th><th>p99 (ms)</th><th>peak mem (MB)</th>
+<th>energy (mJ)</th><th>build (s)</th><th>device</th><th>feasible</th><th>violations / error</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>
+{_constraints_section(results)}
+<script>{SORT_JS}</script>
 </body></html>
 """
 

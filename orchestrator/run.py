@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator.devices import DeviceLease, local_device
+from orchestrator.devices import Device, DeviceLease, LeasePool, local_device
 from orchestrator.errors import DeviceUnreachable, NoFeasibleCandidate, OrchestratorError
+from orchestrator.fleet import reachable_devices
 from orchestrator.paths import cache_dir, store_path
 from orchestrator.plugins import PluginRegistry
 from orchestrator.profile import LoadedProfile
+from orchestrator.registry import DeviceRegistry, registry_path
 from orchestrator.selection import pipeline_label
 from orchestrator.space import allowed_techniques, enumerate_candidates
 from orchestrator.store import RunStore
@@ -67,22 +69,21 @@ def execute_run(
     task = registry.task(options.task)
     candidates = enumerate_candidates(techniques, profile.search.max_pipeline_length)
     trials = options.trials or profile.search.trials
-    if profile.fallback_device != "local":
-        raise DeviceUnreachable(f"profile {profile.name!r}: no registered device and no fallback device")
-    device = local_device()
     cpus = options.num_cpus or os.cpu_count() or 1
-    # The local device measures on the last core; compression trials keep to the others.
-    device.pinned_cpu = cpus - 1 if cpus > 1 and not options.ray_address else None
-    concurrency = max(1, cpus - 1) if device.pinned_cpu is not None else cpus
+    devices, device_info = choose_devices(profile.name, profile.fallback_device, cpus, options.ray_address)
+    avoid_cpu = devices[0].pinned_cpu if device_info["source"] == "fallback" else None
+    concurrency = max(1, cpus - 1) if avoid_cpu is not None else cpus
 
     run_id = new_run_id(profile.name)
     out = (options.out_dir / run_id).resolve()
     out.mkdir(parents=True, exist_ok=True)
     store = RunStore(store_path())
     store.start_run(run_id, profile.name, str(loaded.path), task.name, str(out))
-    store.set_device(run_id, device.describe())
+    store.set_device(run_id, device_info)
     on_event("run_started", {"run_id": run_id, "out": out, "space": len(candidates), "trials": min(trials, len(candidates))})
+    on_event("devices", device_info)
     records: list[dict[str, Any]] = []
+    extras: dict[str, Any] = {}
     status, error = "failed", None
     try:
         data = task.load_data(profile.search.seed)
@@ -94,13 +95,23 @@ def execute_run(
             from ray import tune
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+            # The leases, the pool in front of them and the model sink stay on this node: it holds
+            # the registry, the model cache and the network path to the devices.
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-            lease = ray.remote(DeviceLease).options(num_cpus=0, scheduling_strategy=here).remote(device, profile)
+            registry_file = str(registry_path()) if device_info["source"] == "registry" else None
+            leases = [ray.remote(DeviceLease).options(num_cpus=0, scheduling_strategy=here).remote(
+                device, profile, registry_file) for device in devices]
+            pool = ray.remote(LeasePool).options(num_cpus=0, scheduling_strategy=here).remote(leases)
             sink = ray.remote(ModelSink).options(num_cpus=0, scheduling_strategy=here).remote(
                 str(cache_dir("models"))
             )
+            predictor = None
+            if any(hasattr(t, "architecture") for t in techniques):  # hardware-aware search is allowed
+                from orchestrator.predictor import PredictorService
+
+                predictor = ray.remote(PredictorService).options(num_cpus=0, scheduling_strategy=here).remote()
             payload = TrialPayload(task.name, base.state_dict_bytes, base.arch, profile, profile.search.seed,
-                                   lease, sink, candidates if searcher is None else None, device.pinned_cpu)
+                                   pool, sink, candidates if searcher is None else None, avoid_cpu, predictor)
 
             def on_candidate(record: dict[str, Any]) -> None:
                 records.append(record)
@@ -124,19 +135,70 @@ def execute_run(
                     callbacks=[recording_callback(on_candidate)],
                 ),
             )
-            tuner.fit()
+            try:
+                tuner.fit()
+                if predictor is not None:
+                    extras["latency_predictor"] = ray.get(predictor.quality.remote())
+            finally:
+                for actor in (pool, *leases):  # their SSH connections close with them
+                    ray.kill(actor)
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
     except OrchestratorError as exc:
         status, error = "failed", exc
     finally:
-        outcome = _finish(store, run_id, loaded, task.name, device.describe(), records, out, status, error)
+        outcome = _finish(store, run_id, loaded, task.name, device_info, records, out, status, error, extras)
+        registry.notify("run_finished", run_id=run_id, results=outcome.results)
     return outcome
 
 
+def choose_devices(profile_name: str, fallback: str, cpus: int,
+                   ray_address: str | None = None) -> tuple[list[Device], dict[str, Any]]:
+    """The devices a run measures on, and what results.json says of them.
+
+    The registered devices of the profile that answer now; with none registered, the
+    profile's fallback device (this machine), which the description says. Registered
+    devices that all fail to answer raise DeviceUnreachable (exit code 4).
+    """
+    registry = DeviceRegistry()
+    unreachable: list[dict[str, str]] = []
+    if registry.list(profile_name):
+        devices, unreachable = reachable_devices(profile_name, registry)
+        names = ", ".join(f"{d.name} ({d.ssh.address if d.ssh else d.transport})" for d in devices)
+        plural = "s" if len(devices) > 1 else ""
+        note = f"this run measures on the registered device{plural} of profile {profile_name!r}: {names}"
+        if unreachable:
+            note += "; unreachable, skipped: " + ", ".join(u["name"] for u in unreachable)
+        source = "registry"
+    elif fallback == "local":
+        device = local_device()
+        # The local device measures on the last core; compression trials keep to the others.
+        device.pinned_cpu = cpus - 1 if cpus > 1 and not ray_address else None
+        devices, source = [device], "fallback"
+        note = (f"no device is registered for profile {profile_name!r}: this run measures on the fallback device "
+                f"{device.name} (this machine)")
+    else:
+        raise DeviceUnreachable(f"profile {profile_name!r}: no registered device and no fallback device")
+    described = [d.describe() for d in devices]
+    archs = sorted({d["arch"] for d in described})
+    info = {
+        "name": ", ".join(d["name"] for d in described),
+        "arch": ", ".join(archs),
+        "transport": ", ".join(sorted({d["transport"] for d in described})),
+        "emulated": any(d["emulated"] for d in described),
+        "pinned_cpu": described[0]["pinned_cpu"] if len(described) == 1 else None,
+        "source": source,
+        "note": note,
+        "devices": described,
+        "unreachable": unreachable,
+    }
+    return devices, info
+
+
 def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, device: dict[str, Any],
-            records: list[dict[str, Any]], out: Path, status: str, error: OrchestratorError | None) -> RunOutcome:
+            records: list[dict[str, Any]], out: Path, status: str, error: OrchestratorError | None,
+            extras: dict[str, Any] | None = None) -> RunOutcome:
     """Select, write results.json / report.html / best.onnx, close the run in the store."""
     from orchestrator.report import write_report
     from orchestrator.selection import select
@@ -166,11 +228,13 @@ def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, devi
         "profile_path": str(loaded.path),
         "task": task,
         "device": device,
+        "devices": device.get("devices") or [device],
         "constraints": loaded.profile.constraints.model_dump(),
         "objective": loaded.profile.objective.model_dump(),
         "baseline": baseline,
         "best": best,
         "candidates": records,
+        **(extras or {}),
     }
     if best is not None:
         shutil.copyfile(cache_dir("models") / f"{best['model_sha256']}.onnx", out / "best.onnx")

@@ -80,10 +80,11 @@ class TrialPayload:
     base_arch: dict[str, Any]
     profile: Any
     seed: int
-    lease: Any
+    pool: Any  # LeasePool actor: hands each measurement to a free device
     sink: Any
     grid: list[Candidate] | None
     avoid_cpu: int | None
+    predictor: Any = None  # PredictorService actor: the device's latency predictor (orchestrator/predictor.py)
 
 
 def config_to_pipeline(config: dict[str, Any], payload: TrialPayload, labels: dict[str, list[str]]) -> Candidate:
@@ -116,12 +117,34 @@ def _worker_state(payload: TrialPayload) -> tuple[Any, Any, Any, Any]:
     return _WORKER_STATE[key]
 
 
+def _predicted_too_slow(registry: Any, task: Any, base: Any, pipeline: Any, ctx_kwargs: dict[str, Any],
+                        payload: TrialPayload) -> tuple[str, float] | None:
+    """(reason, predicted ms) when the device's latency predictor says this candidate breaks the limit."""
+    import ray
+
+    from orchestrator.predictor import onnx_features, preview_candidate
+
+    limit = payload.profile.constraints.max_latency_ms
+    if limit is None:
+        return None
+    preview = preview_candidate(registry, task, base, pipeline, ctx_kwargs)
+    if preview is None:
+        return None
+    predicted = ray.get(payload.predictor.predict.remote(onnx_features(preview)))
+    if predicted is None or predicted <= limit:
+        return None
+    percentile = payload.profile.constraints.latency_percentile
+    return (f"skipped before training: predicted latency {percentile} {predicted:.2f} ms > {limit:.2f} ms "
+            f"(latency predictor fitted on this run's measurements)", predicted)
+
+
 def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, list[str]]) -> None:
-    """One Tune trial: build the candidate, score it on held-out data, measure it on the leased device."""
+    """One Tune trial: build the candidate, score it on held-out data, measure it on a free leased device."""
     import ray
     import torch
     from ray import tune
 
+    from orchestrator.errors import MeasurementError
     from orchestrator.pipeline import build_candidate, evaluate_onnx
 
     torch.set_num_threads(1)
@@ -130,19 +153,26 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
         if others:  # keep compression work off the core the local device measures on
             os.sched_setaffinity(0, others)
     pipeline = config_to_pipeline(config, payload, labels)
-    record: dict[str, Any] = {"pipeline": pipeline, "status": "ok", "error": None, "metrics": {}}
+    record: dict[str, Any] = {"pipeline": pipeline, "status": "ok", "error": None, "metrics": {}, "device": None}
     try:
         registry, task, data, base = _worker_state(payload)
-        model_bytes, info = build_candidate(
-            registry, task, base, pipeline, {"data": data, "profile": payload.profile, "seed": payload.seed}
-        )
+        ctx_kwargs = {"data": data, "profile": payload.profile, "seed": payload.seed}
+        if payload.predictor is not None:
+            skip = _predicted_too_slow(registry, task, base, pipeline, ctx_kwargs, payload)
+            if skip:
+                record["status"], record["error"], record["predicted_latency_ms"] = "skipped", skip[0], skip[1]
+                tune.report({**FAILED_SCORE, "record": json.dumps(record)})
+                return
+        model_bytes, info = build_candidate(registry, task, base, pipeline, ctx_kwargs)
         record["model_sha256"] = ray.get(payload.sink.put.remote(model_bytes))
         record["build"] = info["build_seconds"]
         accuracy = evaluate_onnx(task, model_bytes, data["eval"])
-        record["metrics"] = {"accuracy": accuracy, "size_bytes": len(model_bytes)}
-        bench = ray.get(payload.lease.measure.remote(model_bytes))
+        record["metrics"] = {"accuracy": accuracy, "size_bytes": len(model_bytes),
+                             "compressed_size_bytes": info.get("compressed_size_bytes")}
+        bench = ray.get(payload.pool.measure.remote(model_bytes))
+        record["device"] = bench.get("device")
         if "error" in bench:
-            raise RuntimeError(bench["error"])
+            raise MeasurementError(bench["error"])
         energy = bench.get("energy") or {}
         record["metrics"].update(
             latency_ms={k: bench["latency_ms"][k] for k in ("p50", "p90", "p99", "mean", "std", "cv")},
@@ -155,6 +185,14 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
             k: bench.get(k) for k in ("runs", "warmup_runs", "noisy", "execution_provider", "threads", "pinned_cpu")
         }
         score = {"accuracy": accuracy, "latency_p50": bench["latency_ms"]["p50"], "size_bytes": len(model_bytes)}
+        if payload.predictor is not None:
+            from orchestrator.predictor import onnx_features
+
+            percentile = payload.profile.constraints.latency_percentile
+            payload.predictor.observe.remote(onnx_features(model_bytes), bench["latency_ms"][percentile])
+    except MeasurementError as exc:  # the device's reason already says what happened where
+        record["status"], record["error"] = "failed", f"measurement failed: {exc}".splitlines()[0]
+        score = dict(FAILED_SCORE)
     except Exception as exc:  # a broken candidate fails alone; the run goes on
         record["status"], record["error"] = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
         score = dict(FAILED_SCORE)

@@ -77,6 +77,18 @@ class DigitsTask(Task):
             raise ValueError(f"digits: bad architecture {a}")
         return _build_resnet(list(a["widths"]), list(a["depths"]), int(a["kernel"]), self.num_classes, 1)
 
+    def scaled_arch(self, width_mult: float = 1.0, depth: int | None = None) -> dict[str, Any]:
+        """The default ResNet with every stage's width times `width_mult` (a multiple of 4) and `depth` blocks."""
+        if not 0 < width_mult <= 4:
+            raise ValueError(f"digits: width_mult must be in (0, 4], got {width_mult!r}")
+        if depth is not None and not (isinstance(depth, int) and 1 <= depth <= 9):
+            raise ValueError(f"digits: depth must be an integer from 1 to 9 blocks per stage, got {depth!r}")
+        a = self.default_arch
+        # Multiples of 4 keep channel counts friendly to vectorised convolution kernels.
+        widths = [max(4, round(w * width_mult / 4) * 4) for w in a["widths"]]
+        depths = list(a["depths"]) if depth is None else [depth] * len(a["depths"])
+        return {"widths": widths, "depths": depths, "kernel": a["kernel"]}
+
     def load_data(self, seed: int) -> dict[str, Dataset]:
         """Train / calibration (a slice of train) / eval (20% held out, stratified, fixed by seed)."""
         import numpy as np

@@ -331,3 +331,45 @@ def test_agent_source_imports_only_stdlib_numpy_onnxruntime_and_parses_as_python
             imported.add(node.module.split(".")[0])
     assert imported <= allowed, imported - allowed
     assert "from __future__ import annotations" in source
+
+
+# ------------------------------------------------------------------- run: outputs for parity checks
+
+
+def test_run_saves_outputs_equal_to_onnxruntime_on_the_host(capsys, model, tmp_path):
+    import onnxruntime as ort
+
+    x = np.random.default_rng(3).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, out, _ = run_main(capsys, "run", "--model", str(model), "--inputs", str(tmp_path / "x.npy"),
+                            "--outputs", str(tmp_path / "y.npy"))
+    assert code == ExitCode.OK and out["command"] == "run"
+    assert out["inputs"] == [{"name": "x", "shape": [5, 1, 8, 8], "dtype": "float32"}]
+    assert out["outputs"] == [{"name": "y", "shape": [5, 4], "dtype": "float32"}]
+    assert out["model"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_run_takes_named_inputs_from_npz_and_saves_npz(capsys, tmp_path):
+    path = int_inputs_model(tmp_path / "ints.onnx")
+    ids, pixels = np.arange(6, dtype=np.int64).reshape(2, 3), np.full((2, 3), 7, np.uint8)
+    np.savez(tmp_path / "in.npz", ids=ids, pixels=pixels)
+    code, _, _ = run_main(capsys, "run", "--model", str(path), "--inputs", str(tmp_path / "in.npz"),
+                            "--outputs", str(tmp_path / "out.npz"))
+    assert code == 0
+    with np.load(tmp_path / "out.npz") as saved:
+        np.testing.assert_array_equal(saved["y"], ids + 7.0)
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (np.zeros((1, 1, 8, 8), np.float64), "is float64, the model wants float32"),
+    ({"wrong": np.zeros((1, 1, 8, 8), np.float32)}, "hold wrong, the model wants x"),
+])
+def test_run_refuses_inputs_that_do_not_fit_the_model(capsys, model, tmp_path, inputs, message):
+    path = tmp_path / ("in.npz" if isinstance(inputs, dict) else "in.npy")
+    np.savez(path, **inputs) if isinstance(inputs, dict) else np.save(path, inputs)
+    code, out, _ = run_main(capsys, "run", "--model", str(model), "--inputs", str(path),
+                            "--outputs", str(tmp_path / "y.npy"))
+    assert code == ExitCode.USAGE and message in out["error"]
+    assert not (tmp_path / "y.npy").exists()

@@ -18,6 +18,7 @@ import onnxruntime as ort
 import pytest
 import yaml
 
+from orchestrator import hookimpl
 from orchestrator.cli import main
 from orchestrator.paths import store_path
 from orchestrator.plugins import get_plugin_manager
@@ -45,13 +46,40 @@ def _profile_variant(tmp_path: Path, **changes) -> Path:
 
 @pytest.fixture(scope="module")
 def small_run(ray_local, tmp_path_factory):
-    """A real run of the x86-host profile with a small trial budget (Optuna picks 4 of 13 candidates)."""
+    """A real run of the x86-host profile with a small trial budget (Optuna picks 4 of the candidates).
+
+    An event plugin (the candidate_measured and run_finished hooks) records what the host tells plugins.
+    """
     out = tmp_path_factory.mktemp("runs")
     loaded = load_profile(X86)
     events = []
-    outcome = execute_run(loaded, get_plugin_manager(), RunOptions(trials=4, out_dir=out),
+    registry = get_plugin_manager()
+    registry.add_plugin(EventRecorder(), "event-recorder")
+    outcome = execute_run(loaded, registry, RunOptions(trials=4, out_dir=out),
                           lambda kind, data: events.append(kind))
     return outcome, events
+
+
+class EventRecorder:
+    """A plugin implementing the event hooks (an instance, as pluggy allows)."""
+
+    @hookimpl
+    def candidate_measured(self, run_id, candidate):
+        EVENTS["candidate_measured"].append((run_id, candidate["id"]))
+
+    @hookimpl
+    def run_finished(self, run_id, results):
+        EVENTS["run_finished"].append((run_id, results))
+
+
+EVENTS: dict[str, list] = {"candidate_measured": [], "run_finished": []}
+
+
+def test_event_hooks_are_called(small_run):
+    outcome, _ = small_run
+    assert sorted(EVENTS["candidate_measured"]) == [(outcome.run_id, c["id"]) for c in outcome.results["candidates"]]
+    [(run_id, results)] = EVENTS["run_finished"]
+    assert run_id == outcome.run_id and results["best"]["id"] == outcome.results["best"]["id"]
 
 
 def test_run_writes_results_report_and_best_model(small_run):
@@ -157,3 +185,15 @@ def test_ctrl_c_keeps_what_was_measured_and_leaves_nothing_running(small_run, tm
     leftovers = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
     assert leftovers == [], f"Ray processes left running: {leftovers}"
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_search_uses_the_installed_example_plugin(ray_local, tmp_path):
+    """The example third-party package (examples/edge-orchestrator-lowrank, installed by `make test`) is searched."""
+    pytest.importorskip("eo_lowrank", reason="pip install -e examples/edge-orchestrator-lowrank (make test does)")
+    profile = _profile_variant(tmp_path, search__techniques=["low-rank"])
+    outcome = execute_run(load_profile(profile), get_plugin_manager(), RunOptions(trials=5, out_dir=tmp_path))
+    assert outcome.status == "finished", outcome.error
+    lowrank = [c for c in outcome.results["candidates"] if c["pipeline"] and c["pipeline"][0]["technique"] == "low-rank"]
+    assert len(lowrank) == 4 and all(c["status"] == "ok" for c in lowrank), lowrank
+    baseline = outcome.results["baseline"]["metrics"]["size_bytes"]
+    assert all(c["metrics"]["size_bytes"] < baseline for c in lowrank)  # it really factorized

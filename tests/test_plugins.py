@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import types
-
 import pytest
 
 from orchestrator import Technique, choice, hookimpl
@@ -20,7 +18,8 @@ class Dummy(Technique):
 
 
 def _plugin(**hooks):
-    return types.SimpleNamespace(**{name: hookimpl(fn) for name, fn in hooks.items()})
+    """A plugin object (pluggy needs it hashable) with the given hook implementations."""
+    return type("Plugin", (), {name: staticmethod(hookimpl(fn)) for name, fn in hooks.items()})()
 
 
 def test_builtins_load_through_entry_points():
@@ -61,7 +60,7 @@ def test_disable_env_skips_a_plugin(monkeypatch):
 def test_plugins_command_json(capsys):
     assert main(["plugins", "--json"]) == 0
     listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
-    assert listed["quantization"]["techniques"] == ["int8-static"]
+    assert listed["quantization"]["techniques"] == ["int8-static", "int8-dynamic", "fp16"]
     assert listed["digits"]["tasks"] == ["digits"]
 
 
@@ -81,4 +80,17 @@ def test_int8_static_refuses_bad_params(params, message):
 
 def test_int8_static_grid_size():
     technique = get_plugin_manager().technique("int8-static")
-    assert len(technique.param_grid()) == 2 * 3 * 2
+    assert len(technique.param_grid()) == 2 * 3 * 2 * 2
+
+
+def test_register_tasks_adds_a_task_and_refuses_a_duplicate():
+    from orchestrator.testing import TinyDigitsTask
+
+    class Mine(TinyDigitsTask):
+        name = "mine"
+
+    registry = get_plugin_manager()
+    registry.add_plugin(_plugin(register_tasks=lambda register: register(Mine())), "my-tasks")
+    assert registry.task("mine").name == "mine" and registry.plugins["my-tasks"].tasks == ["mine"]
+    registry.add_plugin(_plugin(register_tasks=lambda register: register(Mine())), "copycat")
+    assert "already registered by plugin 'my-tasks'" in registry.plugins["copycat"].error

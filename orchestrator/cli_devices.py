@@ -1,0 +1,239 @@
+"""`orchestrate devices ...`: register, list, show, probe, remove and import devices (docs/devices.md)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from orchestrator.devices import CONNECT_TIMEOUT_S, DEFAULT_REMOTE_DIR
+from orchestrator.errors import ExitCode, OrchestratorError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _valid_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not NAME_PATTERN.match(value):
+        raise click.BadParameter("letters, digits, '.', '_' and '-' only, starting with a letter or digit")
+    return value
+
+
+def _confirmer(yes: bool) -> Callable[[str], bool]:
+    """How a host key offered for the first time gets confirmed: --yes, else a question on the terminal."""
+    def confirm(question: str) -> bool:
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise click.UsageError("the host key cannot be confirmed without a terminal: "
+                                   "pass --host-key-fingerprint SHA256:... or --yes")
+        return click.confirm(question, default=False, err=True)
+    return confirm
+
+
+def _ago(when: float | None) -> str:
+    if not when:
+        return "never"
+    seconds = time.time() - when
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h ago"
+    return time.strftime("%Y-%m-%d", time.localtime(when))
+
+
+def _summary(info: dict[str, Any]) -> str:
+    memory = f"{info['memory_mb']} MB" if info.get("memory_mb") else "memory unknown"
+    sensors = ", ".join(info.get("energy_sensors") or []) or "none (energy is estimated)"
+    return (f"{info.get('arch')}, {info.get('cpu_model')}, {info.get('cores')} cores, {memory}, "
+            f"onnxruntime {info.get('onnxruntime')} ({', '.join(info.get('providers') or [])}), "
+            f"energy sensors: {sensors}")
+
+
+@click.group()
+def devices() -> None:
+    """Devices in the registry: register, list, show, probe, remove, import."""
+
+
+@devices.command("register")
+@click.argument("name", callback=_valid_name)
+@click.option("--host", required=True, help="Host name or address of the device.")
+@click.option("--port", default=22, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--user", required=True, help="Login on the device.")
+@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False, resolve_path=True),
+              help="Private key file (default: ssh-agent, then the usual ~/.ssh keys). Never a password.")
+@click.option("--profile", "profile_path", required=True, type=click.Path(path_type=Path),
+              help="The device's profile YAML (its arch, memory and runtime are checked).")
+@click.option("--tag", "tags", multiple=True, help="A tag (repeatable).")
+@click.option("--python", default="python3", show_default=True,
+              help="The device's Python 3.9+ (with numpy and onnxruntime).")
+@click.option("--remote-dir", default=DEFAULT_REMOTE_DIR, show_default=True,
+              help="The agent's folder on the device (relative: under the login's home).")
+@click.option("--host-key-fingerprint", help="Pin only a host key with this SHA256:... fingerprint.")
+@click.option("--known-hosts", default="~/.ssh/known_hosts", show_default=True,
+              help="known_hosts file that may vouch for the host key.")
+@click.option("--connect-timeout", default=CONNECT_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0.1))
+@click.option("--yes", is_flag=True, help="Pin the offered host key without asking (scripts).")
+def register(name: str, host: str, port: int, user: str, key_path: str | None, profile_path: Path,
+             tags: tuple[str, ...], python: str, remote_dir: str, host_key_fingerprint: str | None,
+             known_hosts: str, connect_timeout: float, yes: bool) -> None:
+    """Register a device: pin its host key, install the agent, check it fits the profile.
+
+    \b
+    orchestrate devices register pi-kitchen --host 192.168.1.20 --user pi \\
+        --profile device_profiles/rpi4.yaml --tag kitchen
+    """
+    from orchestrator.fleet import Registration, register_device
+
+    reg = Registration(name=name, host=host, port=port, user=user, key_path=key_path, profile_path=str(profile_path),
+                       tags=list(tags), python=python, remote_dir=remote_dir,
+                       host_key_fingerprint=host_key_fingerprint, known_hosts=known_hosts,
+                       connect_timeout_s=connect_timeout)
+    device, how = register_device(reg, _confirmer(yes))
+    how = "accepted with --yes" if how == "confirmed" and yes else how
+    click.echo(f"registered {device.name}: profile {device.profile}, {device.user}@{device.host}:{device.port}")
+    click.echo(f"  host key {device.host_key.split()[0]} {device.host_key_fingerprint} pinned ({how})")
+    click.echo(f"  {_summary(device.info)}")
+
+
+@devices.command("list")
+@click.option("--profile", "profile_name", help="Only the devices of this profile (by name).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_devices(profile_name: str | None, as_json: bool) -> None:
+    """The registered devices: name, profile, host, arch, status, last seen, deployed model."""
+    from orchestrator.registry import DeviceRegistry
+
+    rows = DeviceRegistry().list(profile_name)
+    if as_json:
+        click.echo(json.dumps([d.as_dict() for d in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no devices registered (orchestrate devices register --help)")
+        return
+    from rich.table import Table
+
+    from orchestrator.console import out_console
+
+    table = Table("name", "profile", "host", "arch", "status", "last seen", "deployed model", "tags")
+    for d in rows:
+        status = {"online": "[green]online[/green]", "offline": "[red]offline[/red]"}.get(d.status, f"[red]{d.status}[/red]")
+        table.add_row(d.name, d.profile, f"{d.user}@{d.host}:{d.port}", d.arch or "-", status, _ago(d.last_seen),
+                      d.deployed_model[:12] if d.deployed_model else "-", ", ".join(d.tags) or "-")
+    out_console().print(table)
+
+
+@devices.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="The registry entry as JSON.")
+def show(name: str, as_json: bool) -> None:
+    """One device: how it is reached, its pinned host key, what its agent last reported."""
+    from orchestrator.registry import DeviceRegistry
+
+    d = DeviceRegistry().get(name)
+    if as_json:
+        click.echo(json.dumps(d.as_dict(), indent=2))
+        return
+    lines = [
+        ("profile", f"{d.profile} ({d.profile_path})"),
+        ("address", f"{d.user}@{d.host}:{d.port}"),
+        ("key", d.key_path or "ssh-agent / ~/.ssh keys"),
+        ("host key", f"{d.host_key.split()[0]} {d.host_key_fingerprint} (pinned)"),
+        ("python", d.python),
+        ("remote dir", d.remote_dir),
+        ("tags", ", ".join(d.tags) or "-"),
+        ("status", d.status + (f": {d.status_reason}" if d.status_reason else "")),
+        ("last seen", _ago(d.last_seen)),
+        ("registered", time.strftime("%Y-%m-%d %H:%M", time.localtime(d.registered_at))),
+        ("deployed model", d.deployed_model or "-"),
+        ("device", _summary(d.info) if d.info else "-"),
+    ]
+    click.echo(d.name)
+    for key, value in lines:
+        click.echo(f"  {key + ':':<16}{value}")
+
+
+@devices.command("probe")
+@click.argument("names", nargs=-1)
+@click.pass_context
+def probe(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Connect to devices (all when no NAME is given), refresh what their agent reports, and their status."""
+    from orchestrator.fleet import probe_device
+    from orchestrator.registry import DeviceRegistry
+
+    registry = DeviceRegistry()
+    names = names or tuple(d.name for d in registry.list())
+    if not names:
+        click.echo("no devices registered")
+        return
+    code = ExitCode.OK
+    for name in names:
+        try:
+            device, problems = probe_device(name, registry)
+        except OrchestratorError as exc:
+            click.echo(f"error: {exc}", err=True)
+            code = code or exc.exit_code
+            continue
+        click.echo(f"{device.name}: online, {_summary(device.info)}")
+        for problem in problems:
+            click.echo(f"warning: {device.name} no longer fits profile {device.profile!r}: {problem}", err=True)
+    ctx.exit(code)
+
+
+@devices.command("remove")
+@click.argument("name")
+def remove(name: str) -> None:
+    """Forget a device (the agent's folder on the device is left as it is)."""
+    from orchestrator.registry import DeviceRegistry
+
+    registry = DeviceRegistry()
+    device = registry.get(name)
+    registry.remove(name)
+    click.echo(f"removed {name} (its files under {device.remote_dir} on {device.host} are left in place)")
+
+
+@devices.command("import")
+@click.argument("inventory", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--profiles-dir", default=Path("device_profiles"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Where groups named like a profile are looked up.")
+@click.option("--dry-run", is_flag=True, help="Show what would be registered; connect to nothing.")
+@click.option("--yes", is_flag=True, help="Pin host keys seen for the first time without asking.")
+@click.pass_context
+def import_inventory(ctx: click.Context, inventory: Path, profiles_dir: Path, dry_run: bool, yes: bool) -> None:
+    """Register every host of an Ansible-style YAML inventory (groups become profiles or tags)."""
+    from orchestrator.fleet import register_device
+    from orchestrator.inventory import ignored_secrets, read_inventory, to_registration
+    from orchestrator.registry import DeviceRegistry
+
+    registry = DeviceRegistry()
+    known = {d.name for d in registry.list()}
+    counts = {"registered": 0, "skipped": 0, "failed": 0}
+    for host in read_inventory(inventory):
+        for var in ignored_secrets(host):
+            click.echo(f"warning: {host.name}: {var} ignored (devices are reached with keys only)", err=True)
+        try:
+            reg = to_registration(host, inventory, profiles_dir)
+            if reg.name in known:
+                click.echo(f"skipped {reg.name}: already registered")
+                counts["skipped"] += 1
+                continue
+            if dry_run:
+                click.echo(f"would register {reg.name}: {reg.user}@{reg.host}:{reg.port}, profile {reg.profile_path}, "
+                           f"tags {', '.join(reg.tags) or '-'}")
+                continue
+            device, how = register_device(reg, _confirmer(yes), registry)
+        except OrchestratorError as exc:
+            click.echo(f"failed {host.name}: {exc}", err=True)
+            counts["failed"] += 1
+            continue
+        click.echo(f"registered {device.name}: profile {device.profile}, {device.user}@{device.host}:{device.port}, "
+                   f"host key {device.host_key_fingerprint} ({'accepted with --yes' if how == 'confirmed' and yes else how})")
+        counts["registered"] += 1
+    if not dry_run:
+        click.echo(", ".join(f"{n} {what}" for what, n in counts.items()))
+    ctx.exit(ExitCode.ERROR if counts["failed"] else ExitCode.OK)

@@ -1,0 +1,197 @@
+"""pytest fixtures for plugin authors: a tiny real task, a local device, a registry with your plugin.
+
+Installed as a pytest plugin (entry point `pytest11`), so in a plugin's own tests:
+
+    def test_my_technique(plugin_registry, technique_context, tiny_onnx, local_device):
+        registry = plugin_registry(my_package)           # built-ins + your plugin
+        technique = registry.technique("my-technique")
+        params = technique.check_params({"clusters": 16})
+        out = technique.apply(tiny_onnx(), params, technique_context)
+        assert local_device(out.SerializeToString())["latency_ms"]["p50"] > 0
+
+The tiny task is real: scikit-learn's 8x8 digits (shipped with scikit-learn) and a
+residual CNN that trains to about 90% in a few seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from orchestrator.api import Dataset, Task, TechniqueContext
+
+
+class TinyDigitsTask(Task):
+    """Native 8x8 digits and a small CNN with a residual block; knobs: width (int), blocks (int)."""
+
+    name = "tiny-digits"
+    version = "1"
+    description = "8x8 digits, tiny residual CNN (for plugin tests)"
+    input_name = "input"
+    input_shape = (1, 8, 8)
+    default_arch = {"width": 8, "blocks": 1}
+    train_epochs = 5
+
+    def build(self, arch: dict[str, Any] | None = None) -> Any:
+        """A tiny residual CNN; `width` channels, `blocks` residual blocks."""
+        import torch.nn as nn
+
+        a = {**self.default_arch, **(arch or {})}
+        width, blocks = int(a["width"]), int(a["blocks"])
+
+        class Block(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+                self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+                self.relu = nn.ReLU()
+
+            def forward(self, x):  # noqa: D102
+                return self.relu(x + self.conv2(self.relu(self.conv1(x))))
+
+        return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), *[Block() for _ in range(blocks)],
+                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(width * 4, 10))
+
+    def scaled_arch(self, width_mult: float = 1.0, depth: int | None = None) -> dict[str, Any]:
+        """`width` scaled by `width_mult`; `depth` residual blocks."""
+        return {"width": max(2, round(self.default_arch["width"] * width_mult)),
+                "blocks": self.default_arch["blocks"] if depth is None else depth}
+
+    def load_data(self, seed: int) -> dict[str, Dataset]:
+        """Train / calibration / eval splits of the 8x8 digits (eval 20%, fixed by seed)."""
+        import numpy as np
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        x = ((digits.images.astype(np.float32) / 16.0 - 0.3) / 0.4)[:, None]
+        y = digits.target.astype(np.int64)
+        xt, xe, yt, ye = train_test_split(x, y, test_size=0.2, stratify=y, random_state=seed)
+        return {"train": Dataset(xt, yt), "calibration": Dataset(xt[:64], yt[:64]), "eval": Dataset(xe, ye)}
+
+    def train(self, model: Any, data: Dataset, epochs: int, seed: int,
+              teacher: Any = None, temperature: float = 4.0, alpha: float = 0.5) -> Any:
+        """Adam, batch 64; distils from `teacher` when given."""
+        import torch
+        import torch.nn.functional as F
+
+        gen = torch.Generator().manual_seed(seed)
+        x, y = torch.from_numpy(data.inputs), torch.from_numpy(data.labels)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(y), generator=gen)
+            for i in range(0, len(y), 64):
+                idx = order[i : i + 64]
+                logits = model(x[idx])
+                loss = F.cross_entropy(logits, y[idx])
+                if teacher is not None:
+                    with torch.no_grad():
+                        soft = F.softmax(teacher(x[idx]) / temperature, dim=1)
+                    kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean")
+                    loss = alpha * kd * temperature**2 + (1 - alpha) * loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_task() -> TinyDigitsTask:
+    """The tiny real task."""
+    return TinyDigitsTask()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_task: TinyDigitsTask) -> dict[str, Dataset]:
+    """Its data splits (seed 0)."""
+    return tiny_task.load_data(0)
+
+
+@pytest.fixture(scope="session")
+def _trained_tiny_model(tiny_task: TinyDigitsTask, tiny_data: dict[str, Dataset]) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return tiny_task.train(tiny_task.build(), tiny_data["train"], epochs=tiny_task.train_epochs, seed=0)
+
+
+@pytest.fixture
+def tiny_model(_trained_tiny_model: Any) -> Any:
+    """A trained tiny model (a fresh copy per test, so a technique may change it)."""
+    return copy.deepcopy(_trained_tiny_model)
+
+
+@pytest.fixture
+def tiny_onnx(tiny_task: TinyDigitsTask, _trained_tiny_model: Any) -> Callable[[], Any]:
+    """Call it for the trained tiny model as an onnx.ModelProto (input `input`, output `logits`)."""
+    import onnx
+
+    from orchestrator.pipeline import export_onnx
+
+    return lambda: onnx.load_from_string(export_onnx(tiny_task, copy.deepcopy(_trained_tiny_model)))
+
+
+@pytest.fixture
+def technique_context(tiny_task: TinyDigitsTask, tiny_data: dict[str, Dataset], _trained_tiny_model: Any,
+                      tmp_path: Path) -> TechniqueContext:
+    """The `ctx` a technique receives, for the tiny task (the x86-host profile, seed 0)."""
+    from orchestrator.profile import Profile
+
+    profile = Profile.model_validate({
+        "name": "plugin-test", "hardware": {"arch": "x86_64", "cpu": "test", "cores": 1, "memory_mb": 1024},
+        "objective": {"metric": "latency_p50"},
+        "power": {"idle_watts": 1.0, "active_watts": 2.0, "source": "test fixture, not a real board"},
+    })
+    return TechniqueContext(task=tiny_task, data=tiny_data, teacher=copy.deepcopy(_trained_tiny_model),
+                            profile=profile, scratch_dir=tmp_path, seed=0)
+
+
+@pytest.fixture
+def evaluate(tiny_task: TinyDigitsTask, tiny_data: dict[str, Dataset]) -> Callable[[Any], float]:
+    """Call it with ONNX bytes or a ModelProto: held-out accuracy with onnxruntime."""
+    from orchestrator.pipeline import evaluate_onnx
+
+    def _evaluate(model: Any) -> float:
+        data = model if isinstance(model, bytes) else model.SerializeToString()
+        return evaluate_onnx(tiny_task, data, tiny_data["eval"])
+
+    return _evaluate
+
+
+@pytest.fixture
+def local_device() -> Callable[[bytes], dict[str, Any]]:
+    """Call it with ONNX bytes: the real agent measures them on this machine (quick protocol)."""
+    from orchestrator.devices import LocalTransport, local_device as _local
+    from orchestrator.profile import Profile
+
+    profile = Profile.model_validate({
+        "name": "plugin-test", "hardware": {"arch": "x86_64", "cpu": "test", "cores": 1, "memory_mb": 1024},
+        "objective": {"metric": "latency_p50"}, "measurement": {"warmup_runs": 3, "runs": 30, "time_budget_s": 2},
+        "power": {"idle_watts": 1.0, "active_watts": 2.0, "source": "test fixture, not a real board"},
+    })
+    transport = LocalTransport(_local())
+    return lambda model_bytes: transport.bench(model_bytes, profile)
+
+
+@pytest.fixture
+def plugin_registry() -> Callable[..., Any]:
+    """Call it with your plugin module(s): a registry with the installed plugins plus yours."""
+    from orchestrator.plugins import get_plugin_manager
+
+    def _registry(*plugins: Any) -> Any:
+        registry = get_plugin_manager()
+        for plugin in plugins:
+            if registry.pm.is_registered(plugin):  # already installed through its entry point
+                name = registry.pm.get_name(plugin)
+            else:
+                name = getattr(plugin, "__name__", type(plugin).__name__)
+                registry.add_plugin(plugin, name)
+            if registry.plugins[name].error:
+                raise AssertionError(f"plugin {name} is broken: {registry.plugins[name].error}")
+        return registry
+
+    return _registry

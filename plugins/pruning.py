@@ -1,0 +1,185 @@
+"""Built-in pruning techniques (stage `training`).
+
+`prune-structured` removes whole channels with torch-pruning's dependency graph: every
+layer coupled to a pruned channel (the batch norm after a convolution, the next
+convolution's inputs, both sides of a residual addition) loses the same channel, so
+the model stays consistent and is really smaller. The classifier's outputs are kept.
+
+`prune-magnitude` zeroes the smallest weights (unstructured). The tensors keep their
+shapes, so onnxruntime on a CPU runs it exactly as fast as the dense model; what it
+gives is a model that compresses (see `compressed_size_bytes` in a candidate's build
+info) and a sparse starting point for runtimes that exploit sparsity.
+
+Both fine-tune afterwards with the task's own training (`ctx.fine_tune`), for a
+budget given in epochs, and that time is reported as `<technique>.fine_tune`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator import Technique, choice, hookimpl
+from plugins._batchnorm import recalibrate_batch_norm
+
+
+def _weight_layer_types() -> tuple[type, ...]:
+    import torch
+
+    return (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+
+
+def _check_bool(params: dict[str, Any], key: str) -> str | None:
+    if not isinstance(params.get(key), bool):
+        return f"{key} must be true or false, got {params.get(key)!r}"
+    return None
+
+
+def output_layer(model: Any, example: Any) -> Any:
+    """The last Conv/Linear the forward pass runs: the classifier, whose outputs must stay."""
+    import torch
+
+    order: list[Any] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
+             for m in model.modules() if isinstance(m, _weight_layer_types())]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not order:
+        raise ValueError("the model has no Conv or Linear layer to prune")
+    return order[-1]
+
+
+class PruneStructured(Technique):
+    """Channel pruning with torch-pruning's DependencyGraph, then fine-tuning."""
+
+    name = "prune-structured"
+    stage = "training"
+    version = "1"
+    description = "structured channel pruning (torch-pruning dependency graph; L1/L2/Taylor), then fine-tuning"
+    search_space = {
+        "ratio": choice([0.25, 0.5, 0.75]),         # share of channels removed in every prunable group
+        "importance": choice(["l1", "l2", "taylor"]),
+        "scope": choice(["layer", "global"]),         # same ratio everywhere, or ranked across the network
+        "epochs": choice([0, 1, 2]),                  # fine-tuning budget
+    }
+    # round_to: channel counts stay multiples of this (vectorised kernels like them);
+    # taylor_samples: training samples whose loss gradient scores channels for `taylor`;
+    # recalibrate_bn: re-estimate batch-norm statistics on the training inputs at the end.
+    defaults = {"round_to": 4, "taylor_samples": 256, "recalibrate_bn": True}
+    # Fine-tuning would regrow the zeros of unstructured pruning: magnitude pruning goes last.
+    cannot_follow = ("prune-magnitude",)
+
+    def invalid(self, params: dict[str, Any]) -> str | None:
+        """round_to and taylor_samples must be positive integers."""
+        for key in ("round_to", "taylor_samples"):
+            value = params.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                return f"{key} must be an integer >= 1, got {value!r}"
+        return _check_bool(params, "recalibrate_bn")
+
+    def apply(self, model: Any, params: dict[str, Any], ctx: Any) -> Any:
+        """Prune a copy of the torch model, fine-tune it, return it (in eval mode)."""
+        import copy
+
+        import torch
+        import torch.nn.functional as F
+        import torch_pruning as tp
+
+        model = copy.deepcopy(model).eval()
+        example = torch.zeros((1, *ctx.task.input_shape), dtype=torch.float32)
+        keep = output_layer(model, example)
+        importance = {
+            "l1": lambda: tp.importance.MagnitudeImportance(p=1),
+            "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+            "taylor": lambda: tp.importance.GroupTaylorImportance(),
+        }[params["importance"]]()
+        pruner = tp.pruner.BasePruner(
+            model, example, importance=importance,
+            pruning_ratio=float(params["ratio"]),
+            global_pruning=params["scope"] == "global",
+            # Global ranking may empty a whole layer; keep at least a tenth of every group.
+            max_pruning_ratio=0.9,
+            ignored_layers=[keep],
+            round_to=params["round_to"],
+        )
+        if params["importance"] == "taylor":
+            train = ctx.data["train"]
+            n = params["taylor_samples"]
+            x, y = torch.from_numpy(train.inputs[:n]), torch.from_numpy(train.labels[:n])
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()  # eval mode: batch-norm statistics stay untouched
+        before = sum(p.numel() for p in model.parameters())
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+        if sum(p.numel() for p in model.parameters()) == before:
+            raise ValueError(f"nothing to prune at ratio {params['ratio']} with channels rounded to "
+                             f"multiples of {params['round_to']}: the layers are too narrow")
+        if params["epochs"]:
+            ctx.fine_tune(model, params["epochs"])
+        if params["recalibrate_bn"]:
+            recalibrate_batch_norm(model, ctx.data["train"].inputs)
+        return model.eval()
+
+
+class PruneMagnitude(Technique):
+    """Unstructured magnitude pruning: the smallest weights become exact zeros, shapes unchanged."""
+
+    name = "prune-magnitude"
+    stage = "training"
+    version = "1"
+    description = ("unstructured magnitude pruning (weights zeroed, shapes kept): smaller compressed, "
+                   "not faster on dense runtimes")
+    search_space = {
+        "sparsity": choice([0.5, 0.7, 0.9]),   # share of Conv/Linear weights set to zero
+        "scope": choice(["layer", "global"]),  # same share in every layer, or smallest across the network
+        "epochs": choice([0, 1]),              # fine-tuning with the zeros held (masks on)
+    }
+    defaults = {"recalibrate_bn": True}  # re-estimate batch-norm statistics on the training inputs at the end
+
+    def invalid(self, params: dict[str, Any]) -> str | None:
+        """recalibrate_bn must be a boolean."""
+        return _check_bool(params, "recalibrate_bn")
+
+    def apply(self, model: Any, params: dict[str, Any], ctx: Any) -> Any:
+        """Zero the smallest weights of a copy (all Conv/Linear but the classifier), fine-tune, make it permanent."""
+        import copy
+
+        import torch
+        from torch.nn.utils import prune
+
+        model = copy.deepcopy(model).eval()
+        example = torch.zeros((1, *ctx.task.input_shape), dtype=torch.float32)
+        keep = output_layer(model, example)
+        targets = [(m, "weight") for m in model.modules() if isinstance(m, _weight_layer_types()) and m is not keep]
+        if not targets:
+            raise ValueError("the model has no Conv or Linear layer to prune besides its classifier")
+        amount = float(params["sparsity"])
+        if params["scope"] == "global":
+            prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
+        else:
+            for module, attr in targets:
+                prune.l1_unstructured(module, attr, amount=amount)
+        if params["epochs"]:
+            ctx.fine_tune(model, params["epochs"])  # the masks hold the zeros while the rest retrains
+        for module, attr in targets:
+            prune.remove(module, attr)
+        if params["recalibrate_bn"]:
+            recalibrate_batch_norm(model, ctx.data["train"].inputs)
+        return model.eval()
+
+
+def sparsity_of(model: Any) -> float:
+    """Share of exact zeros among the Conv/Linear weights of a torch model."""
+    weights = [m.weight for m in model.modules() if isinstance(m, _weight_layer_types())]
+    total = sum(w.numel() for w in weights)
+    return float(sum((w == 0).sum().item() for w in weights) / total) if total else 0.0
+
+
+@hookimpl
+def register_techniques(register):
+    """Register the built-in pruning techniques."""
+    register(PruneStructured())
+    register(PruneMagnitude())

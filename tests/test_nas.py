@@ -1,0 +1,67 @@
+"""Architecture search and the per-device latency predictor, on real models measured by the real agent."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from orchestrator.errors import TechniqueParamsError
+from orchestrator.pipeline import export_onnx
+from orchestrator.predictor import LatencyPredictor, onnx_features, preview_candidate
+
+
+def test_nas_builds_and_trains_the_architecture_it_previews(plugin_registry, technique_context, tiny_model, evaluate):
+    technique = plugin_registry().technique("nas")
+    params = technique.check_params({"width": 0.5, "depth": 2, "kernel": 3, "epochs": 4})
+    preview = technique.architecture(params, technique_context)
+    trained = technique.apply(tiny_model, params, technique_context)
+    shapes = lambda m: [tuple(p.shape) for p in m.parameters()]  # noqa: E731
+    assert shapes(preview) == shapes(trained) != shapes(tiny_model)
+    assert evaluate(export_onnx(technique_context.task, trained)) > 0.5
+
+
+def test_nas_space_and_bad_params(plugin_registry):
+    technique = plugin_registry().technique("nas")
+    assert len(technique.param_grid()) == 3 * 3 * 2 * 2
+    with pytest.raises(TechniqueParamsError, match="width=0.1 is not one of"):
+        technique.check_params({"width": 0.1})
+
+
+def test_features_count_convolution_work(tiny_task):
+    small = onnx_features(export_onnx(tiny_task, tiny_task.build({"width": 4, "blocks": 1})))
+    big = onnx_features(export_onnx(tiny_task, tiny_task.build({"width": 8, "blocks": 2})))
+    # width x2 => ~4x MACs per block; twice the blocks: clearly more work
+    assert big["conv_macs"] > 3 * small["conv_macs"] and big["params"] > small["params"]
+    assert small["int8_conv_macs"] == 0
+
+
+def test_preview_applies_graph_techniques_to_the_untrained_architecture(plugin_registry, tiny_task, tiny_data,
+                                                                          tiny_model, technique_context):
+    registry = plugin_registry()
+    pipeline = [{"technique": "nas", "params": {"width": 0.5, "depth": 1, "kernel": 3, "epochs": 4}},
+                {"technique": "int8-static", "params": {"calibration_samples": 16}}]
+    ctx = {"data": tiny_data, "profile": technique_context.profile, "seed": 0}
+    preview = preview_candidate(registry, tiny_task, tiny_model, pipeline, ctx)
+    feats = onnx_features(onnx.load_from_string(preview))
+    assert feats["int8_conv_macs"] > 0 and feats["conv_macs"] == 0
+    with_training = [{"technique": "prune-structured", "params": {}}] + pipeline
+    assert preview_candidate(registry, tiny_task, tiny_model, with_training, ctx) is None
+
+
+def test_predictor_learns_from_measurements_on_this_machine(tiny_task, local_device):
+    """Fit on real agent measurements of several architectures, predict held-out ones."""
+    archs = [{"width": w, "blocks": b} for w in (4, 8, 16, 24) for b in (1, 2, 3)]
+    measured = []
+    for arch in archs:
+        model = export_onnx(tiny_task, tiny_task.build(arch))
+        measured.append((onnx_features(model), local_device(model)["latency_ms"]["p50"]))
+    predictor = LatencyPredictor()
+    assert predictor.predict(measured[0][0]) is None  # nothing learnt yet
+    for feats, latency in measured[::2]:
+        predictor.add(feats, latency)
+    for feats, latency in measured[1::2]:
+        predictor.checks.append((predictor.predict(feats), latency))
+    quality = predictor.quality()
+    assert quality["predictions"] == 6
+    # On a noisy shared machine we only require the predictor to be useful, not exact:
+    assert quality["median_relative_error"] < 0.5, quality
