@@ -65,10 +65,10 @@ def plugins(as_json: bool) -> None:
 
     from orchestrator.console import out_console
 
-    table = Table("plugin", "package", "version", "techniques", "tasks", "status")
+    table = Table("plugin", "package", "version", "techniques", "tasks", "hooks", "status")
     for p in infos:
         table.add_row(p["name"], p["package"], p["version"], ", ".join(p["techniques"]) or "-",
-                      ", ".join(p["tasks"]) or "-", f"[red]broken: {p['error']}[/red]" if p["error"] else "ok")
+                      ", ".join(p["tasks"]) or "-", ", ".join(p["hooks"]) or "-", f"[red]broken: {p['error']}[/red]" if p["error"] else "ok")
     out_console().print(table)
 
 

@@ -29,6 +29,7 @@ class PluginInfo:
     version: str
     techniques: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
+    hooks: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -68,6 +69,7 @@ class PluginRegistry:
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
+            info.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
         except Exception as exc:
             info.error = f"{type(exc).__name__}: {exc}"
             if self.pm.is_registered(plugin):

@@ -19,6 +19,7 @@ from typing import Any
 from orchestrator.devices import Device, SshTarget
 from orchestrator.errors import DeviceNotFound, DeviceRefused
 from orchestrator.paths import state_dir
+from orchestrator.store import connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -110,10 +111,7 @@ class DeviceRegistry:
             db.executescript(SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.row_factory = sqlite3.Row
-        return db
+        return connect(self.path)
 
     def add(self, device: RegisteredDevice) -> None:
         """Insert a new device; a name already taken is refused."""

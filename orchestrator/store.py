@@ -36,20 +36,25 @@ CREATE TABLE IF NOT EXISTS candidates (
 """
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to one of our SQLite files: WAL (readers never block the writer), rows by name."""
+    db = sqlite3.connect(path, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.row_factory = sqlite3.Row
+    return db
+
+
 class RunStore:
     """Runs and their candidates. Safe to use from one process at a time per write."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
+        with closing(self._connect()) as db, db:
             db.executescript(SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.row_factory = sqlite3.Row
-        return db
+        return connect(self.path)
 
     def start_run(self, run_id: str, profile: str, profile_path: str, task: str, out_dir: str) -> None:
         """Record a new run as `running`."""

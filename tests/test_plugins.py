@@ -94,3 +94,9 @@ def test_register_tasks_adds_a_task_and_refuses_a_duplicate():
     assert registry.task("mine").name == "mine" and registry.plugins["my-tasks"].tasks == ["mine"]
     registry.add_plugin(_plugin(register_tasks=lambda register: register(Mine())), "copycat")
     assert "already registered by plugin 'my-tasks'" in registry.plugins["copycat"].error
+
+
+def test_plugins_list_the_hooks_they_implement():
+    registry = get_plugin_manager()
+    assert registry.plugins["quantization"].hooks == ["register_techniques"]
+    assert registry.plugins["digits"].hooks == ["register_tasks"]
