@@ -56,7 +56,10 @@ def print_comparison(diff: dict[str, Any]) -> None:
         console.print(f"  pick {side.upper()}: " + (f"{pick['id']} {pipeline_label(pick)}" if pick else "none"),
                       highlight=False)
     console.print("  same pick" if diff["same_pick"] else "  the pick changed", highlight=False)
-    table = Table("A", "B", "pipeline", *(f"{m} A→B" for m, _ in METRICS), "feasible A→B")
+    estimated = any(c and (c.get("metrics") or {}).get("energy_source") == "estimated"
+                    for c in diff["best"].values())
+    names = [f"{m} (estimated)" if m == "energy_mj" and estimated else m for m, _ in METRICS]
+    table = Table("A", "B", "pipeline", *(f"{n} A→B" for n in names), "feasible A→B")
     for row in diff["shared"]:
         cells = []
         for metric, digits in METRICS:

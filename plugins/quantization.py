@@ -35,6 +35,17 @@ class _BatchReader:
         raise NotImplementedError
 
 
+def _prepared(model: Any, work: Any, stem: str) -> tuple[Any, Any]:
+    """Save `model` and run onnxruntime's quantization pre-processing; returns (prepared path, output path)."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src, prep, out = work / f"{stem}-fp32.onnx", work / f"{stem}-prep.onnx", work / f"{stem}-int8.onnx"
+    onnx.save(model, str(src))
+    quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
+    return prep, out
+
+
 class Int8Static(Technique):
     """Static int8 quantization in QDQ format, calibrated on task data."""
 
@@ -65,17 +76,13 @@ class Int8Static(Technique):
         """Quantize an onnx.ModelProto and return the quantized ModelProto."""
         import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
 
         method = {
             "minmax": CalibrationMethod.MinMax,
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
         }[params["calibration"]]
-        work = ctx.scratch_dir
-        src, prep, out = work / "fp32.onnx", work / "fp32-prep.onnx", work / "int8.onnx"
-        onnx.save(model, str(src))
-        quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
+        prep, out = _prepared(model, ctx.scratch_dir, "static")
         input_name = model.graph.input[0].name
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
             quantize_static(
@@ -119,15 +126,11 @@ class Int8Dynamic(Technique):
         """Quantize an onnx.ModelProto; refuses a model with nothing of the chosen operators to quantize."""
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.quantization.shape_inference import quant_pre_process
 
         ops = self.OPERATORS[params["operators"]]
         if not any(node.op_type in ops for node in model.graph.node):
             raise ValueError(f"the model has no {'/'.join(ops)} node to quantize")
-        work = ctx.scratch_dir
-        src, prep, out = work / "fp32-dyn.onnx", work / "fp32-dyn-prep.onnx", work / "int8-dyn.onnx"
-        onnx.save(model, str(src))
-        quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
+        prep, out = _prepared(model, ctx.scratch_dir, "dynamic")
         quantize_dynamic(
             str(prep), str(out),
             op_types_to_quantize=ops,
