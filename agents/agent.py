@@ -27,8 +27,14 @@ import sys
 import threading
 import time
 from enum import IntEnum
+from typing import NamedTuple
 
 import numpy as np
+
+from agents.sensors import (  # noqa: F401 - RaplSensor, SensorError: part of this module's API
+    GPU_PROVIDERS, MIN_POWER_SAMPLES, RaplSensor, SampledSensor, SensorError, discover_energy_sensor,
+    energy_sensor_names, estimated_energy, measured_energy, unavailable_energy,
+)
 
 try:
     import onnxruntime as ort
@@ -48,7 +54,7 @@ except ImportError:  # not on Windows
 SCHEMA_VERSION = 1
 MIN_TIMED_RUNS = 5
 NOISY_CV = 0.05
-IDLE_SECONDS = 0.5
+STABLE_WINDOW = 10  # warm-up is stable when the CV of this many last runs is <= --stable-cv
 SYSFS_ROOT_ENV = "EDGE_AGENT_SYSFS_ROOT"
 
 ELEMENT_TYPES = {
@@ -244,145 +250,7 @@ def vcgencmd_throttled() -> str | None:
     return value.strip() if sep else None
 
 
-def _ina3221_readable() -> bool:
-    patterns = [
-        "/sys/bus/i2c/drivers/ina3221*/*/hwmon/hwmon*/in*_input",
-        "/sys/bus/i2c/drivers/ina3221*/*/iio:device*/in_power*_input",  # older Jetson kernels
-    ]
-    for pattern in patterns:
-        if any(read_text_file(p) is not None for p in glob.glob(sys_path(pattern))):
-            return True
-    return any("ina3221" in (read_text_file(p) or "") for p in glob.glob(sys_path("/sys/class/hwmon/*/name")))
-
-
-def energy_sensor_names() -> list[str]:
-    """Names of the energy sensors this device can read ("rapl", "ina3221")."""
-    names = []
-    if any(read_int_file(p) is not None for p in glob.glob(sys_path("/sys/class/powercap/*/energy_uj"))):
-        names.append("rapl")
-    if _ina3221_readable():
-        names.append("ina3221")
-    return names
-
-
-# ---------------------------------------------------------------------------------- energy sensors
-
-
-class SensorError(Exception):
-    """A sensor that was readable failed during a measurement."""
-
-
-class EnergySensor:
-    """A measured energy source. Subclasses implement start() and stop() -> (joules, seconds).
-
-    Counter sensors (RAPL) read a cumulative counter in start/stop; sampled sensors (INA3221, PMIC,
-    NVML) can start a background sampling thread in start() and integrate power in stop().
-    """
-
-    source = "measured"
-    description = "energy sensor"
-
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def stop(self) -> tuple[float, float]:
-        raise NotImplementedError
-
-    def idle_watts(self, seconds: float = IDLE_SECONDS) -> float:
-        """Average power over `seconds` of doing nothing."""
-        self.start()
-        time.sleep(seconds)
-        joules, elapsed = self.stop()
-        return joules / elapsed if elapsed > 0 else 0.0
-
-
-class RaplSensor(EnergySensor):
-    """Intel/AMD RAPL package energy counter (powercap energy_uj, wraps at max_energy_range_uj)."""
-
-    source = "measured:rapl"
-    description = "RAPL package energy counter"
-    DOMAIN = "/sys/class/powercap/intel-rapl:0"
-
-    def __init__(self, domain_dir: str):
-        self.energy_path = os.path.join(domain_dir, "energy_uj")
-        self.range_path = os.path.join(domain_dir, "max_energy_range_uj")
-        self._start = None
-
-    @classmethod
-    def discover(cls) -> RaplSensor | None:
-        """The package-0 RAPL sensor under the sysfs root, if its counter is readable."""
-        sensor = cls(sys_path(cls.DOMAIN))
-        return sensor if read_int_file(sensor.energy_path) is not None else None
-
-    def read_uj(self) -> int:
-        value = read_int_file(self.energy_path)
-        if value is None:
-            raise SensorError("cannot read " + self.energy_path)
-        return value
-
-    def delta_uj(self, before: int, after: int) -> int:
-        """Energy between two counter readings, allowing for one wrap-around."""
-        if after >= before:
-            return after - before
-        max_range = read_int_file(self.range_path)
-        if not max_range:
-            raise SensorError("RAPL counter wrapped and %s is unreadable" % self.range_path)
-        return after + max_range - before
-
-    def start(self) -> None:
-        self._start = (self.read_uj(), time.perf_counter_ns())
-
-    def stop(self) -> tuple[float, float]:
-        after, t1 = self.read_uj(), time.perf_counter_ns()
-        before, t0 = self._start
-        return self.delta_uj(before, after) / 1e6, (t1 - t0) / 1e9
-
-
-SENSOR_CLASSES = (RaplSensor,)  # tried in order; the first one found measures
-
-
-def discover_energy_sensor() -> EnergySensor | None:
-    """The first readable measured energy sensor, or None."""
-    for cls in SENSOR_CLASSES:
-        sensor = cls.discover()
-        if sensor is not None:
-            return sensor
-    return None
-
-
-def measured_energy(sensor: EnergySensor, joules: float, seconds: float, idle_w: float, runs: int) -> dict:
-    """Per-inference energy from a measured window: (energy - idle power x time) / runs."""
-    dynamic_j = max(joules - idle_w * seconds, 0.0)
-    return {
-        "energy_mj": dynamic_j / runs * 1000.0,
-        "source": sensor.source,
-        "method": "%s over %d timed runs minus idle power measured for %.1f s before them, per inference"
-        % (sensor.description, runs, IDLE_SECONDS),
-        "idle_watts": idle_w,
-        "power_watts": joules / seconds if seconds > 0 else None,
-    }
-
-
-def estimated_energy(idle_w: float, active_w: float, power_cores: int, threads: int, mean_ms: float) -> dict:
-    """Per-inference energy from a power model: (active - idle) x min(threads, cores)/cores x latency."""
-    busy = min(threads, power_cores)
-    dynamic_w = (active_w - idle_w) * busy / power_cores
-    return {
-        "energy_mj": dynamic_w * mean_ms,  # W x ms = mJ
-        "source": "estimated",
-        "method": "power model: (active %.3g W - idle %.3g W) x %d/%d busy cores x mean latency"
-        % (active_w, idle_w, busy, power_cores),
-        "idle_watts": idle_w,
-        "power_watts": idle_w + dynamic_w,
-    }
-
-
-def unavailable_energy() -> dict:
-    return {
-        "energy_mj": None, "source": "unavailable",
-        "method": "no readable energy sensor and no power model (--power-idle-w/--power-active-w)",
-        "idle_watts": None, "power_watts": None,
-    }
+# Energy sensors (RAPL, Jetson INA3221, Raspberry Pi 5 PMIC, NVML) and the energy result: agents/sensors.py.
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -489,18 +357,74 @@ def _create_session(path: str, args: argparse.Namespace, providers: list[str]):
         raise AgentError("cannot load model %s: %s" % (path, one_line(exc)), ExitCode.MODEL_INVALID)
 
 
-def _measure(run, args: argparse.Namespace, warnings: list[str]):
-    """Warm-up, then timed runs (GC off) bracketed by the energy sensor if there is one.
+class WarmUp(NamedTuple):
+    """How warm-up went: its latencies (ms), why it ended, and whether its last runs were stable."""
 
-    Returns (warmup_samples, samples, energy_dict_or_None); None means no measured energy.
+    samples: list
+    ended: str  # "count" (the fixed count), "stable", "max-runs" or "time-budget"
+    stable: bool | None  # CV of the last `window` runs <= the threshold; None with fewer runs than that
+    cv: float | None  # that CV
+
+
+def latency_cv(samples_ms: list[float]) -> float:
+    """Coefficient of variation (sample std / mean) of latencies."""
+    arr = np.asarray(samples_ms, dtype=np.float64)
+    mean = float(arr.mean())
+    return float(arr.std(ddof=1)) / mean if arr.size > 1 and mean > 0 else 0.0
+
+
+def warm_up(run, runs: int, budget_s: float, until_stable: bool = False, max_runs: int = 0,
+            window: int = STABLE_WINDOW, max_cv: float = NOISY_CV, clock=time.perf_counter_ns) -> WarmUp:
+    """Warm-up runs of `run()`: `runs` of them, or with `until_stable` at least `runs` and then on
+    until the CV of the last `window` latencies is at most `max_cv`, `max_runs` runs were made, or
+    `budget_s` seconds passed (after at least one run). `clock` (ns) is a parameter for the tests.
     """
-    warmup = _timed_loop(run, args.warmup, args.time_budget, min(args.warmup, 1))
-    if len(warmup) < args.warmup:
-        warnings.append("warm-up stopped after %d runs by --time-budget" % len(warmup))
-    sensor, idle_w = discover_energy_sensor(), None
+    limit = max(runs, max_runs) if until_stable else runs
+    samples = []
+
+    def window_cv():
+        return latency_cv(samples[-window:]) if len(samples) >= window else None
+
+    deadline = clock() + int(budget_s * 1e9)
+    while True:
+        if until_stable and len(samples) >= runs:
+            cv = window_cv()
+            if cv is not None and cv <= max_cv:
+                ended = "stable"
+                break
+        if len(samples) >= limit:
+            ended = "max-runs" if until_stable else "count"
+            break
+        if len(samples) >= min(runs, 1) and clock() >= deadline:
+            ended = "time-budget"
+            break
+        t0 = clock()
+        run()
+        samples.append((clock() - t0) / 1e6)
+    cv = window_cv()
+    return WarmUp(samples, ended, None if cv is None else cv <= max_cv, cv)
+
+
+def _measure(run, args: argparse.Namespace, warnings: list[str], gpu: bool = False):
+    """Warm-up, idle power, then timed runs (GC off) bracketed by the energy sensor if there is one.
+
+    `gpu`: the model runs on an NVIDIA GPU, so NVML's GPU energy counts too.
+    Returns (WarmUp, samples, energy_dict_or_None); None means no measured energy.
+    """
+    until_stable = getattr(args, "warmup_until_stable", False)
+    window = getattr(args, "stable_window", STABLE_WINDOW)
+    warmup = warm_up(run, args.warmup, args.time_budget, until_stable, getattr(args, "warmup_max", 0),
+                     window, getattr(args, "stable_cv", NOISY_CV))
+    if warmup.ended == "time-budget" and not until_stable:
+        warnings.append("warm-up stopped after %d runs by --time-budget" % len(warmup.samples))
+    elif until_stable and warmup.ended != "stable":
+        warnings.append("warm-up did not become stable: stopped by %s after %d runs, CV of the last %d runs %s"
+                        % ("--warmup-max" if warmup.ended == "max-runs" else "--time-budget", len(warmup.samples),
+                           window, "n/a" if warmup.cv is None else "%.3f" % warmup.cv))
+    sensor, idle_w = discover_energy_sensor(gpu=gpu), None
     if sensor is not None:
         try:
-            idle_w = sensor.idle_watts()
+            idle_w = sensor.idle_watts()  # right before the timed runs: same temperature, same clocks
             sensor.start()
         except SensorError as exc:
             warnings.append("energy sensor failed: %s" % one_line(exc))
@@ -509,6 +433,10 @@ def _measure(run, args: argparse.Namespace, warnings: list[str]):
     gc.disable()
     try:
         samples = _timed_loop(run, args.runs, args.time_budget, min(args.runs, MIN_TIMED_RUNS))
+    except BaseException:
+        if sensor is not None:
+            sensor.abort()  # stops a sampling thread
+        raise
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -519,6 +447,10 @@ def _measure(run, args: argparse.Namespace, warnings: list[str]):
             energy = measured_energy(sensor, joules, seconds, idle_w, len(samples))
         except SensorError as exc:
             warnings.append("energy sensor failed: %s" % one_line(exc))
+        if energy is not None and isinstance(sensor, SampledSensor) and sensor.samples < MIN_POWER_SAMPLES:
+            warnings.append("energy integrated from only %d power samples (%s reads every %.2f s): "
+                            "more --runs or a longer --time-budget measure it better"
+                            % (sensor.samples, sensor.name, sensor.interval_s))
     return warmup, samples, energy
 
 
@@ -637,7 +569,10 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         session = _create_session(path, args, _choose_providers(requested, warnings))
         feeds = make_inputs(session, args.batch, args.seed, warnings)
         try:
-            warmup, samples, energy = _measure(lambda: session.run(None, feeds), args, warnings)
+            started_at = time.time()  # wall clock: the host compares windows across devices and processes
+            warmup, samples, energy = _measure(lambda: session.run(None, feeds), args, warnings,
+                                               gpu=session.get_providers()[0] in GPU_PROVIDERS)
+            finished_at = time.time()
         except Exception as exc:  # noqa: BLE001
             raise AgentError("inference failed for model %s: %s" % (path, one_line(exc)))
     finally:
@@ -662,8 +597,12 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in feeds.items()],
         "batch": args.batch,
         "latency_ms": stats,
+        "started_at": started_at,
+        "finished_at": finished_at,
         "runs": len(samples),
-        "warmup_runs": len(warmup),
+        "warmup_runs": len(warmup.samples),
+        "warmup_ended": warmup.ended,
+        "warmup_stable": warmup.stable,
         "noisy": stats["cv"] > NOISY_CV,
         "peak_memory_mb": peak,
         "model_memory_mb": max(peak - rss_before, 0.0) if peak is not None and rss_before is not None else None,
@@ -707,9 +646,11 @@ def _bounded(kind, low, strict=False):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The agent's command line: `info`, `bench`, `run` and `sha256`."""
+    """The agent's command line: `info`, `bench`, `run`, `sha256`, and the rollout's commands (agents/deploy.py)."""
+    from agents.deploy import COMMANDS_HELP, add_parsers as add_deploy_parsers
+
     parser = _Parser(prog="python -m agents", description="Edge measurement agent (prints one JSON object).")
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench,run,sha256}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench,run,sha256,%s}" % COMMANDS_HELP)
     sub.required = True
     sub.add_parser("info", help="describe this device")
     h = sub.add_parser("sha256", help="SHA-256 and size of a file (checks an upload)")
@@ -723,10 +664,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated execution providers")
     b = sub.add_parser("bench", help="benchmark one ONNX model")
     b.add_argument("--model", required=True, help="path to the .onnx file")
-    b.add_argument("--warmup", type=_bounded(int, 0), default=20, help="warm-up runs (default 20)")
+    b.add_argument("--warmup", type=_bounded(int, 0), default=20,
+                   help="warm-up runs; with --warmup-until-stable the least of them (default 20)")
+    b.add_argument("--warmup-until-stable", action="store_true",
+                   help="go on warming up until the CV of the last --stable-window runs is <= --stable-cv, "
+                        "--warmup-max runs or --time-budget seconds")
+    b.add_argument("--warmup-max", type=_bounded(int, 0), default=1000,
+                   help="most warm-up runs with --warmup-until-stable (default 1000)")
+    b.add_argument("--stable-window", type=_bounded(int, 2), default=STABLE_WINDOW,
+                   help="last warm-up runs whose CV judges stability (default %d)" % STABLE_WINDOW)
+    b.add_argument("--stable-cv", type=_bounded(float, 0, strict=True), default=NOISY_CV,
+                   help="stable when that CV is at most this (default %g)" % NOISY_CV)
     b.add_argument("--runs", type=_bounded(int, 1), default=200, help="timed runs (default 200)")
     b.add_argument("--time-budget", type=_bounded(float, 0, strict=True), default=10.0,
-                   help="stop timed runs after this many seconds, after at least 5 runs (default 10)")
+                   help="stop warm-up, and then timed runs, after this many seconds each, "
+                        "after at least 1 and 5 runs (default 10)")
     b.add_argument("--threads", type=_bounded(int, 0), default=1, help="intra-op threads, 0 = all (default 1)")
     b.add_argument("--inter-op-threads", type=_bounded(int, 0), default=1, help="inter-op threads (default 1)")
     b.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated execution providers")
@@ -740,10 +692,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     b.add_argument("--exit-on-stdin-eof", action="store_true",
                    help="stop at once when stdin closes (the host's SSH connection is gone)")
+    add_deploy_parsers(sub)
     return parser
 
 
-COMMANDS = {"info": cmd_info, "bench": cmd_bench, "run": cmd_run, "sha256": cmd_sha256}
+def _deploy_command(name: str):
+    """A rollout command of agents/deploy.py, imported when run (agents/deploy.py imports this module)."""
+    def run(args: argparse.Namespace) -> dict:
+        from agents.deploy import COMMANDS as DEPLOY_COMMANDS
+
+        return DEPLOY_COMMANDS[name](args)
+    return run
+
+
+COMMANDS = {"info": cmd_info, "bench": cmd_bench, "run": cmd_run, "sha256": cmd_sha256,
+            **{name: _deploy_command(name) for name in ("install", "health", "rollback", "status", "watch")}}
 
 
 def _emit(obj: dict) -> None:

@@ -21,16 +21,20 @@ _SHOW_TRACEBACK = False
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="Folder for OUT/<run-id>/ (best.onnx, results.json, report.html).")
 @click.option("--ray-address", help="Join an existing Ray cluster instead of starting a local one.")
+@click.option("--fresh", is_flag=True, help="Use no cached stage, accuracy or measurement: build and measure anew.")
+@click.option("--resume", "resume_id", metavar="RUN_ID",
+              help="Go on with a run that stopped (Ctrl-C, crash, kill -9) without repeating its finished trials.")
 @click.option("--traceback", "show_traceback", is_flag=True, help="Show the full stack on errors.")
 @click.option("-v", "--verbose", is_flag=True, help="More log lines.")
 @click.version_option(package_name="edge-orchestrator")
 @click.pass_context
 def cli(ctx: click.Context, profile_path: Path | None, task: str, trials: int | None, out_dir: Path,
-        ray_address: str | None, show_traceback: bool, verbose: bool) -> None:
+        ray_address: str | None, fresh: bool, resume_id: str | None, show_traceback: bool, verbose: bool) -> None:
     """Find, measure and pick the best compressed model for a device profile.
 
     \b
     orchestrate --profile device_profiles/x86-host.yaml
+    orchestrate --resume RUN_ID
     orchestrate plugins | runs list | runs show RUN_ID
     """
     global _SHOW_TRACEBACK
@@ -40,12 +44,17 @@ def cli(ctx: click.Context, profile_path: Path | None, task: str, trials: int | 
         if profile_path is not None:
             raise click.UsageError(f"--profile cannot be used with the {ctx.invoked_subcommand!r} command")
         return
+    from orchestrator.console import run_with_progress
+
+    if resume_id is not None:
+        if profile_path is not None or trials is not None:
+            raise click.UsageError("--resume goes on with the run's own profile and budget: "
+                                   "drop --profile/--trials")
+        ctx.exit(run_with_progress(None, task, None, out_dir, ray_address, fresh=fresh, resume_id=resume_id))
     if profile_path is None:
         click.echo(ctx.get_help())
         ctx.exit(ExitCode.USAGE)
-    from orchestrator.console import run_with_progress
-
-    ctx.exit(run_with_progress(profile_path, task, trials, out_dir, ray_address))
+    ctx.exit(run_with_progress(profile_path, task, trials, out_dir, ray_address, fresh=fresh))
 
 
 @cli.command()
@@ -149,6 +158,11 @@ def runs_compare(run_a: str, run_b: str, as_json: bool) -> None:
 from orchestrator.cli_devices import devices  # noqa: E402  (the `devices` command group)
 
 cli.add_command(devices)
+
+from orchestrator.cli_deploy import deploy, rollback  # noqa: E402  (`deploy` and `rollback`: the rollout)
+
+cli.add_command(deploy)
+cli.add_command(rollback)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""`orchestrate devices ...`: register, list, show, probe, remove and import devices (docs/devices.md)."""
+"""`orchestrate devices ...`: register, emulate, list, show, probe, remove and import devices (docs/devices.md)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _summary(info: dict[str, Any]) -> str:
 
 @click.group()
 def devices() -> None:
-    """Devices in the registry: register, list, show, probe, remove, import."""
+    """Devices in the registry: register, emulate, list, show, probe, remove, import."""
 
 
 @devices.command("register")
@@ -102,16 +102,47 @@ def register(name: str, host: str, port: int, user: str, key_path: str | None, p
     click.echo(f"  {_summary(device.info)}")
 
 
+@devices.command("emulate")
+@click.argument("profile_path", metavar="PROFILE", type=click.Path(path_type=Path))
+@click.option("--mode", type=click.Choice(["user", "system"]), default="user", show_default=True,
+              help="QEMU user mode (the agent under qemu-aarch64-static), or the full-system VM (not built yet).")
+@click.option("--name", callback=lambda ctx, param, value: value and _valid_name(ctx, param, value),
+              help="Device name (default: emulated-<profile name>).")
+@click.option("--tag", "tags", multiple=True, help="A tag (repeatable).")
+@click.option("--sysroot", type=click.Path(file_okay=False, path_type=Path),
+              help="The arm64 sysroot to use or build (default: the shared cached one).")
+def emulate(profile_path: Path, mode: str, name: str | None, tags: tuple[str, ...], sysroot: Path | None) -> None:
+    """Build (cached) and register the QEMU-emulated device of a profile's `emulation` section.
+
+    \b
+    orchestrate devices emulate device_profiles/rpi4.yaml        # registers emulated-rpi4
+    """
+    from orchestrator.fleet import emulate_device
+
+    device, notes = emulate_device(profile_path, name, mode, sysroot, list(tags),
+                                   log=lambda m: click.echo(m, err=True))
+    extra = device.extra
+    click.echo(f"registered {device.name}: profile {device.profile}, emulated (QEMU {extra['mode']} mode, "
+               f"-cpu {device.info.get('qemu_cpu') or extra['qemu_cpu']})")
+    click.echo(f"  {_summary(device.info)}")
+    for note in notes:
+        click.echo(f"  note: {note}")
+    click.echo("  runs check each candidate under the emulator (aarch64 onnxruntime, outputs against this host's) "
+               "and take its latency from this host x the profile's emulation.latency_scale (docs/emulation.md)")
+
+
 @devices.command("list")
 @click.option("--profile", "profile_name", help="Only the devices of this profile (by name).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_devices(profile_name: str | None, as_json: bool) -> None:
-    """The registered devices: name, profile, host, arch, status, last seen, deployed model."""
+    """The registered devices: name, profile, host, arch, status, last seen, deployed model, health, tags."""
+    from orchestrator.cli_deploy import deployment_columns, deployment_json
     from orchestrator.registry import DeviceRegistry
 
     rows = DeviceRegistry().list(profile_name)
     if as_json:
-        click.echo(json.dumps([d.as_dict() for d in rows], indent=2))
+        deployed = deployment_json(rows)
+        click.echo(json.dumps([{**d.as_dict(), "deployment": deployed[d.name]} for d in rows], indent=2))
         return
     if not rows:
         click.echo("no devices registered (orchestrate devices register --help)")
@@ -120,11 +151,13 @@ def list_devices(profile_name: str | None, as_json: bool) -> None:
 
     from orchestrator.console import out_console
 
-    table = Table("name", "profile", "host", "arch", "status", "last seen", "deployed model", "tags")
+    table = Table("name", "profile", "host", "arch", "status", "last seen", "deployed model", "health", "tags")
+    deployed = deployment_columns(rows)  # the rollout's columns (orchestrator/cli_deploy.py)
     for d in rows:
         status = {"online": "[green]online[/green]", "offline": "[red]offline[/red]"}.get(d.status, f"[red]{d.status}[/red]")
-        table.add_row(d.name, d.profile, f"{d.user}@{d.host}:{d.port}", d.arch or "-", status, _ago(d.last_seen),
-                      d.deployed_model[:12] if d.deployed_model else "-", ", ".join(d.tags) or "-")
+        table.add_row(d.name, d.profile, d.address, f"{d.arch or '-'}{' (emulated)' if d.emulated else ''}",
+                      status, _ago(d.last_seen),
+                      *deployed[d.name], ", ".join(d.tags) or "-")
     out_console().print(table)
 
 
@@ -139,13 +172,21 @@ def show(name: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(d.as_dict(), indent=2))
         return
-    lines = [
-        ("profile", f"{d.profile} ({d.profile_path})"),
+    reach = [
         ("address", f"{d.user}@{d.host}:{d.port}"),
         ("key", d.key_path or "ssh-agent / ~/.ssh keys"),
         ("host key", f"{d.host_key.split()[0]} {d.host_key_fingerprint} (pinned)"),
         ("python", d.python),
         ("remote dir", d.remote_dir),
+    ] if not d.emulated else [
+        ("emulated", f"QEMU {d.extra.get('mode', 'user')} mode, -cpu {d.extra.get('qemu_cpu')}, "
+                     f"{d.extra.get('cores')} cores, {d.extra.get('memory_mb')} MB"),
+        ("sysroot", d.extra.get("sysroot", "-")),
+        ("device view", d.extra.get("view", "-")),
+    ]
+    lines = [
+        ("profile", f"{d.profile} ({d.profile_path})"),
+        *reach,
         ("tags", ", ".join(d.tags) or "-"),
         ("status", d.status + (f": {d.status_reason}" if d.status_reason else "")),
         ("last seen", _ago(d.last_seen)),
@@ -153,6 +194,10 @@ def show(name: str, as_json: bool) -> None:
         ("deployed model", d.deployed_model or "-"),
         ("device", _summary(d.info) if d.info else "-"),
     ]
+    from orchestrator.cli_deploy import deployment_lines
+
+    at = next((i + 1 for i, (key, _) in enumerate(lines) if key == "deployed model"), len(lines))
+    lines[at:at] = deployment_lines(d)  # the rollout's lines (orchestrator/cli_deploy.py)
     click.echo(d.name)
     for key, value in lines:
         click.echo(f"  {key + ':':<16}{value}")
@@ -188,13 +233,10 @@ def probe(ctx: click.Context, names: tuple[str, ...]) -> None:
 @devices.command("remove")
 @click.argument("name")
 def remove(name: str) -> None:
-    """Forget a device (the agent's folder on the device is left as it is)."""
-    from orchestrator.registry import DeviceRegistry
+    """Forget a device (the agent's folder on a real device is left as it is; an emulated one's view goes)."""
+    from orchestrator.fleet import remove_device
 
-    registry = DeviceRegistry()
-    device = registry.get(name)
-    registry.remove(name)
-    click.echo(f"removed {name} (its files under {device.remote_dir} on {device.host} are left in place)")
+    click.echo(remove_device(name))
 
 
 @devices.command("import")

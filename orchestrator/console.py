@@ -66,7 +66,9 @@ class _Reporter:
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "run_started":
             self.total = data["trials"]
-            self.log(f"run {data['run_id']}: {data['space']} candidates in the space, {self.total} trials; output in {data['out']}")
+            resumed = f", resuming with {data['resumed']} candidates kept" if data.get("resumed") is not None else ""
+            self.log(f"run {data['run_id']}: {data['space']} candidates in the space, {self.total} trials"
+                     f"{resumed}; output in {data['out']}")
         elif kind == "devices":
             self.log(data["note"])
             for skipped in data.get("unreachable", []):
@@ -83,6 +85,14 @@ class _Reporter:
             if data["status"] == "ok":
                 lat = (m.get("latency_ms") or {}).get("p50")
                 text = f"acc {m.get('accuracy', 0):.4f}, p50 {lat:.3f} ms, {m.get('size_bytes', 0) / 1024:.0f} KiB"
+                if (data.get("cached") or {}).get("measurement"):
+                    text += " (measurement from cache)"
+                emu = data.get("measurement") or {}
+                if emu.get("latency_source"):  # an emulated device: what the p50 is, and what emulation said
+                    emulated_p50 = (emu.get("emulated_latency_ms") or {}).get("p50")
+                    text += (f" [EMULATED device: p50 {emu['latency_source']}"
+                             f"{', unverified' if emu.get('latency_constraint') == 'unverified' else ''}; "
+                             f"aarch64 check passed; emulated p50 {emulated_p50 or 0:.1f} ms, information only]")
                 if lat is not None and (not self.best_text or lat < self.best_lat):
                     self.best_lat, self.best_text = lat, f"fastest so far {data['id']} {lat:.3f} ms"
             else:
@@ -107,18 +117,22 @@ class _Reporter:
             self.progress = None
 
 
-def run_with_progress(profile_path: Path, task: str, trials: int | None, out_dir: Path, ray_address: str | None) -> int:
-    """Load the profile and plugins, run, print the front and the pick; returns the exit code."""
+def run_with_progress(profile_path: Path | None, task: str, trials: int | None, out_dir: Path,
+                      ray_address: str | None, fresh: bool = False, resume_id: str | None = None) -> int:
+    """Load the profile and plugins, run (or resume a run), print the front and the pick; returns the exit code."""
     from orchestrator.plugins import get_plugin_manager
     from orchestrator.profile import load_profile
-    from orchestrator.run import RunOptions, execute_run
+    from orchestrator.run import RunOptions, execute_run, resume_run
 
-    loaded = load_profile(profile_path)
     registry = get_plugin_manager()
     reporter = _Reporter()
     try:
-        outcome = execute_run(loaded, registry, RunOptions(task=task, trials=trials, out_dir=out_dir,
-                                                           ray_address=ray_address), reporter)
+        if resume_id is not None:
+            outcome = resume_run(resume_id, registry, reporter, fresh=fresh)
+        else:
+            loaded = load_profile(profile_path)
+            outcome = execute_run(loaded, registry, RunOptions(task=task, trials=trials, out_dir=out_dir,
+                                                               ray_address=ray_address, fresh=fresh), reporter)
     finally:
         reporter.close()
     console = out_console()
@@ -133,9 +147,16 @@ def run_with_progress(profile_path: Path, task: str, trials: int | None, out_dir
             f"picked {best['id']} ({pipeline_label(best)}): accuracy {m['accuracy']:.4f} "
             f"(drop {m['accuracy_drop']:.2f} pts), p50 {m['latency_ms']['p50']:.3f} ms, {m['size_bytes'] / 1024:.0f} KiB"
         )
+    device = results.get("device") or {}
+    if device.get("emulated"):
+        unverified = device.get("latency_constraint") == "unverified"
+        console.print(f"EMULATED device {device.get('name')}: latency {device.get('latency_source', 'emulated')}"
+                      f"{' (unverified: emulation.latency_scale not calibrated)' if unverified else ''}"
+                      "; no real board of the profile measured this run (docs/emulation.md)")
     console.print(f"wrote {outcome.out_dir}/ (results.json, report.html{', best.onnx' if best else ''})")
     if outcome.status == "interrupted":
-        reporter.err.print(f"interrupted: {len(outcome.candidates)} candidates kept in run {outcome.run_id}")
+        reporter.err.print(f"interrupted: {len(outcome.candidates)} candidates kept in run {outcome.run_id}; "
+                           f"go on with: orchestrate --resume {outcome.run_id}")
         return ExitCode.INTERRUPTED
     if outcome.error is not None:
         reporter.err.print(f"error: {outcome.error}", highlight=False)

@@ -91,3 +91,28 @@ class InventoryError(OrchestratorError):
     """An inventory file that cannot be read as an Ansible-style YAML inventory, or a host in it without a profile."""
 
     exit_code = ExitCode.USAGE
+
+
+class RunNotResumable(OrchestratorError):
+    """`--resume` on a run that finished, that another process still runs, or whose profile changed since."""
+
+    exit_code = ExitCode.USAGE
+
+
+class DeployError(OrchestratorError):
+    """A rollout cannot start or go on: the run has no chosen model, its model file is missing or
+    altered, a profile has no registered device, no rollout to resume, conflicting options."""
+
+
+class RolloutFailed(OrchestratorError):
+    """A rollout stopped: a device failed its health check or its install (the failed devices were rolled back)."""
+
+
+class RolloutIncomplete(OrchestratorError):
+    """A rollout left devices that were offline (or lost mid-install) for `orchestrate deploy --resume`."""
+
+    exit_code = ExitCode.NO_DEVICE_REACHABLE
+
+
+class EmulationUnavailable(OrchestratorError):
+    """An emulated device cannot be made: no emulation section, QEMU missing, the sysroot cannot be built."""

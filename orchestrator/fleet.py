@@ -1,9 +1,10 @@
 """The fleet: registering devices (host key pinned, agent installed, fit to the profile checked),
-probing them, and choosing the reachable devices of a profile for a run.
+registering emulated ones (QEMU), probing them, and choosing the reachable devices of a profile for a run.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -11,7 +12,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.devices import CONNECT_TIMEOUT_S, DEFAULT_REMOTE_DIR, Device
-from orchestrator.errors import DeviceRefused, DeviceUnreachable, HostKeyMismatch, MeasurementError
+from orchestrator.errors import (
+    DeviceRefused,
+    DeviceUnreachable,
+    EmulationUnavailable,
+    HostKeyMismatch,
+    MeasurementError,
+)
+from orchestrator.paths import state_dir
 from orchestrator.profile import Profile, load_profile
 from orchestrator.registry import DeviceRegistry, RegisteredDevice
 
@@ -137,13 +145,128 @@ def register_device(reg: Registration, confirm: Callable[[str], bool],
     return device, how
 
 
-def probe_device(name: str, registry: DeviceRegistry | None = None) -> tuple[RegisteredDevice, list[str]]:
-    """Connect to a registered device, refresh its info and status; returns it and what no longer fits its profile."""
+def _agent_transport(device: RegisteredDevice) -> Any:
+    """What runs the agent of a registered device: SSH, or the emulator itself for an emulated device."""
+    if device.emulated:
+        from orchestrator.qemu import QemuUserTransport
+
+        return QemuUserTransport.from_device(device.device())
     from orchestrator.ssh import SshTransport
 
+    return SshTransport(device.device())
+
+
+def _close(transport: Any) -> None:
+    close = getattr(transport, "close", None)  # an emulated device keeps nothing open
+    if close is not None:
+        close()
+
+
+def emulated_fit_profile(profile: Profile) -> tuple[Profile, list[str]]:
+    """The profile an emulated board is checked against, and what emulation leaves out.
+
+    Only CPUExecutionProvider runs under emulation: GPU providers (a Jetson's CUDA, TensorRT)
+    are not asked of the emulated device; the note says so.
+    """
+    providers = profile.runtime.execution_providers
+    if providers == ["CPUExecutionProvider"]:
+        return profile, []
+    fit = profile.model_copy(deep=True)
+    fit.runtime.execution_providers = ["CPUExecutionProvider"]
+    left_out = [p for p in providers if p != "CPUExecutionProvider"]
+    return fit, [f"{', '.join(left_out)} not emulated: only CPUExecutionProvider runs under emulation"]
+
+
+def emulated_view_dir(name: str) -> Path:
+    """The folder a registered emulated device owns (its device view), removed with it."""
+    return state_dir() / "emulated" / "devices" / name
+
+
+def emulate_device(profile_path: str | Path, name: str | None = None, mode: str = "user",
+                   sysroot: str | Path | None = None, tags: list[str] | None = None,
+                   registry: DeviceRegistry | None = None,
+                   log: Callable[[str], None] | None = None) -> tuple[RegisteredDevice, list[str]]:
+    """Build (or reuse) the emulated device of a profile's `emulation` section and register it.
+
+    The arm64 sysroot is shared and cached (orchestrator/qemu_build.py); the device owns only
+    its device view (`emulated_view_dir`). Its agent's `info` under the emulator is checked
+    against the profile like a real board's. Returns the stored device and notes on what
+    emulation leaves out. Raises EmulationUnavailable (no emulation section, no QEMU, a mode not
+    built) or DeviceRefused (name taken, does not fit).
+    """
+    from orchestrator.qemu import QemuUserTransport, emulated_device_for_profile, qemu_binary
+    from orchestrator.qemu_build import SysrootBuildError, build_sysroot
+
+    registry = registry or DeviceRegistry()
+    loaded = load_profile(profile_path)
+    profile = loaded.profile
+    if profile.emulation is None:
+        raise EmulationUnavailable(f"profile {profile.name!r} ({profile_path}) has no emulation section: "
+                                   "nothing says which board to emulate")
+    if mode != "user":
+        raise EmulationUnavailable(f"--mode {mode}: the full-system VM is not built yet (docs/emulation.md, "
+                                   "'Full-system VM'); use --mode user")
+    if qemu_binary() is None:
+        raise EmulationUnavailable("qemu-aarch64-static is not installed (apt-get install qemu-user-static)")
+    name = name or f"emulated-{profile.name}"
+    if any(d.name == name for d in registry.list()):
+        raise DeviceRefused(f"a device named {name!r} is already registered (orchestrate devices remove {name} first)")
+    try:
+        root = build_sysroot(sysroot, log=log)
+    except SysrootBuildError as exc:
+        raise EmulationUnavailable(f"cannot build the arm64 sysroot: {exc}") from None
+    view = emulated_view_dir(name)
+    shutil.rmtree(view, ignore_errors=True)  # a leftover of a device of this name removed by hand
+    device = emulated_device_for_profile(name, profile, root, view)
+    try:
+        info = QemuUserTransport.from_device(device).info()
+        fit, notes = emulated_fit_profile(profile)
+        problems = check_fit(info, fit)
+        if problems:
+            raise DeviceRefused(f"emulated device {name!r} does not fit profile {profile.name!r}: "
+                                f"{'; '.join(problems)}; not registered")
+    except MeasurementError as exc:
+        shutil.rmtree(view, ignore_errors=True)
+        raise EmulationUnavailable(f"emulated device {name!r}: the agent does not run under the emulator: "
+                                   f"{str(exc).removeprefix(f'device {name}: ')}; not registered") from None
+    except DeviceRefused:
+        shutil.rmtree(view, ignore_errors=True)
+        raise
+    stored = RegisteredDevice(
+        name=name, host="", port=0, user="", key_path=None, host_key="", profile=profile.name,
+        profile_path=str(Path(profile_path).resolve()), tags=list(tags or []), python="/usr/bin/python3",
+        remote_dir="", arch=info.get("arch"), info=info, last_seen=time.time(), transport="qemu",
+        extra=dict(device.extra),
+    )
+    registry.add(stored)
+    return stored, notes
+
+
+def remove_device(name: str, registry: DeviceRegistry | None = None) -> str:
+    """Forget a device; an emulated one's own files (its device view) go with it. Returns what was done."""
     registry = registry or DeviceRegistry()
     device = registry.get(name)
-    transport = SshTransport(device.device())
+    registry.remove(name)
+    if not device.emulated:
+        return f"removed {name} (its files under {device.remote_dir} on {device.host} are left in place)"
+    view = Path(device.extra.get("view") or emulated_view_dir(name))
+    # only a folder this code made for the device: under the state folder's emulated/devices/
+    owned = view.resolve().parent == (state_dir() / "emulated" / "devices").resolve()
+    if owned and view.exists():
+        shutil.rmtree(view)
+        return f"removed {name} and its device view {view} (the shared arm64 sysroot stays cached)"
+    return f"removed {name} (nothing of its own on disk; the shared arm64 sysroot stays cached)"
+
+
+def probe_device(name: str, registry: DeviceRegistry | None = None) -> tuple[RegisteredDevice, list[str]]:
+    """Connect to a registered device, refresh its info and status; returns it and what no longer fits its profile."""
+    registry = registry or DeviceRegistry()
+    device = registry.get(name)
+    try:
+        transport = _agent_transport(device)
+    except MeasurementError as exc:  # an emulated device whose emulator or sysroot is gone
+        registry.set_status(name, "offline", str(exc))
+        raise
     try:
         info = transport.info()
     except HostKeyMismatch as exc:
@@ -153,11 +276,12 @@ def probe_device(name: str, registry: DeviceRegistry | None = None) -> tuple[Reg
         registry.set_status(name, "offline", str(exc))
         raise
     finally:
-        transport.close()
+        _close(transport)
     registry.set_status(name, "online", info=info)
     problems = []
     if Path(device.profile_path).is_file():
-        problems = check_fit(info, load_profile(device.profile_path).profile)
+        profile = load_profile(device.profile_path).profile
+        problems = check_fit(info, emulated_fit_profile(profile)[0] if device.emulated else profile)
     return registry.get(name), problems
 
 
@@ -166,13 +290,22 @@ def reachable_devices(profile_name: str, registry: DeviceRegistry) -> tuple[list
 
     Each device gets one connection attempt, all at once, so this takes at most about
     one connect timeout. Raises DeviceUnreachable, naming every device, if none answers.
-    Registered devices' statuses are updated.
+    Registered devices' statuses are updated. An emulated device is ready when its emulator,
+    sysroot and CPU model are there (its agent starts with the first measurement).
     """
     from orchestrator.ssh import SshTransport
 
     registered = registry.list(profile_name)
 
     def check(device: RegisteredDevice) -> str | None:
+        if device.emulated:
+            try:
+                _agent_transport(device)
+            except MeasurementError as exc:
+                registry.set_status(device.name, "offline", str(exc))
+                return str(exc)
+            registry.set_status(device.name, "online")
+            return None
         transport = SshTransport(device.device())
         try:
             transport.ready()

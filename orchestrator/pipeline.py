@@ -64,50 +64,80 @@ def build_candidate(
     base_model: Any,
     pipeline: list[dict[str, Any]],
     ctx_kwargs: dict[str, Any],
+    cache: Any = None,
+    root_key: str | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """Apply the pipeline to a copy of the base model; returns (ONNX bytes, build info).
 
     Build info: `sha256`; `build_seconds`, seconds per step (a technique's entry includes its
-    fine-tuning, which is also shown alone as `<technique>.fine_tune`); and
-    `compressed_size_bytes`, the zlib size of the ONNX bytes: what a model zeroed by
-    unstructured pruning gains on disk and over the network, which the raw size hides.
+    fine-tuning, which is also shown alone as `<technique>.fine_tune`); `compressed_size_bytes`,
+    the zlib size of the ONNX bytes: what a model zeroed by unstructured pruning gains on disk
+    and over the network, which the raw size hides; and `cached_steps`, the steps whose output
+    came from `cache` (an `orchestrator.cache.StageCache`, keyed from `root_key`, the key of the
+    base model) instead of being built now. Their `build_seconds` are those of the build that
+    made them.
     """
     import onnx
+
+    from orchestrator.cache import StageCache
 
     try:
         ordered = order_pipeline([registry.technique(s["technique"]) for s in pipeline])
     except IncompatiblePipeline as exc:
         raise CandidateBuildError(str(exc)) from exc
     by_name = {s["technique"]: s for s in pipeline}
-    steps = [by_name[t.name] for t in ordered]
+    # The actions in order: (name, key of the output after it, technique or None for the export, params).
+    actions: list[tuple[str, str, Any, dict[str, Any]]] = []
+    parent = root_key or ""
+    for technique in ordered:
+        params = technique.check_params(by_name[technique.name]["params"])
+        if technique.stage == "graph" and not any(a[0] == "export" for a in actions):
+            parent = StageCache.step_key(parent, "export", str(OPSET), {})
+            actions.append(("export", parent, None, {}))
+        parent = StageCache.step_key(parent, technique.name, technique.version, params)
+        actions.append((technique.name, parent, technique, params))
+    if not any(a[0] == "export" for a in actions):
+        parent = StageCache.step_key(parent, "export", str(OPSET), {})
+        actions.append(("export", parent, None, {}))
+
+    use_cache = cache is not None and root_key is not None
     timings: dict[str, float] = {}
-    model = copy.deepcopy(base_model)
+    model, done = None, 0
+    if use_cache:
+        for i in range(len(actions) - 1, -1, -1):
+            hit = cache.get(actions[i][1])
+            if hit is not None:
+                model, meta = hit
+                timings.update(meta.get("timings", {}))
+                done = i + 1
+                break
+    if model is None:
+        model = copy.deepcopy(base_model)
     with tempfile.TemporaryDirectory(prefix="eo-candidate-") as scratch:
         ctx = TechniqueContext(task=task, teacher=base_model, scratch_dir=Path(scratch), **ctx_kwargs)
-        exported: bytes | None = None
-        for step in steps:
-            technique = registry.technique(step["technique"])
-            params = technique.check_params(step["params"])
-            if technique.stage == "graph" and exported is None:
-                exported = _timed(timings, "export", lambda: export_onnx(task, model))
-                model = onnx.load_from_string(exported)
-            tuned_before = ctx.fine_tune_seconds
-            try:
-                model = _timed(timings, technique.name, lambda: technique.apply(model, params, ctx))
-            except Exception as exc:
-                raise CandidateBuildError(f"{technique.name}: {type(exc).__name__}: {exc}") from exc
-            if ctx.fine_tune_seconds > tuned_before:
-                timings[f"{technique.name}.fine_tune"] = round(ctx.fine_tune_seconds - tuned_before, 3)
-        if exported is None:
-            onnx_bytes = _timed(timings, "export", lambda: export_onnx(task, model))
-        else:
-            onnx_bytes = model.SerializeToString()
+        for position, (name, key, technique, params) in enumerate(actions[done:], start=done):
+            if technique is None:
+                model = _timed(timings, "export", lambda: export_onnx(task, model))
+            else:
+                if technique.stage == "graph" and isinstance(model, (bytes, bytearray)):
+                    model = onnx.load_from_string(model)
+                tuned_before = ctx.fine_tune_seconds
+                try:
+                    model = _timed(timings, name, lambda: technique.apply(model, params, ctx))
+                except Exception as exc:
+                    raise CandidateBuildError(f"{name}: {type(exc).__name__}: {exc}") from exc
+                if ctx.fine_tune_seconds > tuned_before:
+                    timings[f"{name}.fine_tune"] = round(ctx.fine_tune_seconds - tuned_before, 3)
+            if use_cache:
+                cache.put(key, model, {"timings": dict(timings), "steps": [a[0] for a in actions[: position + 1]]})
+    onnx_bytes = model if isinstance(model, (bytes, bytearray)) else model.SerializeToString()
     info = {
         "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "build_seconds": timings,
         "compressed_size_bytes": compressed_size(onnx_bytes),
+        "cached_steps": [a[0] for a in actions[:done]],
     }
-    return onnx_bytes, info
+    return bytes(onnx_bytes), info
 
 
 def compressed_size(model_bytes: bytes) -> int:

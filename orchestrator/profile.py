@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from orchestrator.errors import ProfileError
 
@@ -87,6 +87,10 @@ class Search(_Strict):
     trials: int = Field(default=12, gt=0)
     time_budget_s: float | None = Field(default=None, gt=0)
     seed: int = 0
+    devices_per_candidate: int = Field(
+        default=1, ge=1,
+        description="measure each candidate on this many devices of the profile at once and take the medians "
+                    "(1: the devices share the candidates out, for throughput)")
 
 
 class Measurement(_Strict):
@@ -104,6 +108,11 @@ class Emulation(_Strict):
     qemu_cpu: str
     cores: int = Field(gt=0)
     memory_mb: int = Field(gt=0)
+    latency_scale: float = Field(
+        default=1.0, gt=0,
+        description="board latency / this host's native latency, calibrated once from a board's fp32 baseline "
+                    "(board p50 / host p50); an emulated device's latency is the native one times this. "
+                    "1.0 (the default) means not calibrated: the latency constraint is then unverified")
     note: str | None = None
 
 
@@ -134,7 +143,19 @@ class Profile(_Strict):
     measurement: Measurement = Field(default_factory=Measurement)
     emulation: Emulation | None = None
     power: PowerModel
-    fallback_device: Literal["local", "none"] = "local"
+    fallback_device: Literal["local", "emulated", "none"] = Field(
+        default="local",
+        description="what measures when no device of the profile is registered: this machine ('local'), the "
+                    "profile's QEMU-emulated device ('emulated', or this machine when QEMU is unavailable), or "
+                    "nothing ('none')")
+
+    @field_validator("fallback_device")
+    @classmethod
+    def _emulated_fallback_needs_emulation(cls, value: str, info: ValidationInfo) -> str:
+        # `emulation` is declared earlier: validated by now (absent from info.data when it failed)
+        if value == "emulated" and "emulation" in info.data and info.data["emulation"] is None:
+            raise ValueError("'emulated' needs an emulation section (qemu_cpu, cores, memory_mb)")
+        return value
 
 
 class LoadedProfile(BaseModel):

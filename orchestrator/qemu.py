@@ -97,14 +97,18 @@ def resolve_qemu_cpu(requested: str, available: tuple[str, ...] | None = None) -
     raise MeasurementError(f"qemu CPU {requested!r} is not available (this QEMU has: {', '.join(available)})")
 
 
-def prepare_view(sysroot: Path | str, qemu_cpu: str, cores: int, memory_mb: int | None = None) -> Path:
+def prepare_view(sysroot: Path | str, qemu_cpu: str, cores: int, memory_mb: int | None = None,
+                 dest: Path | str | None = None) -> Path:
     """The device view of a sysroot for one CPU model, core count and memory (made once, then reused).
 
-    Made in a temporary folder and renamed into place, so a half view is never used.
+    At `dest` when given (a registered emulated device owns its view there), else in a folder
+    shared by every view of the same sysroot, CPU, cores and memory. Made in a temporary folder
+    and renamed into place, so a half view is never used.
     """
     sysroot = Path(sysroot).resolve()
     tag = hashlib.sha256(str(sysroot).encode()).hexdigest()[:8]
-    view = state_dir() / "emulated" / "views" / f"{sysroot.name}-{tag}-{qemu_cpu}-{cores}c-{memory_mb or 0}m"
+    view = (Path(dest) if dest is not None else
+            state_dir() / "emulated" / "views" / f"{sysroot.name}-{tag}-{qemu_cpu}-{cores}c-{memory_mb or 0}m")
     spec = {"sysroot": str(sysroot), "qemu_cpu": qemu_cpu, "cores": cores, "memory_mb": memory_mb}
     marker = view / "view.json"
     if marker.exists():
@@ -142,18 +146,22 @@ def prepare_view(sysroot: Path | str, qemu_cpu: str, cores: int, memory_mb: int 
 def emulated_device(name: str, qemu_cpu: str, **extra: Any) -> Device:
     """The `Device` of an emulated aarch64 board (transport `qemu`, labelled emulated).
 
-    `extra` may hold what `QemuUserTransport.from_device` needs: `sysroot`, `cores`, `memory_mb`.
+    `extra` may hold what `QemuUserTransport.from_device` needs: `sysroot`, `cores`, `memory_mb`, and
+    `view` (a device view of its own; without it, the shared view of its CPU, cores and memory).
     """
     return Device(name=name, transport="qemu", arch="aarch64", emulated=True, extra={"qemu_cpu": qemu_cpu, **extra})
 
 
-def emulated_device_for_profile(name: str, profile: Profile, sysroot: Path | str) -> Device:
+def emulated_device_for_profile(name: str, profile: Profile, sysroot: Path | str,
+                                view: Path | str | None = None) -> Device:
     """The emulated device of a profile's `emulation` section, with everything `from_device` needs in `extra`."""
     emu = profile.emulation
     if emu is None:
         raise MeasurementError(f"profile {profile.name} has no emulation section")
-    return emulated_device(name, emu.qemu_cpu, sysroot=str(sysroot), cores=emu.cores, memory_mb=emu.memory_mb,
-                           mode="user")
+    extra: dict[str, Any] = {"sysroot": str(sysroot), "cores": emu.cores, "memory_mb": emu.memory_mb, "mode": "user"}
+    if view is not None:
+        extra["view"] = str(view)
+    return emulated_device(name, emu.qemu_cpu, **extra)
 
 
 def emulated_bench_args(profile: Profile, pinned_cpu: int | None = None, host_cpus: int | None = None) -> list[str]:
@@ -178,7 +186,7 @@ class QemuUserTransport:
     """An emulated aarch64 device in QEMU user mode, used like `LocalTransport`: one agent run at a time."""
 
     def __init__(self, device: Device, sysroot: Path | str, qemu_cpu: str, cores: int,
-                 memory_mb: int | None = None) -> None:
+                 memory_mb: int | None = None, view: Path | str | None = None) -> None:
         self.device = device
         self.sysroot = Path(sysroot)
         self.requested_cpu = qemu_cpu
@@ -195,7 +203,7 @@ class QemuUserTransport:
         if read_manifest(self.sysroot) is None:
             raise MeasurementError(f"device {device.name}: {self.sysroot} is not a finished arm64 sysroot "
                                    "(build it with deploy/qemu/build-user-sysroot.sh)")
-        self.view = prepare_view(self.sysroot, self.qemu_cpu, cores, memory_mb)
+        self.view = prepare_view(self.sysroot, self.qemu_cpu, cores, memory_mb, view)
         self.host_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
     @classmethod
@@ -213,7 +221,8 @@ class QemuUserTransport:
         missing = [k for k in ("sysroot", "qemu_cpu", "cores") if k not in extra]
         if missing:
             raise MeasurementError(f"device {device.name}: an emulated device needs {', '.join(missing)} in its extra")
-        return cls(device, extra["sysroot"], extra["qemu_cpu"], int(extra["cores"]), extra.get("memory_mb"))
+        return cls(device, extra["sysroot"], extra["qemu_cpu"], int(extra["cores"]), extra.get("memory_mb"),
+                   extra.get("view"))
 
     def command(self, agent_args: list[str]) -> list[str]:
         """The qemu command line that runs the agent with these arguments."""

@@ -44,6 +44,7 @@ DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 MIRROR_ENV = "EDGE_ORCHESTRATOR_DEBIAN_MIRROR"
+CACHE_ENV = "EDGE_ORCHESTRATOR_QEMU_CACHE"  # a folder for sysroots shared by every state folder
 WHEEL_PLATFORMS = ("manylinux_2_17_aarch64", "manylinux2014_aarch64", "manylinux_2_28_aarch64")
 MANIFEST = "manifest.json"
 SYSROOT_PYTHON = "usr/bin/python3"
@@ -112,8 +113,16 @@ class SysrootRecipe:
 
 
 def default_sysroot_dir(recipe: SysrootRecipe | None = None) -> Path:
-    """`<state dir>/emulated/sysroot-<recipe hash>`."""
-    return state_dir() / "emulated" / f"sysroot-{(recipe or SysrootRecipe()).key()}"
+    """`$EDGE_ORCHESTRATOR_QEMU_CACHE/sysroot-<recipe hash>` when set, else `<state dir>/emulated/sysroot-<hash>`.
+
+    The cache variable lets several state folders (test sessions, CI jobs, users) share one
+    sysroot: it depends only on its recipe, never on a state folder's contents.
+    """
+    name = f"sysroot-{(recipe or SysrootRecipe()).key()}"
+    cache = os.environ.get(CACHE_ENV)
+    if cache:
+        return Path(cache).expanduser().resolve() / name
+    return state_dir() / "emulated" / name
 
 
 def read_manifest(sysroot: Path) -> dict | None:
@@ -396,7 +405,8 @@ def build_sysroot(dest: Path | str | None = None, recipe: SysrootRecipe | None =
 def main(argv: list[str] | None = None) -> int:
     """`python -m orchestrator.qemu_build [DEST] [--force]`: build (or reuse) the sysroot, print its path."""
     parser = argparse.ArgumentParser(prog="build-user-sysroot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dest", nargs="?", help="sysroot folder (default: $EDGE_ORCHESTRATOR_HOME/emulated/"
+    parser.add_argument("dest", nargs="?", help="sysroot folder (default: $EDGE_ORCHESTRATOR_QEMU_CACHE/"
+                                                "sysroot-<recipe hash>, else $EDGE_ORCHESTRATOR_HOME/emulated/"
                                                 "sysroot-<recipe hash>)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished sysroot is there")
     parser.add_argument("--quiet", action="store_true", help="print only the sysroot's path")

@@ -2,6 +2,10 @@
 
 It stores how to reach a device and what it is, never a secret: a key *path* (or none,
 for ssh-agent), never a password or key material; the pinned host key is public.
+
+An emulated device (transport `qemu`, `orchestrate devices emulate`) is reached through no
+network: its SSH columns are empty and never read, and `extra` (JSON) holds what the emulator
+needs (sysroot, CPU model, cores, memory, its device view).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     name TEXT PRIMARY KEY,
     transport TEXT NOT NULL DEFAULT 'ssh',
-    host TEXT NOT NULL,
+    host TEXT NOT NULL,            -- ssh only: '' for an emulated device (as are port 0, user, host_key)
     port INTEGER NOT NULL,
     user TEXT NOT NULL,
     key_path TEXT,                 -- a path to the private key, or NULL for ssh-agent; never key material
@@ -41,9 +45,12 @@ CREATE TABLE IF NOT EXISTS devices (
     status_reason TEXT,
     last_seen REAL,
     registered_at REAL NOT NULL,
-    deployed_model TEXT            -- sha256 of the model rolled out to it (set by the rollout)
+    deployed_model TEXT,           -- sha256 of the model rolled out to it (set by the rollout)
+    extra TEXT                     -- JSON: what a non-SSH transport needs (qemu: sysroot, qemu_cpu, cores, ...)
 );
 """
+# Columns added after the first release: (name, declaration) for ALTER TABLE on older files.
+MIGRATIONS = (("extra", "extra TEXT"),)
 STATUSES = ("online", "offline", "host-key-changed")
 
 
@@ -81,24 +88,42 @@ class RegisteredDevice:
     registered_at: float = 0.0
     deployed_model: str | None = None
     transport: str = "ssh"
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def host_key_fingerprint(self) -> str:
-        """The pinned host key's SHA256 fingerprint."""
-        return key_fingerprint(self.host_key)
+    def emulated(self) -> bool:
+        """An emulated device (QEMU): no SSH, no host key."""
+        return self.transport == "qemu"
+
+    @property
+    def host_key_fingerprint(self) -> str | None:
+        """The pinned host key's SHA256 fingerprint (None for an emulated device)."""
+        return key_fingerprint(self.host_key) if self.host_key else None
+
+    @property
+    def address(self) -> str:
+        """Where it is: user@host:port, or what emulates it."""
+        if self.emulated:
+            return f"qemu-{self.extra.get('mode', 'user')} -cpu {self.extra.get('qemu_cpu')}"
+        return f"{self.user}@{self.host}:{self.port}"
 
     def target(self) -> SshTarget:
-        """How to reach it."""
+        """How to reach it over SSH."""
+        if self.emulated:
+            raise ValueError(f"device {self.name} is emulated: it has no SSH target")
         return SshTarget(host=self.host, port=self.port, user=self.user, key_path=self.key_path,
                          host_key=self.host_key, python=self.python, remote_dir=self.remote_dir)
 
     def device(self) -> Device:
         """The device as a run measures on it."""
+        if self.emulated:
+            return Device(name=self.name, transport="qemu", arch=self.arch or "aarch64", emulated=True,
+                          extra=dict(self.extra))
         return Device(name=self.name, transport=self.transport, arch=self.arch or "unknown", ssh=self.target())
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready, with the host key's fingerprint."""
-        return {**asdict(self), "host_key_fingerprint": self.host_key_fingerprint}
+        """JSON-ready, with the host key's fingerprint (None when emulated) and whether it is emulated."""
+        return {**asdict(self), "host_key_fingerprint": self.host_key_fingerprint, "emulated": self.emulated}
 
 
 class DeviceRegistry:
@@ -109,6 +134,14 @@ class DeviceRegistry:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as db, db:
             db.executescript(SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(devices)")}
+            for name, declaration in MIGRATIONS:
+                if name not in have:
+                    try:
+                        db.execute(f"ALTER TABLE devices ADD COLUMN {declaration}")
+                    except sqlite3.OperationalError as exc:  # another process added it just now
+                        if "duplicate column" not in str(exc):
+                            raise
 
     def _connect(self) -> sqlite3.Connection:
         return connect(self.path)
@@ -117,6 +150,7 @@ class DeviceRegistry:
         """Insert a new device; a name already taken is refused."""
         row = asdict(device)
         row["tags"], row["info"] = json.dumps(device.tags), json.dumps(device.info)
+        row["extra"] = json.dumps(device.extra) if device.extra else None
         row["registered_at"] = row["registered_at"] or time.time()
         cols = ", ".join(row)
         try:
@@ -164,9 +198,15 @@ class DeviceRegistry:
                 db.execute("UPDATE devices SET info = ?, arch = ? WHERE name = ?",
                            (json.dumps(info), info.get("arch"), name))
 
+    def set_deployed_model(self, name: str, sha256: str | None) -> None:
+        """Record the model (sha256) current on the device after a rollout or rollback (None: none)."""
+        with closing(self._connect()) as db, db:
+            db.execute("UPDATE devices SET deployed_model = ? WHERE name = ?", (sha256, name))
+
 
 def _from_row(row: sqlite3.Row) -> RegisteredDevice:
     data = dict(row)
     data["tags"] = json.loads(data["tags"] or "[]")
     data["info"] = json.loads(data["info"] or "{}")
+    data["extra"] = json.loads(data.get("extra") or "{}")
     return RegisteredDevice(**data)

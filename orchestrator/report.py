@@ -61,7 +61,7 @@ def _num(value: Any, digits: int = 3, tag: str | None = None) -> str:
     return f"<td{sort}>{text}</td>"
 
 
-def _row(c: dict[str, Any], best_id: str | None, emulated: bool) -> str:
+def _row(c: dict[str, Any], best_id: str | None, latency_tag: str | None) -> str:
     m = c.get("metrics") or {}
     lat = m.get("latency_ms") or {}
     cls = "best" if c["id"] == best_id else ("failed" if c["status"] != "ok" else "")
@@ -69,7 +69,7 @@ def _row(c: dict[str, Any], best_id: str | None, emulated: bool) -> str:
     params = "; ".join(f"{s['technique']}: {json.dumps(s['params'])}" for s in c["pipeline"]) or "exported unchanged"
     build = sum((c.get("build") or {}).values()) if c.get("build") else None
     size_kib = m["size_bytes"] / 1024 if m.get("size_bytes") else None
-    emu = "emulated" if emulated else None
+    emu = latency_tag
     return (
         f'<tr class="{cls}" data-id="{html.escape(c["id"])}"><td class="l{" front" if c.get("on_front") else ""}">'
         f'{html.escape(c["id"])}</td><td class="l">{html.escape(pipeline_label(c))}</td>'
@@ -122,6 +122,35 @@ def _constraints_section(results: dict[str, Any]) -> str:
             f"<tbody>{rows}</tbody></table>")
 
 
+def _sci(value: Any) -> str:
+    """A sortable cell in scientific notation (tiny differences)."""
+    return "<td>-</td>" if value is None else f'<td data-sort="{value}">{value:.1e}</td>'
+
+
+def _emulation_section(results: dict[str, Any]) -> str:
+    """For an emulated device: the note, and per candidate the functional check and the emulated latency."""
+    device = results.get("device") or {}
+    if not device.get("emulated"):
+        return ""
+    rows = []
+    for c in results["candidates"]:
+        m = c.get("measurement") or {}
+        parity = m.get("parity") or {}
+        check = ("passed" if parity.get("passed") else "failed") if parity else (
+            "failed" if "fails on aarch64" in (c.get("error") or "") else "-")
+        rows.append(
+            f'<tr><td class="l">{html.escape(c["id"])}</td><td class="l">{html.escape(pipeline_label(c))}</td>'
+            f'<td class="l">{html.escape(str(parity.get("precision", "-")))}</td><td class="l">{check}</td>'
+            f"{_sci(parity.get('relative_diff'))}{_num(parity.get('argmax_agreement'), 3)}"
+            f"{_num((m.get('emulated_latency_ms') or {}).get('p50'), 3)}"
+            f"{_num((m.get('native_latency_ms') or {}).get('p50'), 3)}</tr>"
+        )
+    return (f"<h2>Emulated device</h2><p>{html.escape(device.get('note') or '')}</p>"
+            "<table><thead><tr><th>id</th><th>pipeline</th><th>precision</th><th>aarch64 check</th>"
+            "<th>max |diff| / max |host|</th><th>top-1 agreement</th><th>emulated p50 (ms, information)</th>"
+            f"<th>native p50 (ms)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
 def render_report(results: dict[str, Any]) -> str:
     """The report page as a string."""
     from orchestrator.report_plots import AXES, pareto_svg
@@ -129,7 +158,9 @@ def render_report(results: dict[str, Any]) -> str:
     best = results.get("best")
     device = results.get("device") or {}
     emulated = bool(device.get("emulated"))
-    rows = "\n".join(_row(c, best["id"] if best else None, emulated) for c in results["candidates"])
+    # an emulated device's latencies are native ones, scaled (docs/emulation.md); an older run's were emulated
+    latency_tag = (device.get("latency_source") or "emulated") if emulated else None
+    rows = "\n".join(_row(c, best["id"] if best else None, latency_tag) for c in results["candidates"])
     plots = [pareto_svg(results, *axis) for axis in AXES]
     figures = "".join(f'<figure class="plot">{svg}</figure>' for svg in plots if svg)
     devices = results.get("devices") or [device]
@@ -150,8 +181,11 @@ task <b>{html.escape(results['task'])}</b>, status <b>{html.escape(results['stat
 <p class="muted">Accuracy on held-out data against latency, energy and size. Orange: the front of the feasible
 candidates; black square: the baseline; green star: the pick; grey crosses broke a constraint.
 Values marked <span class="tag">estimated</span> come from the profile's power model, not a sensor;
-<span class="tag">emulated</span> latencies were measured under QEMU.</p>
+<span class="tag">emulated</span> latencies were measured under QEMU; <span class="tag">native-scaled</span> ones
+were measured natively on the orchestrator host and multiplied by the profile's <code>emulation.latency_scale</code>
+(the device is emulated).</p>
 <div class="plots">{figures or '<p>No candidate was measured.</p>'}</div>
+{_emulation_section(results)}
 <h2>All candidates</h2>
 <p class="muted">Click a column to sort. Bold ids are on the Pareto front. Build time is the cost of making the
 candidate (training, fine-tuning, export, quantization) in seconds.</p>

@@ -32,9 +32,11 @@ def pareto_svg(results: dict[str, Any], metric: str, label: str, unit: str) -> s
     ok = [c for c in results["candidates"] if c["status"] == "ok" and _x(c, metric) is not None]
     if not ok:
         return None
-    emulated = bool((results.get("device") or {}).get("emulated"))
+    device = results.get("device") or {}
+    # an emulated device's latency: native-scaled since the selection rule (docs/emulation.md), else emulated
+    emulated = (device.get("latency_source") or "emulated") if device.get("emulated") else None
     estimated = metric == "energy_mj" and any((c["metrics"].get("energy_source") == "estimated") for c in ok)
-    notes = [n for n, on in (("emulated", emulated and metric == "latency_p50"), ("estimated", estimated)) if on]
+    notes = [n for n, on in ((emulated, emulated and metric == "latency_p50"), ("estimated", estimated)) if on]
     xlabel = f"{label} ({unit})" + (f" — {', '.join(notes).upper()}" if notes else "")
 
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=100)

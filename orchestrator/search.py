@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
-import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,6 +29,9 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C reaches us: we close the run ourselves
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+# What an emulated device's measurement adds (orchestrator/emulated.py); absent keys are left out.
+EMULATION_KEYS = ("emulated", "arch", "latency_source", "latency_scale", "latency_constraint", "native_latency_ms",
+                  "native_protocol", "emulated_latency_ms", "parity", "qemu_cpu", "emulation_note")
 FAILED_SCORE = {"accuracy": 0.0, "latency_p50": 1e9, "size_bytes": 1e12}
 
 
@@ -85,6 +89,7 @@ class TrialPayload:
     grid: list[Candidate] | None
     avoid_cpu: int | None
     predictor: Any = None  # PredictorService actor: the device's latency predictor (orchestrator/predictor.py)
+    fresh: bool = False  # read no cache (stages, accuracy); still write them
 
 
 def config_to_pipeline(config: dict[str, Any], payload: TrialPayload, labels: dict[str, list[str]]) -> Candidate:
@@ -144,16 +149,20 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
     import torch
     from ray import tune
 
+    from orchestrator.cache import AccuracyCache, StageCache
     from orchestrator.errors import MeasurementError
     from orchestrator.pipeline import build_candidate, evaluate_onnx
 
+    started = time.perf_counter()
+    timing: dict[str, float] = {}
     torch.set_num_threads(1)
     if payload.avoid_cpu is not None and hasattr(os, "sched_setaffinity"):
         others = set(range(os.cpu_count() or 1)) - {payload.avoid_cpu}
         if others:  # keep compression work off the core the local device measures on
             os.sched_setaffinity(0, others)
     pipeline = config_to_pipeline(config, payload, labels)
-    record: dict[str, Any] = {"pipeline": pipeline, "status": "ok", "error": None, "metrics": {}, "device": None}
+    record: dict[str, Any] = {"pipeline": pipeline, "status": "ok", "error": None, "metrics": {}, "device": None,
+                              "timing": timing}
     try:
         registry, task, data, base = _worker_state(payload)
         ctx_kwargs = {"data": data, "profile": payload.profile, "seed": payload.seed}
@@ -163,13 +172,28 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
                 record["status"], record["error"], record["predicted_latency_ms"] = "skipped", skip[0], skip[1]
                 tune.report({**FAILED_SCORE, "record": json.dumps(record)})
                 return
-        model_bytes, info = build_candidate(registry, task, base, pipeline, ctx_kwargs)
+        stages, accuracies = StageCache(read=not payload.fresh), AccuracyCache(read=not payload.fresh)
+        root = StageCache.root_key(payload.base_state, task.fingerprint(), payload.seed,
+                                   payload.profile.runtime.model_dump())
+        timing["setup_s"] = time.perf_counter() - started
+        mark = time.perf_counter()
+        model_bytes, info = build_candidate(registry, task, base, pipeline, ctx_kwargs, cache=stages, root_key=root)
+        timing["build_s"] = time.perf_counter() - mark
         record["model_sha256"] = ray.get(payload.sink.put.remote(model_bytes))
         record["build"] = info["build_seconds"]
-        accuracy = evaluate_onnx(task, model_bytes, data["eval"])
+        record["cached"] = {"steps": info["cached_steps"]}
+        accuracy = accuracies.get(info["sha256"], task.fingerprint(), payload.seed)
+        record["cached"]["accuracy"] = accuracy is not None
+        if accuracy is None:
+            mark = time.perf_counter()
+            accuracy = evaluate_onnx(task, model_bytes, data["eval"])
+            timing["evaluate_s"] = time.perf_counter() - mark
+            accuracies.put(info["sha256"], task.fingerprint(), payload.seed, accuracy)
         record["metrics"] = {"accuracy": accuracy, "size_bytes": len(model_bytes),
                              "compressed_size_bytes": info.get("compressed_size_bytes")}
+        mark = time.perf_counter()
         bench = ray.get(payload.pool.measure.remote(model_bytes))
+        timing["measure_s"] = time.perf_counter() - mark  # includes waiting for a free device
         record["device"] = bench.get("device")
         if "error" in bench:
             raise MeasurementError(bench["error"])
@@ -182,8 +206,13 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
             energy_source=energy.get("source", "unavailable"),
         )
         record["measurement"] = {
-            k: bench.get(k) for k in ("runs", "warmup_runs", "noisy", "execution_provider", "threads", "pinned_cpu")
+            k: bench.get(k) for k in ("runs", "warmup_runs", "noisy", "execution_provider", "threads", "pinned_cpu",
+                                      "per_device", "started_at", "finished_at", *EMULATION_KEYS)
+            if k in bench or k not in EMULATION_KEYS
         }
+        record["cached"]["measurement"] = bool(bench.get("cached"))
+        if bench.get("flags"):
+            record["flags"] = bench["flags"]
         score = {"accuracy": accuracy, "latency_p50": bench["latency_ms"]["p50"], "size_bytes": len(model_bytes)}
         if payload.predictor is not None:
             from orchestrator.predictor import onnx_features
@@ -196,6 +225,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
     except Exception as exc:  # a broken candidate fails alone; the run goes on
         record["status"], record["error"] = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
         score = dict(FAILED_SCORE)
+    timing["trial_s"] = time.perf_counter() - started
     tune.report({**score, "record": json.dumps(record)})
 
 
@@ -213,8 +243,54 @@ class SpaceDefinition:
                     trial.suggest_categorical(key, values)
 
 
-def make_searcher(candidates: list[Candidate], trials: int, seed: int) -> tuple[Any, dict, int, dict]:
-    """(search_alg, param_space, num_samples, labels): grid when the space fits the budget, else Optuna."""
+def pipeline_key(pipeline: list[dict[str, Any]]) -> str:
+    """Canonical text of a pipeline: two trials with the same key build the same candidate."""
+    return json.dumps(pipeline, sort_keys=True)
+
+
+def trial_score(record: dict[str, Any]) -> list[float]:
+    """The objectives a trial reported, in OptunaSearch's metric order, from a stored candidate."""
+    m = record.get("metrics") or {}
+    if record.get("status") != "ok" or not m.get("latency_ms"):
+        return [FAILED_SCORE["accuracy"], FAILED_SCORE["latency_p50"], FAILED_SCORE["size_bytes"]]
+    return [m["accuracy"], m["latency_ms"]["p50"], m["size_bytes"]]
+
+
+def _warm_storage(prior: list[dict[str, Any]], labels: dict[str, list[str]], choices: dict[str, list[Any]]) -> Any:
+    """An in-memory Optuna study holding the trials of an interrupted run as completed trials."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=["maximize", "minimize", "minimize"])
+    for record in prior:
+        label = pipeline_label(record) if record.get("pipeline") else "baseline"
+        if label not in labels:
+            continue
+        params: dict[str, Any] = {"pipeline": label}
+        dists: dict[str, Any] = {"pipeline": CategoricalDistribution(list(labels))}
+        for step in record["pipeline"]:
+            for key, value in step["params"].items():
+                name = f"{step['technique']}.{key}"
+                if value in choices.get(name, []):
+                    params[name], dists[name] = value, CategoricalDistribution(choices[name])
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=trial_score(record)))
+    return storage
+
+
+STUDY_NAME = "edge-orchestrator"
+
+
+def make_searcher(candidates: list[Candidate], trials: int, seed: int,
+                  prior: list[dict[str, Any]] | None = None) -> tuple[Any, dict, int, dict]:
+    """(search_alg, param_space, num_samples, labels): grid when the space fits the budget, else Optuna.
+
+    `candidates` is what is left to try and `trials` how many more to run; `prior` holds the
+    candidates an interrupted run already has, which Optuna is told about as finished trials.
+    With Optuna, `num_samples` leaves room for the duplicates a sampler proposes on a
+    categorical space: they are answered from the caches and not counted (`recording_callback`
+    stops the search once `trials` distinct candidates are in).
+    """
     from ray import tune
 
     labels: dict[str, list[str]] = {}
@@ -234,39 +310,72 @@ def make_searcher(candidates: list[Candidate], trials: int, seed: int) -> tuple[
                     values.append(value)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prior = prior or []
+    baseline_done = any(not r.get("pipeline") and r.get("status") == "ok" for r in prior)
     searcher = OptunaSearch(
         space=SpaceDefinition(labels, choices),
         metric=["accuracy", "latency_p50", "size_bytes"],
         mode=["max", "min", "min"],
         sampler=optuna.samplers.TPESampler(seed=seed),
-        points_to_evaluate=[{"pipeline": "baseline"}],
+        points_to_evaluate=None if baseline_done else [{"pipeline": "baseline"}],
+        storage=_warm_storage(prior, labels, choices) if prior else None,
+        study_name=STUDY_NAME,
     )
-    return searcher, {}, trials, labels
+    return searcher, {}, 2 * trials + 2, labels
 
 
-def recording_callback(on_candidate: Callable[[dict[str, Any]], None]) -> Any:
-    """A Tune callback (driver side): every finished trial becomes a stored candidate at once."""
+def recording_callback(on_candidate: Callable[[dict[str, Any]], None], target: int | None = None,
+                       known: set[str] | None = None, first_id: int = 0) -> tuple[Any, Any]:
+    """(callback, stopper) for Tune, driver side: every finished trial becomes a stored candidate at once.
+
+    A trial whose pipeline is already known (`known`: an interrupted run's, or an earlier
+    trial's) is not stored again; the stopper ends the search once `target` new distinct
+    candidates are stored. Ids go on from `first_id` (c000, c001, ... in order of completion).
+    """
     from ray.tune import Callback
+    from ray.tune.stopper import Stopper
 
     class _Recorder(Callback):
         def __init__(self, sink: Callable[[dict[str, Any]], None]) -> None:
             self.seen: set[int] = set()
+            self.keys: set[str] = set(known or ())
+            self.new = 0
+            self.duplicates = 0
             self.sink = sink
 
         def __getstate__(self) -> dict[str, Any]:
             # Tune pickles its run config; the sink (store, console) must not go with it.
-            return {"seen": self.seen, "sink": None}
+            return {**self.__dict__, "sink": None}
 
-        def emit(self, index: int, record: dict[str, Any]) -> None:
-            if index not in self.seen:
-                self.seen.add(index)
-                self.sink({"id": f"c{index:03d}", **record})
+        def emit(self, index: int, record: dict[str, Any], crashed: bool = False) -> None:
+            if index in self.seen:
+                return
+            self.seen.add(index)
+            if not crashed:
+                key = pipeline_key(record["pipeline"])
+                if key in self.keys:
+                    self.duplicates += 1
+                    return
+                self.keys.add(key)
+            self.sink({"id": f"c{first_id + self.new:03d}", **record})
+            self.new += 1
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: D102
             self.emit(trials.index(trial), json.loads(result["record"]))
 
         def on_trial_error(self, iteration, trials, trial, **info):  # noqa: D102
             self.emit(trials.index(trial), {"pipeline": [], "status": "failed",
-                                            "error": "trial crashed (see the Ray logs)", "metrics": {}})
+                                            "error": "trial crashed (see the Ray logs)", "metrics": {}}, crashed=True)
 
-    return _Recorder(on_candidate)
+    class _Enough(Stopper):
+        def __init__(self, recorder: _Recorder) -> None:
+            self.recorder = recorder
+
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return target is not None and self.recorder.new >= target
+
+    recorder = _Recorder(on_candidate)
+    return recorder, _Enough(recorder)

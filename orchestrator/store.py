@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import time
 from contextlib import closing
@@ -23,7 +25,10 @@ CREATE TABLE IF NOT EXISTS runs (
     out_dir TEXT,
     device TEXT,                   -- JSON
     best_id TEXT,
-    message TEXT
+    message TEXT,
+    options TEXT,                  -- JSON: what the run was asked for (trials, task, profile hash, ...), for --resume
+    pid INTEGER,                   -- the driver process while the run is `running`
+    host TEXT
 );
 CREATE TABLE IF NOT EXISTS candidates (
     run_id TEXT NOT NULL REFERENCES runs(id),
@@ -52,18 +57,34 @@ class RunStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as db, db:
             db.executescript(SCHEMA)
+            have = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
+            for column in ("options TEXT", "pid INTEGER", "host TEXT"):  # stores made before --resume
+                if column.split()[0] not in have:
+                    db.execute(f"ALTER TABLE runs ADD COLUMN {column}")
 
     def _connect(self) -> sqlite3.Connection:
         return connect(self.path)
 
-    def start_run(self, run_id: str, profile: str, profile_path: str, task: str, out_dir: str) -> None:
-        """Record a new run as `running`."""
+    def start_run(self, run_id: str, profile: str, profile_path: str, task: str, out_dir: str,
+                  options: dict[str, Any] | None = None) -> None:
+        """Record a new run as `running`, owned by this process."""
         with closing(self._connect()) as db, db:
             db.execute(
-                "INSERT INTO runs (id, profile, profile_path, task, status, started_at, out_dir) "
-                "VALUES (?, ?, ?, ?, 'running', ?, ?)",
-                (run_id, profile, profile_path, task, time.time(), out_dir),
+                "INSERT INTO runs (id, profile, profile_path, task, status, started_at, out_dir, options, pid, host) "
+                "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                (run_id, profile, profile_path, task, time.time(), out_dir, json.dumps(options or {}),
+                 os.getpid(), socket.gethostname()),
             )
+
+    def reopen_run(self, run_id: str, spent_s: float = 0.0) -> None:
+        """Mark a stopped run `running` again, owned by this process (`--resume`).
+
+        Its start moves to `spent_s` before now, so that the time between its stop and this
+        resume does not count against its time budget.
+        """
+        with closing(self._connect()) as db, db:
+            db.execute("UPDATE runs SET status = 'running', finished_at = NULL, message = NULL, pid = ?, host = ?, "
+                       "started_at = ? WHERE id = ?", (os.getpid(), socket.gethostname(), time.time() - spent_s, run_id))
 
     def set_device(self, run_id: str, device: dict[str, Any]) -> None:
         """Record the device(s) a run measures on."""
@@ -105,8 +126,10 @@ class RunStore:
                 raise RunNotFound(f"{what} with id {run_id!r} in {self.path}")
             run = dict(rows[0])
             cands = db.execute(
-                "SELECT record FROM candidates WHERE run_id = ? ORDER BY id", (run["id"],)
+                "SELECT record, created_at FROM candidates WHERE run_id = ? ORDER BY id", (run["id"],)
             ).fetchall()
         run["device"] = json.loads(run["device"]) if run["device"] else None
+        run["options"] = json.loads(run["options"]) if run.get("options") else {}
+        run["last_candidate_at"] = max((c["created_at"] for c in cands), default=None)
         run["candidates"] = [json.loads(c["record"]) for c in cands]
         return run

@@ -1,0 +1,193 @@
+"""The search at scale, with real parts: stage and measurement caches, --fresh, --resume after kill -9,
+duplicate trials, a raising trial, and Ray gone afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cache import MeasurementCache
+from orchestrator.cli import main
+from orchestrator.paths import store_path
+from orchestrator.plugins import get_plugin_manager
+from orchestrator.profile import load_profile
+from orchestrator.run import RunOptions, execute_run
+from orchestrator.search import pipeline_key
+from orchestrator.store import RunStore
+
+ROOT = Path(__file__).resolve().parents[1]
+X86 = ROOT / "device_profiles" / "x86-host.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def quick_profile(tmp_path: Path, name: str, **search) -> Path:
+    """The x86-host profile with graph-stage techniques only (no fine-tuning) and a short measurement."""
+    data = yaml.safe_load(X86.read_text())
+    data["name"] = name
+    data["search"].update({"techniques": ["int8-static", "int8-dynamic", "fp16"], "max_pipeline_length": 1,
+                           "time_budget_s": 600, **search})
+    data["measurement"].update({"warmup_runs": 5, "runs": 40, "time_budget_s": 2})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def ok(candidates):
+    return [c for c in candidates if c["status"] == "ok"]
+
+
+def test_second_run_measures_nothing_again_and_fresh_does(ray_local, tmp_path):
+    profile = load_profile(quick_profile(tmp_path, "cache-twice"))
+    registry = get_plugin_manager()
+    cache = MeasurementCache()
+    before = cache.count()
+    first = execute_run(profile, registry, RunOptions(trials=4, out_dir=tmp_path / "a"))
+    assert first.status == "finished", first.error
+    assert len(ok(first.candidates)) == 4
+    measured = cache.count()
+    assert measured - before == len({c["model_sha256"] for c in ok(first.candidates)})
+
+    second = execute_run(profile, registry, RunOptions(trials=4, out_dir=tmp_path / "b"))
+    assert second.status == "finished", second.error
+    assert cache.count() == measured, "the second run measured something it already had"
+    assert {pipeline_key(c["pipeline"]) for c in second.candidates} == {pipeline_key(c["pipeline"]) for c in first.candidates}
+    for c in ok(second.candidates):
+        assert c["cached"]["measurement"] and c["cached"]["accuracy"], c["id"]
+        assert c["cached"]["steps"] and c["cached"]["steps"][-1] in ("export", c["pipeline"][-1]["technique"] if c["pipeline"] else "export")
+        same = next(f for f in first.candidates if pipeline_key(f["pipeline"]) == pipeline_key(c["pipeline"]))
+        assert c["metrics"]["latency_ms"] == same["metrics"]["latency_ms"]  # the very same measurement
+
+    fresh = execute_run(profile, registry, RunOptions(trials=4, out_dir=tmp_path / "c", fresh=True))
+    assert fresh.status == "finished", fresh.error
+    for c in ok(fresh.candidates):
+        assert not c["cached"]["measurement"] and not c["cached"]["accuracy"] and not c["cached"]["steps"]
+
+
+def test_duplicates_proposed_by_optuna_are_not_counted(ray_local, tmp_path):
+    """A small categorical space makes TPE propose pipelines twice; the run still has `trials` distinct candidates."""
+    profile = load_profile(quick_profile(tmp_path, "dups", techniques=["fp16", "int8-dynamic"]))
+    outcome = execute_run(profile, get_plugin_manager(), RunOptions(trials=2, out_dir=tmp_path))
+    assert outcome.status == "finished", outcome.error
+    keys = [pipeline_key(c["pipeline"]) for c in outcome.candidates]
+    assert len(keys) == len(set(keys)) == 2
+    assert [c["id"] for c in outcome.candidates] == ["c000", "c001"]
+
+
+EXPLODING_PLUGIN = """
+from orchestrator import hookimpl
+from orchestrator.api import Technique
+
+
+class Explodes(Technique):
+    name = "explodes"
+    stage = "graph"
+    description = "raises in apply (a test plugin)"
+
+    def apply(self, model, params, ctx):
+        raise RuntimeError("boom from a plugin")
+
+
+@hookimpl
+def register_techniques(register):
+    register(Explodes())
+"""
+
+
+def test_a_trial_that_raises_does_not_stop_the_search(tmp_path):
+    """A technique whose apply raises, installed as a real distribution (entry point) on PYTHONPATH,
+    so Ray's workers load it the way they load any third-party plugin: that candidate fails, the others finish."""
+    site = tmp_path / "site"
+    (site / "explode_plugin-0.1.dist-info").mkdir(parents=True)
+    (site / "explode_plugin.py").write_text(EXPLODING_PLUGIN)
+    (site / "explode_plugin-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: explode-plugin\nVersion: 0.1\n")
+    (site / "explode_plugin-0.1.dist-info" / "entry_points.txt").write_text("[edge_orchestrator]\nexplode = explode_plugin\n")
+    profile = quick_profile(tmp_path, "raises", techniques=["explodes", "fp16"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "--profile", str(profile), "--trials", "3",
+                           "--out", str(tmp_path / "runs")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next((tmp_path / "runs").glob("*/results.json")).read_text())
+    failed = [c for c in results["candidates"] if c["status"] == "failed"]
+    assert len(failed) == 1 and "boom from a plugin" in failed[0]["error"], failed
+    assert len(ok(results["candidates"])) == 2  # the baseline and fp16 were measured all the same
+
+
+def _wait_for_candidates(proc, out_dir: Path, count: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with sqlite3.connect(store_path()) as conn:
+            row = conn.execute(
+                "SELECT r.id, COUNT(c.id) FROM runs r LEFT JOIN candidates c ON c.run_id = r.id "
+                "WHERE r.out_dir LIKE ? GROUP BY r.id", (str(out_dir) + "%",)).fetchone()
+        if row and row[1] >= count:
+            return row[0]
+        time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"the run never stored {count} candidates: {proc.communicate()[1][-2000:]}")
+
+
+def _ray_leftovers(ray_tmp: Path, wait_s: float = 20) -> list[str]:
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True).stdout.split()
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
+def test_resume_after_sigkill_finishes_without_repeating_trials(tmp_path, capsys):
+    """kill -9 of a real `orchestrate` process mid-run, then `orchestrate --resume RUN_ID`."""
+    profile = quick_profile(tmp_path, "resume-kill9")
+    out = tmp_path / "runs"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="eo-ray-", dir="/tmp"))  # short: Ray's unix socket paths
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    command = [sys.executable, "-m", "orchestrator", "--profile", str(profile), "--trials", "6", "--out", str(out)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_id = _wait_for_candidates(proc, out, 2, timeout=300)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert _ray_leftovers(ray_tmp) == [], "Ray processes outlived the killed driver"
+
+    before = RunStore(store_path()).get_run(run_id)
+    assert before["status"] == "running" and 2 <= len(before["candidates"]) < 6
+    kept = {c["id"]: c for c in before["candidates"]}
+    measurements = MeasurementCache().count()
+
+    resumed = subprocess.run([sys.executable, "-m", "orchestrator", "--resume", run_id[:24]], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming with {len(kept)} candidates kept" in resumed.stderr
+    after = RunStore(store_path()).get_run(run_id)
+    assert after["status"] == "finished"
+    keys = [pipeline_key(c["pipeline"]) for c in after["candidates"]]
+    assert len(after["candidates"]) == 6 and len(set(keys)) == 6, keys
+    for cid, record in kept.items():  # what was measured before the kill is kept as it was
+        again = next(c for c in after["candidates"] if c["id"] == cid)
+        assert again["pipeline"] == record["pipeline"] and again["model_sha256"] == record["model_sha256"]
+        assert again["metrics"]["latency_ms"] == record["metrics"]["latency_ms"]
+    # every new candidate was measured now; none of the kept ones was measured again
+    new_models = {c["model_sha256"] for c in ok(after["candidates"]) if c["id"] not in kept}
+    old_models = {c["model_sha256"] for c in ok(list(kept.values()))}
+    assert MeasurementCache().count() - measurements == len(new_models - old_models)
+    results = json.loads((Path(after["out_dir"]) / "results.json").read_text())
+    assert results["status"] == "finished" and results["best"] and len(results["candidates"]) == 6
+    assert (Path(after["out_dir"]) / "best.onnx").exists() and (Path(after["out_dir"]) / "report.html").exists()
+    assert _ray_leftovers(ray_tmp, wait_s=5) == []
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    # a finished run cannot be resumed; the reason is one line and exit code 2
+    assert main(["--resume", run_id]) == 2
+    assert "already finished" in capsys.readouterr().err
