@@ -32,8 +32,9 @@ from typing import NamedTuple
 import numpy as np
 
 from agents.sensors import (  # noqa: F401 - RaplSensor, SensorError: part of this module's API
-    GPU_PROVIDERS, MIN_POWER_SAMPLES, RaplSensor, SampledSensor, SensorError, discover_energy_sensor,
-    energy_sensor_names, estimated_energy, measured_energy, unavailable_energy,
+    GPU_PROVIDERS, MIN_POWER_SAMPLES, SYSFS_ROOT_ENV, RaplSensor, SampledSensor, SensorError,
+    discover_energy_sensor, energy_sensor_names, estimated_energy, measured_energy, read_int_file,
+    read_text_file, sys_path, unavailable_energy,
 )
 
 try:
@@ -55,7 +56,6 @@ SCHEMA_VERSION = 1
 MIN_TIMED_RUNS = 5
 NOISY_CV = 0.05
 STABLE_WINDOW = 10  # warm-up is stable when the CV of this many last runs is <= --stable-cv
-SYSFS_ROOT_ENV = "EDGE_AGENT_SYSFS_ROOT"
 
 ELEMENT_TYPES = {
     "tensor(float)": np.float32,
@@ -98,29 +98,6 @@ class AgentError(Exception):
 def one_line(text: object) -> str:
     """Collapse any message (e.g. a multi-line onnxruntime error) to one line."""
     return " ".join(str(text).split())
-
-
-def read_text_file(path: str) -> str | None:
-    """Return the stripped contents of a text file, or None if it cannot be read."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read().strip()
-    except (OSError, ValueError):
-        return None
-
-
-def read_int_file(path: str) -> int | None:
-    """Return the integer stored in a (sysfs) file, or None if unreadable or not an integer."""
-    text = read_text_file(path)
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
-        return None
-
-
-def sys_path(relative: str) -> str:
-    """Map an absolute sysfs path under the root given by $EDGE_AGENT_SYSFS_ROOT (default "/")."""
-    return os.path.join(os.environ.get(SYSFS_ROOT_ENV) or "/", relative.lstrip("/"))
 
 
 def file_sha256(path: str) -> str:

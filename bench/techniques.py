@@ -59,6 +59,8 @@ def _kd(width: float, depth: int, epochs: int = 10) -> dict[str, Any]:
             "params": {"width": width, "depth": depth, "temperature": 4.0, "alpha": 0.9, "epochs": epochs}}
 
 
+NAS = {"technique": "nas", "params": {"width": 0.5, "depth": 1, "kernel": 3, "epochs": 8}}
+NAS75 = {"technique": "nas", "params": {"width": 0.75, "depth": 2, "kernel": 3, "epochs": 8}}
 PS50 = _ps(0.5, 1)
 PS75 = _ps(0.75, 2)
 PM90 = {"technique": "prune-magnitude", "params": {"sparsity": 0.9, "scope": "global", "epochs": 1}}
@@ -87,6 +89,9 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
     ("distill 0.75x/1 + int8", [_kd(0.75, 1), INT8]),
     ("distill 0.5x/1 + int8", [_kd(0.5, 1), INT8]),
     ("distill 0.5x/2 + prune-structured 50% + int8", [_kd(0.5, 2), PS50, INT8]),
+    ("nas 0.5x width, 1 block, k3, 8 ep", [NAS]),
+    ("nas 0.75x width, 2 blocks, k3, 8 ep", [NAS75]),
+    ("nas 0.5x/1/k3 + int8", [NAS, INT8]),
 ]
 
 

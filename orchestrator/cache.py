@@ -193,6 +193,14 @@ class MeasurementCache:
                 (model_sha, dev_key, settings_key, device, json.dumps(result), time.time()),
             )
 
+    def for_device(self, device: str, settings_key: str, limit: int = 500) -> list[tuple[str, dict[str, Any]]]:
+        """(model sha256, result) of the newest measurements taken on a device with the given settings."""
+        with closing(connect(self.path)) as db:
+            rows = db.execute(
+                "SELECT model_sha256, result FROM measurements WHERE device = ? AND settings_key = ? "
+                "ORDER BY measured_at DESC LIMIT ?", (device, settings_key, limit)).fetchall()
+        return [(row["model_sha256"], json.loads(row["result"])) for row in rows]
+
     def count(self) -> int:
         """How many measurements are cached (tests and `runs` statistics)."""
         with closing(connect(self.path)) as db:

@@ -88,6 +88,14 @@ def bench_args(profile: Profile, pinned_cpu: int | None) -> list[str]:
     return args
 
 
+def settings_key(device: Device, profile: Profile) -> str:
+    """Key of what a measurement on `device` depends on besides the model: transport, protocol, threads, pinning."""
+    from orchestrator.cache import digest
+
+    return digest({"transport": device.transport, "bench": bench_args(profile, device.pinned_cpu),
+                   "emulation": profile.emulation.model_dump() if profile.emulation else None})
+
+
 class LocalTransport:
     """This machine as a device: the agent runs as a child process, one benchmark at a time."""
 
@@ -167,13 +175,11 @@ class DeviceLease:
 
     def _cache_keys(self, model_sha: str) -> tuple[str, str, str]:
         """(model, device, settings) keys of a measurement; the device's identity comes from its agent's `info`."""
-        from orchestrator.cache import device_key, digest
+        from orchestrator.cache import device_key
 
         if self._device_key is None:
             self._device_key = device_key(self.device.name, self.transport.info())
-        settings = digest({"transport": self.device.transport, "bench": bench_args(self.profile, self.device.pinned_cpu),
-                           "emulation": self.profile.emulation.model_dump() if self.profile.emulation else None})
-        return model_sha, self._device_key, settings
+        return model_sha, self._device_key, settings_key(self.device, self.profile)
 
     def measure(self, model_bytes: bytes) -> dict[str, Any]:
         """Benchmark a model on the leased device.

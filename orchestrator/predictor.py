@@ -148,11 +148,42 @@ def preview_candidate(registry: Any, task: Any, base_model: Any, pipeline: list[
     return model.SerializeToString()
 
 
-class PredictorService:
-    """Holds the run's latency predictor; a Ray actor on the driver, shared by all trials of a profile."""
+def past_points(devices: list[Any], profile: Any, percentile: str, limit: int = 300) -> list[tuple[dict[str, float], float]]:
+    """(features, latency) of the models measured on these devices with this profile's settings in earlier runs.
 
-    def __init__(self) -> None:
-        self.predictor = LatencyPredictor()
+    Read from the measurement cache, with each model's features computed from the model cache;
+    a model no longer in the model cache is skipped. This is what lets the predictor of a
+    device improve from run to run instead of starting from nothing.
+    """
+    from orchestrator.cache import MeasurementCache
+    from orchestrator.devices import settings_key
+    from orchestrator.paths import cache_dir
+
+    cache, models = MeasurementCache(), cache_dir("models")
+    points = []
+    for device in devices:
+        for sha, result in cache.for_device(device.name, settings_key(device, profile), limit):
+            path = models / f"{sha}.onnx"
+            latency = (result.get("latency_ms") or {}).get(percentile)
+            if latency is None or not path.exists():
+                continue
+            try:
+                points.append((onnx_features(path.read_bytes()), float(latency)))
+            except Exception:  # noqa: BLE001 - a model file that no longer parses: not a point
+                continue
+    return points
+
+
+class PredictorService:
+    """Holds the run's latency predictor; a Ray actor on the driver, shared by all trials of a profile.
+
+    `seed` holds earlier runs' measurements on the same device and settings (`past_points`).
+    """
+
+    def __init__(self, seed: list[tuple[dict[str, float], float]] | None = None) -> None:
+        self.predictor = LatencyPredictor(points=list(seed or []))
+        self.seeded = len(self.predictor.points)
+        self.predictor._fit()
 
     def predict(self, features: dict[str, float]) -> float | None:
         """Predicted latency (ms) at the profile's constraint percentile, or None while learning."""
@@ -164,4 +195,5 @@ class PredictorService:
 
     def quality(self) -> dict[str, Any]:
         """Share of predictions within ±10% of the measurement, and how many there were."""
-        return {**self.predictor.quality(), "measurements": len(self.predictor.points)}
+        return {**self.predictor.quality(), "measurements": len(self.predictor.points) - self.seeded,
+                "from_earlier_runs": self.seeded}

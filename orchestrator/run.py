@@ -162,9 +162,10 @@ def _search(options, profile, task, base, devices, device_info, remaining, trial
         sink = ray.remote(ModelSink).options(num_cpus=0, scheduling_strategy=here).remote(str(cache_dir("models")))
         predictor = None
         if any(hasattr(t, "architecture") for t in techniques):  # hardware-aware search is allowed
-            from orchestrator.predictor import PredictorService
+            from orchestrator.predictor import PredictorService, past_points
 
-            predictor = ray.remote(PredictorService).options(num_cpus=0, scheduling_strategy=here).remote()
+            seed = [] if options.fresh else past_points(devices, profile, profile.constraints.latency_percentile)
+            predictor = ray.remote(PredictorService).options(num_cpus=0, scheduling_strategy=here).remote(seed)
         payload = TrialPayload(task.name, base.state_dict_bytes, base.arch, profile, profile.search.seed,
                                pool, sink, remaining if searcher is None else None, avoid_cpu, predictor,
                                fresh=options.fresh)

@@ -140,7 +140,7 @@ def _predicted_too_slow(registry: Any, task: Any, base: Any, pipeline: Any, ctx_
         return None
     percentile = payload.profile.constraints.latency_percentile
     return (f"skipped before training: predicted latency {percentile} {predicted:.2f} ms > {limit:.2f} ms "
-            f"(latency predictor fitted on this run's measurements)", predicted)
+            f"(latency predictor fitted on this device's measurements)", predicted)
 
 
 def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, list[str]]) -> None:

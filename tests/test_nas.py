@@ -65,3 +65,37 @@ def test_predictor_learns_from_measurements_on_this_machine(tiny_task, local_dev
     assert quality["predictions"] == 6
     # On a noisy shared machine we only require the predictor to be useful, not exact:
     assert quality["median_relative_error"] < 0.5, quality
+
+
+def test_predictor_starts_from_earlier_runs_measurements_of_the_device(tiny_task, tiny_onnx):
+    """Measurements cached by a real lease on this machine seed the next run's predictor (same device, same settings)."""
+    from orchestrator.cache import measurements_path
+    from orchestrator.devices import DeviceLease, local_device
+    from orchestrator.paths import cache_dir
+    from orchestrator.predictor import PredictorService, past_points
+    from orchestrator.profile import load_profile
+    from orchestrator.search import ModelSink
+
+    profile = load_profile("device_profiles/x86-host.yaml").profile.model_copy(
+        update={"measurement": load_profile("device_profiles/x86-host.yaml").profile.measurement.model_copy(
+            update={"warmup_runs": 3, "runs": 30, "time_budget_s": 1})})
+    device = local_device()
+    device.name = "predictor-seed-test"
+    lease = DeviceLease(device, profile, None, str(measurements_path()))
+    sink = ModelSink(str(cache_dir("models")))
+    base = tiny_onnx()
+    models = [base.SerializeToString()]
+    for width in (0.5, 0.75, 1.5, 2.0):
+        arch = tiny_task.scaled_arch(width_mult=width)
+        models.append(export_onnx(tiny_task, tiny_task.build(arch).eval()))
+    for model in models:
+        sink.put(model)
+        assert "error" not in lease.measure(model)
+    points = past_points([device], profile, "p90")
+    assert len(points) == len(models)
+    service = PredictorService(points)
+    assert service.predict(onnx_features(models[1])) is not None  # predicts before this run measured anything
+    assert service.quality()["from_earlier_runs"] == len(models) and service.quality()["measurements"] == 0
+    other = local_device()
+    other.name = "another-device"
+    assert past_points([other], profile, "p90") == []  # another device's predictor starts from nothing
