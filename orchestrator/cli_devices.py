@@ -105,7 +105,8 @@ def register(name: str, host: str, port: int, user: str, key_path: str | None, p
 @devices.command("emulate")
 @click.argument("profile_path", metavar="PROFILE", type=click.Path(path_type=Path))
 @click.option("--mode", type=click.Choice(["user", "system"]), default="user", show_default=True,
-              help="QEMU user mode (the agent under qemu-aarch64-static), or the full-system VM (not built yet).")
+              help="QEMU user mode (the agent under qemu-aarch64-static), or a full-system VM reached over SSH "
+                   "(started in the background; it runs until `devices remove`).")
 @click.option("--name", callback=lambda ctx, param, value: value and _valid_name(ctx, param, value),
               help="Device name (default: emulated-<profile name>).")
 @click.option("--tag", "tags", multiple=True, help="A tag (repeatable).")
@@ -116,12 +117,26 @@ def emulate(profile_path: Path, mode: str, name: str | None, tags: tuple[str, ..
 
     \b
     orchestrate devices emulate device_profiles/rpi4.yaml        # registers emulated-rpi4
+    orchestrate devices emulate device_profiles/rpi4.yaml --mode system   # an arm64 VM over SSH
     """
     from orchestrator.fleet import emulate_device
 
     device, notes = emulate_device(profile_path, name, mode, sysroot, list(tags),
                                    log=lambda m: click.echo(m, err=True))
     extra = device.extra
+    if extra.get("mode") == "system":
+        click.echo(f"registered {device.name}: profile {device.profile}, emulated (QEMU full-system VM, "
+                   f"-cpu {extra['qemu_cpu']}, {extra['cores']} cores, {extra['memory_mb']} MB), "
+                   f"{device.user}@{device.host}:{device.port}")
+        click.echo(f"  host key {device.host_key.split()[0]} {device.host_key_fingerprint} pinned "
+                   "(generated on this host with the image)")
+        click.echo(f"  {_summary(device.info)}")
+        for note in notes:
+            click.echo(f"  note: {note}")
+        click.echo(f"  the VM (pid {extra['vm_pid']}, SSH answered {extra['ssh_seconds']} s after start) keeps running "
+                   f"in the background until `orchestrate devices remove {device.name}`; runs do not measure on it "
+                   "(its latency is the emulator's), it is for the SSH path end to end on an ARM stack")
+        return
     click.echo(f"registered {device.name}: profile {device.profile}, emulated (QEMU {extra['mode']} mode, "
                f"-cpu {device.info.get('qemu_cpu') or extra['qemu_cpu']})")
     click.echo(f"  {_summary(device.info)}")
@@ -155,7 +170,7 @@ def list_devices(profile_name: str | None, as_json: bool) -> None:
     deployed = deployment_columns(rows)  # the rollout's columns (orchestrator/cli_deploy.py)
     for d in rows:
         status = {"online": "[green]online[/green]", "offline": "[red]offline[/red]"}.get(d.status, f"[red]{d.status}[/red]")
-        table.add_row(d.name, d.profile, d.address, f"{d.arch or '-'}{' (emulated)' if d.emulated else ''}",
+        table.add_row(d.name, d.profile, d.address, f"{d.arch or '-'}{' (emulated)' if d.emulated or d.emulated_vm else ''}",
                       status, _ago(d.last_seen),
                       *deployed[d.name], ", ".join(d.tags) or "-")
     out_console().print(table)
@@ -233,7 +248,8 @@ def probe(ctx: click.Context, names: tuple[str, ...]) -> None:
 @devices.command("remove")
 @click.argument("name")
 def remove(name: str) -> None:
-    """Forget a device (the agent's folder on a real device is left as it is; an emulated one's view goes)."""
+    """Forget a device (the agent's folder on a real device is left as it is; an emulated one's view goes,
+    an emulated VM is stopped)."""
     from orchestrator.fleet import remove_device
 
     click.echo(remove_device(name))

@@ -203,9 +203,10 @@ def emulate_device(profile_path: str | Path, name: str | None = None, mode: str 
     if profile.emulation is None:
         raise EmulationUnavailable(f"profile {profile.name!r} ({profile_path}) has no emulation section: "
                                    "nothing says which board to emulate")
+    if mode == "system":
+        return emulate_system_device(profile_path, name, tags, registry, log)
     if mode != "user":
-        raise EmulationUnavailable(f"--mode {mode}: the full-system VM is not built yet (docs/emulation.md, "
-                                   "'Full-system VM'); use --mode user")
+        raise EmulationUnavailable(f"--mode {mode}: unknown (user or system)")
     if qemu_binary() is None:
         raise EmulationUnavailable("qemu-aarch64-static is not installed (apt-get install qemu-user-static)")
     name = name or f"emulated-{profile.name}"
@@ -242,11 +243,116 @@ def emulate_device(profile_path: str | Path, name: str | None = None, mode: str 
     return stored, notes
 
 
+def emulated_vm_dir(name: str) -> Path:
+    """The run folder of a registered full-system VM (vm.json, console.log), removed with it."""
+    return state_dir() / "emulated" / "vms" / name
+
+
+def emulate_system_device(profile_path: str | Path, name: str | None = None, tags: list[str] | None = None,
+                          registry: DeviceRegistry | None = None, log: Callable[[str], None] | None = None,
+                          image: str | Path | None = None,
+                          boot_timeout_s: float | None = None) -> tuple[RegisteredDevice, list[str]]:
+    """Build (or reuse) the full-system VM image, start the VM in the background, register it as an SSH device.
+
+    The VM keeps running after this returns (its pid is in the row's `extra`); `remove_device`
+    stops it. Its host key was generated on this host when the image was built, so it is pinned
+    by fingerprint, never trusted on first use. Raises EmulationUnavailable or DeviceRefused.
+    """
+    from orchestrator.qemu import qemu_cpu_models, resolve_qemu_cpu
+    from orchestrator.qemu_build import SysrootBuildError
+    from orchestrator.qemu_system import (
+        BOOT_TIMEOUT_S, GUEST_PYTHON, GUEST_USER, QemuSystemVM, build_system_image, qemu_system_binary)
+    from orchestrator.ssh import SshTransport
+
+    registry = registry or DeviceRegistry()
+    loaded = load_profile(profile_path)
+    profile, emu = loaded.profile, loaded.profile.emulation
+    if emu is None:
+        raise EmulationUnavailable(f"profile {profile.name!r} ({profile_path}) has no emulation section: "
+                                   "nothing says which board to emulate")
+    binary = qemu_system_binary()
+    if binary is None:
+        raise EmulationUnavailable("qemu-system-aarch64 is not installed (apt-get install qemu-system-arm)")
+    name = name or f"emulated-{profile.name}"
+    if any(d.name == name for d in registry.list()):
+        raise DeviceRefused(f"a device named {name!r} is already registered (orchestrate devices remove {name} first)")
+    try:
+        qemu_cpu, cpu_note = resolve_qemu_cpu(emu.qemu_cpu, qemu_cpu_models(binary))
+    except MeasurementError as exc:
+        raise EmulationUnavailable(str(exc)) from None
+    try:
+        built = Path(image) if image is not None else build_system_image(log=log)
+    except SysrootBuildError as exc:
+        raise EmulationUnavailable(f"cannot build the VM image: {exc}") from None
+    run_dir = emulated_vm_dir(name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    vm = QemuSystemVM(built, run_dir, qemu_cpu, emu.cores, emu.memory_mb)
+    if log:
+        log(f"starting the VM (qemu-system-aarch64 -cpu {qemu_cpu} -smp {emu.cores} -m {emu.memory_mb}, no KVM); "
+            "waiting for its sshd")
+    try:
+        vm.start(boot_timeout_s or BOOT_TIMEOUT_S)
+    except SysrootBuildError as exc:
+        raise EmulationUnavailable(f"emulated device {name!r}: {exc}") from None
+    try:
+        fit, notes = emulated_fit_profile(profile)
+        if cpu_note:
+            notes.append(cpu_note)
+        reg = Registration(name=name, host="127.0.0.1", port=vm.port, user=GUEST_USER, key_path=str(vm.client_key),
+                           profile_path=str(profile_path), tags=list(tags or []), python=GUEST_PYTHON,
+                           host_key_fingerprint=vm.host_key_fingerprint, connect_timeout_s=60.0)
+        host_key, _ = pin_host_key(reg, lambda question: False)  # by fingerprint: nothing is asked
+        device = RegisteredDevice(
+            name=name, host=reg.host, port=reg.port, user=reg.user, key_path=reg.key_path, host_key=host_key,
+            profile=profile.name, profile_path=str(Path(profile_path).resolve()), tags=list(reg.tags),
+            python=reg.python, remote_dir=reg.remote_dir,
+            extra={"emulated": True, "mode": "system", "qemu_cpu": qemu_cpu, "cores": emu.cores,
+                   "memory_mb": emu.memory_mb, "image": str(built), "vm_dir": str(run_dir), "vm_pid": vm.pid,
+                   "ssh_seconds": vm.ssh_seconds},
+        )
+        target = device.target()
+        target.connect_timeout_s = reg.connect_timeout_s
+        transport = SshTransport(Device(name=name, transport="ssh", arch="aarch64", ssh=target))
+        try:
+            info = transport.info()
+        finally:
+            transport.close()
+        problems = check_fit(info, fit)
+        if problems:
+            raise DeviceRefused(f"emulated device {name!r} does not fit profile {profile.name!r}: "
+                                f"{'; '.join(problems)}; not registered")
+        device.info, device.arch, device.last_seen = {**info, "emulated": True, "qemu_mode": "system",
+                                                      "qemu_cpu": qemu_cpu}, info.get("arch"), time.time()
+        registry.add(device)
+    except BaseException:
+        vm.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return device, notes
+
+
+def _stop_vm(device: RegisteredDevice) -> str:
+    """Stop a registered full-system VM by its recorded pid (checked to be its qemu); what was done."""
+    from orchestrator.qemu_system import QemuSystemVM, VmError
+
+    run_dir = Path(device.extra.get("vm_dir") or emulated_vm_dir(device.name))
+    try:
+        vm = QemuSystemVM.attach(run_dir)
+    except VmError:
+        return "its VM was not recorded"
+    stopped = vm.stop()
+    if run_dir.resolve().parent == (state_dir() / "emulated" / "vms").resolve():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return "its VM (pid {}) stopped".format(device.extra.get("vm_pid")) if stopped else "its VM was not running"
+
+
 def remove_device(name: str, registry: DeviceRegistry | None = None) -> str:
-    """Forget a device; an emulated one's own files (its device view) go with it. Returns what was done."""
+    """Forget a device; an emulated one's own files (its device view) go with it, a VM is stopped. What was done."""
     registry = registry or DeviceRegistry()
     device = registry.get(name)
     registry.remove(name)
+    if device.emulated_vm:
+        return f"removed {name}: {_stop_vm(device)} (the cached VM image stays)"
     if not device.emulated:
         return f"removed {name} (its files under {device.remote_dir} on {device.host} are left in place)"
     view = Path(device.extra.get("view") or emulated_view_dir(name))
@@ -281,7 +387,8 @@ def probe_device(name: str, registry: DeviceRegistry | None = None) -> tuple[Reg
     problems = []
     if Path(device.profile_path).is_file():
         profile = load_profile(device.profile_path).profile
-        problems = check_fit(info, emulated_fit_profile(profile)[0] if device.emulated else profile)
+        emulated = device.emulated or device.emulated_vm
+        problems = check_fit(info, emulated_fit_profile(profile)[0] if emulated else profile)
     return registry.get(name), problems
 
 
@@ -298,6 +405,9 @@ def reachable_devices(profile_name: str, registry: DeviceRegistry) -> tuple[list
     registered = registry.list(profile_name)
 
     def check(device: RegisteredDevice) -> str | None:
+        if device.emulated_vm:  # its latency is the emulator's: a run would take it for the board's
+            return (f"device {device.name!r} is a full-system emulated VM: runs do not measure on it "
+                    "(its latency is not the board's; docs/emulation.md)")
         if device.emulated:
             try:
                 _agent_transport(device)

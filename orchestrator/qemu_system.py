@@ -63,12 +63,12 @@ from orchestrator.qemu_build import (
     write_apt_config,
 )
 
-SYSTEM_RECIPE_VERSION = 1
+SYSTEM_RECIPE_VERSION = 2
 QEMU_SYSTEM_BINARY = "qemu-system-aarch64"
 KERNEL_PACKAGE = "linux-image-arm64"
 ROOTFS_PACKAGES = ("openssh-server", "busybox-static")
 # In load order of intent; each one's dependencies are loaded first. Built-in ones are skipped.
-REQUIRED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4")
+REQUIRED_MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "crc32c_generic", "ext4")  # ext4 needs crc32c
 OPTIONAL_MODULES = ("virtio_rng", "9pnet_virtio", "9p")
 GUEST_ADDRESS, GUEST_GATEWAY, GUEST_DNS = "10.0.2.15/24", "10.0.2.2", "10.0.2.3"
 GUEST_USER = "root"
@@ -135,12 +135,16 @@ def _modname(path: str) -> str:
 
 
 def module_depends(ko: Path) -> list[str]:
-    """The `depends=` of a kernel module's .modinfo (names, normalised with '_')."""
+    """The `depends=` of a kernel module's .modinfo, then its `softdep=pre:` names (normalised with '_')."""
     data = ko.read_bytes()
+    names = []
     match = re.search(rb"(?:^|\x00)depends=([^\x00]*)\x00", data)
-    if not match or not match.group(1):
-        return []
-    return [d.replace("-", "_") for d in match.group(1).decode().split(",") if d]
+    if match and match.group(1):
+        names += [d.replace("-", "_") for d in match.group(1).decode().split(",") if d]
+    soft = re.search(rb"(?:^|\x00)softdep=pre:([^\x00]*?)(?: post:[^\x00]*)?\x00", data)
+    if soft:
+        names += ["?" + d.replace("-", "_") for d in soft.group(1).decode().split()]  # optional: may be an alias
+    return names
 
 
 def modules_in_load_order(moddir: Path, wanted: tuple[str, ...], required: tuple[str, ...] = REQUIRED_MODULES
@@ -164,6 +168,10 @@ def modules_in_load_order(moddir: Path, wanted: tuple[str, ...], required: tuple
             return False
         seen.add(name)
         for dep in module_depends(files[name]):
+            if dep.startswith("?"):  # a soft dependency (an alias such as crc32c -> crc32c_generic): when found
+                dep = dep[1:]
+                visit(dep, (*chain, name)) or visit(f"{dep}_generic", (*chain, name))
+                continue
             if not visit(dep, (*chain, name)):
                 raise SysrootBuildError(f"kernel module {dep} (needed by {' -> '.join((*chain, name))}) not found")
         order.append(files[name])
@@ -200,7 +208,7 @@ mount -t devtmpfs devtmpfs /dev
 for m in $(cat /modules.load); do insmod /lib/modules/$m || echo "initramfs: insmod $m failed"; done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-if ! mount -t ext4 -o rw /dev/vda /newroot; then echo "initramfs: cannot mount /dev/vda"; exec sh; fi
+if ! mount -t ext4 -o rw /dev/vda /newroot; then echo "initramfs: cannot mount /dev/vda"; poweroff -f; fi
 umount /proc /sys
 mount --move /dev /newroot/dev
 exec switch_root /newroot /sbin/init

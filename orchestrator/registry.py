@@ -96,6 +96,11 @@ class RegisteredDevice:
         return self.transport == "qemu"
 
     @property
+    def emulated_vm(self) -> bool:
+        """A full-system QEMU VM (`devices emulate --mode system`): reached over SSH like a board, but emulated."""
+        return self.transport == "ssh" and self.extra.get("mode") == "system"
+
+    @property
     def host_key_fingerprint(self) -> str | None:
         """The pinned host key's SHA256 fingerprint (None for an emulated device)."""
         return key_fingerprint(self.host_key) if self.host_key else None
@@ -123,7 +128,8 @@ class RegisteredDevice:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, with the host key's fingerprint (None when emulated) and whether it is emulated."""
-        return {**asdict(self), "host_key_fingerprint": self.host_key_fingerprint, "emulated": self.emulated}
+        return {**asdict(self), "host_key_fingerprint": self.host_key_fingerprint,
+                "emulated": self.emulated or self.emulated_vm}
 
 
 class DeviceRegistry:
