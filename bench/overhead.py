@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.search_common import (  # noqa: E402
-    X86, TimedRun, check, machine, median, now, private_home, profile_variant, timed_run, update_doc, work_s,
+    X86, TimedRun, caption, check, machine, median, now, private_home, profile_variant, timed_run, update_doc, work_s,
     write_result,
 )
 
@@ -91,9 +91,7 @@ def workloads(folder: Path, quick: bool) -> dict[str, tuple[Any, int]]:
 
 def table(result: dict[str, Any]) -> str:
     """The printed summary."""
-    m = result["machine"]
-    lines = [f"{result['date']}, {m['cpu']}, {m['cores']} cores, load average at start "
-             f"{m['load_average_at_start'][0]:.2f}{', QUICK (smoke) run' if result['quick'] else ''}", "",
+    lines = [caption(result), "",
              "| workload | candidates | work s | trials s | window s x slots | per trial | per worker slot "
              "| end to end |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, runs in result["runs"].items():

@@ -44,7 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.search_common import (  # noqa: E402
-    TimedRun, check, machine, median, now, private_home, profile_variant, space_size, timed_run, update_doc,
+    TimedRun, caption, check, machine, median, now, private_home, profile_variant, space_size, timed_run, update_doc,
     write_result,
 )
 
@@ -156,9 +156,7 @@ def _progress(line: str) -> None:
 
 def table(result: dict[str, Any]) -> str:
     """The printed summary."""
-    m = result["machine"]
-    lines = [f"{result['date']}, {m['cpu']}, {m['cores']} cores, load average at start "
-             f"{m['load_average_at_start'][0]:.2f}{', QUICK (smoke) run' if result['quick'] else ''}",
+    lines = [caption(result),
              "", "| experiment | configuration | candidates/min (median) | end to end /min | per repetition |",
              "| --- | --- | ---: | ---: | --- |"]
     for name in ("workers", "devices"):

@@ -65,6 +65,25 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "ray": ray.__version__}
 
 
+def caption(result: dict[str, Any]) -> str:
+    """The first line of a benchmark's figures: when, where, how loaded; a quick run and a busy machine say so."""
+    m = result["machine"]
+    quick = ", QUICK (smoke) run" if result.get("quick") else ""
+    return (f"Measured {result['date']} on {m['cpu']}, {m['cores']} cores, load average at the start "
+            f"{m['load_average_at_start'][0]:.2f}{quick}.{busy_note(result)}")
+
+
+def busy_note(result: dict[str, Any]) -> str:
+    """A warning line when other work loaded the machine at the start or the end, else ''."""
+    cores = result["machine"]["cores"] or 1
+    start = result["machine"]["load_average_at_start"][0]
+    end = (result.get("load_average_at_end") or [0.0])[0]
+    if max(start, end) <= 0.5 * cores:
+        return ""
+    return (f"\nWARNING: the machine was busy (load average {start:.1f} at the start, {end:.1f} at the end, "
+            f"{cores} cores): other work shared the CPUs, so these figures are not representative.")
+
+
 def write_result(name: str, result: dict[str, Any], out: Path | None = None) -> Path:
     """Write `result` (date and machine first) to bench/results/<name>.json, or `out`."""
     path = out or RESULTS / f"{name}.json"

@@ -45,7 +45,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.search_common import (  # noqa: E402
-    check, machine, median, now, private_home, profile_variant, space_size, timed_run, update_doc, write_result,
+    caption, check, machine, median, now, private_home, profile_variant, space_size, timed_run, update_doc,
+    write_result,
 )
 
 TARGET_SHARE = 0.25
@@ -189,9 +190,8 @@ def pct(value: float) -> str:
 
 def table(result: dict[str, Any]) -> str:
     """The printed summary."""
-    m, size = result["machine"], result["space"]
-    lines = [f"{result['date']}, {m['cpu']}, {m['cores']} cores, load average at start "
-             f"{m['load_average_at_start'][0]:.2f}{', QUICK (smoke) run' if result['quick'] else ''}",
+    size = result["space"]
+    lines = [caption(result),
              f"space: {size} candidates ({', '.join(result['profile']['techniques'])}); grid pick "
              f"{result['grid']['pick']['id']}; each search's budget {result['budget']} "
              f"({100 * result['budget'] / size:.0f}% of the grid)", "",

@@ -7,6 +7,8 @@
 #
 # It stops only the two `ray start --block` processes it started (by pid; each takes its
 # node's processes down with it), never `ray stop`, which would end every Ray on the machine.
+# The cluster uses token authentication with a token of its own (in its temporary folder),
+# so it neither reads nor makes ~/.ray/auth_token.
 # Environment: EDGE_ORCHESTRATOR_HOME (default: a new temporary folder; the digits base model
 # is then trained first, about 1.5 minutes on 2 cores), NUM_CPUS per node (default 1),
 # RAY_PORT (default: a free port).
@@ -16,6 +18,8 @@ RAY="$REPO/.venv/bin/ray"
 WORK="$(mktemp -d /tmp/eo-ray-try-XXXXXX)"
 export EDGE_ORCHESTRATOR_HOME="${EDGE_ORCHESTRATOR_HOME:-$WORK/state}"
 export RAY_USAGE_STATS_ENABLED=0
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$WORK/auth_token"
+(umask 077; "$REPO/.venv/bin/python" -c "import secrets; print(secrets.token_hex(32))" >"$RAY_AUTH_TOKEN_PATH")
 NUM_CPUS="${NUM_CPUS:-1}"
 RAY_PORT="${RAY_PORT:-$("$REPO/.venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 pids=()
@@ -26,20 +30,24 @@ stop_nodes() {
     echo "stopped the head and the worker (logs in $WORK)"
 }
 trap stop_nodes EXIT
+trap "exit 130" INT TERM
 
 echo "head on 127.0.0.1:$RAY_PORT, session folders and logs in $WORK"
 "$RAY" start --head --block --node-ip-address=127.0.0.1 --port="$RAY_PORT" --num-cpus="$NUM_CPUS" \
     --include-dashboard=false --disable-usage-stats --temp-dir="$WORK/head" >"$WORK/head.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 60); do  # until the head answers
-    "$RAY" status --address="127.0.0.1:$RAY_PORT" >/dev/null 2>&1 && break
+for _ in $(seq 30); do  # until the head answers
+    timeout 30 "$RAY" status --address="127.0.0.1:$RAY_PORT" >/dev/null 2>&1 && break
+    kill -0 "${pids[0]}" 2>/dev/null || { echo "the head did not start; see $WORK/head.log" >&2; exit 1; }
     sleep 2
 done
 "$RAY" start --block --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --num-cpus="$NUM_CPUS" \
     --disable-usage-stats --temp-dir="$WORK/worker" >"$WORK/worker.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 60); do  # until both nodes are in
-    nodes=$("$REPO/.venv/bin/python" - "127.0.0.1:$RAY_PORT" <<'PY' 2>/dev/null || echo 0
+nodes=0
+for _ in $(seq 30); do  # until both nodes are in
+    kill -0 "${pids[1]}" 2>/dev/null || { echo "the worker did not start; see $WORK/worker.log" >&2; exit 1; }
+    nodes=$(timeout 60 "$REPO/.venv/bin/python" - "127.0.0.1:$RAY_PORT" <<'PY' 2>/dev/null || echo 0
 import logging, sys, ray
 ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)
 print(sum(1 for n in ray.nodes() if n["Alive"]))
