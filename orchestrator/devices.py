@@ -83,6 +83,8 @@ def bench_args(profile: Profile, pinned_cpu: int | None) -> list[str]:
         "--power-idle-w", str(p.idle_watts), "--power-active-w", str(p.active_watts),
         "--power-cores", str(profile.hardware.cores),
     ]
+    if m.warmup_until_stable:
+        args.append("--warmup-until-stable")
     if pinned_cpu is not None:
         args += ["--pin-cpu", str(pinned_cpu)]
     return args

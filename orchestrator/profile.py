@@ -97,6 +97,10 @@ class Measurement(_Strict):
     """The agent's measurement protocol."""
 
     warmup_runs: int = Field(default=20, ge=0)
+    warmup_until_stable: bool = Field(
+        default=False,
+        description="after warmup_runs, go on warming up until the last 10 runs vary by at most 5% (CV), "
+                    "within time_budget_s; else exactly warmup_runs")
     runs: int = Field(default=200, gt=0)
     time_budget_s: float = Field(default=10.0, gt=0, description="stop timed runs early after this long")
     batch_size: int = Field(default=1, gt=0)

@@ -179,6 +179,8 @@ def emulated_bench_args(profile: Profile, pinned_cpu: int | None = None, host_cp
         caps["--threads"] = min(threads, host_cpus) if threads > 0 else host_cpus
     for flag, value in caps.items():
         args[args.index(flag) + 1] = str(value)
+    if "--warmup-until-stable" in args:  # emulated timings are not the board's: no point waiting for them to settle
+        args.remove("--warmup-until-stable")
     return args
 
 
