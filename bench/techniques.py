@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         accuracy = evaluate_onnx(task, onnx_bytes, data["eval"])
         models[name] = onnx_bytes
         training = sum(v for k, v in info["build_seconds"].items() if "." not in k and k != "export"
-                       and registry.technique(k).stage == "training")
+                       and registry.technique(k).stage in ("training", "architecture"))
         built[name] = {"name": name, "pipeline": pipeline, "params": params, "size_bytes": len(onnx_bytes),
                        "compressed_size_bytes": info["compressed_size_bytes"], "accuracy": accuracy,
                        "build_seconds": info["build_seconds"], "training_seconds": training}
