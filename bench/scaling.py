@@ -184,9 +184,10 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"WARNING: {name}: candidates failed, the ratio is not valid: {'; '.join(failed)}")
         c = result[name]["comparison"]
         verdict = f" (target >= {c['target']}: {check(c['met'])})" if "target" in c else ""
+        measuring = (f"; between the first and the last timed run on a device: {c['median_ratio_measuring']:.2f}x"
+                     if name == "devices" else "")
         lines.append(f"{name}: {c['high']} / {c['low']} = {c['median_ratio']:.2f}x, median of paired ratios "
-                     f"{c['ratios']}{verdict}; between the first and the last timed run on a device: "
-                     f"{c['median_ratio_measuring']:.2f}x")
+                     f"{c['ratios']}{verdict}{measuring}")
     return "\n".join(lines)
 
 

@@ -321,7 +321,7 @@ def make_searcher(candidates: list[Candidate], trials: int, seed: int,
         storage=_warm_storage(prior, labels, choices) if prior else None,
         study_name=STUDY_NAME,
     )
-    return searcher, {}, 2 * trials + 2, labels
+    return searcher, {}, 4 * trials + 8, labels
 
 
 def recording_callback(on_candidate: Callable[[dict[str, Any]], None], target: int | None = None,
