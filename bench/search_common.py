@@ -74,11 +74,15 @@ def caption(result: dict[str, Any]) -> str:
 
 
 def busy_note(result: dict[str, Any]) -> str:
-    """A warning line when other work loaded the machine at the start or the end, else ''."""
+    """A warning line when other work loaded the machine, else ''.
+
+    The load at the start is other work's; at the end it includes the benchmark's own (it keeps
+    every core busy), so only an end load above the cores counts as someone else's.
+    """
     cores = result["machine"]["cores"] or 1
     start = result["machine"]["load_average_at_start"][0]
     end = (result.get("load_average_at_end") or [0.0])[0]
-    if max(start, end) <= 0.5 * cores:
+    if start <= 0.5 * cores and end <= cores + 0.5:
         return ""
     return (f"\nWARNING: the machine was busy (load average {start:.1f} at the start, {end:.1f} at the end, "
             f"{cores} cores): other work shared the CPUs, so these figures are not representative.")
