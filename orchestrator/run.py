@@ -151,6 +151,9 @@ def _search(options, profile, task, base, devices, device_info, remaining, trial
         from ray import tune
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        if options.ray_address:  # a cluster: as many trials at once as it has CPUs, not this machine
+            concurrency = max(1, int(ray.cluster_resources().get("CPU", concurrency)))
+
         # The leases, the pool in front of them and the model sink stay on this node: it holds
         # the registry, the caches and the network path to the devices.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
