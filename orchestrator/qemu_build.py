@@ -222,20 +222,26 @@ def write_apt_config(work: Path, suite: str, mirror: str | None = None) -> Path:
     return conf
 
 
-def _download_debs(work: Path, recipe: SysrootRecipe, log: Callable[[str], None]) -> list[Path]:
+def apt_download(work: Path, suite: str, packages: list[str] | tuple[str, ...],
+                 log: Callable[[str], None]) -> tuple[list[Path], dict[str, str]]:
+    """Download arm64 .debs of `packages` and their dependencies with a private apt configuration in `work`.
+
+    Returns the .deb files and the environment that points apt at that configuration (for more
+    apt commands in the same folder).
+    """
     if not Path(DEBIAN_KEYRING).exists():
         raise SysrootBuildError(f"{DEBIAN_KEYRING} is missing: apt-get install debian-archive-keyring")
-    conf = write_apt_config(work, recipe.suite)
+    conf = write_apt_config(work, suite)
     env = {**os.environ, "APT_CONFIG": str(conf), "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
     log(f"apt-get update (bookworm arm64, private configuration in {conf.parent})")
     _run(["apt-get", "-q", "update", "-o", "APT::Update::Error-Mode=any"], "apt-get update (arm64)", env, download=True)
-    log(f"apt-get install --download-only {' '.join(recipe.packages)}")
-    _run(["apt-get", "-q", "-y", "install", "--download-only", "--no-install-recommends", *recipe.packages],
+    log(f"apt-get install --download-only {' '.join(packages)}")
+    _run(["apt-get", "-q", "-y", "install", "--download-only", "--no-install-recommends", *packages],
          "apt-get install --download-only (arm64)", env, download=True)
     debs = sorted((work / "apt" / "cache" / "archives").glob("*.deb"))
     if not debs:
         raise SysrootDownloadError("apt-get downloaded no .deb for arm64")
-    return debs
+    return debs, env
 
 
 def _download_wheels(work: Path, recipe: SysrootRecipe, log: Callable[[str], None]) -> list[Path]:
@@ -327,7 +333,7 @@ def _compile_bytecode(root: Path) -> None:
 
 
 def _build_into(root: Path, work: Path, recipe: SysrootRecipe, log: Callable[[str], None]) -> dict:
-    debs = _download_debs(work, recipe, log)
+    debs, _ = apt_download(work, recipe.suite, recipe.packages, log)
     wheels = _download_wheels(work, recipe, log)
     log(f"dpkg -x {len(debs)} packages")
     root.mkdir()

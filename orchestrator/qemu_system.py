@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import signal
@@ -57,10 +56,10 @@ from orchestrator.qemu_build import (
     _merge_tree,
     _run,
     _usr_merge,
+    apt_download,
     build_sysroot,
     default_sysroot_dir,
     read_manifest,
-    write_apt_config,
 )
 
 SYSTEM_RECIPE_VERSION = 2
@@ -278,14 +277,7 @@ def key_fingerprint_of(pub: Path) -> str:
 
 def _download(work: Path, recipe: SystemImageRecipe, log: Callable[[str], None]) -> tuple[list[Path], Path]:
     """(the rootfs packages' .debs with dependencies, the kernel's .deb), by a private arm64 apt configuration."""
-    conf = write_apt_config(work, recipe.sysroot.suite)
-    env = {**os.environ, "APT_CONFIG": str(conf), "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
-    log(f"apt-get update (bookworm arm64, private configuration in {conf.parent})")
-    _run(["apt-get", "-q", "update", "-o", "APT::Update::Error-Mode=any"], "apt-get update (arm64)", env, download=True)
-    log(f"apt-get install --download-only {' '.join(recipe.packages)}")
-    _run(["apt-get", "-q", "-y", "install", "--download-only", "--no-install-recommends", *recipe.packages],
-         "apt-get install --download-only (arm64)", env, download=True)
-    debs = sorted((work / "apt" / "cache" / "archives").glob("*.deb"))
+    debs, env = apt_download(work, recipe.sysroot.suite, recipe.packages, log)
     depends = _run(["apt-cache", "depends", recipe.kernel], f"apt-cache depends {recipe.kernel}", env, download=True)
     names = [ln.split(":", 1)[1].strip() for ln in depends.splitlines()
              if ln.strip().startswith("Depends:") and "linux-image-" in ln]
