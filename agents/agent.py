@@ -587,6 +587,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         "providers_requested": requested,
         "threads": {"intra_op": args.threads, "inter_op": args.inter_op_threads},
         "pinned_cpu": pinned,
+        "niceness": os.nice(0),  # a niced agent is preempted by whatever else runs on the device
         "energy": energy,
         "cpu_governor": cpu_governor(),
         "thermal": read_thermal(),

@@ -18,6 +18,13 @@ the base model, the data split and the calibration, which must stay as they are 
 caches to answer, so the benchmark wraps `orchestrator.search.make_searcher` to pass
 another seed to `TPESampler` (and checks that the wrapper was used).
 
+The profile's pick uses `objective.tie_within` (`--tie`, 3%): latencies within 3% of the
+fastest feasible one are a tie, which goes to the more accurate candidate. Without it the pick
+is the fastest, however close the next one is: among variants of one technique whose
+latencies differ by less than the measurement's noise, which one that is changes from one
+measurement to the next, and no sampler can learn it. Both picks are printed (the searches
+are the same; only the selection over the grid differs).
+
 Also printed: evaluations until a candidate that is as good as the pick within the
 measurement's noise (feasible, objective within `--tolerance` of the pick's), and what
 uniform random sampling would need on average to find the pick ((N + 1) / 2).
@@ -35,6 +42,7 @@ Writes bench/results/search_efficiency.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -66,11 +74,11 @@ class SamplerSeed:
         self.used: list[int] = []
 
     def __enter__(self) -> SamplerSeed:
-        def make_searcher(candidates, trials, seed, prior=None):  # noqa: ANN001, ANN202 (same signature)
+        def make_searcher(candidates, trials, seed, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
             if self.seed is not None:
                 seed = self.seed
                 self.used.append(seed)
-            return self.original(candidates, trials, seed, prior)
+            return self.original(candidates, trials, seed, *args, **kwargs)
 
         self.module.make_searcher = make_searcher
         return self
@@ -94,88 +102,34 @@ def label(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The grid, then one search per seed; print the table, write the JSON."""
+    """For each objective: the grid, then one search per seed; print the tables, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 30 graph-stage candidates, 2 seeds")
     parser.add_argument("--seeds", type=int, help="sampler seeds (default 5; 2 with --quick)")
+    parser.add_argument("--objectives", default="size_bytes,latency_p50",
+                        help="the profile objectives to run, comma-separated (default: size_bytes,latency_p50)")
     parser.add_argument("--budget", type=float, default=0.5,
                         help="each search's trial budget as a share of the space (below 1: Optuna, not grid)")
     parser.add_argument("--tolerance", type=float, default=0.03,
                         help="'as good as the pick': feasible and objective within this share of the pick's")
+    parser.add_argument("--tie", type=float, default=0.03,
+                        help="the profile's objective.tie_within: values within this share of the best tie "
+                             "and the more accurate candidate is the pick (0: the best, however close)")
+    parser.add_argument("--remeasure", type=int, default=3,
+                        help="latency objective: measure the pick and the next two feasible candidates this many "
+                             "times more each, to show the run-to-run noise (0: skip)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the figures in docs/scaling.md")
     parser.add_argument("--out", type=Path, help="results file (default bench/results/search_efficiency.json)")
     args = parser.parse_args(argv)
     seeds = list(range(1, 1 + (args.seeds or (2 if args.quick else 5))))
     private_home()
 
-    from orchestrator.selection import metric_value, select
-
-    result: dict[str, Any] = {"schema_version": 1, "date": now(), "machine": machine(), "quick": args.quick}
+    result: dict[str, Any] = {"schema_version": 2, "date": now(), "machine": machine(), "quick": args.quick,
+                              "objectives": {}}
     with tempfile.TemporaryDirectory(prefix="eo-bench-efficiency-") as tmp:
-        loaded = profile_variant(
-            Path(tmp), "bench-search-efficiency",
-            search={"techniques": QUICK_TECHNIQUES if args.quick else FULL_TECHNIQUES, "max_pipeline_length": 1,
-                    "time_budget_s": 7200, "seed": 0},
-            measurement={"warmup_runs": 10, "runs": 200, "time_budget_s": 2.0})
-        profile = loaded.profile
-        size = space_size(loaded)
-        budget = min(size - 1, max(2, math.ceil(args.budget * size)))
-        print(f"grid: {size} candidates ({', '.join(profile.search.techniques)}) ...", file=sys.stderr, flush=True)
-        grid = timed_run(loaded, trials=size, num_cpus=2)
-        if len(grid.records) != size or grid.status != "finished":
-            raise SystemExit(f"the grid search did not cover the space: {len(grid.records)}/{size}, {grid.status}: "
-                             f"{grid.error}")
-        selection = select(grid.records, profile)
-        pick = selection.best
-        feasible = {key(c) for c in selection.feasible}
-        metric, maximize = profile.objective.metric, profile.objective.goal == "maximize"
-        pick_value = metric_value(pick, metric)
-        limit = pick_value * (1 - args.tolerance) if maximize else pick_value * (1 + args.tolerance)
-        good = {key(c) for c in selection.feasible
-                if (metric_value(c, metric) >= limit if maximize else metric_value(c, metric) <= limit)}
-        print(f"grid pick: {pick['id']} {label(pick)} ({metric} {pick_value:.4g}); {len(feasible)} feasible, "
-              f"{len(good)} within {args.tolerance:.0%} of the pick", file=sys.stderr, flush=True)
-
-        searches = []
-        with SamplerSeed() as sampler:
-            for seed in seeds:
-                sampler.seed = seed
-                run = timed_run(loaded, trials=budget, num_cpus=2)
-                keys = [key(r) for r in run.records]
-                found = keys.index(key(pick)) + 1 if key(pick) in keys else None
-                as_good = next((i + 1 for i, k in enumerate(keys) if k in good), None)
-                uncached = [r["id"] for r in run.records if r.get("status") == "ok"
-                            and not (r.get("cached") or {}).get("measurement")]
-                searches.append({"seed": seed, "status": run.status, "evaluations": len(run.records),
-                                 "found_pick_at": found, "found_as_good_at": as_good,
-                                 "duplicates": run.results.get("duplicate_trials", 0), "not_from_cache": uncached,
-                                 "order": [label(r) for r in run.records], "wall_s": round(run.wall_s, 1)})
-                print(f"seed {seed}: pick found at evaluation {found or f'> {len(run.records)} (not found)'}, "
-                      f"as good at {as_good}", file=sys.stderr, flush=True)
-            if sampler.used != seeds:
-                raise SystemExit(f"the sampler seed was not applied ({sampler.used} != {seeds}): "
-                                 "does orchestrator.run still call orchestrator.search.make_searcher?")
-
-    def share(values: list[int | None]) -> float:
-        return median([v if v is not None else math.inf for v in values]) / size
-
-    found_share = share([s["found_pick_at"] for s in searches])
-    result.update({
-        "profile": {"techniques": profile.search.techniques, "max_pipeline_length": profile.search.max_pipeline_length,
-                    "objective": profile.objective.model_dump(), "constraints": profile.constraints.model_dump(),
-                    "measurement": profile.measurement.model_dump()},
-        "space": size, "budget": budget, "tolerance": args.tolerance,
-        "grid": {"pick": {"id": pick["id"], "pipeline": pick["pipeline"], metric: pick_value},
-                 "feasible": len(feasible), "as_good_as_pick": len(good), "wall_s": round(grid.wall_s, 1),
-                 "from_cache": sum(1 for r in grid.records if (r.get("cached") or {}).get("measurement"))},
-        "searches": searches,
-        "median_share_to_pick": found_share,
-        "median_share_to_as_good": share([s["found_as_good_at"] for s in searches]),
-        "random_expected_share": (size + 1) / 2 / size,
-        "target": {"share": TARGET_SHARE, "min_space": MIN_SPACE,
-                   "met": found_share <= TARGET_SHARE and size >= MIN_SPACE},
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-    })
+        for metric in args.objectives.split(","):
+            result["objectives"][metric] = one_objective(args, Path(tmp), metric.strip(), seeds)
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     path = write_result("search_efficiency", result, args.out)
     print(table(result))
     print(f"\nwrote {path}")
@@ -184,30 +138,164 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[int]) -> dict[str, Any]:
+    """The grid and the seeded searches for a profile whose objective is `metric`."""
+    from orchestrator.selection import metric_value, select
+
+    loaded = profile_variant(
+        tmp, f"bench-search-efficiency-{metric.replace('_', '-')}",
+        search={"techniques": QUICK_TECHNIQUES if args.quick else FULL_TECHNIQUES, "max_pipeline_length": 1,
+                "time_budget_s": 7200, "seed": 0},
+        measurement={"warmup_runs": 10, "runs": 200, "time_budget_s": 2.0},
+        objective={"metric": metric, "tie_within": args.tie})
+    profile = loaded.profile
+    size = space_size(loaded)
+    budget = min(size - 1, max(2, math.ceil(args.budget * size)))
+    print(f"[{metric}] grid: {size} candidates ({', '.join(profile.search.techniques)}) ...", file=sys.stderr,
+          flush=True)
+    grid = timed_run(loaded, trials=size, num_cpus=2)
+    if len(grid.records) != size or grid.status != "finished":
+        raise SystemExit(f"the grid search did not cover the space: {len(grid.records)}/{size}, {grid.status}: "
+                         f"{grid.error}")
+    selection = select(grid.records, profile)
+    pick = selection.best
+    strict_profile = profile.model_copy(update={"objective": profile.objective.model_copy(
+        update={"tie_within": 0.0})})
+    strict = select(copy.deepcopy(grid.records), strict_profile).best
+    feasible = {key(c) for c in selection.feasible}
+    maximize = profile.objective.goal == "maximize"
+    pick_value = metric_value(pick, metric)
+    limit = pick_value * (1 - args.tolerance) if maximize else pick_value * (1 + args.tolerance)
+    good = {key(c) for c in selection.feasible
+            if (metric_value(c, metric) >= limit if maximize else metric_value(c, metric) <= limit)}
+    print(f"[{metric}] grid pick: {pick['id']} {label(pick)} ({metric} {pick_value:.4g}); without ties: "
+          f"{strict['id']}; {len(feasible)} feasible, {len(good)} within {args.tolerance:.0%} of the pick",
+          file=sys.stderr, flush=True)
+    noise = None
+    if metric.startswith("latency") and args.remeasure:
+        runners = sorted(selection.feasible, key=lambda c: metric_value(c, metric))[:3]
+        noise = remeasure(profile, runners, metric, args.remeasure)
+
+    searches = []
+    with SamplerSeed() as sampler:
+        for seed in seeds:
+            sampler.seed = seed
+            run = timed_run(loaded, trials=budget, num_cpus=2)
+            keys = [key(r) for r in run.records]
+            found = keys.index(key(pick)) + 1 if key(pick) in keys else None
+            found_strict = keys.index(key(strict)) + 1 if key(strict) in keys else None
+            as_good = next((i + 1 for i, k in enumerate(keys) if k in good), None)
+            uncached = [r["id"] for r in run.records if r.get("status") == "ok"
+                        and not (r.get("cached") or {}).get("measurement")]
+            searches.append({"seed": seed, "status": run.status, "evaluations": len(run.records),
+                             "found_pick_at": found, "found_strict_pick_at": found_strict,
+                             "found_as_good_at": as_good,
+                             "duplicates": run.results.get("duplicate_trials", 0), "not_from_cache": uncached,
+                             "order": [label(r) for r in run.records], "wall_s": round(run.wall_s, 1)})
+            print(f"[{metric}] seed {seed}: pick found at evaluation "
+                  f"{found or f'> {len(run.records)} (not found)'}, as good at {as_good}", file=sys.stderr,
+                  flush=True)
+        if sampler.used != seeds:
+            raise SystemExit(f"the sampler seed was not applied ({sampler.used} != {seeds}): "
+                             "does orchestrator.run still call orchestrator.search.make_searcher?")
+
+    def share(values: list[int | None]) -> float:
+        return median([v if v is not None else math.inf for v in values]) / size
+
+    found_share = share([s["found_pick_at"] for s in searches])
+    return {
+        "profile": {"techniques": profile.search.techniques, "max_pipeline_length": profile.search.max_pipeline_length,
+                    "objective": profile.objective.model_dump(), "constraints": profile.constraints.model_dump(),
+                    "measurement": profile.measurement.model_dump()},
+        "space": size, "budget": budget, "tolerance": args.tolerance,
+        "grid": {"pick": {"id": pick["id"], "pipeline": pick["pipeline"], metric: pick_value,
+                          "accuracy": pick["metrics"]["accuracy"]},
+                 "strict_pick": {"id": strict["id"], "pipeline": strict["pipeline"],
+                                 metric: metric_value(strict, metric), "accuracy": strict["metrics"]["accuracy"]},
+                 "feasible": len(feasible), "as_good_as_pick": len(good), "wall_s": round(grid.wall_s, 1),
+                 "from_cache": sum(1 for r in grid.records if (r.get("cached") or {}).get("measurement"))},
+        "noise": noise,
+        "searches": searches,
+        "median_share_to_pick": found_share,
+        "median_share_to_strict_pick": share([s["found_strict_pick_at"] for s in searches]),
+        "median_share_to_as_good": share([s["found_as_good_at"] for s in searches]),
+        "random_expected_share": (size + 1) / 2 / size,
+        "target": {"share": TARGET_SHARE, "min_space": MIN_SPACE,
+                   "met": found_share <= TARGET_SHARE and size >= MIN_SPACE},
+    }
+
+
+def remeasure(profile: Any, candidates: list[dict[str, Any]], metric: str, times: int) -> dict[str, Any]:
+    """Measure each candidate's model `times` more with the agent (the profile's protocol, interleaved).
+
+    The grid's figure and the new ones side by side show how much one measurement of the same
+    model moves from run to run on this machine, against the gaps between the candidates.
+    """
+    import json
+    import subprocess
+
+    from orchestrator.devices import bench_args
+    from orchestrator.paths import cache_dir
+
+    root = Path(__file__).resolve().parents[1]
+    percentile = metric.split("_")[1]
+    pin = 1 if (os.cpu_count() or 1) > 1 else None
+    again: dict[str, list[float]] = {c["id"]: [] for c in candidates}
+    for _ in range(times):
+        for cand in candidates:
+            model = cache_dir("models") / f"{cand['model_sha256']}.onnx"
+            proc = subprocess.run([sys.executable, "-m", "agents", "bench", "--model", str(model),
+                                   *bench_args(profile, pin)], capture_output=True, text=True, cwd=root, check=True)
+            again[cand["id"]].append(json.loads(proc.stdout.strip().splitlines()[-1])["latency_ms"][percentile])
+    rows = [{"id": c["id"], "grid": c["metrics"]["latency_ms"][percentile], "again": again[c["id"]]}
+            for c in candidates]
+    spread = [max(r["again"] + [r["grid"]]) / min(r["again"] + [r["grid"]]) - 1 for r in rows]
+    return {"candidates": rows, "max_spread": max(spread), "median_spread": median(spread)}
+
+
 def pct(value: float) -> str:
     return "not found" if math.isinf(value) else f"{100 * value:.0f}%"
 
 
 def table(result: dict[str, Any]) -> str:
-    """The printed summary."""
+    """The printed summary: the caption, then one block per objective."""
+    lines = [caption(result)]
+    for metric, r in result["objectives"].items():
+        lines += [""] + objective_table(metric, r)
+    return "\n".join(lines)
+
+
+def objective_table(metric: str, result: dict[str, Any]) -> list[str]:
     size = result["space"]
-    lines = [caption(result),
-             f"space: {size} candidates ({', '.join(result['profile']['techniques'])}); grid pick "
-             f"{result['grid']['pick']['id']}; each search's budget {result['budget']} "
+    tie = result["profile"]["objective"].get("tie_within", 0.0)
+    tie_text = f"values within {tie:.0%} tie, the more accurate wins" if tie else "no ties"
+    lines = [f"**objective {metric}**: {size} candidates ({', '.join(result['profile']['techniques'])}); grid "
+             f"pick {result['grid']['pick']['id']} ({tie_text}), without ties {result['grid']['strict_pick']['id']}; "
+             f"{result['grid']['feasible']} feasible; each search's budget {result['budget']} "
              f"({100 * result['budget'] / size:.0f}% of the grid)", "",
-             "| sampler seed | evaluations to the grid's pick | share of grid | to one as good "
-             f"(within {result['tolerance']:.0%}) | duplicates |", "| ---: | ---: | ---: | ---: | ---: |"]
+             "| sampler seed | evaluations to the grid's pick | share of grid | to the pick without ties "
+             f"| to one as good (within {result['tolerance']:.0%}) | duplicates |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in result["searches"]:
-        found = s["found_pick_at"]
+        found, strict = s["found_pick_at"], s.get("found_strict_pick_at")
         lines.append(f"| {s['seed']} | {found if found else '> ' + str(s['evaluations'])} "
-                     f"| {pct(found / size) if found else 'not found'} | {s['found_as_good_at'] or '-'} "
+                     f"| {pct(found / size) if found else 'not found'} "
+                     f"| {strict if strict else '> ' + str(s['evaluations'])} | {s['found_as_good_at'] or '-'} "
                      f"| {s['duplicates']} |")
     t = result["target"]
     lines += ["", f"median share of the grid to find the pick: {pct(result['median_share_to_pick'])} "
                   f"(target <= {t['share']:.0%} on >= {t['min_space']} candidates: {check(t['met'])}); "
+                  f"without ties: {pct(result['median_share_to_strict_pick'])}; "
                   f"to one as good: {pct(result['median_share_to_as_good'])}; "
                   f"uniform random sampling needs {pct(result['random_expected_share'])} on average"]
-    return "\n".join(lines)
+    noise = result.get("noise")
+    if noise:
+        shown = "; ".join(f"{r['id']} {r['grid']:.3f} ms in the grid, then "
+                          f"{', '.join(f'{v:.3f}' for v in r['again'])}" for r in noise["candidates"])
+        lines += ["", f"run-to-run noise, the three fastest feasible candidates measured again: {shown} "
+                      f"(largest spread of one model {100 * noise['max_spread']:.0f}%, median "
+                      f"{100 * noise['median_spread']:.0f}%)"]
+    return lines
 
 
 if __name__ == "__main__":

@@ -242,7 +242,8 @@ def combine_measurements(results: list[dict[str, Any]]) -> dict[str, Any]:
         return results[0]
     per_device = [
         {"device": r.get("device"), "p50_ms": r["latency_ms"]["p50"], "cached": r.get("cached", False),
-         "started_at": r.get("started_at"), "finished_at": r.get("finished_at"), "noisy": r.get("noisy")}
+         "started_at": r.get("started_at"), "finished_at": r.get("finished_at"), "noisy": r.get("noisy"),
+         "niceness": r.get("niceness")}
         for r in ok
     ] + [{"device": r.get("device"), "error": r["error"]} for r in results if "error" in r]
     if len(ok) == 1:

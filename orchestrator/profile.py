@@ -68,6 +68,11 @@ class Objective(_Strict):
 
     metric: Literal[tuple(OBJECTIVE_METRICS)]  # type: ignore[valid-type]
     goal: Literal["minimize", "maximize"] | None = None
+    tie_within: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="objective values within this share of the best count as a tie (e.g. 0.03 for a "
+                    "measurement's noise); ties go to higher accuracy, then smaller size",
+    )
 
     @model_validator(mode="after")
     def _goal_matches_metric(self) -> Objective:

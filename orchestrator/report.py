@@ -100,9 +100,12 @@ def _pick_section(results: dict[str, Any]) -> str:
                   f"{bm['latency_ms']['p50'] / pm['latency_ms']['p50']:.2f}x faster at p50, "
                   f"accuracy {pm['accuracy']:.4f} vs {bm['accuracy']:.4f} ({pm.get('accuracy_drop', 0):.2f} points lost).</p>")
     obj = results["objective"]
+    tie = obj.get("tie_within") or 0.0
+    ties = (f"; values within {100 * tie:.3g}% of the best count as a tie, which goes to the more accurate "
+            "candidate" if tie else "")
     return (f"<h2>The pick: {html.escape(best['id'])} ({html.escape(pipeline_label(best))})</h2>"
             f"<p>Chosen on the Pareto front of the feasible candidates by <b>{html.escape(obj['metric'])}</b> "
-            f"({html.escape(obj['goal'])}). Pipeline:</p><ol>{steps}</ol>{ratios}")
+            f"({html.escape(obj['goal'])}){ties}. Pipeline:</p><ol>{steps}</ol>{ratios}")
 
 
 def _constraints_section(results: dict[str, Any]) -> str:

@@ -146,7 +146,7 @@ def _search(options, profile, task, base, devices, device_info, remaining, trial
     from orchestrator.cache import measurements_path
     from orchestrator.search import ModelSink, TrialPayload, make_searcher, ray_session, recording_callback, run_trial
 
-    searcher, space, samples, labels = make_searcher(remaining, trials_left, profile.search.seed, prior)
+    searcher, space, samples, labels = make_searcher(remaining, trials_left, profile.search.seed, prior, profile)
     with ray_session(options.ray_address, cpus) as ray:
         from ray import tune
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

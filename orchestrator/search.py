@@ -28,11 +28,14 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C reaches us: we close the run ourselves
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray starts its workers at nice 15, and a local device's agent, started by its lease actor,
+# would inherit it: anything else on the machine would then preempt the timed runs.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 # What an emulated device's measurement adds (orchestrator/emulated.py); absent keys are left out.
 EMULATION_KEYS = ("emulated", "arch", "latency_source", "latency_scale", "latency_constraint", "native_latency_ms",
                   "native_protocol", "emulated_latency_ms", "parity", "qemu_cpu", "emulation_note")
-FAILED_SCORE = {"accuracy": 0.0, "latency_p50": 1e9, "size_bytes": 1e12}
+WORST = 1e12  # what a failed or unmeasured trial reports for a metric to be minimised (and 0 accuracy)
 
 
 @contextlib.contextmanager
@@ -90,6 +93,48 @@ class TrialPayload:
     avoid_cpu: int | None
     predictor: Any = None  # PredictorService actor: the device's latency predictor (orchestrator/predictor.py)
     fresh: bool = False  # read no cache (stages, accuracy); still write them
+
+
+def search_limits(profile: Any) -> list[str]:
+    """The profile's limits the sampler is told about as constraints: all but the accuracy drop.
+
+    Accuracy is one of the sampler's objectives: a candidate just over the drop limit still
+    tells it where the accuracy/objective trade-off lies, which a constraint would hide (it
+    ranks every infeasible trial below every feasible one). The selection applies the limit.
+    """
+    from orchestrator.selection import constraint_names
+
+    if profile is None:
+        return []
+    return [name for name in constraint_names(profile.constraints) if name != "max_accuracy_drop"]
+
+
+def trial_values(record: dict[str, Any], profile: Any) -> dict[str, Any]:
+    """What a trial reports to Tune: every objective metric, and the sampler's constraint values.
+
+    A failed or unmeasured metric reports its worst value. "constraints" holds one number per
+    limit in `search_limits`: 0 when met, else how far over it is (value/limit - 1, as the
+    selection computes it).
+    """
+    from orchestrator.profile import OBJECTIVE_METRICS
+    from orchestrator.selection import check_constraints, metric_value
+
+    ok = record.get("status") == "ok" and bool((record.get("metrics") or {}).get("latency_ms"))
+    out: dict[str, Any] = {}
+    for name, direction in OBJECTIVE_METRICS.items():
+        value = metric_value(record, name) if ok else None
+        out[name] = value if value is not None else (0.0 if direction == "max" else WORST)
+    names = search_limits(profile)
+    over = {v["constraint"]: min(v["excess"], WORST) for v in check_constraints(record, profile.constraints)} \
+        if ok and names else {}
+    out["constraints"] = [over.get(n, 0.0) if ok else WORST for n in names]
+    return out
+
+
+def search_objectives(profile: Any) -> list[tuple[str, str]]:
+    """What Optuna optimises: accuracy up, and the profile's objective down (latency p50 if it is accuracy)."""
+    metric = profile.objective.metric if profile is not None else "accuracy"
+    return [("accuracy", "max"), ("latency_p50" if metric == "accuracy" else metric, "min")]
 
 
 def config_to_pipeline(config: dict[str, Any], payload: TrialPayload, labels: dict[str, list[str]]) -> Candidate:
@@ -170,7 +215,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
             skip = _predicted_too_slow(registry, task, base, pipeline, ctx_kwargs, payload)
             if skip:
                 record["status"], record["error"], record["predicted_latency_ms"] = "skipped", skip[0], skip[1]
-                tune.report({**FAILED_SCORE, "record": json.dumps(record)})
+                tune.report({**trial_values(record, payload.profile), "record": json.dumps(record)})
                 return
         stages, accuracies = StageCache(read=not payload.fresh), AccuracyCache(read=not payload.fresh)
         root = StageCache.root_key(payload.base_state, task.fingerprint(), payload.seed,
@@ -207,13 +252,12 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
         )
         record["measurement"] = {
             k: bench.get(k) for k in ("runs", "warmup_runs", "noisy", "execution_provider", "threads", "pinned_cpu",
-                                      "per_device", "started_at", "finished_at", *EMULATION_KEYS)
+                                      "niceness", "per_device", "started_at", "finished_at", *EMULATION_KEYS)
             if k in bench or k not in EMULATION_KEYS
         }
         record["cached"]["measurement"] = bool(bench.get("cached"))
         if bench.get("flags"):
             record["flags"] = bench["flags"]
-        score = {"accuracy": accuracy, "latency_p50": bench["latency_ms"]["p50"], "size_bytes": len(model_bytes)}
         if payload.predictor is not None:
             from orchestrator.predictor import onnx_features
 
@@ -221,12 +265,10 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
             payload.predictor.observe.remote(onnx_features(model_bytes), bench["latency_ms"][percentile])
     except MeasurementError as exc:  # the device's reason already says what happened where
         record["status"], record["error"] = "failed", f"measurement failed: {exc}".splitlines()[0]
-        score = dict(FAILED_SCORE)
     except Exception as exc:  # a broken candidate fails alone; the run goes on
         record["status"], record["error"] = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
-        score = dict(FAILED_SCORE)
     timing["trial_s"] = time.perf_counter() - started
-    tune.report({**score, "record": json.dumps(record)})
+    tune.report({**trial_values(record, payload.profile), "record": json.dumps(record)})
 
 
 class SpaceDefinition:
@@ -248,21 +290,17 @@ def pipeline_key(pipeline: list[dict[str, Any]]) -> str:
     return json.dumps(pipeline, sort_keys=True)
 
 
-def trial_score(record: dict[str, Any]) -> list[float]:
-    """The objectives a trial reported, in OptunaSearch's metric order, from a stored candidate."""
-    m = record.get("metrics") or {}
-    if record.get("status") != "ok" or not m.get("latency_ms"):
-        return [FAILED_SCORE["accuracy"], FAILED_SCORE["latency_p50"], FAILED_SCORE["size_bytes"]]
-    return [m["accuracy"], m["latency_ms"]["p50"], m["size_bytes"]]
-
-
-def _warm_storage(prior: list[dict[str, Any]], labels: dict[str, list[str]], choices: dict[str, list[Any]]) -> Any:
+def _warm_storage(prior: list[dict[str, Any]], labels: dict[str, list[str]], choices: dict[str, list[Any]],
+                  profile: Any) -> Any:
     """An in-memory Optuna study holding the trials of an interrupted run as completed trials."""
     import optuna
     from optuna.distributions import CategoricalDistribution
 
+    objectives = search_objectives(profile)
+    limits = search_limits(profile)
     storage = optuna.storages.InMemoryStorage()
-    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=["maximize", "minimize", "minimize"])
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME,
+                                directions=["maximize" if d == "max" else "minimize" for _, d in objectives])
     for record in prior:
         label = pipeline_label(record) if record.get("pipeline") else "baseline"
         if label not in labels:
@@ -274,21 +312,30 @@ def _warm_storage(prior: list[dict[str, Any]], labels: dict[str, list[str]], cho
                 name = f"{step['technique']}.{key}"
                 if value in choices.get(name, []):
                     params[name], dists[name] = value, CategoricalDistribution(choices[name])
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, values=trial_score(record)))
+        values = trial_values(record, profile)
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=dists, values=[values[name] for name, _ in objectives],
+            constraints=dict(zip(limits, values["constraints"]))))
     return storage
 
 
 STUDY_NAME = "edge-orchestrator"
+REPEAT_ASKS = 100  # how often Optuna is asked again when it proposes a configuration it already has
 
 
-def make_searcher(candidates: list[Candidate], trials: int, seed: int,
-                  prior: list[dict[str, Any]] | None = None) -> tuple[Any, dict, int, dict]:
+def make_searcher(candidates: list[Candidate], trials: int, seed: int, prior: list[dict[str, Any]] | None = None,
+                  profile: Any = None) -> tuple[Any, dict, int, dict]:
     """(search_alg, param_space, num_samples, labels): grid when the space fits the budget, else Optuna.
 
     `candidates` is what is left to try and `trials` how many more to run; `prior` holds the
     candidates an interrupted run already has, which Optuna is told about as finished trials.
-    With Optuna, `num_samples` leaves room for the duplicates a sampler proposes on a
-    categorical space: they are answered from the caches and not counted (`recording_callback`
+    Optuna's TPE sampler is multi-objective (`search_objectives`: accuracy and the profile's
+    objective) and knows the profile's device limits as constraints (`search_limits`; trials
+    report them, see `trial_values`; they reach Optuna through `Trial.set_constraint`). It
+    models the parameters of one pipeline jointly (`multivariate`, `group`: the space is
+    conditional on the pipeline), and its random start is at most a third of the budget. A
+    configuration Optuna proposes again is not run (see ConstrainedOptunaSearch); should one
+    still come through, it is answered from the caches and not counted (`recording_callback`
     stops the search once `trials` distinct candidates are in).
     """
     from ray import tune
@@ -298,8 +345,11 @@ def make_searcher(candidates: list[Candidate], trials: int, seed: int,
         labels.setdefault(pipeline_label({"pipeline": cand}), [s["technique"] for s in cand])
     if len(candidates) <= trials:
         return None, {"index": tune.grid_search(list(range(len(candidates))))}, 1, labels
+    import warnings
+
     import optuna
     from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.utils.util import unflatten_dict
 
     choices: dict[str, list[Any]] = {}
     for cand in candidates:
@@ -309,16 +359,53 @@ def make_searcher(candidates: list[Candidate], trials: int, seed: int,
                 if value not in values:
                     values.append(value)
 
+    limits = search_limits(profile)
+
+    class ConstrainedOptunaSearch(OptunaSearch):
+        """Ray's OptunaSearch, handing Optuna the constraint values trials report, and asking again on a repeat.
+
+        A categorical space makes TPE propose a configuration it already has, more and more
+        often as it converges. Such a proposal is told to Optuna as pruned (TPE counts pruned
+        trials among the worse ones, so it moves on) and Optuna is asked again, up to
+        REPEAT_ASKS times, before a repeat goes to Tune (then answered from the caches).
+        """
+
+        proposed: set[str] | None = None
+
+        def suggest(self, trial_id: str) -> dict | None:
+            if self.proposed is None:  # a resumed run's finished trials count as proposed
+                self.proposed = {json.dumps(unflatten_dict(t.params), sort_keys=True)
+                                 for t in self._ot_study.get_trials(deepcopy=False)}
+            for attempt in range(REPEAT_ASKS):
+                config = super().suggest(trial_id)
+                text = json.dumps(config, sort_keys=True)
+                if text not in self.proposed or attempt == REPEAT_ASKS - 1:
+                    break
+                self._ot_study.tell(self._ot_trials.pop(trial_id), state=optuna.trial.TrialState.PRUNED)
+            self.proposed.add(text)
+            return config
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if result and "constraints" in result and trial_id in self._ot_trials:
+                for name, value in zip(limits, result["constraints"]):
+                    self._ot_trials[trial_id].set_constraint(name, value)
+            super().on_trial_complete(trial_id, result, error)
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     prior = prior or []
     baseline_done = any(not r.get("pipeline") and r.get("status") == "ok" for r in prior)
-    searcher = OptunaSearch(
+    objectives = search_objectives(profile)
+    with warnings.catch_warnings():  # multivariate and group are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                             n_startup_trials=max(3, min(10, trials // 3)))
+    searcher = ConstrainedOptunaSearch(
         space=SpaceDefinition(labels, choices),
-        metric=["accuracy", "latency_p50", "size_bytes"],
-        mode=["max", "min", "min"],
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        metric=[name for name, _ in objectives],
+        mode=[direction for _, direction in objectives],
+        sampler=sampler,
         points_to_evaluate=None if baseline_done else [{"pipeline": "baseline"}],
-        storage=_warm_storage(prior, labels, choices) if prior else None,
+        storage=_warm_storage(prior, labels, choices, profile) if prior else None,
         study_name=STUDY_NAME,
     )
     return searcher, {}, 4 * trials + 8, labels

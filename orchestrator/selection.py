@@ -92,6 +92,11 @@ def _constraint_specs(constraints: Constraints) -> list[tuple[str, str, str, str
     ]
 
 
+def constraint_names(constraints: Constraints) -> list[str]:
+    """The constraints a profile sets (a limit that is not None), in a fixed order."""
+    return [spec[0] for spec in _constraint_specs(constraints) if getattr(constraints, spec[0]) is not None]
+
+
 def check_constraints(candidate: Candidate, constraints: Constraints) -> list[Violation]:
     """One violation dict per constraint of `constraints` that `candidate` breaks.
 
@@ -242,7 +247,8 @@ def select(candidates: list[Candidate], profile: Profile) -> Selection:
       profile's objective metric (when it is not one of them), so the best value of the objective is
       always on the front.
     - The best is the front candidate with the best objective value in its goal's direction; ties go
-      to higher accuracy, then smaller size, then id.
+      to higher accuracy, then smaller size, then id. With ``objective.tie_within`` above 0, every
+      front candidate whose value is within that share of the best value ties with it.
 
     Raises NoFeasibleCandidate when no candidate is feasible; its message names the closest ok
     candidate and the constraint it broke by most, and its ``.selection`` holds the annotated
@@ -286,6 +292,17 @@ def select(candidates: list[Candidate], profile: Profile) -> Selection:
         objectives = (*objectives, (metric, "max" if maximize else "min"))
     front = pareto_front(feasible, objectives)
     best = min(front, key=lambda c: _rank_key(c, metric, maximize)) if front else None
+    tie = profile.objective.tie_within
+    if best is not None and tie > 0:  # within the noise of the best value: the more accurate one wins
+        top = metric_value(best, metric)
+        tied = [c for c in front if (metric_value(c, metric) >= top * (1 - tie) if maximize
+                                     else metric_value(c, metric) <= top * (1 + tie))]
+
+        def tie_break(cand: Candidate) -> tuple[Any, ...]:
+            _, value, neg_accuracy, size, cid = _rank_key(cand, metric, maximize)
+            return neg_accuracy, size, value, cid
+
+        best = min(tied, key=tie_break)
 
     selection = Selection(best=best, baseline=baseline, feasible=feasible, front=front, candidates=list(candidates))
     if best is None:

@@ -3,6 +3,7 @@ from the agent's own timestamps), devices in parallel, replicas combined by medi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,8 @@ def test_one_device_never_measures_two_models_at_once(ray_local, model_bytes):
     windows = [(r["started_at"], r["finished_at"]) for r in results]
     assert all(end > start for start, end in windows)
     assert _overlaps(windows) == [], "two measurements ran on one device at once"
+    # the agent runs at the driver's priority, not Ray's worker niceness (15 by default)
+    assert {r["niceness"] for r in results} == {os.nice(0)}
 
 
 def test_two_devices_measure_in_parallel_each_one_at_a_time(ray_local, model_bytes):

@@ -339,3 +339,27 @@ def test_no_feasible_when_energy_is_not_measured() -> None:
     cands = [cand("b", **{**BASE, "energy": None})]
     with pytest.raises(NoFeasibleCandidate, match=r"broke max_energy_mj: energy not measured \(limit 10\.00 mJ\)$"):
         select(cands, profile(max_energy_mj=10.0))
+
+
+def profile_with_tie(tie: float, metric: str = "latency_p50", **constraints: Any) -> Profile:
+    prof = profile(metric, **constraints)
+    return Profile.model_validate({**prof.model_dump(), "objective": {"metric": metric, "tie_within": tie}})
+
+
+def test_tie_within_gives_latencies_inside_the_noise_to_the_more_accurate() -> None:
+    # f is 2% faster than m but 0.6 points less accurate; s is 10% slower than f and the most accurate
+    cands = [cand("b", **BASE), cand("f", "t", p50=3.00, p90=3.2, acc=0.974),
+             cand("m", "t", p50=3.06, p90=3.3, acc=0.980), cand("s", "t", p50=3.30, p90=3.6, acc=0.985)]
+    assert select(copy.deepcopy(cands), profile("latency_p50")).best["id"] == "f"
+    assert select(copy.deepcopy(cands), profile_with_tie(0.03)).best["id"] == "m"
+    assert select(copy.deepcopy(cands), profile_with_tie(0.01)).best["id"] == "f"
+    assert select(copy.deepcopy(cands), profile_with_tie(0.15)).best["id"] == "s"
+    # a tie never brings in an infeasible candidate: s is over a p90 limit of 3.4 ms
+    assert select(copy.deepcopy(cands), profile_with_tie(0.15, max_latency_ms=3.4)).best["id"] == "m"
+
+
+def test_tie_within_is_validated() -> None:
+    with pytest.raises(ValueError, match="tie_within"):
+        profile_with_tie(-0.1)
+    with pytest.raises(ValueError, match="tie_within"):
+        profile_with_tie(1.5)

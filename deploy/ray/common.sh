@@ -13,6 +13,9 @@ fi
 # worker processes, which inherit it from `ray start`, not from the driver: say it here.
 export EDGE_ORCHESTRATOR_HOME="${EDGE_ORCHESTRATOR_HOME:-$HOME/.local/share/edge-orchestrator}"
 export RAY_USAGE_STATS_ENABLED=0
+# Ray starts workers at nice 15 by default; a local device's agent (started by its lease
+# actor on the head) would inherit it and be preempted during its timed runs.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 
 # Token authentication (Ray >= 2.52): every node and every driver (`orchestrate --ray-address`)
 # needs RAY_AUTH_MODE=token and the same token, in ~/.ray/auth_token or the file named by

@@ -1,0 +1,107 @@
+"""The Optuna side of the search: what trials report, constraints reaching the sampler, warm start.
+
+Real Optuna and Ray Tune's OptunaSearch, driven directly (suggest / on_trial_complete) without
+running trials; the end-to-end searches are in test_e2e.py and test_cache_resume.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from orchestrator.profile import Profile
+from orchestrator.search import WORST, make_searcher, search_limits, search_objectives, trial_values
+
+
+def profile(metric: str = "latency_p50", **constraints: Any) -> Profile:
+    return Profile.model_validate({
+        "name": "test",
+        "hardware": {"arch": "x86_64", "cpu": "test", "cores": 2, "memory_mb": 4096},
+        "objective": {"metric": metric},
+        "power": {"idle_watts": 2.0, "active_watts": 6.0, "source": "test"},
+        "constraints": constraints,
+    })
+
+
+def record(acc: float = 0.97, p50: float = 2.0, p90: float = 2.5, size: int = 1_000_000,
+           status: str = "ok", pipeline: list | None = None) -> dict[str, Any]:
+    return {"pipeline": pipeline if pipeline is not None else [{"technique": "q", "params": {"bits": 8}}],
+            "status": status,
+            "metrics": {} if status != "ok" else {
+                "accuracy": acc, "size_bytes": size, "peak_memory_mb": 50.0, "energy_mj": 1.5,
+                "latency_ms": {"p50": p50, "p90": p90, "p99": 3.0}}}
+
+
+def test_trial_values_report_every_metric_and_the_device_limits() -> None:
+    prof = profile(max_latency_ms=2.0, max_accuracy_drop=1.0, max_model_size_mb=5.0)
+    assert search_limits(prof) == ["max_latency_ms", "max_model_size_mb"]  # accuracy is an objective instead
+    values = trial_values(record(acc=0.97, p90=2.5, size=6_000_000), prof)
+    assert values["accuracy"] == 0.97 and values["latency_p50"] == 2.0 and values["size_bytes"] == 6_000_000
+    assert values["constraints"] == pytest.approx([0.25, 0.2])  # p90 2.5 ms over 2.0; 6 MB over 5
+    assert trial_values(record(acc=0.5, p90=1.9), prof)["constraints"] == [0.0, 0.0]
+    failed = trial_values(record(status="failed"), prof)
+    assert failed["accuracy"] == 0.0 and failed["latency_p50"] == WORST and failed["constraints"] == [WORST] * 2
+
+
+def test_objectives_follow_the_profile() -> None:
+    assert search_objectives(profile("energy_mj")) == [("accuracy", "max"), ("energy_mj", "min")]
+    assert search_objectives(profile("latency_p90")) == [("accuracy", "max"), ("latency_p90", "min")]
+    assert search_objectives(profile("accuracy")) == [("accuracy", "max"), ("latency_p50", "min")]
+
+
+CANDIDATES = [[]] + [[{"technique": "q", "params": {"bits": b, "mode": m}}] for b in (4, 8) for m in ("a", "b", "c")] \
+    + [[{"technique": "p", "params": {"ratio": r}}] for r in (0.25, 0.5, 0.75)]
+
+
+def test_constraints_reach_optuna() -> None:
+    prof = profile(max_latency_ms=2.0, max_accuracy_drop=1.0)
+    searcher, space, samples, labels = make_searcher(CANDIDATES, 4, 7, profile=prof)
+    assert space == {} and samples == 4 * 4 + 8 and set(labels) == {"baseline", "q", "p"}
+    assert searcher.metric == ["accuracy", "latency_p50"] and searcher.mode == ["max", "min"]
+    first = searcher.suggest("t0")
+    assert first == {"pipeline": "baseline"}  # the baseline is evaluated first
+    searcher.on_trial_complete("t0", {**trial_values(record(acc=0.99, p90=3.0, pipeline=[]), prof),
+                                      "record": "{}"})
+    second = searcher.suggest("t1")
+    searcher.on_trial_complete("t1", {**trial_values(record(acc=0.95, p90=1.0), prof), "record": "{}"})
+    trials = searcher._ot_study.trials
+    # latency p90 3.0 ms over 2.0 ms: 0.5 over; the accuracy drop is not a sampler constraint
+    assert [t.constraints for t in trials] == [{"max_latency_ms": 0.5}, {"max_latency_ms": 0.0}]
+    assert trials[1].params["pipeline"] == second["pipeline"]
+
+
+def test_grid_when_the_space_fits_the_budget() -> None:
+    searcher, space, samples, _ = make_searcher(CANDIDATES, len(CANDIDATES), 0, profile=profile())
+    assert searcher is None and samples == 1 and "index" in space
+
+
+def test_warm_start_tells_optuna_the_finished_trials_with_their_constraints() -> None:
+    prof = profile(max_latency_ms=2.0)
+    prior = [record(acc=0.99, p90=3.0, pipeline=[]),
+             record(acc=0.98, p90=1.5, pipeline=[{"technique": "p", "params": {"ratio": 0.5}}]),
+             record(status="failed", pipeline=[{"technique": "q", "params": {"bits": 4, "mode": "a"}}])]
+    searcher, _, _, _ = make_searcher(CANDIDATES[3:], 3, 1, prior=prior, profile=prof)
+    searcher.suggest("t0")  # the study is created on first use
+    done = [t for t in searcher._ot_study.trials if t.state.name == "COMPLETE"]
+    # the baseline is not in what is left to try (a resumed run has it): Optuna is not told about it
+    assert [t.params["pipeline"] for t in done] == ["p", "q"]
+    assert [t.constraints for t in done] == [{"max_latency_ms": 0.0}, {"max_latency_ms": WORST}]
+    assert done[0].values == [0.98, 2.0]
+
+
+def test_a_repeated_proposal_is_asked_again_not_run() -> None:
+    # a space of 4 candidates and a budget of 3: every suggestion must be a new configuration
+    space = CANDIDATES[:1] + CANDIDATES[7:]
+    searcher, _, _, _ = make_searcher(space, 3, 3, profile=profile())
+    configs = []
+    for i in range(4):
+        config = searcher.suggest(f"t{i}")
+        configs.append(json.dumps(config, sort_keys=True))
+        searcher.on_trial_complete(f"t{i}", {**trial_values(record(acc=0.9 + i / 100), profile()),
+                                             "record": "{}"})
+    assert len(set(configs)) == 4, configs
+    states = [t.state.name for t in searcher._ot_study.trials]
+    assert states.count("COMPLETE") == 4
+    assert states.count("PRUNED") > 0  # Optuna did propose repeats on the way, and was told "pruned"
