@@ -105,3 +105,13 @@ def test_a_repeated_proposal_is_asked_again_not_run() -> None:
     states = [t.state.name for t in searcher._ot_study.trials]
     assert states.count("COMPLETE") == 4
     assert states.count("PRUNED") > 0  # Optuna did propose repeats on the way, and was told "pruned"
+
+
+def test_a_resumed_search_does_not_propose_what_the_run_already_has() -> None:
+    prof = profile()
+    prior = [record(acc=0.99, pipeline=[])] + [
+        record(acc=0.98, pipeline=[{"technique": "p", "params": {"ratio": r}}]) for r in (0.25, 0.5)]
+    space = CANDIDATES[7:]  # p with ratio 0.25, 0.5, 0.75
+    for seed in range(6):  # without the run's trials counted as proposed, seeds 3 and 5 propose ratio 0.5
+        searcher, _, _, _ = make_searcher(space, 1, seed, prior=prior, profile=prof)
+        assert searcher.suggest("t0") == {"pipeline": "p", "p.ratio": 0.75}
