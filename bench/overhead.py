@@ -41,8 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.search_common import (  # noqa: E402
-    X86, TimedRun, caption, check, machine, median, now, private_home, profile_variant, timed_run, update_doc, work_s,
-    write_result,
+    X86, TimedRun, caption, check, finish, machine, median, now, private_home, profile_variant, timed_run, work_s,
 )
 
 TARGET = 0.10
@@ -142,13 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     result["summary"] = {name: {k: median([r[k] for r in rows]) for k in ("per_trial", "per_slot", "end_to_end")}
                          for name, rows in runs.items()}
     result["target"]["met"] = result["summary"]["demo"]["per_slot"] < TARGET
-    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    path = write_result("overhead", result, args.out)
-    print(table(result))
-    print(f"\nwrote {path}")
-    if not args.no_docs and update_doc("overhead", table(result)):
-        print("and the figures in docs/scaling.md")
-    return 0
+    return finish("overhead", result, table, args.out, docs=not args.no_docs)
 
 
 if __name__ == "__main__":

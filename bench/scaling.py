@@ -46,8 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.search_common import (  # noqa: E402
-    TimedRun, caption, check, machine, median, now, private_home, profile_variant, space_size, timed_run, update_doc,
-    write_result,
+    TimedRun, caption, check, finish, machine, median, now, private_home, profile_variant, space_size, timed_run,
 )
 
 WORKERS_TARGET = 1.7
@@ -209,13 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             result["workers"] = run_workers(Path(tmp), reps)
         if args.only in (None, "devices"):
             result["devices"] = run_devices(Path(tmp), reps, args.quick)
-    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    path = write_result("scaling", result, args.out)
-    print(table(result))
-    print(f"\nwrote {path}")
-    if not args.no_docs and update_doc("scaling", table(result)):
-        print("and the figures in docs/scaling.md")
-    return 0
+    return finish("scaling", result, table, args.out, docs=not args.no_docs)
 
 
 if __name__ == "__main__":

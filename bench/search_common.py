@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -220,3 +220,15 @@ def median(values: list[float]) -> float:
 def check(ok: bool) -> str:
     """'met' or 'NOT met', for a verdict line."""
     return "met" if ok else "NOT met"
+
+
+def finish(name: str, result: dict[str, Any], table: Callable[[dict[str, Any]], str], out: Path | None,
+           docs: bool) -> int:
+    """A benchmark's end: the load average now, bench/results/<name>.json, the table, its block in docs/scaling.md."""
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    path = write_result(name, result, out)
+    print(table(result))
+    print(f"\nwrote {path}")
+    if docs and update_doc(name, table(result)):
+        print("and the figures in docs/scaling.md")
+    return 0

@@ -53,8 +53,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.search_common import (  # noqa: E402
-    caption, check, machine, median, now, private_home, profile_variant, space_size, timed_run, update_doc,
-    write_result,
+    caption, check, finish, machine, median, now, private_home, profile_variant, space_size, timed_run,
 )
 
 TARGET_SHARE = 0.25
@@ -129,13 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="eo-bench-efficiency-") as tmp:
         for metric in args.objectives.split(","):
             result["objectives"][metric] = one_objective(args, Path(tmp), metric.strip(), seeds)
-    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    path = write_result("search_efficiency", result, args.out)
-    print(table(result))
-    print(f"\nwrote {path}")
-    if not args.no_docs and update_doc("search_efficiency", table(result)):
-        print("and the figures in docs/scaling.md")
-    return 0
+    return finish("search_efficiency", result, table, args.out, docs=not args.no_docs)
 
 
 def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[int]) -> dict[str, Any]:
