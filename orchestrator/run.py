@@ -118,6 +118,15 @@ def execute_run(
     on_event("devices", device_info)
     records: list[dict[str, Any]] = list(prior)
     extras: dict[str, Any] = {}
+    plan = SearchPlan(devices, device_info, remaining, trials_left, prior, done, first_id, cpus, concurrency,
+                      avoid_cpu, time_budget)
+
+    def on_candidate(record: dict[str, Any]) -> None:
+        records.append(record)
+        store.add_candidate(run_id, record)
+        registry.notify("candidate_measured", run_id=run_id, candidate=record)
+        on_event("candidate", record)
+
     status, error = "failed", None
     try:
         data = task.load_data(profile.search.seed)
@@ -125,9 +134,7 @@ def execute_run(
         base = get_base_model(task, data, profile.search.seed)
         on_event("base_model_ready", {"accuracy": base.accuracy, "trained_now": base.trained_now})
         if trials_left > 0:
-            _search(options, profile, task, base, devices, device_info, remaining, trials_left, prior, done, first_id,
-                    run_id, cpus, concurrency, avoid_cpu, time_budget, techniques, store, registry, on_event,
-                    records, extras)
+            _search(options, profile, task, base, techniques, plan, on_candidate, run_id, extras)
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -139,27 +146,45 @@ def execute_run(
     return outcome
 
 
-def _search(options, profile, task, base, devices, device_info, remaining, trials_left, prior, done, first_id,
-            run_id, cpus, concurrency, avoid_cpu, time_budget, techniques, store, registry, on_event,
-            records, extras) -> None:
-    """The Ray Tune part of a run: leases, pool, sink, trials; every finished trial is stored at once."""
+@dataclass
+class SearchPlan:
+    """What a run's search still has to do (all of it, or a resumed run's rest), and on what."""
+
+    devices: list[Device]
+    device_info: dict[str, Any]
+    remaining: list[Any]  # candidates not measured yet
+    trials_left: int
+    prior: list[dict[str, Any]]  # a resumed run's stored candidates
+    done: set[str]  # their pipeline keys
+    first_id: int  # the next candidate id's number
+    cpus: int
+    concurrency: int
+    avoid_cpu: int | None  # the local device's core, kept free of trials
+    time_budget: float | None
+
+
+def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniques: list[Any], plan: SearchPlan,
+            on_candidate: Callable[[dict[str, Any]], None], run_id: str, extras: dict[str, Any]) -> None:
+    """The Ray Tune part of a run: leases, pool, sink, trials; every finished trial goes to `on_candidate` at once."""
     from orchestrator.cache import measurements_path
     from orchestrator.search import ModelSink, TrialPayload, make_searcher, ray_session, recording_callback, run_trial
 
-    searcher, space, samples, labels = make_searcher(remaining, trials_left, profile.search.seed, prior, profile)
-    with ray_session(options.ray_address, cpus) as ray:
+    searcher, space, samples, labels = make_searcher(plan.remaining, plan.trials_left, profile.search.seed,
+                                                      plan.prior, profile)
+    with ray_session(options.ray_address, plan.cpus) as ray:
         from ray import tune
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        concurrency = plan.concurrency
         if options.ray_address:  # a cluster: as many trials at once as it has CPUs, not this machine
             concurrency = max(1, int(ray.cluster_resources().get("CPU", concurrency)))
 
         # The leases, the pool in front of them and the model sink stay on this node: it holds
         # the registry, the caches and the network path to the devices.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        registry_file = str(registry_path()) if device_info["source"] == "registry" else None
+        registry_file = str(registry_path()) if plan.device_info["source"] == "registry" else None
         leases = [ray.remote(DeviceLease).options(num_cpus=0, scheduling_strategy=here).remote(
-            device, profile, registry_file, str(measurements_path()), options.fresh) for device in devices]
+            device, profile, registry_file, str(measurements_path()), options.fresh) for device in plan.devices]
         pool = ray.remote(LeasePool).options(num_cpus=0, scheduling_strategy=here).remote(
             leases, profile.search.devices_per_candidate)
         sink = ray.remote(ModelSink).options(num_cpus=0, scheduling_strategy=here).remote(str(cache_dir("models")))
@@ -167,26 +192,21 @@ def _search(options, profile, task, base, devices, device_info, remaining, trial
         if any(hasattr(t, "architecture") for t in techniques):  # hardware-aware search is allowed
             from orchestrator.predictor import PredictorService, past_points
 
-            seed = [] if options.fresh else past_points(devices, profile, profile.constraints.latency_percentile)
+            seed = [] if options.fresh else past_points(plan.devices, profile, profile.constraints.latency_percentile)
             predictor = ray.remote(PredictorService).options(num_cpus=0, scheduling_strategy=here).remote(seed)
         payload = TrialPayload(task.name, base.state_dict_bytes, base.arch, profile, profile.search.seed,
-                               pool, sink, remaining if searcher is None else None, avoid_cpu, predictor,
+                               pool, sink, plan.remaining if searcher is None else None, plan.avoid_cpu, predictor,
                                fresh=options.fresh)
 
-        def on_candidate(record: dict[str, Any]) -> None:
-            records.append(record)
-            store.add_candidate(run_id, record)
-            registry.notify("candidate_measured", run_id=run_id, candidate=record)
-            on_event("candidate", record)
-
-        recorder, enough = recording_callback(on_candidate, target=trials_left, known=done, first_id=first_id)
+        recorder, enough = recording_callback(on_candidate, target=plan.trials_left, known=plan.done,
+                                             first_id=plan.first_id)
         trainable = tune.with_resources(tune.with_parameters(run_trial, payload=payload, labels=labels), {"cpu": 1})
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
                 search_alg=searcher, num_samples=samples, reuse_actors=True, max_concurrent_trials=concurrency,
-                time_budget_s=time_budget,
+                time_budget_s=plan.time_budget,
                 **({"metric": "accuracy", "mode": "max"} if searcher is None else {}),
             ),
             run_config=tune.RunConfig(
