@@ -167,11 +167,15 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
             on_candidate: Callable[[dict[str, Any]], None], run_id: str, extras: dict[str, Any]) -> None:
     """The Ray Tune part of a run: leases, pool, sink, trials; every finished trial goes to `on_candidate` at once."""
     from orchestrator.cache import measurements_path
-    from orchestrator.search import ModelSink, TrialPayload, make_searcher, ray_session, recording_callback, run_trial
+    from orchestrator.search import (
+        Interrupts, ModelSink, TrialPayload, make_searcher, ray_session, recording_callback, run_trial,
+    )
 
     searcher, space, samples, labels = make_searcher(plan.remaining, plan.trials_left, profile.search.seed,
                                                       plan.prior, profile)
-    with ray_session(options.ray_address, plan.cpus) as ray:
+    interrupts = Interrupts()
+    with interrupts.installed(), ray_session(options.ray_address, plan.cpus) as ray:
+        interrupts.check()
         from ray import tune
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -199,7 +203,7 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
                                fresh=options.fresh)
 
         recorder, enough = recording_callback(on_candidate, target=plan.trials_left, known=plan.done,
-                                             first_id=plan.first_id)
+                                             first_id=plan.first_id, interrupts=interrupts)
         trainable = tune.with_resources(tune.with_parameters(run_trial, payload=payload, labels=labels), {"cpu": 1})
         tuner = tune.Tuner(
             trainable,

@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,42 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[An
         yield ray
     finally:
         ray.shutdown()
+
+
+class Interrupts:
+    """Ctrl-C during a search, kept even where Python drops the KeyboardInterrupt it raised.
+
+    Python ignores an exception raised while a finalizer (`__del__`, a weakref callback) runs
+    in the main thread ("Exception ignored in ..."), and Ray runs many there: a Ctrl-C that
+    lands in one would be lost and the search would go on to its end. While `installed`, the
+    SIGINT handler also remembers it, and `check()` (after Ray's start, and at every Tune
+    step) raises it again.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a Ctrl-C came, even one that was dropped."""
+        if self.received:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Interrupts]:
+        """The handler, in the main thread and where SIGINT still has Python's default handler."""
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield self
+            return
+        signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class ModelSink:
@@ -425,12 +463,14 @@ def make_searcher(candidates: list[Candidate], trials: int, seed: int, prior: li
 
 
 def recording_callback(on_candidate: Callable[[dict[str, Any]], None], target: int | None = None,
-                       known: set[str] | None = None, first_id: int = 0) -> tuple[Any, Any]:
+                       known: set[str] | None = None, first_id: int = 0,
+                       interrupts: Interrupts | None = None) -> tuple[Any, Any]:
     """(callback, stopper) for Tune, driver side: every finished trial becomes a stored candidate at once.
 
     A trial whose pipeline is already known (`known`: an interrupted run's, or an earlier
     trial's) is not stored again; the stopper ends the search once `target` new distinct
     candidates are stored. Ids go on from `first_id` (c000, c001, ... in order of completion).
+    With `interrupts`, every Tune step first raises a Ctrl-C that Python dropped.
     """
     from ray.tune import Callback
     from ray.tune.stopper import Stopper
@@ -442,10 +482,15 @@ def recording_callback(on_candidate: Callable[[dict[str, Any]], None], target: i
             self.new = 0
             self.duplicates = 0
             self.sink = sink
+            self.interrupts = interrupts
 
         def __getstate__(self) -> dict[str, Any]:
             # Tune pickles its run config; the sink (store, console) must not go with it.
-            return {**self.__dict__, "sink": None}
+            return {**self.__dict__, "sink": None, "interrupts": None}
+
+        def on_step_begin(self, iteration, trials, **info):  # noqa: D102
+            if self.interrupts is not None:
+                self.interrupts.check()
 
         def emit(self, index: int, record: dict[str, Any], crashed: bool = False) -> None:
             if index in self.seen:

@@ -152,10 +152,18 @@ def test_ctrl_c_keeps_what_was_measured_and_leaves_nothing_running(small_run, tm
     # A private (short: unix socket paths) Ray temp dir, so we can look for leftover Ray processes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="eo-ray-", dir="/tmp"))
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "--profile", str(X86), "--trials", "13", "--out", str(tmp_path / "runs")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    # A shell without job control starts background jobs with SIGINT ignored, and a child
+    # inherits "ignored" (CI started that way would make the SIGINT below do nothing). A
+    # handled signal is reset to the default at exec: handle it here while the child starts.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "--profile", str(X86), "--trials", "13",
+             "--out", str(tmp_path / "runs")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     db = store_path()
     deadline = time.monotonic() + 240
     run_id = None

@@ -7,12 +7,14 @@ running trials; the end-to-end searches are in test_e2e.py and test_cache_resume
 from __future__ import annotations
 
 import json
+import os
+import signal
 from typing import Any
 
 import pytest
 
 from orchestrator.profile import Profile
-from orchestrator.search import WORST, make_searcher, search_limits, search_objectives, trial_values
+from orchestrator.search import WORST, Interrupts, make_searcher, search_limits, search_objectives, trial_values
 
 
 def profile(metric: str = "latency_p50", **constraints: Any) -> Profile:
@@ -115,3 +117,28 @@ def test_a_resumed_search_does_not_propose_what_the_run_already_has() -> None:
     for seed in range(6):  # without the run's trials counted as proposed, seeds 3 and 5 propose ratio 0.5
         searcher, _, _, _ = make_searcher(space, 1, seed, prior=prior, profile=prof)
         assert searcher.suggest("t0") == {"pipeline": "p", "p.ratio": 0.75}
+
+
+class SigintInFinalizer:
+    """Sends this process a real SIGINT from inside `__del__`: Python runs the handler there, and drops
+    the KeyboardInterrupt it raises ("Exception ignored in ...")."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):  # the handler runs between these bytecodes, still inside __del__
+            pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop is the point
+def test_a_ctrl_c_that_python_drops_is_raised_again() -> None:
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    dropped = SigintInFinalizer()
+    del dropped  # without the guard the Ctrl-C is simply lost: no KeyboardInterrupt here
+    interrupts = Interrupts()
+    with interrupts.installed():
+        kept = SigintInFinalizer()
+        del kept
+        assert interrupts.received
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
