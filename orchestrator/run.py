@@ -171,8 +171,8 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
         Interrupts, ModelSink, TrialPayload, make_searcher, ray_session, recording_callback, run_trial,
     )
 
-    searcher, space, samples, labels = make_searcher(plan.remaining, plan.trials_left, profile.search.seed,
-                                                      plan.prior, profile)
+    searcher, space, samples, labels = make_searcher(plan.remaining, plan.trials_left, profile.search.seed, profile,
+                                                      plan.prior)
     interrupts = Interrupts()
     with interrupts.installed(), ray_session(options.ray_address, plan.cpus) as ray:
         interrupts.check()

@@ -143,8 +143,6 @@ def search_limits(profile: Any) -> list[str]:
     """
     from orchestrator.selection import constraint_names
 
-    if profile is None:
-        return []
     return [name for name in constraint_names(profile.constraints) if name != "max_accuracy_drop"]
 
 
@@ -172,7 +170,7 @@ def trial_values(record: dict[str, Any], profile: Any) -> dict[str, Any]:
 
 def search_objectives(profile: Any) -> list[tuple[str, str]]:
     """What Optuna optimises: accuracy up, and the profile's objective down (latency p50 if it is accuracy)."""
-    metric = profile.objective.metric if profile is not None else "accuracy"
+    metric = profile.objective.metric
     return [("accuracy", "max"), ("latency_p50" if metric == "accuracy" else metric, "min")]
 
 
@@ -359,6 +357,7 @@ def _warm_storage(prior: list[dict[str, Any]], labels: dict[str, list[str]], cho
 
 
 STUDY_NAME = "edge-orchestrator"
+REPEAT_ASKS = 100  # how often Optuna is asked again when it proposes a configuration it already has
 
 
 def top_quarter(n: int) -> int:
@@ -369,11 +368,10 @@ def top_quarter(n: int) -> int:
     objective, 10 sampler seeds) a quarter took the median from 39% of the grid to 26%.
     """
     return min(math.ceil(0.25 * n), 25)
-REPEAT_ASKS = 100  # how often Optuna is asked again when it proposes a configuration it already has
 
 
-def make_searcher(candidates: list[Candidate], trials: int, seed: int, prior: list[dict[str, Any]] | None = None,
-                  profile: Any = None) -> tuple[Any, dict, int, dict]:
+def make_searcher(candidates: list[Candidate], trials: int, seed: int, profile: Any,
+                  prior: list[dict[str, Any]] | None = None) -> tuple[Any, dict, int, dict]:
     """(search_alg, param_space, num_samples, labels): grid when the space fits the budget, else Optuna.
 
     `candidates` is what is left to try and `trials` how many more to run; `prior` holds the
