@@ -1,3 +1,3 @@
-from agents.agent import main
+from agents.cli import main
 
 raise SystemExit(main())

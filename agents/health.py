@@ -1,7 +1,7 @@
 """On-device health check of an installed version: the host's reference outputs, and latency.
 
-DEPENDENCY NOTE: runs on the edge device (see agents/agent.py): the standard library, numpy,
-onnxruntime and agents.agent only; Python 3.9 syntax; no subprocess.
+DEPENDENCY NOTE: runs on the edge device (see agents/kernel.py): the standard library, numpy,
+onnxruntime, agents.kernel and agents.versions only; Python 3.9 syntax; no subprocess.
 """
 
 from __future__ import annotations
@@ -14,38 +14,22 @@ import time
 
 import numpy as np
 
-from agents.agent import AgentError, ExitCode, file_sha256, latency_stats, one_line, ort
-from agents.versions import HEALTH, MANIFEST, MODEL, REFERENCE, Layout, _read_json, _write_atomic, check_version
+from agents.kernel import AgentError, ExitCode, create_session, file_sha256, latency_stats, one_line, timed_runs
+from agents.versions import (
+    HEALTH,
+    MANIFEST,
+    MODEL,
+    REFERENCE,
+    Layout,
+    check_version,
+    checked_current,
+    read_json,
+    write_atomic,
+)
 
 
-def create_session(path: str, threads: int, inter_op_threads: int, providers: list, warnings: list):
-    """An InferenceSession as the agent's bench makes one (full graph optimisation); MODEL_INVALID if it fails."""
-    if ort is None:
-        raise AgentError("onnxruntime is not installed on this device")
-    available = ort.get_available_providers()
-    chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
-    warnings.extend("execution provider %s is not available" % p for p in providers if p not in available)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, inter_op_threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return ort.InferenceSession(path, sess_options=options, providers=chosen)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
-        raise AgentError("cannot load model %s: %s" % (path, one_line(exc)), ExitCode.MODEL_INVALID)
-
-
-def timed_runs(run, count: int, budget_s: float, min_runs: int) -> list:
-    """Run `run()` up to `count` times or until `budget_s` passed (after at least `min_runs`); ms per run."""
-    samples = []
-    deadline = time.perf_counter() + budget_s
-    while len(samples) < count and (len(samples) < min_runs or time.perf_counter() < deadline):
-        t0 = time.perf_counter_ns()
-        run()
-        samples.append((time.perf_counter_ns() - t0) / 1e6)
-    return samples
-
-
-def _load_reference(path: str) -> tuple[dict, dict]:
+def load_reference(path: str) -> tuple[dict, dict]:
+    """The reference data's inputs and outputs by name (reference.npz: `inputs/<name>`, `outputs/<name>`)."""
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
@@ -89,7 +73,7 @@ def compare_outputs(got: dict, expected: dict, rtol: float, atol: float) -> dict
 def run_health(layout: Layout, version: str, args: argparse.Namespace) -> dict:
     """Run a version on its reference inputs: outputs against the host's, latency against the profile's limit."""
     folder = layout.version_dir(version)
-    manifest = _read_json(os.path.join(folder, MANIFEST))
+    manifest = read_json(os.path.join(folder, MANIFEST))
     if manifest is None:
         raise AgentError("version %s... is not installed" % version[:12], ExitCode.MODEL_NOT_FOUND)
     spec = (manifest.get("meta") or {}).get("health") or {}
@@ -103,7 +87,7 @@ def run_health(layout: Layout, version: str, args: argparse.Namespace) -> dict:
     try:
         session = create_session(model_path, int(spec.get("threads", 1)), int(spec.get("inter_op_threads", 1)),
                                  list(spec.get("providers") or ["CPUExecutionProvider"]), warnings)
-        inputs, expected = _load_reference(os.path.join(folder, REFERENCE))
+        inputs, expected = load_reference(os.path.join(folder, REFERENCE))
         names = [m.name for m in session.get_outputs()]
         got = dict(zip(names, session.run(None, inputs)))
     except AgentError as exc:
@@ -150,14 +134,22 @@ def run_health(layout: Layout, version: str, args: argparse.Namespace) -> dict:
 def cmd_health(args: argparse.Namespace) -> dict:
     """Health check of `current` (or --version): reference outputs and latency; saved on the device too."""
     layout = Layout(args.root)
-    version = check_version(args.version) if args.version else layout.current_version()
+    fallback = None
+    if args.version:
+        version = check_version(args.version)
+    else:
+        version, fallback = checked_current(layout)
+        # no intact version to fall back to: check the broken one, which reports why it is unhealthy
+        version = version or layout.linked_version()
     if version is None:
         raise AgentError("no current version in %s" % layout.root, ExitCode.MODEL_NOT_FOUND)
     result = run_health(layout, version, args)
+    if fallback is not None:
+        result["fallback"] = fallback
     data = json.dumps(result).encode()
     with contextlib.suppress(OSError):  # the result matters more than keeping a copy of it
-        _write_atomic(os.path.join(layout.version_dir(version), HEALTH), data)
-        _write_atomic(layout.health, data)
+        write_atomic(os.path.join(layout.version_dir(version), HEALTH), data)
+        write_atomic(layout.health, data)
     return result
 
 
@@ -167,12 +159,17 @@ def cmd_watch(args: argparse.Namespace) -> dict:
     Each check prints one JSON line (the journal keeps them) and is saved as health.json.
     """
     layout = Layout(args.root)
-    checks, last_version, last_at = 0, None, 0.0
+    checks, last_version, last_at, fallback = 0, None, 0.0, None
     while args.count is None or checks < args.count:
-        version = layout.current_version()
+        version, found = checked_current(layout)
+        fallback = found or fallback
+        version = version or layout.linked_version()  # nothing intact to fall back to: its check says why
         if version is not None and (version != last_version or time.monotonic() - last_at >= args.interval):
             result = cmd_health(argparse.Namespace(root=args.root, version=version, runs=None, time_budget=None))
-            print(json.dumps({"command": "watch", "check": result}), flush=True)
+            line = {"command": "watch", "check": result}
+            if fallback is not None:
+                line["fallback"], fallback = fallback, None
+            print(json.dumps(line), flush=True)
             checks, last_version, last_at = checks + 1, version, time.monotonic()
         else:
             time.sleep(min(1.0, args.interval))

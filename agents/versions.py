@@ -1,7 +1,8 @@
-"""The deploy folder on the device: its paths, its activation history and the atomic switch of `current`.
+"""The deploy folder on the device: its paths, its activation history, the atomic switch of `current`,
+and the check that `current` is intact.
 
-DEPENDENCY NOTE: runs on the edge device (see agents/agent.py): the standard library, numpy,
-onnxruntime and agents.agent only; Python 3.9 syntax; no subprocess.
+DEPENDENCY NOTE: runs on the edge device (see agents/kernel.py): the standard library, numpy,
+onnxruntime and agents.kernel only; Python 3.9 syntax; no subprocess.
 
 Layout under the deploy folder (``--root``, the device's remote folder, + ``deploy/``)::
 
@@ -13,10 +14,15 @@ Layout under the deploy folder (``--root``, the device's remote folder, + ``depl
     .lock                      one install / rollback at a time (flock)
 
 Why a half-done install never leaves the device without a working model: a version folder only
-appears by renaming a completely written (and fsynced) temporary folder into place, and
+appears by renaming a completely written temporary folder into place, after every file in it and
+the folder itself were fsynced (a power cut cannot leave it with an empty model.onnx), and
 ``current`` is only ever switched by renaming a new symlink over it (``os.replace``), so at every
 instant ``current`` names either the old complete version or the new complete one. ``state.json``
 is rewritten the same way, and ``current`` wins when the two disagree after a crash.
+
+And if the disk loses data anyway (a lying cache, a change by hand): ``current_version()`` accepts
+``current`` only when its model.onnx still has the sha256 its manifest names; ``repair_current``
+then falls back to the newest earlier version that is intact, and the commands report it.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import shutil
 import time
 import uuid
 
-from agents.agent import AgentError, ExitCode
+from agents.kernel import AgentError, ExitCode, file_sha256, one_line
 
 try:
     import fcntl
@@ -40,6 +46,10 @@ DEPLOY_DIR = "deploy"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MODEL, REFERENCE, MANIFEST, HEALTH = "model.onnx", "reference.npz", "manifest.json", "health.json"
 STALE_UPLOAD_S = 3600  # incoming files older than this are leftovers of an interrupted rollout
+
+# sha256 of files already hashed by this process, by what would change if the file did: `watch`
+# checks `current` every second, and hashing a large model each time would load the device.
+_HASHED: dict = {}
 
 
 # ------------------------------------------------------------------------------------------ paths
@@ -59,8 +69,8 @@ class Layout:
     def version_dir(self, version: str) -> str:
         return os.path.join(self.versions, check_version(version))
 
-    def current_version(self) -> str | None:
-        """The version `current` points to, if it points to a complete version folder."""
+    def linked_version(self) -> str | None:
+        """The version the `current` symlink names, if it names a complete version folder (not verified)."""
         try:
             target = os.readlink(self.current)
         except OSError:
@@ -69,6 +79,11 @@ class Layout:
         if not SHA256.match(name) or not os.path.isfile(os.path.join(self.versions, name, MANIFEST)):
             return None
         return name
+
+    def current_version(self) -> str | None:
+        """The version `current` names, if that version is intact (its model matches its manifest's sha256)."""
+        linked = self.linked_version()
+        return linked if linked is not None and version_problem(self, linked) is None else None
 
     def installed(self) -> list[str]:
         """Complete version folders (a folder counts once its manifest is there; temp folders never count)."""
@@ -86,14 +101,31 @@ def check_version(name: str) -> str:
     return name
 
 
-def _inside(path: str, folder: str) -> str:
+def inside(path: str, folder: str) -> str:
+    """The real path of `path`, which must be a file directly in `folder` (USAGE error otherwise)."""
     real, base = os.path.realpath(path), os.path.realpath(folder)
     if os.path.dirname(real) != base:
         raise AgentError("%s is not a file in %s" % (path, folder), ExitCode.USAGE)
     return real
 
 
-def _fsync_dir(path: str) -> None:
+# -------------------------------------------------------------------------------------- durability
+
+
+def fsync_file(path: str) -> None:
+    """Flush a file's data to the disk; AgentError if the disk refuses (the install must not go on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise AgentError("cannot flush %s to the disk: %s" % (path, one_line(exc)))
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a folder's entries (names created, renamed, removed) to the disk, where the OS can."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -106,7 +138,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes) -> None:
     """Write a file by tmp + fsync + os.replace: readers see the old file or the new one, never half."""
     tmp = "%s.tmp-%s" % (path, uuid.uuid4().hex[:8])
     with open(tmp, "wb") as fh:
@@ -114,10 +146,10 @@ def _write_atomic(path: str, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
-def _read_json(path: str, default=None):
+def read_json(path: str, default=None):
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
@@ -126,7 +158,8 @@ def _read_json(path: str, default=None):
 
 
 @contextlib.contextmanager
-def _locked(layout: Layout):
+def locked(layout: Layout):
+    """One install / rollback / repair at a time on this deploy folder (flock; not re-entrant)."""
     os.makedirs(layout.root, mode=0o700, exist_ok=True)
     with open(os.path.join(layout.root, ".lock"), "a") as fh:
         if fcntl is not None:
@@ -138,14 +171,80 @@ def _locked(layout: Layout):
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+# -------------------------------------------------------------------------------------- integrity
+
+
+def _hashed_sha256(path: str) -> str | None:
+    """file_sha256, remembered by (inode, size, mtime, ctime) for this process; None if unreadable."""
+    try:
+        st = os.stat(path)
+        key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key not in _HASHED:
+            _HASHED[key] = file_sha256(path)
+        return _HASHED[key]
+    except OSError:
+        return None
+
+
+def version_problem(layout: Layout, version: str) -> str | None:
+    """Why an installed version cannot be used (its files do not match its manifest), or None if intact."""
+    folder = layout.version_dir(version)
+    manifest = read_json(os.path.join(folder, MANIFEST))
+    if not isinstance(manifest, dict) or manifest.get("sha256") != version:
+        return "its manifest.json is unreadable or names another model"
+    model = os.path.join(folder, MODEL)
+    got = _hashed_sha256(model)
+    if got is None:
+        return "its model.onnx is missing or unreadable"
+    if got != version:
+        return ("its model.onnx (%d bytes, sha256 %s...) does not match the sha256 in its manifest (lost in a "
+                "power cut, or changed on the device's disk)" % (os.path.getsize(model), got[:12]))
+    return None
+
+
+def repair_current(layout: Layout) -> dict | None:
+    """If `current` names a version that is not intact, fall back to the newest intact version before it
+    in the history (switched to as rollback would); the caller holds the lock.
+
+    Returns None when `current` is intact (or absent), else what was found and done:
+    ``{"version", "problem", "fell_back_to"}`` (``fell_back_to`` None: no earlier version is intact,
+    `current` is left as it is, and current_version() stays None).
+    """
+    linked = layout.linked_version()
+    problem = None if linked is None else version_problem(layout, linked)
+    if problem is None:
+        return None
+    history = load_history(layout)
+    installed = layout.installed()
+    fallback = next((v for v in reversed(history)
+                     if v != linked and v in installed and version_problem(layout, v) is None), None)
+    note = {"version": linked, "problem": "version %s... is not intact: %s" % (linked[:12], problem),
+            "fell_back_to": fallback}
+    if fallback is not None:
+        last = len(history) - 1 - history[::-1].index(fallback)
+        save_history(layout, [v for v in history[:last + 1] if v != linked])  # first, as rollback does
+        switch_current(layout, fallback)
+    return note
+
+
+def checked_current(layout: Layout) -> tuple[str | None, dict | None]:
+    """The intact current version, after repair_current if `current` is not intact: (version, repair note)."""
+    linked = layout.linked_version()
+    if linked is None or version_problem(layout, linked) is None:
+        return linked, None
+    with locked(layout):
+        note = repair_current(layout)
+    return layout.current_version(), note
+
+
 # ------------------------------------------------------------------------------------------ state
 
 
 def load_history(layout: Layout) -> list[str]:
-    """Activation history, newest last, reconciled with `current` (the truth after a crash)."""
-    stored = (_read_json(layout.state, {}) or {}).get("history", [])
+    """Activation history, newest last, reconciled with the `current` link (the truth after a crash)."""
+    stored = (read_json(layout.state, {}) or {}).get("history", [])
     history = [v for v in stored if isinstance(v, str) and SHA256.match(v)]
-    current = layout.current_version()
+    current = layout.linked_version()
     if current is None:
         return [v for v in history if os.path.isdir(os.path.join(layout.versions, v))]
     if current in history:  # drop activations recorded but never switched to
@@ -161,7 +260,7 @@ def save_history(layout: Layout, history: list[str]) -> None:
     for v in history:
         if not collapsed or collapsed[-1] != v:
             collapsed.append(v)
-    _write_atomic(layout.state, json.dumps({"history": collapsed}).encode())
+    write_atomic(layout.state, json.dumps({"history": collapsed}).encode())
 
 
 def switch_current(layout: Layout, version: str | None) -> None:
@@ -173,15 +272,15 @@ def switch_current(layout: Layout, version: str | None) -> None:
         tmp = "%s.tmp-%s" % (layout.current, uuid.uuid4().hex[:8])
         os.symlink(os.path.join("versions", check_version(version)), tmp)
         os.replace(tmp, layout.current)
-    _fsync_dir(layout.root)
+    fsync_dir(layout.root)
 
 
 def summary(layout: Layout, version: str | None) -> dict | None:
     """What the host is told of a version: its manifest's fields and its last health check."""
     if version is None:
         return None
-    manifest = _read_json(os.path.join(layout.version_dir(version), MANIFEST), {}) or {}
-    health = _read_json(os.path.join(layout.version_dir(version), HEALTH))
+    manifest = read_json(os.path.join(layout.version_dir(version), MANIFEST), {}) or {}
+    health = read_json(os.path.join(layout.version_dir(version), HEALTH))
     meta = manifest.get("meta") or {}
     return {
         "version": version,
@@ -194,7 +293,7 @@ def summary(layout: Layout, version: str | None) -> dict | None:
     }
 
 
-def _clean_leftovers(layout: Layout, keep_files: tuple = ()) -> None:
+def clean_leftovers(layout: Layout, keep_files: tuple = ()) -> None:
     """Remove what interrupted installs left: temp version folders, temp symlinks, stale uploads."""
     for folder in (layout.versions, layout.root):
         with contextlib.suppress(OSError):
@@ -217,12 +316,12 @@ def _clean_leftovers(layout: Layout, keep_files: tuple = ()) -> None:
 
 
 def prune(layout: Layout, history: list[str], keep: int) -> tuple[list[str], list[str]]:
-    """Keep the `keep` most recently activated versions (always `current`); remove the other folders."""
+    """Keep the `keep` most recently activated versions (always the one `current` names); remove the others."""
     kept = []
     for v in reversed(history):
         if v not in kept and len(kept) < keep:
             kept.append(v)
-    current = layout.current_version()
+    current = layout.linked_version()
     if current is not None and current not in kept:
         kept.append(current)
     removed = [v for v in layout.installed() if v not in kept]

@@ -56,7 +56,7 @@ print(json.dumps({"p50": float(np.percentile(samples, 50)), "peak_memory_mb": in
 
 def export_demo_model(folder: Path) -> Path:
     """The digits task's model (its default architecture, untrained) as ONNX."""
-    from orchestrator.pipeline import export_onnx
+    from orchestrator.search.pipeline import export_onnx
     from orchestrator.plugins import get_plugin_manager
 
     task = get_plugin_manager().task("digits")
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--cpu", type=int, default=(os.cpu_count() or 1) - 1, help="CPU to pin to (-1: none)")
     args = parser.parse_args()
 
-    from orchestrator.bundle import agent_bundle
+    from orchestrator.devices.bundle import agent_bundle
 
     with tempfile.TemporaryDirectory(prefix="eo-bench-") as tmp:
         model = args.model or export_demo_model(Path(tmp))

@@ -79,9 +79,9 @@ def build_candidates(names: set[str] | None, log: Any) -> tuple[list[dict[str, A
     """Build every candidate (one whose technique is not installed is skipped, and said so); and the data."""
     import torch
 
-    from orchestrator.basemodel import get_base_model
+    from orchestrator.search.basemodel import get_base_model
     from orchestrator.errors import OrchestratorError
-    from orchestrator.pipeline import build_candidate, evaluate_onnx
+    from orchestrator.search.pipeline import build_candidate, evaluate_onnx
     from orchestrator.plugins import get_plugin_manager
     from orchestrator.profile import load_profile
 
@@ -159,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     _state_home()
     sys.path.insert(0, str(ROOT))
 
-    from orchestrator.devices import LocalTransport, bench_args, local_device
+    from orchestrator.devices.local import LocalTransport, local_device
+    from orchestrator.devices.base import bench_args
     from orchestrator.profile import load_profile
-    from orchestrator.qemu import QemuUserTransport, emulated_bench_args, emulated_device
-    from orchestrator.qemu_build import SysrootRecipe, build_sysroot
+    from orchestrator.emulation.user import QemuUserTransport, emulated_bench_args, emulated_device
+    from orchestrator.emulation.sysroot import SysrootRecipe, build_sysroot
 
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

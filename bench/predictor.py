@@ -2,7 +2,7 @@
 
 Reads every measurement the measurement cache holds for one device and one profile's settings
 (what earlier `orchestrate` runs and benchmarks measured there), computes each model's graph
-features from the model cache, and scores the predictor (orchestrator/predictor.py) two ways:
+features from the model cache, and scores the predictor (orchestrator/search/predictor.py) two ways:
 
 - leave-one-out: fit on all points but one, predict that one (what a device with this much
   history gets);
@@ -30,10 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.cache import MeasurementCache  # noqa: E402
-from orchestrator.devices import local_device, settings_key  # noqa: E402
+from orchestrator.fleet.measurements import MeasurementCache  # noqa: E402
+from orchestrator.devices.local import local_device  # noqa: E402
+from orchestrator.devices.base import settings_key
 from orchestrator.paths import cache_dir  # noqa: E402
-from orchestrator.predictor import LatencyPredictor, onnx_features  # noqa: E402
+from orchestrator.search.predictor import LatencyPredictor, onnx_features  # noqa: E402
 from orchestrator.profile import load_profile  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Rollout time for 1, 4 and 8 devices with K=1 and K=4 devices at a time, measured side by side in one run.
 
-The devices are real sshd servers on 127.0.0.1 (tests/sshd.py), each device with its own folder
+The devices are real sshd servers on 127.0.0.1 (tests/helpers/sshd.py), each device with its own folder
 as its disk, registered like any device; the model is a ~1 MB fp32 model (a dense layer), and
 every timed rollout really installs a new version (runs A and B alternate) with the default
 options: one canary, then K at a time, health check after each install. Each repetition runs
@@ -56,7 +56,7 @@ def dense_model(seed: int, kilobytes: int = 1024) -> bytes:
 
 def machine() -> str:
     """CPU model, cores, OS, for the figures' caption."""
-    from agents.agent import cpu_model
+    from agents.info import cpu_model
 
     return f"{cpu_model() or platform.processor()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["EDGE_ORCHESTRATOR_HOME"] = str(work / "state")
     import yaml
 
-    from orchestrator.rollout import deploy
-    from orchestrator.rollout_plan import RolloutOptions, chosen_models
-    from tests.rollout_helpers import make_run, start_fleet
+    from orchestrator.rollout.execute import deploy
+    from orchestrator.rollout.plan import RolloutOptions, chosen_models
+    from tests.helpers.rollout import make_run, start_fleet
 
     base = yaml.safe_load((ROOT / "device_profiles" / "x86-host.yaml").read_text())
     fleets, runs = [], {}

@@ -54,7 +54,7 @@ WORKERS_TARGET = 1.7
 
 def local_devices(prefix: str, cpus: list[int]) -> list[Any]:
     """Local devices (this machine, the agent as a child process), one pinned to each of `cpus`."""
-    from orchestrator.devices import Device
+    from orchestrator.devices.base import Device
 
     return [Device(name=f"{prefix}-cpu{cpu}", transport="local", arch=platform.machine(), pinned_cpu=cpu)
             for cpu in cpus]

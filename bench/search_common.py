@@ -57,7 +57,7 @@ def machine() -> dict[str, Any]:
     import ray
     import torch
 
-    from agents.agent import cpu_model
+    from agents.info import cpu_model
 
     return {"cores": os.cpu_count(), "cpu": cpu_model() or platform.processor(), "arch": platform.machine(),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -137,7 +137,7 @@ def profile_variant(folder: Path, name: str, search: dict[str, Any] | None = Non
 def space_size(loaded: Any) -> int:
     """How many candidates the profile's search space holds (baseline included)."""
     from orchestrator.plugins import get_plugin_manager
-    from orchestrator.space import allowed_techniques, enumerate_candidates
+    from orchestrator.search.space import allowed_techniques, enumerate_candidates
 
     techniques = allowed_techniques(loaded, get_plugin_manager())
     return len(enumerate_candidates(techniques, loaded.profile.search.max_pipeline_length))
@@ -189,16 +189,25 @@ def timed_run(loaded: Any, **options: Any) -> TimedRun:
     arrivals: list[float] = []
     ids: list[str] = []
 
-    def on_event(kind: str, data: dict[str, Any]) -> None:
-        if kind == "base_model_ready":
-            marks["search"] = time.perf_counter()
-        elif kind == "candidate":
-            arrivals.append(time.perf_counter())
-            ids.append(data["id"])
+    from orchestrator import hookimpl
 
+    class Clock:
+        """An event plugin: when the search started, when each candidate arrived."""
+
+        @hookimpl
+        def base_model_ready(self) -> None:
+            marks["search"] = time.perf_counter()
+
+        @hookimpl
+        def candidate_measured(self, candidate: dict[str, Any]) -> None:
+            arrivals.append(time.perf_counter())
+            ids.append(candidate["id"])
+
+    registry = get_plugin_manager()
+    registry.add_plugin(Clock(), "bench-clock")
     with tempfile.TemporaryDirectory(prefix="eo-bench-runs-") as tmp:
         started = time.perf_counter()
-        outcome = execute_run(loaded, get_plugin_manager(), RunOptions(out_dir=Path(tmp), **options), on_event)
+        outcome = execute_run(loaded, registry, RunOptions(out_dir=Path(tmp), **options))
         wall = time.perf_counter() - started
     by_id = {r["id"]: r for r in outcome.candidates}
     records = [by_id[i] for i in ids]  # arrival order (ids are given in that order too)

@@ -15,7 +15,7 @@
 
 Only the sampler's seed changes between searches: the profile's `search.seed` also seeds
 the base model, the data split and the calibration, which must stay as they are for the
-caches to answer, so the benchmark wraps `orchestrator.search.make_searcher` to pass
+caches to answer, so the benchmark wraps `orchestrator.search.searcher.make_searcher` to pass
 another seed to `TPESampler` (and checks that the wrapper was used).
 
 The profile's pick uses `objective.tie_within` (`--tie`, 3%): latencies within 3% of the
@@ -63,10 +63,10 @@ QUICK_TECHNIQUES = ["int8-static", "int8-dynamic", "fp16"]
 
 
 class SamplerSeed:
-    """Wraps orchestrator.search.make_searcher so the next searches' TPE sampler gets `seed`."""
+    """Wraps orchestrator.search.searcher.make_searcher so the next searches' TPE sampler gets `seed`."""
 
     def __init__(self) -> None:
-        import orchestrator.search as search
+        import orchestrator.search.searcher as search
 
         self.module, self.original = search, search.make_searcher
         self.seed: int | None = None
@@ -87,7 +87,7 @@ class SamplerSeed:
 
 
 def key(record: dict[str, Any]) -> str:
-    from orchestrator.search import pipeline_key
+    from orchestrator.search.searcher import pipeline_key
 
     return pipeline_key(record.get("pipeline") or [])
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[int]) -> dict[str, Any]:
     """The grid and the seeded searches for a profile whose objective is `metric`."""
-    from orchestrator.selection import metric_value, select
+    from orchestrator.search.selection import metric_value, select
 
     loaded = profile_variant(
         tmp, f"bench-search-efficiency-{metric.replace('_', '-')}",
@@ -190,7 +190,7 @@ def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[
                   flush=True)
         if sampler.used != seeds:
             raise SystemExit(f"the sampler seed was not applied ({sampler.used} != {seeds}): "
-                             "does orchestrator.run still call orchestrator.search.make_searcher?")
+                             "does orchestrator.run still call orchestrator.search.searcher.make_searcher?")
 
     def share(values: list[int | None]) -> float:
         return median([v if v is not None else math.inf for v in values]) / size
@@ -227,7 +227,7 @@ def remeasure(profile: Any, candidates: list[dict[str, Any]], metric: str, times
     import json
     import subprocess
 
-    from orchestrator.devices import bench_args
+    from orchestrator.devices.base import bench_args
     from orchestrator.paths import cache_dir
 
     root = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ the rounds' p50s is reported, so that load from other processes hits all rows al
 
     python bench/techniques.py [--rounds 3] [--runs 300] [--out bench/results/techniques.json]
 
-The base model comes from orchestrator.basemodel.get_base_model (trained once, about
+The base model comes from orchestrator.search.basemodel.get_base_model (trained once, about
 1.5 minutes on 2 cores, then cached) under $EDGE_ORCHESTRATOR_HOME, or, when that is
 not set, a private folder (.state/bench/techniques-home) so no user state is touched.
 Prints a Markdown table and writes JSON.
@@ -132,8 +132,8 @@ class Builder:
 
     def build(self, pipeline: list[dict[str, Any]]) -> tuple[bytes, dict[str, Any], int]:
         """(ONNX bytes, build info, parameter count) of one row, through the pipeline module's own build."""
-        from orchestrator.pipeline import build_candidate
-        from orchestrator.space import order_pipeline
+        from orchestrator.search.pipeline import build_candidate
+        from orchestrator.search.space import order_pipeline
 
         ordered = [t.name for t in order_pipeline([self.registry.technique(s["technique"]) for s in pipeline])]
         assert ordered == [s["technique"] for s in pipeline], f"bench rows must be in run order: {ordered}"
@@ -148,7 +148,7 @@ class Builder:
 
 def measure(models: dict[str, bytes], profile: Any, rounds: int) -> dict[str, list[dict[str, Any]]]:
     """Every model through the agent, `rounds` times, round-robin (order reversed every other round)."""
-    from orchestrator.devices import LocalTransport, local_device
+    from orchestrator.devices.local import LocalTransport, local_device
 
     device = local_device()
     cpus = os.cpu_count() or 1
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from orchestrator.basemodel import get_base_model
-    from orchestrator.pipeline import evaluate_onnx
+    from orchestrator.search.basemodel import get_base_model
+    from orchestrator.search.pipeline import evaluate_onnx
     from orchestrator.plugins import get_plugin_manager
     from orchestrator.profile import load_profile
 

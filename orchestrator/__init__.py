@@ -3,8 +3,25 @@
 The public plugin API is what this module exports.
 """
 
-from orchestrator.api import Choice, Dataset, Task, Technique, TechniqueContext, choice, hookimpl
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
+from orchestrator.api import (
+    Choice,
+    Dataset,
+    DeviceFacts,
+    Task,
+    Technique,
+    TechniqueContext,
+    choice,
+    distillation_loss,
+    hookimpl,
+)
+from orchestrator.errors import TechniqueParamsError
 
-__all__ = ["Choice", "Dataset", "Task", "Technique", "TechniqueContext", "choice", "hookimpl", "__version__"]
+try:
+    __version__ = version("edge-orchestrator")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["Choice", "Dataset", "DeviceFacts", "Task", "Technique", "TechniqueContext", "TechniqueParamsError",
+           "choice", "distillation_loss", "hookimpl", "__version__"]

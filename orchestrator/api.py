@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
 
@@ -56,7 +56,7 @@ class Technique:
       incompatible_with  names of techniques never to share a pipeline with this one
       cannot_follow      names of techniques that must not run before this one
 
-    Combinations are checked before the search starts (`orchestrator.space`), never
+    Combinations are checked before the search starts (`orchestrator.search.space`), never
     discovered by a crash mid-search. Either side of a pair may declare the
     incompatibility, and a name that is not installed is simply ignored. Within one
     stage, `cannot_follow` orders the pipeline (this technique runs first); where the
@@ -111,6 +111,64 @@ class Technique:
     def apply(self, model: Any, params: dict[str, Any], ctx: TechniqueContext) -> Any:
         """Return the transformed model. Must not modify `model` in place."""
         raise NotImplementedError
+
+    def recommended(self, device: DeviceFacts) -> list[dict[str, Any]]:
+        """Known-good parameter sets for `device`, best first; the search tries them before exploring.
+
+        Each is a (partial) params dict inside `search_space` (missing keys take their defaults).
+        `device` says what the device's agent reported: arch, ISA features, execution providers.
+        Return [] where the technique has no configuration worth trying first on this device
+        (the search may still explore it). Added in 0.2.
+        """
+        return []
+
+    def architecture(self, params: dict[str, Any], ctx: TechniqueContext) -> Any | None:
+        """For `architecture`-stage techniques: the untrained torch model `apply` would train, or None.
+
+        Lets the hardware-aware search predict a candidate's latency before paying for its
+        training. Other stages never need it. Added in 0.2.
+        """
+        return None
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What a technique may condition its recommendations on: what the device's agent reported.
+
+    arch: "x86_64" | "aarch64" | ...; isa: CPU features in lower case as /proc/cpuinfo spells them
+    ("avx2", "avx512_vnni", "avx_vnni", "asimddp" (ARM dot product), "asimdhp"/"fphp" (ARM fp16),
+    "i8mm"); providers: onnxruntime execution providers the profile runs with, in order.
+    """
+
+    arch: str = ""
+    isa: frozenset[str] = frozenset()
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any] | None, providers: Sequence[str] = ("CPUExecutionProvider",)) -> DeviceFacts:
+        """From an agent `info` dict (missing fields: unknown)."""
+        info = info or {}
+        return cls(arch=str(info.get("arch") or ""), isa=frozenset(str(f).lower() for f in info.get("isa") or ()),
+                   providers=tuple(providers))
+
+    def has(self, *features: str) -> bool:
+        """True when the CPU reports any of `features`."""
+        return any(f.lower() in self.isa for f in features)
+
+    @property
+    def x86(self) -> bool:
+        """An x86-64 CPU."""
+        return self.arch in ("x86_64", "amd64")
+
+    @property
+    def arm(self) -> bool:
+        """A 64-bit ARM CPU."""
+        return self.arch in ("aarch64", "arm64")
+
+    @property
+    def gpu(self) -> bool:
+        """A CUDA or TensorRT execution provider comes first."""
+        return bool(self.providers) and self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 @dataclass
@@ -185,7 +243,6 @@ class TechniqueContext:
     profile: Profile
     scratch_dir: Path
     seed: int
-    extras: dict[str, Any] = field(default_factory=dict)
     #: Seconds spent in `fine_tune` since the context was made (the pipeline reports it per technique).
     fine_tune_seconds: float = 0.0
 
@@ -201,6 +258,23 @@ class TechniqueContext:
         """Up to `limit` single-sample float32 input batches from the calibration split."""
         inputs = self.data["calibration"].inputs[:limit]
         return [inputs[i : i + 1] for i in range(len(inputs))]
+
+
+def distillation_loss(student_logits: Any, teacher_logits: Any, labels: Any, temperature: float = 4.0,
+                      alpha: float = 0.5) -> Any:
+    """The soft-target distillation loss (Hinton et al.) for a task's `train`, as a torch scalar.
+
+    `alpha` * KL(teacher || student) on logits softened by `temperature` (scaled by
+    `temperature`**2, so its gradients keep their size), plus (1 - `alpha`) * the cross-entropy
+    against `labels`. Compute `teacher_logits` under `torch.no_grad()`; they are detached here
+    anyway, so no gradient reaches the teacher.
+    """
+    import torch.nn.functional as F
+
+    hard = F.cross_entropy(student_logits, labels)
+    soft = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    kd = F.kl_div(F.log_softmax(student_logits / temperature, dim=1), soft, reduction="batchmean")
+    return alpha * kd * temperature**2 + (1 - alpha) * hard
 
 
 Register = Callable[[Any], None]

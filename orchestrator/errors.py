@@ -116,3 +116,10 @@ class RolloutIncomplete(OrchestratorError):
 
 class EmulationUnavailable(OrchestratorError):
     """An emulated device cannot be made: no emulation section, QEMU missing, the sysroot cannot be built."""
+
+
+class StateFileError(OrchestratorError):
+    """A file we keep state in is not what it should be: the state folder is a file, `runs.sqlite` or
+    `registry.sqlite` is not an SQLite database, a run's results.json does not have the shape we write."""
+
+    exit_code = ExitCode.USAGE

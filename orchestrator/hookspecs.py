@@ -39,6 +39,71 @@ def register_tasks(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
+def run_started(run_id: str, run: dict) -> None:
+    """Called on the host when a run (or a resumed run) starts, before the base model is loaded.
+
+    :param run_id: the run.
+    :param run: ``out`` (the run's folder), ``profile`` (its name), ``space`` (candidates in the
+        search space), ``trials`` (trials this run will do), ``resumed`` (candidates kept from an
+        interrupted run, or None).
+    :returns: nothing. An exception here is logged and does not stop the run.
+
+    Added in 0.2.
+    """
+
+
+@hookspec
+def devices_chosen(run_id: str, devices: dict) -> None:
+    """Called once the devices of the run are chosen (registered, emulated or the local fallback).
+
+    :param run_id: the run.
+    :param devices: what results.json says under ``device``: ``note`` (one line saying which
+        devices and why), ``source``, ``devices``, ``unreachable`` (devices skipped, with reasons).
+    :returns: nothing. An exception here is logged and does not stop the run.
+
+    Added in 0.2.
+    """
+
+
+@hookspec
+def base_model_started(run_id: str, task: str) -> None:
+    """Called when the task's base model is being loaded (trained on first use, then cached).
+
+    :param run_id: the run.
+    :param task: the task's name.
+    :returns: nothing. An exception here is logged and does not stop the run.
+
+    Added in 0.2.
+    """
+
+
+@hookspec
+def base_model_ready(run_id: str, accuracy: float, trained_now: bool) -> None:
+    """Called when the base model is ready, before the search starts.
+
+    :param run_id: the run.
+    :param accuracy: its accuracy on the held-out split.
+    :param trained_now: True when it was trained for this run, False when it came from the cache.
+    :returns: nothing. An exception here is logged and does not stop the run.
+
+    Added in 0.2.
+    """
+
+
+@hookspec
+def final_round_started(run_id: str, finalists: list, rounds: int) -> None:
+    """Called after the search, when the finalists and the baseline are measured again, together.
+
+    :param run_id: the run.
+    :param finalists: the candidate ids measured in the final round (the baseline last).
+    :param rounds: the interleaved rounds asked for (a time budget may end them earlier).
+    :returns: nothing. An exception here is logged and does not stop the run.
+
+    Added in 0.2.
+    """
+
+
+@hookspec
 def candidate_measured(run_id: str, candidate: dict) -> None:
     """Called on the host after each candidate has been evaluated and measured (or has failed).
 

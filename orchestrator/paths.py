@@ -5,26 +5,36 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from orchestrator.errors import StateFileError
+
 HOME_ENV = "EDGE_ORCHESTRATOR_HOME"
+
+
+def _folder(path: Path, what: str) -> Path:
+    """`path` made a folder if it is none yet; one clear error when it cannot be (a file there, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise StateFileError(f"{path}: {what} is not a folder (a file is in the way)") from None
+    except OSError as exc:
+        raise StateFileError(f"{path}: cannot make {what}: {exc.strerror or exc}") from None
+    return path
 
 
 def state_dir() -> Path:
     """`$EDGE_ORCHESTRATOR_HOME`, else `$XDG_DATA_HOME/edge-orchestrator`, else `~/.local/share/edge-orchestrator`."""
     explicit = os.environ.get(HOME_ENV)
     if explicit:
-        root = Path(explicit)
+        root, what = Path(explicit), f"the state folder (${HOME_ENV})"
     else:
         xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-        root = Path(xdg) / "edge-orchestrator"
-    root.mkdir(parents=True, exist_ok=True)
-    return root.resolve()
+        root, what = Path(xdg) / "edge-orchestrator", "the state folder"
+    return _folder(root, what).resolve()
 
 
 def cache_dir(kind: str) -> Path:
     """A cache sub-folder (`tasks`, `models`, ...) under the state folder."""
-    path = state_dir() / "cache" / kind
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _folder(state_dir() / "cache" / kind, f"the {kind} cache")
 
 
 def store_path() -> Path:

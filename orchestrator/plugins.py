@@ -46,9 +46,14 @@ class PluginRegistry:
 
     # -- loading -----------------------------------------------------------
     def load_entry_points(self) -> None:
-        """Load every plugin of the entry-point group; a broken one is recorded, the rest still load."""
+        """Load every plugin of the entry-point group; a broken one is recorded, the rest still load.
+
+        The built-ins (entry points into this project's `plugins` package) load first, so an
+        outside plugin can never take one of their names; the others follow by name.
+        """
         disabled = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
-        for ep in sorted(importlib.metadata.entry_points(group=PROJECT_NAME), key=lambda e: e.name):
+        for ep in sorted(importlib.metadata.entry_points(group=PROJECT_NAME),
+                         key=lambda e: (not is_builtin(e), e.name)):
             if ep.name in disabled or ep.name in self.plugins:
                 continue
             dist = ep.dist
@@ -56,37 +61,68 @@ class PluginRegistry:
             self.plugins[ep.name] = info
             try:
                 module = ep.load()
-            except Exception as exc:  # a third party's import error must not stop the others
-                info.error = f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - a third party's import must not stop the others
+                info.error = f"failed to import {ep.value}: {_describe(exc)}"
                 log.warning("plugin %s: %s", ep.name, info.error)
                 continue
             self.add_plugin(module, ep.name, info)
 
     def add_plugin(self, plugin: Any, name: str, info: PluginInfo | None = None) -> None:
-        """Register one plugin object (module or instance) and collect what it registers."""
+        """Register one plugin object (module or instance) and collect what it registers.
+
+        A registration the registry refuses (a name another plugin has, not a Technique or
+        Task) is refused alone: the plugin's other registrations count, and the refusal is
+        its error. A hook that raises (anything, `sys.exit()` included) marks the plugin
+        broken: what it registered is withdrawn and it is unregistered, the others go on.
+        """
         info = info or self.plugins.setdefault(name, PluginInfo(name, "(in-process)", "-"))
         self.plugins[name] = info
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
             info.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
-        except Exception as exc:
-            info.error = f"{type(exc).__name__}: {exc}"
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - pluggy's, or the plugin's own
+            info.error = _describe(exc)
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
             log.warning("plugin %s: %s", name, info.error)
             return
+        refused: list[str] = []
+
+        def registrar(register: Any) -> Any:
+            def call(item: Any) -> None:
+                try:
+                    register(item, name, info)
+                except PluginError as exc:
+                    refused.append(str(exc))
+                    log.warning("plugin %s: %s", name, exc)
+            return call
+
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        hook = ""
         try:
-            caller = self.pm.subset_hook_caller
-            caller("register_techniques", remove_plugins=[p for p in self.pm.get_plugins() if p is not plugin])(
-                register=lambda t: self._register_technique(t, name, info)
-            )
-            caller("register_tasks", remove_plugins=[p for p in self.pm.get_plugins() if p is not plugin])(
-                register=lambda t: self._register_task(t, name, info)
-            )
-        except PluginError as exc:
-            info.error = str(exc)
+            hook = "register_techniques"
+            self.pm.subset_hook_caller(hook, remove_plugins=others)(register=registrar(self._register_technique))
+            hook = "register_tasks"
+            self.pm.subset_hook_caller(hook, remove_plugins=others)(register=registrar(self._register_task))
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - whatever a plugin's hook raises
+            self._withdraw(name, info)
+            self.pm.unregister(plugin)
+            info.error = f"{hook} failed: {_describe(exc)}"
             log.warning("plugin %s: %s", name, info.error)
+            return
+        if refused:
+            info.error = "; ".join(refused)
+
+    def _withdraw(self, plugin: str, info: PluginInfo) -> None:
+        """Take back every technique and task a (now broken) plugin registered."""
+        for key, owner in list(self._owner.items()):
+            if owner != plugin:
+                continue
+            del self._owner[key]
+            kind, _, item = key.partition(":")
+            (self.techniques if kind == "technique" else self.tasks).pop(item, None)
+        info.techniques, info.tasks = [], []
 
     def _register_technique(self, technique: Technique, plugin: str, info: PluginInfo) -> None:
         if not isinstance(technique, Technique) or not technique.name:
@@ -135,6 +171,21 @@ class PluginRegistry:
             getattr(self.pm.hook, hook)(**kwargs)
         except Exception as exc:
             log.warning("event hook %s failed: %s: %s", hook, type(exc).__name__, exc)
+
+
+def is_builtin(ep: importlib.metadata.EntryPoint) -> bool:
+    """An entry point into this project's own `plugins` package (and shipped by this project)."""
+    dist = ep.dist
+    return (ep.value == "plugins" or ep.value.startswith(("plugins.", "plugins:"))) and \
+        (dist is None or dist.name.replace("_", "-").lower() == "edge-orchestrator")
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one line; `sys.exit()` called by a plugin said as such."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r})" if exc.code is not None else "called sys.exit()"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def get_plugin_manager() -> PluginRegistry:

@@ -1,18 +1,39 @@
 """Device profiles: one YAML file per class of device, validated with pydantic.
 
 A bad profile is reported as one line, `FILE:LINE: field.path: message`, where
-LINE is the line of the offending field in the YAML file.
+LINE is the line of the offending field in the YAML file. `read_yaml` and
+`validation_message` do the same for the other YAML files we read (inventories).
 """
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from orchestrator.errors import ProfileError
+from orchestrator.errors import OrchestratorError, ProfileError
+
+#: A profile (or inventory) file larger than this is refused before it is read: real ones are a few KB,
+#: and parsing 20 MB of YAML takes a minute.
+MAX_YAML_BYTES = 1024 * 1024
+#: Values a YAML file may hold once its aliases are expanded (`*a` repeated: a "billion laughs").
+MAX_YAML_VALUES = 200_000
+
+#: onnxruntime's execution provider names (`onnxruntime.get_all_providers()` across releases). Kept here
+#: because the host need not have the device's onnxruntime build; a name not in this list is a typo.
+EXECUTION_PROVIDERS = (
+    "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider",
+    "OpenVINOExecutionProvider", "CoreMLExecutionProvider", "DmlExecutionProvider", "ROCMExecutionProvider",
+    "MIGraphXExecutionProvider", "QNNExecutionProvider", "NnapiExecutionProvider", "XnnpackExecutionProvider",
+    "ACLExecutionProvider", "ArmNNExecutionProvider", "CANNExecutionProvider", "AzureExecutionProvider",
+    "VitisAIExecutionProvider", "WebGpuExecutionProvider", "WebNNExecutionProvider", "JsExecutionProvider",
+    "DnnlExecutionProvider", "RknpuExecutionProvider", "VSINPUExecutionProvider", "SNPEExecutionProvider",
+    "TvmExecutionProvider",
+)
 
 Percentile = Literal["p50", "p90", "p99"]
 
@@ -28,8 +49,34 @@ OBJECTIVE_METRICS: dict[str, str] = {
 }
 
 
+def _allows_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_allows_bool(a) for a in typing.get_args(annotation))
+    return False
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `trials: true` as 1; its strict mode would also refuse `1e-3`,
+        # which YAML 1.1 hands over as a string. So only booleans are refused where no bool belongs.
+        if isinstance(value, bool) and not _allows_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a {_kind(cls.model_fields[info.field_name].annotation)}, not {str(value).lower()}")
+        return value
+
+
+def _kind(annotation: Any) -> str:
+    names = {int: "whole number", float: "number", str: "string"}
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    for a in (annotation, *args):
+        if a in names:
+            return names[a]
+    return "value of another type"
 
 
 class Hardware(_Strict):
@@ -48,6 +95,19 @@ class Runtime(_Strict):
     execution_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
     intra_op_threads: int = Field(default=1, ge=1)
     inter_op_threads: int = Field(default=1, ge=1)
+
+    @field_validator("execution_providers")
+    @classmethod
+    def _known_providers(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in EXECUTION_PROVIDERS:
+                # "cuda" or "CUDAExecutionprovider" is a spelling of a known one: name it
+                stem = name.lower().removesuffix("executionprovider")
+                near = [p for p in EXECUTION_PROVIDERS if p.lower().removesuffix("executionprovider") == stem]
+                hint = f"did you mean {near[0]}? " if near else ""
+                raise ValueError(f"unknown execution provider {name!r}: {hint}onnxruntime knows "
+                                 f"{', '.join(EXECUTION_PROVIDERS)}")
+        return value
 
 
 class Constraints(_Strict):
@@ -109,6 +169,14 @@ class Measurement(_Strict):
     runs: int = Field(default=200, gt=0)
     time_budget_s: float = Field(default=10.0, gt=0, description="stop timed runs early after this long")
     batch_size: int = Field(default=1, gt=0)
+    finalists: int = Field(
+        default=3, ge=1,
+        description="the final round: this many best feasible candidates (plus the baseline) are measured again")
+    final_rounds: int = Field(
+        default=40, ge=3,
+        description="interleaved rounds of the final round (A B C base, B C base A, ...); the pick is decided on them")
+    final_time_budget_s: float = Field(
+        default=20.0, gt=0, description="the final round stops after this long (at least 3 rounds are always run)")
 
 
 class Emulation(_Strict):
@@ -193,13 +261,18 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
     return out or "(top level)"
 
 
+def dotted(loc: tuple[str | int, ...]) -> str:
+    """A pydantic error location as `field.path[0].name` (`(top level)` when empty)."""
+    return _dotted(loc)
+
+
 def _line_of(node: Any, loc: tuple[str | int, ...]) -> int:
     line = node.start_mark.line + 1 if node is not None else 1
     for part in loc:
         child = None
         if isinstance(node, yaml.MappingNode):
-            for key, value in reversed(node.value):  # YAML keeps the last of duplicate keys
-                if key.value == part:
+            for key, value in reversed(node.value):  # merged (`<<`) keys come first, the file's own win
+                if key.value == str(part):
                     line = key.start_mark.line + 1
                     child = value
                     break
@@ -212,24 +285,144 @@ def _line_of(node: Any, loc: tuple[str | int, ...]) -> int:
     return line
 
 
-def load_profile(path: str | Path) -> LoadedProfile:
-    """Read and validate a profile; raise ProfileError with `FILE:LINE: field.path: message`."""
-    path = Path(path)
+def line_of(node: Any, loc: tuple[str | int, ...]) -> int:
+    """The 1-based line of the field at `loc` in a YAML node tree (or of its nearest parent that exists)."""
+    return _line_of(node, loc)
+
+
+class YamlFile(NamedTuple):
+    """A YAML file read once: its text, its node tree (for line numbers) and its data."""
+
+    text: str
+    node: Any
+    data: Any
+
+
+def read_yaml(path: Path, what: str = "profile", error: type[OrchestratorError] = ProfileError,
+              max_bytes: int = MAX_YAML_BYTES) -> YamlFile:
+    """Read one YAML document, parsing it once; every problem is `error("FILE[:LINE]: ...: message")`.
+
+    Refused: a file over `max_bytes` (before it is read), one that is not UTF-8 text, bad YAML,
+    a key given twice in one mapping, an alias inside its own anchor, and aliases that expand
+    to more than MAX_YAML_VALUES values.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{path}: {size} bytes: a {what} file is at most {max_bytes // 1024} KB")
+        with path.open("rb") as f:
+            raw = f.read(max_bytes + 1)  # not the size stat gave: a pipe or a device has none
     except FileNotFoundError:
-        raise ProfileError(f"{path}: profile not found") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{path}: cannot read profile: {exc}") from None
+        raise error(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:
+        raise error(f"{path}: over {max_bytes} bytes: a {what} file is at most {max_bytes // 1024} KB")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise error(f"{path}:{line}: (YAML): not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}), "
+                    f"({what} files are UTF-8 YAML)") from None
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # its reader already refuses control characters
+        node = loader.get_single_node()
+        if node is not None:
+            _check_nodes(node, path, error)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         position = getattr(exc, "position", None)  # ReaderError (bad characters) has no mark
         line = mark.line + 1 if mark else (text.count("\n", 0, position) + 1 if position is not None else 1)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ProfileError(f"{path}:{line}: (YAML): {problem}") from None
+        raise error(f"{path}:{line}: (YAML): {problem}") from None
+    except RecursionError:
+        raise error(f"{path}:1: (YAML): nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return YamlFile(text, node, data)
+
+
+def _check_nodes(root: Any, path: Path, error: type[OrchestratorError]) -> None:
+    """Duplicate keys, recursive aliases and alias bombs, in one walk that visits each node once."""
+    expanded: dict[int, int] = {}  # node id -> how many values it stands for, aliases expanded (nodes done)
+    on_path: set[int] = set()  # the node being walked and its parents
+    stack: list[tuple[Any, tuple[str | int, ...], bool]] = [(root, (), False)]
+    while stack:
+        node, loc, done = stack.pop()
+        children = _children(node)
+        if done:
+            on_path.discard(id(node))
+            expanded[id(node)] = 1 + sum(expanded[id(child)] for _, child in children)
+            continue
+        if id(node) in expanded:
+            continue  # an alias of a node already checked
+        if id(node) in on_path:  # the alias's own line: the node's start is its anchor's
+            raise error(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: an alias inside its own anchor "
+                        "(a recursive YAML structure)")
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key, _ in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                if (key.tag, key.value) in seen:
+                    raise error(f"{path}:{key.start_mark.line + 1}: {_dotted((*loc, key.value))}: duplicate key "
+                                f"(first on line {seen[key.tag, key.value]})")
+                seen[key.tag, key.value] = key.start_mark.line + 1
+        on_path.add(id(node))
+        stack.append((node, loc, True))
+        stack.extend((child, (*loc, part), False) for part, child in reversed(children))
+    if expanded[id(root)] > max(MAX_YAML_VALUES, 2 * len(expanded)):  # aliases, not the file size, made it big
+        loc, count = (), expanded[id(root)]
+        if _children(root):  # name the biggest top-level field
+            part, child = max(_children(root), key=lambda pc: expanded[id(pc[1])])
+            loc, count = (part,), expanded[id(child)]
+        raise error(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: its aliases expand to {count} values "
+                    f"(at most {MAX_YAML_VALUES})")
+
+
+def _children(node: Any) -> list[tuple[str | int, Any]]:
+    # keys are left out: a key that is not a scalar cannot be constructed anyway (unhashable)
+    if isinstance(node, yaml.MappingNode):
+        return [(key.value if isinstance(key, yaml.ScalarNode) else "?", value) for key, value in node.value]
+    if isinstance(node, yaml.SequenceNode):
+        return list(enumerate(node.value))
+    return []
+
+
+def validation_message(path: Path, node: Any, exc: ValidationError) -> str:
+    """The first pydantic error as `FILE:LINE: field.path: message`, counting the others."""
+    first = exc.errors()[0]
+    loc = tuple(first["loc"])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif first["type"] == "missing":
+        message = "field required"
+    elif first["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+    elif first["type"] in ("model_type", "dict_type", "list_type"):
+        wanted = "a list" if first["type"] == "list_type" else "a mapping"
+        message = f"expected {wanted}, got {_yaml_kind(first.get('input'))}"
+    more = len(exc.errors()) - 1
+    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
+    return f"{path}:{_line_of(node, loc)}: {_dotted(loc)}: {message}{suffix}"
+
+
+def _yaml_kind(value: Any) -> str:
+    kinds = {dict: "a mapping", list: "a list", str: "a string", bool: "true/false", int: "a number",
+             float: "a number", type(None): "nothing"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def load_profile(path: str | Path) -> LoadedProfile:
+    """Read and validate a profile; raise ProfileError with `FILE:LINE: field.path: message`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ProfileError(f"{path}: cannot read profile: it is a folder")
+    text, node, data = read_yaml(path, "profile", ProfileError)
     if data is None:
         raise ProfileError(f"{path}:1: (top level): the profile is empty")
     if not isinstance(data, dict):
@@ -237,14 +430,5 @@ def load_profile(path: str | Path) -> LoadedProfile:
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = tuple(first["loc"])
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            message = "unknown field"
-        elif first["type"] == "missing":
-            message = "field required"
-        more = len(exc.errors()) - 1
-        suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-        raise ProfileError(f"{path}:{_line_of(node, loc)}: {_dotted(loc)}: {message}{suffix}") from None
+        raise ProfileError(validation_message(path, node, exc)) from None
     return LoadedProfile(profile=profile, path=path, text=text, node=node)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.selection import pipeline_label
+from orchestrator.search.selection import pipeline_label
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1400px}
@@ -103,9 +103,23 @@ def _pick_section(results: dict[str, Any]) -> str:
     tie = obj.get("tie_within") or 0.0
     ties = (f"; values within {100 * tie:.3g}% of the best count as a tie, which goes to the more accurate "
             "candidate" if tie else "")
+    decision = results.get("decision") or {}
+    final = ""
+    if decision.get("sentence"):
+        rows = "".join(
+            f"<tr><td class=l>{html.escape(f['id'])}</td><td class=l>{html.escape(f['pipeline'])}</td>"
+            f"<td>{f['median_ms']:.3f}</td><td>{f['vs_leader']['ratio']:.3f} "
+            f"({f['vs_leader']['low']:.3f}–{f['vs_leader']['high']:.3f})</td></tr>"
+            for f in decision.get("finalists", []))
+        final = (f"<p><b>Final round:</b> {html.escape(decision['sentence'])}. "
+                 f"Decided by: {html.escape(decision['decided_by'])}; rule: {html.escape(decision['rule'])}.</p>"
+                 f"<table><tr><th>id</th><th>pipeline</th><th>median {html.escape(decision.get('percentile', ''))} ms"
+                 f"</th><th>vs the fastest (95%)</th></tr>{rows}</table>")
+    elif decision.get("error"):
+        final = f"<p><b>Final round failed</b> ({html.escape(decision['error'])}): the pick rests on the search.</p>"
     return (f"<h2>The pick: {html.escape(best['id'])} ({html.escape(pipeline_label(best))})</h2>"
             f"<p>Chosen on the Pareto front of the feasible candidates by <b>{html.escape(obj['metric'])}</b> "
-            f"({html.escape(obj['goal'])}){ties}. Pipeline:</p><ol>{steps}</ol>{ratios}")
+            f"({html.escape(obj['goal'])}){ties}. Pipeline:</p><ol>{steps}</ol>{ratios}{final}")
 
 
 def _constraints_section(results: dict[str, Any]) -> str:

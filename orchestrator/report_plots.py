@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from orchestrator.selection import metric_value
+from orchestrator.search.selection import metric_value
 
 #: (metric, axis label, unit) for the x axes; accuracy is always the y axis.
 AXES = (("latency_p50", "latency p50", "ms"), ("energy_mj", "energy per inference", "mJ"), ("size_bytes", "size", "KiB"))

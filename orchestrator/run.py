@@ -1,7 +1,9 @@
-"""One run of `orchestrate --profile`: prepare, search on Ray, select, write OUT/<run-id>/."""
+"""One run of `orchestrate --profile`: prepare, search on Ray, select, write OUT/<run-id>/.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -12,15 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator.devices import Device, DeviceLease, LeasePool, local_device
-from orchestrator.errors import DeviceUnreachable, NoFeasibleCandidate, OrchestratorError
-from orchestrator.fleet import reachable_devices
+from agents.kernel import file_sha256
+from orchestrator.devices.base import Device
+from orchestrator.devices.registry import registry_path
+from orchestrator.errors import NoFeasibleCandidate, OrchestratorError
+from orchestrator.fleet.choice import choose_devices, describe_devices, device_facts
+from orchestrator.fleet.lease import DeviceLease, LeasePool
 from orchestrator.paths import cache_dir, store_path
 from orchestrator.plugins import PluginRegistry
 from orchestrator.profile import LoadedProfile, Profile
-from orchestrator.registry import DeviceRegistry, registry_path
-from orchestrator.selection import pipeline_label
-from orchestrator.space import allowed_techniques, enumerate_candidates
+from orchestrator.search.selection import pipeline_label
+from orchestrator.search.space import allowed_techniques, enumerate_candidates
+from orchestrator.search.starting import starting_points
 from orchestrator.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -62,16 +67,18 @@ def execute_run(
     loaded: LoadedProfile,
     registry: PluginRegistry,
     options: RunOptions,
-    on_event: Callable[[str, dict[str, Any]], None] = lambda kind, data: None,
     resume: dict[str, Any] | None = None,
 ) -> RunOutcome:
     """Run the whole loop. Every candidate is stored as soon as it is measured; Ctrl-C keeps them.
 
+    Progress goes to the plugins' event hooks (orchestrator/hookspecs.py): the terminal
+    reporter is one such plugin (orchestrator/cli/console.py), an exporter another.
+
     `resume` is a stored run (`RunStore.get_run`) that stopped before its end: its candidates
     are kept, only the trials it still lacks are run (see `resume_run`).
     """
-    from orchestrator.basemodel import get_base_model
-    from orchestrator.search import pipeline_key
+    from orchestrator.search.basemodel import get_base_model
+    from orchestrator.search.searcher import pipeline_key
 
     profile = loaded.profile
     techniques = allowed_techniques(loaded, registry)
@@ -85,6 +92,8 @@ def execute_run(
                                        + ", ".join(d.name for d in devices), profile=profile)
     else:
         devices, device_info = choose_devices(profile.name, profile.fallback_device, cpus, options.ray_address, profile)
+    facts = device_facts(devices[0], profile)
+    first = starting_points(techniques, candidates, facts, profile.search.max_pipeline_length)
     avoid_cpu = devices[0].pinned_cpu if device_info["source"] == "fallback" else None
     concurrency = max(1, cpus - 1) if avoid_cpu is not None else cpus
 
@@ -113,28 +122,32 @@ def execute_run(
     trials_left = max(0, min(trials - len(done), len(remaining)))
     first_id = 1 + max((int(c["id"][1:]) for c in prior), default=-1)
     store.set_device(run_id, device_info)
-    on_event("run_started", {"run_id": run_id, "out": out, "space": len(candidates), "trials": trials_left,
-                             "resumed": len(prior) if resume is not None else None})
-    on_event("devices", device_info)
+    registry.notify("run_started", run_id=run_id, run={
+        "out": str(out), "profile": profile.name, "space": len(candidates), "trials": trials_left,
+        "resumed": len(prior) if resume is not None else None})
+    registry.notify("devices_chosen", run_id=run_id, devices=device_info)
     records: list[dict[str, Any]] = list(prior)
-    extras: dict[str, Any] = {}
     plan = SearchPlan(devices, device_info, remaining, trials_left, prior, done, first_id, cpus, concurrency,
-                      avoid_cpu, time_budget)
+                      avoid_cpu, time_budget, first, records=records)
+    extras: dict[str, Any] = {"starting_points": {"device": {"arch": facts.arch, "isa": sorted(facts.isa),
+                                                             "providers": list(facts.providers)},
+                                                  "pipelines": [_step_text(p) for p in first]}}
 
     def on_candidate(record: dict[str, Any]) -> None:
         records.append(record)
         store.add_candidate(run_id, record)
-        registry.notify("candidate_measured", run_id=run_id, candidate=record)
-        on_event("candidate", record)
+        # a copy: the selection annotates the run's own records later; a plugin keeps what it was told
+        registry.notify("candidate_measured", run_id=run_id, candidate=copy.deepcopy(record))
 
     status, error = "failed", None
     try:
         data = task.load_data(profile.search.seed)
-        on_event("base_model", {"task": task.name})
+        registry.notify("base_model_started", run_id=run_id, task=task.name)
         base = get_base_model(task, data, profile.search.seed)
-        on_event("base_model_ready", {"accuracy": base.accuracy, "trained_now": base.trained_now})
+        registry.notify("base_model_ready", run_id=run_id, accuracy=base.accuracy, trained_now=base.trained_now)
+        plan.baseline_accuracy = _baseline_accuracy(task, base, data, prior)
         if trials_left > 0:
-            _search(options, profile, task, base, techniques, plan, on_candidate, run_id, extras)
+            _search(options, profile, task, base, techniques, plan, on_candidate, run_id, extras, registry)
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -161,18 +174,23 @@ class SearchPlan:
     concurrency: int
     avoid_cpu: int | None  # the local device's core, kept free of trials
     time_budget: float | None
+    first: list[Any] = field(default_factory=list)  # known-good starting points (orchestrator/search/starting.py)
+    baseline_accuracy: float | None = None  # the exported base model's: trials refuse to measure far worse ones
+    records: list[dict[str, Any]] = field(default_factory=list)  # every candidate so far (the run's own list)
 
 
 def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniques: list[Any], plan: SearchPlan,
-            on_candidate: Callable[[dict[str, Any]], None], run_id: str, extras: dict[str, Any]) -> None:
+            on_candidate: Callable[[dict[str, Any]], None], run_id: str, extras: dict[str, Any],
+            registry: PluginRegistry) -> None:
     """The Ray Tune part of a run: leases, pool, sink, trials; every finished trial goes to `on_candidate` at once."""
-    from orchestrator.cache import measurements_path
-    from orchestrator.search import (
-        Interrupts, ModelSink, TrialPayload, make_searcher, ray_session, recording_callback, run_trial,
-    )
+    from orchestrator.fleet.measurements import measurements_path
+    from orchestrator.search.final_round import run_final_round
+    from orchestrator.search.ray_runtime import Interrupts, ray_session
+    from orchestrator.search.searcher import make_searcher, recording_callback
+    from orchestrator.search.trial import ModelSink, TrialPayload, run_trial
 
     searcher, space, samples, labels = make_searcher(plan.remaining, plan.trials_left, profile.search.seed, profile,
-                                                      plan.prior)
+                                                      plan.prior, plan.first)
     interrupts = Interrupts()
     with interrupts.installed(), ray_session(options.ray_address, plan.cpus) as ray:
         interrupts.check()
@@ -193,14 +211,14 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
             leases, profile.search.devices_per_candidate)
         sink = ray.remote(ModelSink).options(num_cpus=0, scheduling_strategy=here).remote(str(cache_dir("models")))
         predictor = None
-        if any(hasattr(t, "architecture") for t in techniques):  # hardware-aware search is allowed
-            from orchestrator.predictor import PredictorService, past_points
+        if any(t.stage == "architecture" for t in techniques):  # hardware-aware search is allowed
+            from orchestrator.search.predictor import PredictorService, past_points
 
             seed = [] if options.fresh else past_points(plan.devices, profile, profile.constraints.latency_percentile)
             predictor = ray.remote(PredictorService).options(num_cpus=0, scheduling_strategy=here).remote(seed)
         payload = TrialPayload(task.name, base.state_dict_bytes, base.arch, profile, profile.search.seed,
                                pool, sink, plan.remaining if searcher is None else None, plan.avoid_cpu, predictor,
-                               fresh=options.fresh)
+                               fresh=options.fresh, baseline_accuracy=plan.baseline_accuracy)
 
         recorder, enough = recording_callback(on_candidate, target=plan.trials_left, known=plan.done,
                                              first_id=plan.first_id, interrupts=interrupts)
@@ -220,6 +238,11 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
         )
         try:
             tuner.fit()
+            interrupts.check()
+            extras["decision"] = run_final_round(
+                plan.records, profile, leases[0], cache_dir("models"),
+                lambda finalists, rounds: registry.notify("final_round_started", run_id=run_id,
+                                                          finalists=finalists, rounds=rounds))
             if predictor is not None:
                 extras["latency_predictor"] = ray.get(predictor.quality.remote())
             if recorder.duplicates:
@@ -229,15 +252,7 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
                 ray.kill(actor)
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (the profile a run was started with, checked again on --resume)."""
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def resume_run(run_id: str, registry: PluginRegistry,
-               on_event: Callable[[str, dict[str, Any]], None] = lambda kind, data: None,
                fresh: bool = False) -> RunOutcome:
     """Go on with a run that stopped before its end (Ctrl-C, a crash, kill -9), without repeating its trials.
 
@@ -267,7 +282,7 @@ def resume_run(run_id: str, registry: PluginRegistry,
     options = RunOptions(task=run["task"], trials=opts.get("trials"), out_dir=Path(run["out_dir"]).parent,
                          ray_address=opts.get("ray_address"), num_cpus=opts.get("num_cpus"),
                          fresh=fresh)
-    return execute_run(loaded, registry, options, on_event, resume=run)
+    return execute_run(loaded, registry, options, resume=run)
 
 
 def _alive(pid: int | None, host: str | None) -> bool:
@@ -287,83 +302,12 @@ def _alive(pid: int | None, host: str | None) -> bool:
     return pid != os.getpid()
 
 
-def choose_devices(profile_name: str, fallback: str, cpus: int,
-                   ray_address: str | None = None,
-                   profile: Profile | None = None) -> tuple[list[Device], dict[str, Any]]:
-    """The devices a run measures on, and what results.json says of them.
-
-    The registered devices of the profile that answer now; with none registered, the
-    profile's fallback device: this machine (`local`), or the profile's QEMU-emulated device
-    (`emulated`, built on first use; this machine when QEMU or its sysroot is unavailable), which
-    the description says. Registered devices that all fail to answer raise DeviceUnreachable
-    (exit code 4). `profile` is needed for the emulated fallback and its labels.
-    """
-    from orchestrator.emulated import emulated_fallback
-
-    registry = DeviceRegistry()
-    unreachable: list[dict[str, str]] = []
-    if registry.list(profile_name):
-        devices, unreachable = reachable_devices(profile_name, registry)
-        names = ", ".join(f"{d.name} ({d.ssh.address if d.ssh else d.transport})" for d in devices)
-        plural = "s" if len(devices) > 1 else ""
-        note = f"this run measures on the registered device{plural} of profile {profile_name!r}: {names}"
-        if unreachable:
-            note += "; unreachable, skipped: " + ", ".join(u["name"] for u in unreachable)
-        source = "registry"
-    elif fallback in ("local", "emulated"):
-        device, why = None, "the profile was not given"
-        if fallback == "emulated" and profile is not None:
-            device, why = emulated_fallback(profile, cpus, ray_address)
-        if device is not None:
-            note = (f"no device is registered for profile {profile_name!r}: this run measures on the profile's "
-                    f"emulated device {device.name} (QEMU user mode, -cpu {device.extra['qemu_cpu']}){why}")
-        else:
-            device = local_device()
-            # The local device measures on the last core; compression trials keep to the others.
-            device.pinned_cpu = cpus - 1 if cpus > 1 and not ray_address else None
-            note = (f"no device is registered for profile {profile_name!r}: this run measures on the fallback device "
-                    f"{device.name} (this machine)")
-            if fallback == "emulated":
-                note += f", not on the profile's emulated device: {why}"
-        devices, source = [device], "fallback"
-    else:
-        raise DeviceUnreachable(f"profile {profile_name!r}: no registered device and no fallback device")
-    return devices, describe_devices(devices, source, note, unreachable, profile)
-
-
-def describe_devices(devices: list[Device], source: str, note: str, unreachable: list[dict[str, str]] | None = None,
-                     profile: Profile | None = None) -> dict[str, Any]:
-    """What results.json says of a run's devices (`source`: registry, fallback or given)."""
-    from orchestrator.emulated import emulation_note, latency_constraint
-
-    described = [d.describe() for d in devices]
-    archs = sorted({d["arch"] for d in described})
-    info = {
-        "name": ", ".join(d["name"] for d in described),
-        "arch": ", ".join(archs),
-        "transport": ", ".join(sorted({d["transport"] for d in described})),
-        "emulated": any(d["emulated"] for d in described),
-        "pinned_cpu": described[0]["pinned_cpu"] if len(described) == 1 else None,
-        "source": source,
-        "note": note,
-        "devices": described,
-        "unreachable": unreachable or [],
-    }
-    if info["emulated"]:
-        info["note"] += ". " + emulation_note(profile)
-        cpus_emulated = sorted({str(d.extra.get("qemu_cpu")) for d in devices if d.emulated})
-        info.update(latency_source="native-scaled", qemu_cpu=", ".join(cpus_emulated))
-        if profile is not None and profile.emulation is not None:
-            info.update(latency_scale=profile.emulation.latency_scale, latency_constraint=latency_constraint(profile))
-    return info
-
-
 def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, device: dict[str, Any],
             records: list[dict[str, Any]], out: Path, status: str, error: OrchestratorError | None,
             extras: dict[str, Any] | None = None) -> RunOutcome:
     """Select, write results.json / report.html / best.onnx, close the run in the store."""
     from orchestrator.report import write_report
-    from orchestrator.selection import select
+    from orchestrator.search.selection import select
 
     records = sorted(records, key=lambda r: r["id"])
     best = baseline = None
@@ -371,6 +315,9 @@ def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, devi
         try:
             selection = select(records, loaded.profile)
             best, baseline = selection.best, selection.baseline
+            decided = (extras or {}).get("decision") or {}
+            if decided.get("pick"):  # the final round decides among the feasible finalists
+                best = next((c for c in selection.feasible if c["id"] == decided["pick"]), best)
             front = {c["id"] for c in selection.front}
             for record in records:
                 record["on_front"] = record["id"] in front
@@ -409,3 +356,21 @@ def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, devi
 def describe(candidate: dict[str, Any]) -> str:
     """Short label of a candidate for terminal output."""
     return f"{candidate['id']} {pipeline_label(candidate)}"
+
+
+def _step_text(pipeline: list[dict[str, Any]]) -> str:
+    """'int8-static(activations=uint8, per_channel=True, ...)' + ..., or 'baseline'."""
+    if not pipeline:
+        return "baseline"
+    return " + ".join(f"{s['technique']}({', '.join(f'{k}={v}' for k, v in sorted(s['params'].items()))})"
+                      for s in pipeline)
+
+
+def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any], prior: list[dict[str, Any]]) -> float:
+    """The exported base model's accuracy on the held-out split: what the selection's drop is measured from."""
+    from orchestrator.search.pipeline import evaluate_onnx, export_onnx
+
+    for record in prior:
+        if record.get("pipeline") == [] and record.get("status") == "ok":
+            return float(record["metrics"]["accuracy"])
+    return evaluate_onnx(task, export_onnx(task, base.load(task)), data["eval"])

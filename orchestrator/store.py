@@ -11,7 +11,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import RunNotFound
+from orchestrator.errors import RunNotFound, StateFileError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -41,12 +41,63 @@ CREATE TABLE IF NOT EXISTS candidates (
 """
 
 
+#: What SQLite says when the file is not a database it can open (as opposed to busy or full).
+_NOT_A_DATABASE = ("SQLITE_NOTADB", "SQLITE_CANTOPEN", "SQLITE_CORRUPT")
+
+
 def connect(path: Path) -> sqlite3.Connection:
-    """A connection to one of our SQLite files: WAL (readers never block the writer), rows by name."""
-    db = sqlite3.connect(path, timeout=30)
-    db.execute("PRAGMA journal_mode=WAL")
+    """A connection to one of our SQLite files: WAL (readers never block the writer), rows by name.
+
+    A file that is not an SQLite database (or a folder in its place) is a StateFileError naming it.
+    """
+    try:
+        db = sqlite3.connect(path, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+        except BaseException:
+            db.close()
+            raise
+    except sqlite3.DatabaseError as exc:
+        if getattr(exc, "sqlite_errorname", None) not in _NOT_A_DATABASE:
+            raise
+        what = "a folder" if Path(path).is_dir() else "not an SQLite database"
+        raise StateFileError(f"{path}: {what} ({exc}); move it away and a new one is made") from None
     db.row_factory = sqlite3.Row
     return db
+
+
+def like_prefix(text: str) -> str:
+    """A LIKE pattern matching what starts with `text`, its own `%` and `_` taken literally (ESCAPE '\\')."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A run's results.json, checked to have the shape a run writes (what `deploy` reads of it).
+
+    Missing or unreadable: OSError/ValueError as json and open raise them; there but of another
+    shape (`best` a string, ...): StateFileError naming the file and the field.
+    """
+    results = json.loads(Path(path).read_text(encoding="utf-8"))
+    problem = None
+    if not isinstance(results, dict):
+        problem = f"(top level): expected a JSON object, got {type(results).__name__}"
+    elif not isinstance(results.get("profile"), str):
+        problem = f"profile: expected a string, got {type(results.get('profile')).__name__}"
+    elif results.get("best") is not None:
+        best = results["best"]
+        if not isinstance(best, dict):
+            problem = f"best: expected an object (the chosen candidate) or null, got {type(best).__name__}"
+        else:
+            for key, kind in (("id", str), ("model_sha256", (str, type(None))), ("pipeline", list)):
+                if not isinstance(best.get(key), kind):
+                    problem = f"best.{key}: not {'a list' if kind is list else 'a string'}, got " \
+                              f"{type(best.get(key)).__name__}"
+                    break
+    if problem is None and not isinstance(results.get("constraints") or {}, dict):
+        problem = f"constraints: expected an object, got {type(results['constraints']).__name__}"
+    if problem:
+        raise StateFileError(f"{path}: {problem}: not a results.json as a run writes it")
+    return results
 
 
 class RunStore:
@@ -118,9 +169,12 @@ class RunStore:
         return [dict(r) for r in rows]
 
     def get_run(self, run_id: str) -> dict[str, Any]:
-        """One run with its candidates; a unique prefix of the id is enough."""
+        """One run with its candidates; a unique prefix of the id is enough (`%` and `_` are no wildcards)."""
+        if not run_id:
+            raise RunNotFound(f"an empty run id names no run in {self.path}")
         with closing(self._connect()) as db:
-            rows = db.execute("SELECT * FROM runs WHERE id LIKE ? ORDER BY id", (run_id + "%",)).fetchall()
+            rows = db.execute("SELECT * FROM runs WHERE id LIKE ? ESCAPE '\\' ORDER BY id",
+                              (like_prefix(run_id),)).fetchall()
             if len(rows) != 1:
                 what = "no run" if not rows else f"{len(rows)} runs"
                 raise RunNotFound(f"{what} with id {run_id!r} in {self.path}")

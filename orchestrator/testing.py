@@ -2,12 +2,14 @@
 
 Installed as a pytest plugin (entry point `pytest11`), so in a plugin's own tests:
 
-    def test_my_technique(plugin_registry, technique_context, tiny_onnx, local_device):
-        registry = plugin_registry(my_package)           # built-ins + your plugin
+    def test_my_technique(eo_plugin_registry, eo_technique_context, eo_tiny_onnx, eo_local_device):
+        registry = eo_plugin_registry(my_package)        # built-ins + your plugin
         technique = registry.technique("my-technique")
         params = technique.check_params({"clusters": 16})
-        out = technique.apply(tiny_onnx(), params, technique_context)
-        assert local_device(out.SerializeToString())["latency_ms"]["p50"] > 0
+        out = technique.apply(eo_tiny_onnx(), params, eo_technique_context)
+        assert eo_local_device(out.SerializeToString())["latency_ms"]["p50"] > 0
+
+Every fixture's name starts with `eo_`, so none collides with a fixture of the plugin's own.
 
 The tiny task is real: scikit-learn's 8x8 digits (shipped with scikit-learn) and a
 residual CNN that trains to about 90% in a few seconds.
@@ -21,7 +23,7 @@ from typing import Any, Callable
 
 import pytest
 
-from orchestrator.api import Dataset, Task, TechniqueContext
+from orchestrator.api import Dataset, DeviceFacts, Task, Technique, TechniqueContext, distillation_loss
 
 
 class TinyDigitsTask(Task):
@@ -87,12 +89,12 @@ class TinyDigitsTask(Task):
             for i in range(0, len(y), 64):
                 idx = order[i : i + 64]
                 logits = model(x[idx])
-                loss = F.cross_entropy(logits, y[idx])
                 if teacher is not None:
                     with torch.no_grad():
-                        soft = F.softmax(teacher(x[idx]) / temperature, dim=1)
-                    kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean")
-                    loss = alpha * kd * temperature**2 + (1 - alpha) * loss
+                        teacher_logits = teacher(x[idx])
+                    loss = distillation_loss(logits, teacher_logits, y[idx], temperature, alpha)
+                else:
+                    loss = F.cross_entropy(logits, y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -100,44 +102,44 @@ class TinyDigitsTask(Task):
 
 
 @pytest.fixture(scope="session")
-def tiny_task() -> TinyDigitsTask:
+def eo_tiny_task() -> TinyDigitsTask:
     """The tiny real task."""
     return TinyDigitsTask()
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tiny_task: TinyDigitsTask) -> dict[str, Dataset]:
+def eo_tiny_data(eo_tiny_task: TinyDigitsTask) -> dict[str, Dataset]:
     """Its data splits (seed 0)."""
-    return tiny_task.load_data(0)
+    return eo_tiny_task.load_data(0)
 
 
 @pytest.fixture(scope="session")
-def _trained_tiny_model(tiny_task: TinyDigitsTask, tiny_data: dict[str, Dataset]) -> Any:
+def _eo_trained_tiny_model(eo_tiny_task: TinyDigitsTask, eo_tiny_data: dict[str, Dataset]) -> Any:
     import torch
 
     torch.manual_seed(0)
-    return tiny_task.train(tiny_task.build(), tiny_data["train"], epochs=tiny_task.train_epochs, seed=0)
+    return eo_tiny_task.train(eo_tiny_task.build(), eo_tiny_data["train"], epochs=eo_tiny_task.train_epochs, seed=0)
 
 
 @pytest.fixture
-def tiny_model(_trained_tiny_model: Any) -> Any:
+def eo_tiny_model(_eo_trained_tiny_model: Any) -> Any:
     """A trained tiny model (a fresh copy per test, so a technique may change it)."""
-    return copy.deepcopy(_trained_tiny_model)
+    return copy.deepcopy(_eo_trained_tiny_model)
 
 
 @pytest.fixture
-def tiny_onnx(tiny_task: TinyDigitsTask, _trained_tiny_model: Any) -> Callable[[], Any]:
+def eo_tiny_onnx(eo_tiny_task: TinyDigitsTask, _eo_trained_tiny_model: Any) -> Callable[[], Any]:
     """Call it for the trained tiny model as an onnx.ModelProto (input `input`, output `logits`)."""
     import onnx
 
-    from orchestrator.pipeline import export_onnx
+    from orchestrator.search.pipeline import export_onnx
 
-    return lambda: onnx.load_from_string(export_onnx(tiny_task, copy.deepcopy(_trained_tiny_model)))
+    return lambda: onnx.load_from_string(export_onnx(eo_tiny_task, copy.deepcopy(_eo_trained_tiny_model)))
 
 
 @pytest.fixture
-def technique_context(tiny_task: TinyDigitsTask, tiny_data: dict[str, Dataset], _trained_tiny_model: Any,
-                      tmp_path: Path) -> TechniqueContext:
+def eo_technique_context(eo_tiny_task: TinyDigitsTask, eo_tiny_data: dict[str, Dataset], _eo_trained_tiny_model: Any,
+                         tmp_path: Path) -> TechniqueContext:
     """The `ctx` a technique receives, for the tiny task (the x86-host profile, seed 0)."""
     from orchestrator.profile import Profile
 
@@ -146,26 +148,27 @@ def technique_context(tiny_task: TinyDigitsTask, tiny_data: dict[str, Dataset], 
         "objective": {"metric": "latency_p50"},
         "power": {"idle_watts": 1.0, "active_watts": 2.0, "source": "test fixture, not a real board"},
     })
-    return TechniqueContext(task=tiny_task, data=tiny_data, teacher=copy.deepcopy(_trained_tiny_model),
+    return TechniqueContext(task=eo_tiny_task, data=eo_tiny_data, teacher=copy.deepcopy(_eo_trained_tiny_model),
                             profile=profile, scratch_dir=tmp_path, seed=0)
 
 
 @pytest.fixture
-def evaluate(tiny_task: TinyDigitsTask, tiny_data: dict[str, Dataset]) -> Callable[[Any], float]:
+def eo_evaluate(eo_tiny_task: TinyDigitsTask, eo_tiny_data: dict[str, Dataset]) -> Callable[[Any], float]:
     """Call it with ONNX bytes or a ModelProto: held-out accuracy with onnxruntime."""
-    from orchestrator.pipeline import evaluate_onnx
+    from orchestrator.search.pipeline import evaluate_onnx
 
     def _evaluate(model: Any) -> float:
         data = model if isinstance(model, bytes) else model.SerializeToString()
-        return evaluate_onnx(tiny_task, data, tiny_data["eval"])
+        return evaluate_onnx(eo_tiny_task, data, eo_tiny_data["eval"])
 
     return _evaluate
 
 
 @pytest.fixture
-def local_device() -> Callable[[bytes], dict[str, Any]]:
+def eo_local_device() -> Callable[[bytes], dict[str, Any]]:
     """Call it with ONNX bytes: the real agent measures them on this machine (quick protocol)."""
-    from orchestrator.devices import LocalTransport, local_device as _local
+    from orchestrator.devices.local import LocalTransport
+    from orchestrator.devices.local import local_device as _local
     from orchestrator.profile import Profile
 
     profile = Profile.model_validate({
@@ -178,7 +181,7 @@ def local_device() -> Callable[[bytes], dict[str, Any]]:
 
 
 @pytest.fixture
-def plugin_registry() -> Callable[..., Any]:
+def eo_plugin_registry() -> Callable[..., Any]:
     """Call it with your plugin module(s): a registry with the installed plugins plus yours."""
     from orchestrator.plugins import get_plugin_manager
 
@@ -195,3 +198,33 @@ def plugin_registry() -> Callable[..., Any]:
         return registry
 
     return _registry
+
+
+#: The devices `eo_recommendations` asks a technique about (what their agents' `info` would report).
+RECOMMENDATION_DEVICES = {
+    "x86-64 AVX2": DeviceFacts("x86_64", frozenset({"avx2"})),
+    "x86-64 AVX-512 VNNI": DeviceFacts("x86_64", frozenset({"avx2", "avx512f", "avx512_vnni"})),
+    "Cortex-A72 (rpi4)": DeviceFacts("aarch64", frozenset({"asimd"})),
+    "Cortex-A76 (rpi5)": DeviceFacts("aarch64", frozenset({"asimd", "asimddp", "asimdhp", "fphp"})),
+    "Jetson TensorRT": DeviceFacts("aarch64", frozenset({"asimd", "asimddp"}),
+                                   ("TensorrtExecutionProvider", "CUDAExecutionProvider")),
+    "Jetson CUDA": DeviceFacts("aarch64", frozenset({"asimd"}), ("CUDAExecutionProvider",)),
+}
+
+
+@pytest.fixture
+def eo_recommendations() -> Callable[[Technique], dict[str, list[dict[str, Any]]]]:
+    """Ask a technique for its recommended configurations on a range of devices and check them.
+
+    Each recommendation must pass `check_params` (inside the search space, valid); returns
+    {device label: [full params, ...]} for the test's own assertions.
+    """
+    def check(technique: Technique) -> dict[str, list[dict[str, Any]]]:
+        out = {}
+        for label, device in RECOMMENDATION_DEVICES.items():
+            recommendations = technique.recommended(device)
+            assert isinstance(recommendations, list), f"{technique.name}.recommended({label}) must return a list"
+            out[label] = [technique.check_params(dict(params)) for params in recommendations]
+        return out
+
+    return check

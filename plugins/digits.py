@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator import Dataset, Task, hookimpl
+from orchestrator import Dataset, Task, distillation_loss, hookimpl
 
 CALIBRATION_SIZE = 128
 EVAL_FRACTION = 0.2
@@ -137,12 +137,12 @@ class DigitsTask(Task):
                 shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
                 xb = torch.roll(xb, shifts=shift, dims=(2, 3))
                 logits = model(xb)
-                loss = F.cross_entropy(logits, y[idx])
                 if teacher is not None:
                     with torch.no_grad():
-                        soft = F.softmax(teacher(xb) / temperature, dim=1)
-                    kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, reduction="batchmean")
-                    loss = alpha * kd * temperature**2 + (1 - alpha) * loss
+                        teacher_logits = teacher(xb)
+                    loss = distillation_loss(logits, teacher_logits, y[idx], temperature, alpha)
+                else:
+                    loss = F.cross_entropy(logits, y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

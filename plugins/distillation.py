@@ -36,6 +36,11 @@ class Distill(Technique):
     incompatible_with = ("nas",)
     cannot_follow = ("prune-structured", "prune-magnitude")
 
+    def recommended(self, device: Any) -> list[dict[str, Any]]:
+        """A half-width, one-block student trained for 10 epochs: 13x smaller and 10x faster at no loss
+        on the demo task (docs/techniques.md); a smaller dense model helps every runtime."""
+        return [{"width": 0.5, "depth": 1, "temperature": 4.0, "alpha": 0.9, "epochs": 10}]
+
     def invalid(self, params: dict[str, Any]) -> str | None:
         """recalibrate_bn must be a boolean."""
         if not isinstance(params.get("recalibrate_bn"), bool):

@@ -33,6 +33,10 @@ class ArchitectureSearch(Technique):
     defaults = {"temperature": 4.0, "alpha": 0.7}
     incompatible_with = ("distill",)         # both decide the architecture
 
+    def recommended(self, device: Any) -> list[dict[str, Any]]:
+        """The smallest member with 3x3 kernels and the longer training: a fast start for the predictor."""
+        return [{"width": 0.5, "depth": 1, "kernel": 3, "epochs": 8}]
+
     def invalid(self, params: dict[str, Any]) -> str | None:
         """alpha (the weight of the soft-target loss) must be in [0, 1]."""
         if not 0 <= params["alpha"] <= 1:

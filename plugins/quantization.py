@@ -72,6 +72,27 @@ class Int8Static(Technique):
             return f"calibration_samples must be an integer >= 8, got {n!r}"
         return None
 
+    def recommended(self, device: Any) -> list[dict[str, Any]]:
+        """onnxruntime's advice for the device's kernels (onnxruntime.ai, "Quantize ONNX models").
+
+        x86-64: uint8 activations with int8 weights (U8S8) are the fast path; without VNNI
+        the 16-bit accumulations can saturate, so 7-bit weights (reduce_range) come first
+        there. ARM64 with dot product: int8 activations (S8S8) first. TensorRT: symmetric
+        int8 (S8S8, per-channel). A CUDA-only device gets none (QDQ int8 runs slower there).
+        Per-tensor is the second choice everywhere: fewer scales, sometimes faster kernels.
+        """
+        if device.gpu:
+            if device.providers[0] == "TensorrtExecutionProvider":
+                return [{"activations": "int8", "per_channel": True, "calibration": "minmax", "reduce_range": False}]
+            return []
+        if device.arm:
+            first = "int8" if device.has("asimddp") else "uint8"
+            return [{"activations": first, "per_channel": True, "calibration": "minmax", "reduce_range": False},
+                    {"activations": first, "per_channel": False, "calibration": "minmax", "reduce_range": False}]
+        vnni = device.has("avx512_vnni", "avx_vnni", "amx_int8")
+        return [{"activations": "uint8", "per_channel": True, "calibration": "minmax", "reduce_range": not vnni},
+                {"activations": "uint8", "per_channel": False, "calibration": "minmax", "reduce_range": False}]
+
     def apply(self, model: Any, params: dict[str, Any], ctx: Any) -> Any:
         """Quantize an onnx.ModelProto and return the quantized ModelProto."""
         import onnx
@@ -149,6 +170,10 @@ class Float16(Technique):
     description = "float16 conversion (float32 inputs/outputs kept); for GPU execution providers"
     search_space = {}
     defaults = {"keep_io_types": True}
+
+    def recommended(self, device: Any) -> list[dict[str, Any]]:
+        """Where half precision has fast kernels: a CUDA/TensorRT provider, or an ARM CPU with fp16 arithmetic."""
+        return [{}] if device.gpu or (device.arm and device.has("asimdhp", "fphp")) else []
 
     def invalid(self, params: dict[str, Any]) -> str | None:
         """keep_io_types must be a boolean."""

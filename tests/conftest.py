@@ -1,4 +1,7 @@
-"""Test session setup: a private state folder, and one real local Ray shared by the tests that need it."""
+"""Test session setup: a private state folder, one real local Ray, and the fixtures several test modules share.
+
+Helpers (plain functions and classes) that several test modules import live in tests/helpers/.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -20,16 +23,24 @@ def state_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray for the session (2 CPUs, no dashboard), shut down at the end."""
-    from orchestrator import search  # noqa: F401  (sets Ray's quiet environment first)
-    import logging
+    """One real local Ray for the session (2 CPUs), started as a run starts it (ray_session: loopback only,
+    token auth, no dashboard, reaped if this process dies), shut down at the end."""
+    from orchestrator.search import searcher  # noqa: F401  (sets Ray's quiet environment before Ray is imported)
+    from orchestrator.search.ray_runtime import ray_session
 
-    import ray
+    with ray_session(None, num_cpus=2) as ray:
+        yield ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-             _node_ip_address="127.0.0.1")
-    yield ray
-    ray.shutdown()
+
+# ------------------------------------------------------------------ emulated devices: the arm64 sysroot
+
+
+@pytest.fixture(scope="session")
+def qemu_sysroot(state_home) -> Path:
+    """The arm64 sysroot, built once (cached under $EDGE_ORCHESTRATOR_QEMU_CACHE when set); skips when it cannot be."""
+    from tests.helpers.qemu import sysroot_or_skip
+
+    return sysroot_or_skip()
 
 
 # ------------------------------------------------------------------ devices: a real sshd on loopback
@@ -38,7 +49,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def sshd_server(tmp_path_factory):
     """One real OpenSSH server on 127.0.0.1 for the session (own config, host key, client key); stopped by pid."""
-    from tests.sshd import Sshd, sshd_missing_reason
+    from tests.helpers.sshd import Sshd, sshd_missing_reason
 
     reason = sshd_missing_reason()
     if reason:
@@ -51,7 +62,7 @@ def sshd_server(tmp_path_factory):
 @pytest.fixture
 def own_sshd(tmp_path):
     """A real sshd of the test's own, for tests that stop it, kill it or change its host key."""
-    from tests.sshd import Sshd, sshd_missing_reason
+    from tests.helpers.sshd import Sshd, sshd_missing_reason
 
     reason = sshd_missing_reason()
     if reason:
@@ -89,7 +100,7 @@ def register_device(capsys):
     """Register an sshd as a device through the real CLI; returns the CLI's stdout. Remote dir: its own folder."""
     import sys
 
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     def register(server, name: str, profile: Path, *extra: str) -> str:
         code = main(["devices", "register", name, "--host", "127.0.0.1", "--port", str(server.port),
@@ -105,7 +116,7 @@ def register_device(capsys):
 @pytest.fixture(autouse=True)
 def _forget_devices():
     """Each test starts with an empty device registry, and leaves one."""
-    from orchestrator.registry import DeviceRegistry
+    from orchestrator.devices.registry import DeviceRegistry
 
     def clear() -> None:
         registry = DeviceRegistry()

@@ -1,4 +1,4 @@
-"""Tests of the on-device agent (agents/agent.py) with real onnxruntime and tiny ONNX models."""
+"""Tests of the on-device agent (agents/: cli, benchmark, info, kernel) with real onnxruntime and tiny ONNX models."""
 
 from __future__ import annotations
 
@@ -13,44 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper, save
+from onnx import TensorProto, helper
 
-from agents.agent import ExitCode, RaplSensor, SensorError, latency_stats, main, parse_cpuinfo, read_thermal
+from agents.cli import main
+from agents.info import parse_cpuinfo, read_thermal
+from agents.kernel import ExitCode, latency_stats, make_inputs, reference_inputs
+from agents.sensors import RaplSensor, SensorError
+from tests.helpers.agent import run_main, save_model, tiny_cnn
 
 REPO = Path(__file__).resolve().parents[1]
-AGENT_SRC = REPO / "agents" / "agent.py"
+AGENT_SOURCES = sorted((REPO / "agents").rglob("*.py"))
 
 
-def _save(graph, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    save(model, str(path))
-    return path
 
 
-def tiny_cnn(path: Path, batch="N") -> Path:
-    """x [batch,1,8,8] -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> y [batch,4]."""
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), "conv_w"),
-        numpy_helper.from_array(np.zeros(2, np.float32), "conv_b"),
-        numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float32), "fc_w"),
-        numpy_helper.from_array(np.zeros(4, np.float32), "fc_b"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny_cnn",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
-        initializer=inits,
-    )
-    return _save(graph, path)
 
 
 def int_inputs_model(path: Path) -> Path:
@@ -66,7 +42,7 @@ def int_inputs_model(path: Path) -> Path:
          helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
     )
-    return _save(graph, path)
+    return save_model(graph, path)
 
 
 @pytest.fixture
@@ -83,12 +59,6 @@ def no_sensors(tmp_path, monkeypatch):
     return root
 
 
-def run_main(capsys, *argv: str):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    lines = out.strip().splitlines()
-    assert len(lines) == 1, out
-    return code, json.loads(lines[0]), err
 
 
 def test_bench_reports_latency_memory_and_provenance(capsys, model):
@@ -311,27 +281,53 @@ def test_agent_process_error_exit_code(tmp_path):
 
 
 def test_import_hygiene():
-    code = ("import agents.agent, sys; print(sorted(m for m in sys.modules "
+    code = ("import agents.cli, sys; print(sorted(m for m in sys.modules "
             "if m.split('.')[0] in {'torch','ray','pluggy','pydantic','yaml','orchestrator'}))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 
 
-def test_agent_source_imports_only_stdlib_numpy_onnxruntime_and_parses_as_python39():
-    source = AGENT_SRC.read_text()
+@pytest.mark.parametrize("path", AGENT_SOURCES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_agent_sources_parse_as_python39(path):
+    # what each module may import, and that they import each other without a cycle: tests/test_agent_imports.py
+    source = path.read_text()
     tree = ast.parse(source, feature_version=(3, 9))
-    # "agents": the agent's own modules (agents/sensors.py, ...), shipped with it in the zipapp
-    allowed = set(sys.stdlib_module_names) | {"numpy", "onnxruntime", "psutil", "__future__", "agents"}
-    imported = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
+        if isinstance(node, ast.ImportFrom):
             assert node.level == 0, "relative imports would pull in the package"
-            imported.add(node.module.split(".")[0])
-    assert imported <= allowed, imported - allowed
-    assert "from __future__ import annotations" in source
+    if path.name not in ("__init__.py", "__main__.py"):
+        assert "from __future__ import annotations" in source
+
+
+# ------------------------------------------------------------------- inputs: the agent's and the host's
+
+
+def _int8_model(path: Path) -> Path:
+    """q int8 [N,2], u uint8 [N,2], ids int32 [N,2], flag bool [N,2] -> y = float(q) + float(u) + float(ids)."""
+    nodes = [helper.make_node("Cast", [name], ["f_" + name], to=TensorProto.FLOAT) for name in ("q", "u", "ids")]
+    nodes += [helper.make_node("Add", ["f_q", "f_u"], ["s"]), helper.make_node("Add", ["s", "f_ids"], ["y"])]
+    inputs = [helper.make_tensor_value_info(name, kind, ["N", 2]) for name, kind in
+              (("q", TensorProto.INT8), ("u", TensorProto.UINT8), ("ids", TensorProto.INT32),
+               ("flag", TensorProto.BOOL))]
+    graph = helper.make_graph(nodes, "int8_inputs", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                            ["N", 2])])
+    return save_model(graph, path)
+
+
+def test_inputs_are_made_one_way_for_bench_and_reference_data(tmp_path):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(_int8_model(tmp_path / "q.onnx")), providers=["CPUExecutionProvider"])
+    feeds = make_inputs(session, 64, 0, [])
+    assert {n: (a.dtype, a.shape) for n, a in feeds.items()} == {
+        "q": (np.int8, (64, 2)), "u": (np.uint8, (64, 2)), "ids": (np.int32, (64, 2)), "flag": (np.bool_, (64, 2))}
+    assert feeds["q"].min() < 0 and feeds["q"].max() > 10  # 8-bit data spans its range (negative int8 included)
+    assert feeds["u"].max() > 10 and 0 <= feeds["ids"].min() and feeds["ids"].max() <= 9  # ids stay small
+    reference = reference_inputs(session)  # the host's health-check inputs: the same rule, 4 rows, seed 0
+    assert {n: a.shape for n, a in reference.items()} == {n: (4, 2) for n in feeds}
+    for name, array in make_inputs(session, 4, 0, []).items():
+        np.testing.assert_array_equal(reference[name], array)
 
 
 # ------------------------------------------------------------------- run: outputs for parity checks
@@ -374,3 +370,138 @@ def test_run_refuses_inputs_that_do_not_fit_the_model(capsys, model, tmp_path, i
                             "--outputs", str(tmp_path / "y.npy"))
     assert code == ExitCode.USAGE and message in out["error"]
     assert not (tmp_path / "y.npy").exists()
+
+
+# ------------------------------------------------------------- install: durable, and `current` verified
+
+
+def _upload(root: Path, model: Path, tag: str) -> list[str]:
+    """What the host uploads (the model, and reference inputs/outputs), put into the device's incoming
+    folder; returns install's arguments."""
+    import io
+
+    import onnxruntime as ort
+
+    incoming = root / "deploy" / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    feeds = reference_inputs(session)
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    buf = io.BytesIO()
+    np.savez(buf, **{"inputs/" + k: v for k, v in feeds.items()}, **{"outputs/" + k: v for k, v in outputs.items()})
+    (incoming / ("m-" + tag)).write_bytes(model.read_bytes())
+    (incoming / ("r-" + tag)).write_bytes(buf.getvalue())
+    return ["install", "--root", str(root), "--model", str(incoming / ("m-" + tag)),
+            "--sha256", hashlib.sha256(model.read_bytes()).hexdigest(), "--reference", str(incoming / ("r-" + tag)),
+            "--reference-sha256", hashlib.sha256(buf.getvalue()).hexdigest()]
+
+
+def _two_versions(tmp_path: Path, capsys) -> tuple[Path, str, str]:
+    """A device folder with version A installed, then B (current)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    root = tmp_path / "device"
+    shas = []
+    for tag, batch in (("a", "N"), ("b", 2)):
+        model = tiny_cnn(tmp_path / ("%s.onnx" % tag), batch=batch)
+        code, out, _ = run_main(capsys, *_upload(root, model, tag))
+        assert code == 0, out
+        shas.append(out["version"])
+    return root, shas[0], shas[1]
+
+
+def _truncate(path: Path) -> None:
+    """What a power cut before the data reached the disk leaves: the file's name, not all of its bytes."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fsynced files through /proc/self/fd")
+def test_install_fsyncs_every_file_and_folder_before_switching_current(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "device"
+    args = _upload(root, tiny_cnn(tmp_path / "m.onnx"), "x")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink("/proc/self/fd/%d" % fd)))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        events.append(("replace", os.fspath(dst)))
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    code, out, _ = run_main(capsys, *args)
+    assert code == 0, out
+    deploy = str(root / "deploy")
+    switch = events.index(("replace", deploy + "/current"))
+    before = [path for kind, path in events[:switch] if kind == "fsync"]
+    tmp = next(p for p in before if os.path.dirname(p) == deploy + "/versions" and "/.tmp-" in p)  # the new folder
+    for name in ("model.onnx", "reference.npz", "manifest.json"):
+        assert tmp + "/" + name in before, (name, before)
+    folder_synced = len(before) - 1 - before[::-1].index(tmp)  # after the last file in it
+    assert folder_synced > max(before.index(tmp + "/" + n) for n in ("model.onnx", "reference.npz", "manifest.json"))
+    assert deploy + "/versions" in before[folder_synced:]  # then the rename of the folder into place
+    assert deploy + "/state.json" in [os.path.join(os.path.dirname(p), "state.json") for p in before]
+    assert ("fsync", deploy) in events[switch:]  # and the switch itself
+    assert (root / "deploy" / "current").resolve().name == out["version"]
+
+
+def test_a_model_truncated_after_install_is_not_accepted_as_current(tmp_path, capsys):
+    from agents.versions import Layout
+
+    root, a, b = _two_versions(tmp_path, capsys)
+    layout = Layout(str(root))
+    assert layout.current_version() == b
+    _truncate(root / "deploy" / "versions" / b / "model.onnx")
+    assert layout.current_version() is None and layout.linked_version() == b
+
+    code, out, _ = run_main(capsys, "status", "--root", str(root))  # start-up: falls back and says so
+    assert code == 0 and out["current"]["version"] == a and out["previous"] is None
+    assert out["fallback"]["version"] == b and out["fallback"]["fell_back_to"] == a
+    assert "does not match the sha256 in its manifest" in out["fallback"]["problem"]
+    assert os.readlink(root / "deploy" / "current") == os.path.join("versions", a)
+    assert json.loads((root / "deploy" / "state.json").read_text())["history"] == [a]
+    code, out, _ = run_main(capsys, "status", "--root", str(root))
+    assert code == 0 and out["current"]["version"] == a and "fallback" not in out  # repaired once
+
+    code, health, _ = run_main(capsys, "health", "--root", str(root))
+    assert code == 0 and health["version"] == a and health["healthy"] is True
+    # the host installs B again: the broken folder is replaced, B is current and intact, A its previous
+    code, out, _ = run_main(capsys, *_upload(root, tmp_path / "b.onnx", "b2"))
+    assert code == 0 and out["version"] == b and out["previous"] == a and out["reused"] is False
+    assert layout.current_version() == b
+
+
+def test_install_and_watch_fall_back_from_a_broken_current(tmp_path, capsys):
+    root, a, b = _two_versions(tmp_path, capsys)
+    _truncate(root / "deploy" / "versions" / b / "model.onnx")
+    assert main(["watch", "--root", str(root), "--count", "1", "--interval", "1"]) == 0
+    line, final = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert line["fallback"]["version"] == b and line["fallback"]["fell_back_to"] == a
+    assert line["check"]["version"] == a and line["check"]["healthy"] is True and final["current"] == a
+
+    root, a, b = _two_versions(tmp_path / "again", capsys)
+    _truncate(root / "deploy" / "versions" / b / "model.onnx")
+    code, out, _ = run_main(capsys, *_upload(root, tiny_cnn(tmp_path / "c.onnx", batch=3), "c"))
+    assert code == 0 and out["previous"] == a  # not the broken B: a rollback must not go back to it
+    assert out["fallback"]["version"] == b and out["fallback"]["fell_back_to"] == a
+
+
+def test_a_broken_current_with_nothing_to_fall_back_to_is_reported(tmp_path, capsys):
+    root = tmp_path / "device"
+    model = tiny_cnn(tmp_path / "m.onnx")
+    code, out, _ = run_main(capsys, *_upload(root, model, "x"))
+    sha = out["version"]
+    _truncate(root / "deploy" / "versions" / sha / "model.onnx")
+    code, out, _ = run_main(capsys, "status", "--root", str(root))
+    assert code == 0 and out["current"] is None
+    assert out["fallback"] == {"version": sha, "problem": out["fallback"]["problem"], "fell_back_to": None}
+    assert out["fallback"]["problem"].startswith("version %s... is not intact: its model.onnx (" % sha[:12])
+    code, health, _ = run_main(capsys, "health", "--root", str(root))
+    assert code == 0 and health["healthy"] is False and "no longer matches its sha256" in health["reasons"][0]
+    code, out, _ = run_main(capsys, *_upload(root, model, "y"))  # the host installs it again: intact
+    assert code == 0 and out["previous"] is None and out["reused"] is False
+    code, out, _ = run_main(capsys, "status", "--root", str(root))
+    assert out["current"]["version"] == sha and "fallback" not in out

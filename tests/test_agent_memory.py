@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_agent import tiny_cnn
+from tests.helpers.agent import tiny_cnn
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cache import MeasurementCache
-from orchestrator.cli import main
+from orchestrator.fleet.measurements import MeasurementCache
+from orchestrator.cli.main import main
 from orchestrator.paths import store_path
 from orchestrator.plugins import get_plugin_manager
 from orchestrator.profile import load_profile
 from orchestrator.run import RunOptions, execute_run
-from orchestrator.search import pipeline_key
+from orchestrator.search.searcher import pipeline_key
 from orchestrator.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]

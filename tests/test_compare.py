@@ -1,6 +1,6 @@
 """`runs compare`: candidates are matched by pipeline, and the changes are what was measured."""
 
-from orchestrator.compare import compare_runs
+from orchestrator.cli.compare import compare_runs
 
 
 def _cand(cid, technique, p50, acc=0.99):

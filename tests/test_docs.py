@@ -56,13 +56,13 @@ def test_plugin_examples_load_as_plugins(index):
     assert registry.plugins[f"doc-example-{index}"].error is None
 
 
-def test_first_example_technique_works_on_a_model(technique_context, tiny_onnx, evaluate):
+def test_first_example_technique_works_on_a_model(eo_technique_context, eo_tiny_onnx, eo_evaluate):
     module = _module("my_technique", BLOCKS[0])
     registry = PluginRegistry()
     registry.add_plugin(module, "my_technique")
     technique = registry.technique("zero-small-weights")
-    model = technique.apply(tiny_onnx(), technique.check_params({"threshold": 1e-2}), technique_context)
-    assert evaluate(model) > 0.5
+    model = technique.apply(eo_tiny_onnx(), technique.check_params({"threshold": 1e-2}), eo_technique_context)
+    assert eo_evaluate(model) > 0.5
 
 
 def test_documented_plugin_test_passes(tmp_path):

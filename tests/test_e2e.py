@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from orchestrator import hookimpl
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from orchestrator.paths import store_path
 from orchestrator.plugins import get_plugin_manager
 from orchestrator.profile import load_profile
@@ -52,19 +52,47 @@ def small_run(ray_local, tmp_path_factory):
     """
     out = tmp_path_factory.mktemp("runs")
     loaded = load_profile(X86)
-    events = []
     registry = get_plugin_manager()
-    registry.add_plugin(EventRecorder(), "event-recorder")
-    outcome = execute_run(loaded, registry, RunOptions(trials=4, out_dir=out),
-                          lambda kind, data: events.append(kind))
-    return outcome, events
+    recorder = EventRecorder()
+    registry.add_plugin(recorder, "event-recorder")
+    outcome = execute_run(loaded, registry, RunOptions(trials=4, out_dir=out))
+    return outcome, recorder.kinds
 
 
 class EventRecorder:
-    """A plugin implementing the event hooks (an instance, as pluggy allows)."""
+    """A plugin implementing the event hooks (an instance, as pluggy allows); `kinds` in the order called."""
+
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+
+    @hookimpl
+    def run_started(self, run_id, run):
+        self.kinds.append("run_started")
+        assert run["trials"] == 4 and run["space"] > 4 and run["resumed"] is None
+
+    @hookimpl
+    def devices_chosen(self, run_id, devices):
+        self.kinds.append("devices_chosen")
+        assert devices["source"] == "fallback" and devices["note"]
+
+    @hookimpl
+    def base_model_started(self, run_id, task):
+        self.kinds.append("base_model_started")
+        assert task == "digits"
+
+    @hookimpl
+    def base_model_ready(self, run_id, accuracy, trained_now):
+        self.kinds.append("base_model_ready")
+        assert 0.9 < accuracy <= 1.0
+
+    @hookimpl
+    def final_round_started(self, run_id, finalists, rounds):
+        self.kinds.append("final_round_started")
+        assert len(finalists) >= 2 and rounds >= 3
 
     @hookimpl
     def candidate_measured(self, run_id, candidate):
+        self.kinds.append("candidate")
         EVENTS["candidate_measured"].append((run_id, candidate["id"]))
 
     @hookimpl
@@ -105,6 +133,14 @@ def test_run_writes_results_report_and_best_model(small_run):
     html = (folder / "report.html").read_text()
     assert all(c["id"] in html for c in results["candidates"])
     assert events.count("candidate") == 4
+    assert events[:4] == ["run_started", "devices_chosen", "base_model_started", "base_model_ready"]
+    # the starting points come first: the baseline, then int8-static at onnxruntime's advice for this CPU
+    assert results["starting_points"]["pipelines"][0] == "baseline"
+    assert [c["pipeline"] == [] for c in sorted(results["candidates"], key=lambda c: c["id"])].count(True) == 1
+    decision = results.get("decision")
+    if "final_round_started" in events:  # at least one compressed candidate was feasible
+        assert decision["rounds"] >= 3 and decision["sentence"] and decision["pick"] == best["id"]
+        assert "final round" in html.lower()
 
 
 def test_best_onnx_runs_in_onnxruntime(small_run):
@@ -202,6 +238,9 @@ def test_search_uses_the_installed_example_plugin(ray_local, tmp_path):
     outcome = execute_run(load_profile(profile), get_plugin_manager(), RunOptions(trials=5, out_dir=tmp_path))
     assert outcome.status == "finished", outcome.error
     lowrank = [c for c in outcome.results["candidates"] if c["pipeline"] and c["pipeline"][0]["technique"] == "low-rank"]
-    assert len(lowrank) == 4 and all(c["status"] == "ok" for c in lowrank), lowrank
+    assert len(lowrank) == 4 and all(c["status"] in ("ok", "rejected") for c in lowrank), lowrank
+    # rank 0.25 without fine-tuning loses most of the accuracy: scored, refused, never measured
+    assert all(c["metrics"]["accuracy_drop"] > 1.0 and "latency_ms" not in c["metrics"]
+               for c in lowrank if c["status"] == "rejected")
     baseline = outcome.results["baseline"]["metrics"]["size_bytes"]
     assert all(c["metrics"]["size_bytes"] < baseline for c in lowrank)  # it really factorized

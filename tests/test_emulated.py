@@ -16,16 +16,15 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator.cli import main
-from orchestrator.devices import make_transport
-from orchestrator.emulated import EmulatedDeviceTransport, compare_outputs, model_precision
+from orchestrator.cli.main import main
+from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
+from orchestrator.emulation.rule import EmulatedDeviceTransport, compare_outputs
 from orchestrator.errors import MeasurementError, ProfileError
-from orchestrator.fleet import emulated_view_dir
+from orchestrator.fleet.choice import choose_devices
+from orchestrator.fleet.emulated import emulated_view_dir
+from orchestrator.fleet.transports import make_transport
 from orchestrator.profile import load_profile
-from orchestrator.registry import DeviceRegistry, RegisteredDevice
-from orchestrator.run import choose_devices
-from tests.conftest import ROOT
-from tests.test_qemu import qemu_sysroot  # noqa: F401 - the session's sysroot fixture
+from tests.helpers import ROOT
 
 RPI4 = ROOT / "device_profiles" / "rpi4.yaml"
 
@@ -63,13 +62,6 @@ def test_parity_rule_float_within_tolerance_quantized_by_top1_agreement():
     assert not verdict["passed"] and verdict["argmax_agreement"] == pytest.approx(0.98)
     assert "top-1 agreement with the host 0.980 < 0.99" in verdict["reason"]
     assert "missing" in compare_outputs(host, {}, "fp32")["reason"]
-
-
-def test_model_precision(tiny_onnx, technique_context, plugin_registry):
-    assert model_precision(tiny_onnx().SerializeToString()) == "fp32"
-    technique = plugin_registry().technique("int8-dynamic")
-    int8 = technique.apply(tiny_onnx(), technique.check_params({}), technique_context)
-    assert model_precision(int8.SerializeToString()) == "int8"
 
 
 def test_emulated_fallback_needs_an_emulation_section(tmp_path):
@@ -136,7 +128,7 @@ def test_without_qemu_the_emulated_fallback_is_this_machine_and_says_why(tmp_pat
 
 
 @pytest.mark.slow
-def test_emulate_registers_lists_probes_and_remove_cleans_up(qemu_sysroot, capsys):  # noqa: F811
+def test_emulate_registers_lists_probes_and_remove_cleans_up(qemu_sysroot, capsys):
     assert main(["devices", "emulate", str(RPI4), "--tag", "ci"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert out.startswith("registered emulated-rpi4: profile rpi4, emulated (QEMU user mode, -cpu cortex-a72)")
@@ -175,8 +167,8 @@ def test_emulate_registers_lists_probes_and_remove_cleans_up(qemu_sysroot, capsy
 
 
 @pytest.fixture(scope="module")
-def emulated_transport(qemu_sysroot) -> EmulatedDeviceTransport:  # noqa: F811
-    from orchestrator.qemu import emulated_device_for_profile
+def emulated_transport(qemu_sysroot) -> EmulatedDeviceTransport:
+    from orchestrator.emulation.user import emulated_device_for_profile
 
     device = emulated_device_for_profile("emu-rpi4", load_profile(RPI4).profile, qemu_sysroot)
     transport = make_transport(device)
@@ -185,10 +177,10 @@ def emulated_transport(qemu_sysroot) -> EmulatedDeviceTransport:  # noqa: F811
 
 
 @pytest.mark.slow
-def test_measurement_is_checked_on_aarch64_and_timed_natively_scaled(emulated_transport, tiny_onnx, tmp_path):
+def test_measurement_is_checked_on_aarch64_and_timed_natively_scaled(emulated_transport, eo_tiny_onnx, tmp_path):
     profile = load_profile(_variant(tmp_path, "rpi4-scaled", **{"emulation.latency_scale": 3.0,
                                                                 "measurement.runs": 50})).profile
-    result = emulated_transport.bench(tiny_onnx().SerializeToString(), profile)
+    result = emulated_transport.bench(eo_tiny_onnx().SerializeToString(), profile)
     assert result["arch"] == "aarch64" and result["native_arch"] != "aarch64"  # the check ran in the ARM build
     assert result["emulated"] is True and result["qemu_cpu"] == "cortex-a72"
     assert result["latency_source"] == "native-scaled" and result["latency_constraint"] == "native-scaled"
@@ -205,10 +197,10 @@ def test_measurement_is_checked_on_aarch64_and_timed_natively_scaled(emulated_tr
 
 @pytest.mark.slow
 def test_quantized_model_passes_by_top1_agreement_and_a_mismatch_fails_the_candidate(
-        emulated_transport, tiny_onnx, technique_context, plugin_registry, monkeypatch):
-    technique = plugin_registry().technique("int8-static")
+        emulated_transport, eo_tiny_onnx, eo_technique_context, eo_plugin_registry, monkeypatch):
+    technique = eo_plugin_registry().technique("int8-static")
     params = technique.check_params({"per_channel": True, "activations": "int8", "calibration": "minmax"})
-    int8 = technique.apply(tiny_onnx(), params, technique_context).SerializeToString()
+    int8 = technique.apply(eo_tiny_onnx(), params, eo_technique_context).SerializeToString()
     parity = emulated_transport.parity(int8)
     assert parity["passed"] and parity["precision"] == "int8" and parity["argmax_agreement"] >= 0.99
 
@@ -225,7 +217,7 @@ def test_quantized_model_passes_by_top1_agreement_and_a_mismatch_fails_the_candi
 
 
 @pytest.mark.slow
-def test_orchestrate_without_a_board_measures_on_the_emulated_device(ray_local, qemu_sysroot, tmp_path,  # noqa: F811
+def test_orchestrate_without_a_board_measures_on_the_emulated_device(ray_local, qemu_sysroot, tmp_path,
                                                                     capsys):
     # the rpi4 profile, cut to a search without training (int8-dynamic) and a short protocol
     profile = _variant(tmp_path, "rpi4-small", **{"search.techniques": ["int8-dynamic"], "measurement.runs": 50,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cache import MeasurementCache
-from orchestrator.devices import Device, DeviceLease, LeasePool, combine_measurements
+from orchestrator.devices.base import Device
+from orchestrator.fleet.lease import DeviceLease, LeasePool, combine_measurements
+from orchestrator.fleet.measurements import MeasurementCache
 from orchestrator.profile import Profile
 
 PROFILE = Profile.model_validate({
@@ -21,8 +22,8 @@ PROFILE = Profile.model_validate({
 
 
 @pytest.fixture
-def model_bytes(tiny_onnx) -> bytes:
-    return tiny_onnx().SerializeToString()
+def model_bytes(eo_tiny_onnx) -> bytes:
+    return eo_tiny_onnx().SerializeToString()
 
 
 def _leases(ray, names_cpus, **kwargs):

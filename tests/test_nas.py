@@ -6,55 +6,56 @@ import onnx
 import pytest
 
 from orchestrator.errors import TechniqueParamsError
-from orchestrator.pipeline import export_onnx
-from orchestrator.predictor import LatencyPredictor, onnx_features, preview_candidate
+from orchestrator.search.pipeline import export_onnx
+from orchestrator.search.predictor import LatencyPredictor, onnx_features, preview_candidate
 
 
-def test_nas_builds_and_trains_the_architecture_it_previews(plugin_registry, technique_context, tiny_model, evaluate):
-    technique = plugin_registry().technique("nas")
+def test_nas_builds_and_trains_the_architecture_it_previews(eo_plugin_registry, eo_technique_context, eo_tiny_model,
+                                                            eo_evaluate):
+    technique = eo_plugin_registry().technique("nas")
     params = technique.check_params({"width": 0.5, "depth": 2, "kernel": 3, "epochs": 4})
-    preview = technique.architecture(params, technique_context)
-    trained = technique.apply(tiny_model, params, technique_context)
+    preview = technique.architecture(params, eo_technique_context)
+    trained = technique.apply(eo_tiny_model, params, eo_technique_context)
     shapes = lambda m: [tuple(p.shape) for p in m.parameters()]  # noqa: E731
-    assert shapes(preview) == shapes(trained) != shapes(tiny_model)
-    assert evaluate(export_onnx(technique_context.task, trained)) > 0.5
+    assert shapes(preview) == shapes(trained) != shapes(eo_tiny_model)
+    assert eo_evaluate(export_onnx(eo_technique_context.task, trained)) > 0.5
 
 
-def test_nas_space_and_bad_params(plugin_registry):
-    technique = plugin_registry().technique("nas")
+def test_nas_space_and_bad_params(eo_plugin_registry):
+    technique = eo_plugin_registry().technique("nas")
     assert len(technique.param_grid()) == 3 * 3 * 2 * 2
     with pytest.raises(TechniqueParamsError, match="width=0.1 is not one of"):
         technique.check_params({"width": 0.1})
 
 
-def test_features_count_convolution_work(tiny_task):
-    small = onnx_features(export_onnx(tiny_task, tiny_task.build({"width": 4, "blocks": 1})))
-    big = onnx_features(export_onnx(tiny_task, tiny_task.build({"width": 8, "blocks": 2})))
+def test_features_count_convolution_work(eo_tiny_task):
+    small = onnx_features(export_onnx(eo_tiny_task, eo_tiny_task.build({"width": 4, "blocks": 1})))
+    big = onnx_features(export_onnx(eo_tiny_task, eo_tiny_task.build({"width": 8, "blocks": 2})))
     # width x2 => ~4x MACs per block; twice the blocks: clearly more work
     assert big["conv_macs"] > 3 * small["conv_macs"] and big["params"] > small["params"]
     assert small["int8_conv_macs"] == 0
 
 
-def test_preview_applies_graph_techniques_to_the_untrained_architecture(plugin_registry, tiny_task, tiny_data,
-                                                                          tiny_model, technique_context):
-    registry = plugin_registry()
+def test_preview_applies_graph_techniques_to_the_untrained_architecture(eo_plugin_registry, eo_tiny_task, eo_tiny_data,
+                                                                          eo_tiny_model, eo_technique_context):
+    registry = eo_plugin_registry()
     pipeline = [{"technique": "nas", "params": {"width": 0.5, "depth": 1, "kernel": 3, "epochs": 4}},
                 {"technique": "int8-static", "params": {"calibration_samples": 16}}]
-    ctx = {"data": tiny_data, "profile": technique_context.profile, "seed": 0}
-    preview = preview_candidate(registry, tiny_task, tiny_model, pipeline, ctx)
+    ctx = {"data": eo_tiny_data, "profile": eo_technique_context.profile, "seed": 0}
+    preview = preview_candidate(registry, eo_tiny_task, eo_tiny_model, pipeline, ctx)
     feats = onnx_features(onnx.load_from_string(preview))
     assert feats["int8_conv_macs"] > 0 and feats["conv_macs"] == 0
     with_training = [{"technique": "prune-structured", "params": {}}] + pipeline
-    assert preview_candidate(registry, tiny_task, tiny_model, with_training, ctx) is None
+    assert preview_candidate(registry, eo_tiny_task, eo_tiny_model, with_training, ctx) is None
 
 
-def test_predictor_learns_from_measurements_on_this_machine(tiny_task, local_device):
+def test_predictor_learns_from_measurements_on_this_machine(eo_tiny_task, eo_local_device):
     """Fit on real agent measurements of several architectures, predict held-out ones."""
     archs = [{"width": w, "blocks": b} for w in (4, 8, 16, 24) for b in (1, 2, 3)]
     measured = []
     for arch in archs:
-        model = export_onnx(tiny_task, tiny_task.build(arch))
-        measured.append((onnx_features(model), local_device(model)["latency_ms"]["p50"]))
+        model = export_onnx(eo_tiny_task, eo_tiny_task.build(arch))
+        measured.append((onnx_features(model), eo_local_device(model)["latency_ms"]["p50"]))
     predictor = LatencyPredictor()
     assert predictor.predict(measured[0][0]) is None  # nothing learnt yet
     for feats, latency in measured[::2]:
@@ -67,14 +68,15 @@ def test_predictor_learns_from_measurements_on_this_machine(tiny_task, local_dev
     assert quality["median_relative_error"] < 0.5, quality
 
 
-def test_predictor_starts_from_earlier_runs_measurements_of_the_device(tiny_task, tiny_onnx):
+def test_predictor_starts_from_earlier_runs_measurements_of_the_device(eo_tiny_task, eo_tiny_onnx):
     """Measurements cached by a real lease on this machine seed the next run's predictor (same device, same settings)."""
-    from orchestrator.cache import measurements_path
-    from orchestrator.devices import DeviceLease, local_device
+    from orchestrator.devices.local import local_device
+    from orchestrator.fleet.lease import DeviceLease
+    from orchestrator.fleet.measurements import measurements_path
     from orchestrator.paths import cache_dir
-    from orchestrator.predictor import PredictorService, past_points
     from orchestrator.profile import load_profile
-    from orchestrator.search import ModelSink
+    from orchestrator.search.predictor import PredictorService, past_points
+    from orchestrator.search.trial import ModelSink
 
     profile = load_profile("device_profiles/x86-host.yaml").profile.model_copy(
         update={"measurement": load_profile("device_profiles/x86-host.yaml").profile.measurement.model_copy(
@@ -83,11 +85,11 @@ def test_predictor_starts_from_earlier_runs_measurements_of_the_device(tiny_task
     device.name = "predictor-seed-test"
     lease = DeviceLease(device, profile, None, str(measurements_path()))
     sink = ModelSink(str(cache_dir("models")))
-    base = tiny_onnx()
+    base = eo_tiny_onnx()
     models = [base.SerializeToString()]
     for width in (0.5, 0.75, 1.5, 2.0):
-        arch = tiny_task.scaled_arch(width_mult=width)
-        models.append(export_onnx(tiny_task, tiny_task.build(arch).eval()))
+        arch = eo_tiny_task.scaled_arch(width_mult=width)
+        models.append(export_onnx(eo_tiny_task, eo_tiny_task.build(arch).eval()))
     for model in models:
         sink.put(model)
         assert "error" not in lease.measure(model)

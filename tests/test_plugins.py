@@ -6,7 +6,7 @@ import json
 import pytest
 
 from orchestrator import Technique, choice, hookimpl
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from orchestrator.errors import PluginError, TechniqueParamsError
 from orchestrator.plugins import DISABLE_ENV, PluginRegistry, get_plugin_manager
 
@@ -100,3 +100,93 @@ def test_plugins_list_the_hooks_they_implement():
     registry = get_plugin_manager()
     assert registry.plugins["quantization"].hooks == ["register_techniques"]
     assert registry.plugins["digits"].hooks == ["register_tasks"]
+
+
+# -- outside plugins installed as real distributions (a package + its .dist-info on sys.path) --------
+
+
+def _install(tmp_path, monkeypatch, dist: str, entry: str, source: str) -> None:
+    """Write package `dist` (module source `source`) with entry point `entry = dist` and put it on sys.path."""
+    (tmp_path / dist).mkdir()
+    (tmp_path / dist / "__init__.py").write_text(source)
+    info = tmp_path / f"{dist}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[edge_orchestrator]\n{entry} = {dist}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+RAISES = '''
+from orchestrator import hookimpl
+
+@hookimpl
+def register_techniques(register):
+    raise RuntimeError("no GPU here")
+'''
+
+EXITS = '''
+import sys
+sys.exit(3)
+'''
+
+GREEDY = '''
+from orchestrator import Technique, hookimpl
+
+class Fp16(Technique):
+    name = "fp16"  # the built-in quantization plugin's
+    stage = "graph"
+
+class Twice(Technique):
+    name = "greedy-twice"
+    stage = "graph"
+
+class Mine(Technique):
+    name = "greedy-own"
+    stage = "graph"
+
+@hookimpl
+def register_techniques(register):
+    register(Fp16())
+    register(Twice())
+    register(Twice())
+    register(Mine())
+'''
+
+
+def test_a_plugin_whose_register_raises_is_broken_and_the_rest_load(tmp_path, monkeypatch, capsys):
+    _install(tmp_path, monkeypatch, "eo_test_raises", "aaa-raises", RAISES)
+    registry = get_plugin_manager()
+    assert registry.plugins["aaa-raises"].error == "register_techniques failed: RuntimeError: no GPU here"
+    assert all(p.error is None for n, p in registry.plugins.items() if n != "aaa-raises")
+    assert {"int8-static", "int8-dynamic", "fp16"} <= set(registry.techniques) and "digits" in registry.tasks
+    assert main(["plugins", "--json"]) == 0
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert "RuntimeError: no GPU here" in listed["aaa-raises"]["error"]
+    assert listed["quantization"]["error"] is None
+
+
+def test_a_plugin_that_calls_sys_exit_on_import_is_broken_and_the_cli_goes_on(tmp_path, monkeypatch, capsys):
+    _install(tmp_path, monkeypatch, "eo_test_exits", "aaa-exits", EXITS)
+    assert main(["plugins", "--json"]) == 0
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert listed["aaa-exits"]["error"] == "failed to import eo_test_exits: called sys.exit(3)"
+    assert listed["quantization"]["techniques"] == ["int8-static", "int8-dynamic", "fp16"]
+    assert main(["plugins"]) == 0
+    table = capsys.readouterr().out
+    assert "aaa-exits" in table and "broken" in table and "sys.exit(3)" in table
+
+
+def test_builtins_register_first_and_only_the_duplicate_is_refused(tmp_path, monkeypatch):
+    """An outside plugin sorted before the built-ins claims `fp16` and registers one name twice."""
+    _install(tmp_path, monkeypatch, "eo_test_greedy", "aaa-greedy", GREEDY)
+    registry = get_plugin_manager()
+    quantization = registry.plugins["quantization"]
+    assert quantization.error is None and quantization.techniques == ["int8-static", "int8-dynamic", "fp16"]
+    assert type(registry.techniques["fp16"]).__module__.startswith("plugins.")
+    greedy = registry.plugins["aaa-greedy"]
+    assert greedy.techniques == ["greedy-twice", "greedy-own"]  # its other registrations still count
+    assert greedy.error == (
+        "technique 'fp16' from plugin 'aaa-greedy' is already registered by plugin 'quantization'; "
+        "technique 'greedy-twice' from plugin 'aaa-greedy' is already registered by plugin 'aaa-greedy'"
+    )
+    assert {"greedy-twice", "greedy-own"} <= set(registry.techniques)

@@ -214,12 +214,13 @@ def test_control_character_reports_its_line(tmp_path: Path):
     assert str(_error(path)).startswith(f"{path}:{at + 1}: (YAML): ")
 
 
-def test_duplicate_key_reports_the_line_of_the_value_used(tmp_path: Path):
+def test_duplicate_key_reports_the_line_of_the_second_one(tmp_path: Path):
     lines = _lines()
+    first = _index(lines, "hardware", "cores")
     at = _index(lines, "hardware", "memory_mb") + 1
-    lines.insert(at, '  cores: "four"\n')  # hardware.cores again, now wrong
+    lines.insert(at, '  cores: "four"\n')  # hardware.cores again: refused, whatever its value
     path = _write(tmp_path, lines)
-    assert str(_error(path)).startswith(f"{path}:{at + 1}: ")
+    assert str(_error(path)) == f"{path}:{at + 1}: hardware.cores: duplicate key (first on line {first + 1})"
 
 
 # --- files that are not profiles ----------------------------------------------------------------

@@ -11,16 +11,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from agents.agent import parse_cpuinfo
-from orchestrator.errors import MeasurementError
-from orchestrator.profile import load_profile
-from orchestrator.qemu import (
+from agents.info import parse_cpuinfo
+from orchestrator.emulation.sysroot import (
+    MANIFEST,
+    SysrootBuildError,
+    SysrootRecipe,
+    _usr_merge,
+    build_sysroot,
+    cpuinfo_text,
+    default_sysroot_dir,
+    read_manifest,
+    write_apt_config,
+)
+from orchestrator.emulation.user import (
     EMULATED_RUNS,
     QemuUserTransport,
     emulated_bench_args,
@@ -30,35 +37,13 @@ from orchestrator.qemu import (
     qemu_binary,
     resolve_qemu_cpu,
 )
-from orchestrator.qemu_build import (
-    MANIFEST,
-    SysrootBuildError,
-    SysrootDownloadError,
-    SysrootRecipe,
-    _usr_merge,
-    build_sysroot,
-    cpuinfo_text,
-    default_sysroot_dir,
-    read_manifest,
-    write_apt_config,
-)
-from tests.conftest import ROOT
-
-CACHE_ENV = "EDGE_ORCHESTRATOR_QEMU_CACHE"
-REGISTRIES = ("http://deb.debian.org/debian/dists/bookworm/InRelease", "https://pypi.org/simple/onnxruntime/")
+from orchestrator.errors import MeasurementError
+from orchestrator.profile import load_profile
+from tests.helpers import ROOT
 
 
 def _profile(name: str):
     return load_profile(ROOT / "device_profiles" / f"{name}.yaml").profile
-
-
-def _unreachable_registry() -> str | None:
-    for url in REGISTRIES:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10).close()
-        except Exception as exc:  # noqa: BLE001 - any failure means: cannot build here
-            return f"{url} cannot be reached ({type(exc).__name__}: {exc})"
-    return None
 
 
 # ------------------------------------------------------------------------ the build's pieces (fast)
@@ -115,7 +100,7 @@ def test_usr_merge_moves_lib_into_usr_lib_folder_by_folder(tmp_path):
 
 
 def test_a_crashed_build_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
-    import orchestrator.qemu_build as qb
+    import orchestrator.emulation.sysroot as qb
 
     def crash(root, work, recipe, log):  # a build that dies half way (a fault we cannot cause on cue)
         root.mkdir()
@@ -150,27 +135,6 @@ def test_recipe_key_follows_what_goes_in():
 # ------------------------------------------------------------------------------ inside the emulator
 
 
-@pytest.fixture(scope="session")
-def qemu_sysroot(state_home) -> Path:
-    """The arm64 sysroot, built once (cached under $EDGE_ORCHESTRATOR_QEMU_CACHE when set)."""
-    if qemu_binary() is None:
-        pytest.skip("qemu-aarch64-static is not installed (apt-get install qemu-user-static)")
-    recipe = SysrootRecipe()
-    cache = os.environ.get(CACHE_ENV)
-    dest = Path(cache) / f"sysroot-{recipe.key()}" if cache else default_sysroot_dir(recipe)
-    if read_manifest(dest) is None:
-        reason = _unreachable_registry()
-        if reason:
-            pytest.skip(f"cannot build the arm64 sysroot: {reason}")
-    try:
-        return build_sysroot(dest, recipe)
-    except SysrootDownloadError as exc:
-        reason = _unreachable_registry()
-        if reason:
-            pytest.skip(f"cannot build the arm64 sysroot: {reason}")
-        raise AssertionError(f"sysroot build failed with the registries reachable: {exc}") from exc
-
-
 @pytest.fixture(scope="module")
 def emulated_rpi4(qemu_sysroot) -> QemuUserTransport:
     device = emulated_device_for_profile("emu-rpi4", _profile("rpi4"), qemu_sysroot)
@@ -190,7 +154,7 @@ def test_sysroot_is_finished_and_its_manifest_names_what_went_in(qemu_sysroot):
 
 @pytest.mark.slow
 def test_info_inside_is_the_emulated_board(emulated_rpi4):
-    from orchestrator.fleet import check_fit
+    from orchestrator.fleet.registration import check_fit
 
     info = emulated_rpi4.info()
     assert info["arch"] == "aarch64" and info["cpu_model"] == "ARM Cortex-A72"
@@ -217,10 +181,10 @@ def test_jetson_orin_cpu_is_emulated_by_the_nearest_model_and_says_so(qemu_sysro
 
 
 @pytest.mark.slow
-def test_bench_inside_returns_latency_percentiles_labelled_emulated(emulated_rpi4, tiny_onnx):
+def test_bench_inside_returns_latency_percentiles_labelled_emulated(emulated_rpi4, eo_tiny_onnx):
     profile = _profile("rpi4").model_copy(deep=True)
     profile.measurement.time_budget_s = 5.0
-    result = emulated_rpi4.bench(tiny_onnx().SerializeToString(), profile)
+    result = emulated_rpi4.bench(eo_tiny_onnx().SerializeToString(), profile)
     lat = result["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
     assert result["emulated"] is True and result["qemu_cpu"] == "cortex-a72"
@@ -239,20 +203,20 @@ def _parity(transport: QemuUserTransport, model, data) -> tuple[np.ndarray, np.n
 
 
 @pytest.mark.slow
-def test_fp32_outputs_inside_match_the_host(emulated_rpi4, tiny_onnx, tiny_data):
-    host, emulated = _parity(emulated_rpi4, tiny_onnx(), tiny_data)
+def test_fp32_outputs_inside_match_the_host(emulated_rpi4, eo_tiny_onnx, eo_tiny_data):
+    host, emulated = _parity(emulated_rpi4, eo_tiny_onnx(), eo_tiny_data)
     assert emulated.shape == host.shape == (96, 10)
     np.testing.assert_allclose(emulated, host, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
-def test_int8_static_qdq_outputs_inside_match_the_host(emulated_rpi4, tiny_onnx, tiny_data, technique_context,
-                                                        plugin_registry):
-    technique = plugin_registry().technique("int8-static")
+def test_int8_static_qdq_outputs_inside_match_the_host(emulated_rpi4, eo_tiny_onnx, eo_tiny_data, eo_technique_context,
+                                                        eo_plugin_registry):
+    technique = eo_plugin_registry().technique("int8-static")
     params = technique.check_params({"per_channel": True, "activations": "int8", "calibration": "minmax"})
-    int8 = technique.apply(tiny_onnx(), params, technique_context)
+    int8 = technique.apply(eo_tiny_onnx(), params, eo_technique_context)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in int8.graph.node}
-    host, emulated = _parity(emulated_rpi4, int8, tiny_data)
+    host, emulated = _parity(emulated_rpi4, int8, eo_tiny_data)
     # ARM and x86 int8 kernels may round an accumulator differently: a quantization step, not more
     assert np.abs(emulated - host).max() <= 0.05 * np.abs(host).max() + 1e-3
     assert (emulated.argmax(1) == host.argmax(1)).mean() >= 0.97

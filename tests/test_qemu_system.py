@@ -17,26 +17,25 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.cli import main
-from orchestrator.devices import Device, SshTarget
-from orchestrator.profile import load_profile
-from orchestrator.qemu_build import SysrootDownloadError, SysrootRecipe
-from orchestrator.qemu_system import (
+from orchestrator.cli.main import main
+from orchestrator.devices.base import Device, SshTarget
+from orchestrator.devices.registry import DeviceRegistry
+from orchestrator.emulation.initramfs import modules_in_load_order, write_cpio
+from orchestrator.emulation.sysroot import SysrootDownloadError, SysrootRecipe
+from orchestrator.emulation.system_image import (
     GUEST_PYTHON,
     GUEST_USER,
-    QemuSystemVM,
     SystemImageRecipe,
     VmError,
     build_system_image,
     default_system_dir,
-    modules_in_load_order,
     qemu_system_binary,
     read_system_manifest,
-    write_cpio,
 )
-from orchestrator.registry import DeviceRegistry
-from tests.conftest import ROOT
-from tests.test_qemu import _unreachable_registry
+from orchestrator.emulation.system_vm import QemuSystemVM
+from orchestrator.profile import load_profile
+from tests.helpers import ROOT
+from tests.helpers.qemu import unreachable_registry
 
 RPI4 = ROOT / "device_profiles" / "rpi4.yaml"
 TIMINGS: dict[str, float] = {}
@@ -103,14 +102,14 @@ def system_image(state_home) -> Path:
         pytest.skip("qemu-system-aarch64 is not installed (apt-get install qemu-system-arm)")
     dest = default_system_dir()
     if read_system_manifest(dest) is None:
-        reason = _unreachable_registry()
+        reason = unreachable_registry()
         if reason:
             pytest.skip(f"cannot build the VM image: {reason}")
     start = time.monotonic()
     try:
         image = build_system_image(dest)
     except SysrootDownloadError as exc:
-        reason = _unreachable_registry()
+        reason = unreachable_registry()
         if reason:
             pytest.skip(f"cannot build the VM image: {reason}")
         raise AssertionError(f"VM image build failed with the registries reachable: {exc}") from exc
@@ -126,8 +125,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_vm_boots_answers_ssh_with_the_pinned_key_and_runs_the_agent(system_image, tmp_path, tiny_onnx):
-    from orchestrator.ssh import SshTransport
+def test_vm_boots_answers_ssh_with_the_pinned_key_and_runs_the_agent(system_image, tmp_path, eo_tiny_onnx):
+    from orchestrator.devices.ssh import SshTransport
 
     manifest = json.loads((system_image / "manifest.json").read_text())
     assert manifest["kernel_version"].endswith("-arm64") and "ext4.ko" in manifest["initramfs_modules"]
@@ -153,7 +152,7 @@ def test_vm_boots_answers_ssh_with_the_pinned_key_and_runs_the_agent(system_imag
             profile.measurement.warmup_runs, profile.measurement.runs = 2, 10
             profile.measurement.time_budget_s = 5.0
             t0 = time.monotonic()
-            result = transport.bench(tiny_onnx().SerializeToString(), profile)
+            result = transport.bench(eo_tiny_onnx().SerializeToString(), profile)
             TIMINGS["bench_s"] = round(time.monotonic() - t0, 1)
             lat = result["latency_ms"]
             assert 0 < lat["p50"] <= lat["p99"] and result["runs"] >= 1

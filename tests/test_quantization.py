@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from orchestrator.api import Dataset, Task, TechniqueContext
-from orchestrator.pipeline import export_onnx
 from orchestrator.plugins import get_plugin_manager
 from orchestrator.profile import load_profile
-from tests.conftest import ROOT
+from orchestrator.search.pipeline import export_onnx
+from tests.helpers import ROOT
 
 
 class TinyTask(Task):

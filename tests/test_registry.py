@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from agents.agent import cmd_info
-from orchestrator.bundle import agent_bundle
-from orchestrator.cli import main
+from agents.info import cmd_info
+from orchestrator.cli.main import main
+from orchestrator.devices.bundle import agent_bundle
+from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice, key_fingerprint
 from orchestrator.errors import DeviceNotFound, DeviceRefused, InventoryError
-from orchestrator.fleet import check_fit
-from orchestrator.inventory import ignored_secrets, read_inventory, to_registration
+from orchestrator.fleet.inventory import ignored_secrets, read_inventory, to_registration
+from orchestrator.fleet.registration import check_fit
 from orchestrator.profile import load_profile
-from orchestrator.registry import DeviceRegistry, RegisteredDevice, key_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "device_profiles"
@@ -65,7 +65,7 @@ def test_registry_holds_no_secret_columns(tmp_path):
 
 
 def test_key_fingerprint_matches_ssh_keygen(tmp_path):
-    from tests.sshd import fingerprint, keygen
+    from tests.helpers.sshd import fingerprint, keygen
 
     keygen(tmp_path / "k")
     assert key_fingerprint((tmp_path / "k.pub").read_text()) == fingerprint(tmp_path / "k.pub")

@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from orchestrator.report import write_report
-from tests.browser import CHROMIUM, REPORT_CHECK, run_in_page
+from tests.helpers.browser import CHROMIUM, REPORT_CHECK, run_in_page
 
 
 def _cand(cid, pipeline, acc, p50, size, feasible=True, on_front=False, status="ok"):

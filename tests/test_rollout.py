@@ -4,7 +4,7 @@ real paramiko, the real agent zipapp, real onnxruntime on both sides, real runs 
 Faults have real causes (a model whose outputs do not reproduce, a stopped sshd, sshd and the agent
 killed mid-install, a link unplugged in a network namespace, a new host key), except two that a
 fake injects because they cannot be timed or caused for real: the corrupt upload (a byte flipped
-after the transfer) and the power cut at each exact step of an install (tests/crash_agent.py).
+after the transfer) and the power cut at each exact step of an install (tests/helpers/crash_agent.py).
 """
 
 from __future__ import annotations
@@ -22,17 +22,18 @@ import onnxruntime as ort
 import psutil
 import pytest
 
-from agents.agent import main as agent_main
-from orchestrator.cli import main
-from orchestrator.deploy_target import DeployTarget
-from orchestrator.deployments import DeploymentStore
+from agents.cli import main as agent_main
+from orchestrator.cli.main import main
+from orchestrator.devices.registry import DeviceRegistry
 from orchestrator.errors import RolloutFailed, RolloutIncomplete
-from orchestrator.healthcheck import TOLERANCES, health_spec, model_precision, reference_data
-from orchestrator.registry import DeviceRegistry
-from orchestrator.rollout import deploy
-from orchestrator.rollout_plan import RolloutOptions, canary_count, chosen_models
-from tests.rollout_helpers import Fleet, cnn_model, make_run, start_fleet
-from tests.sshd import sshd_missing_reason
+from orchestrator.modelfacts import model_precision
+from orchestrator.rollout.deployments import DeploymentStore
+from orchestrator.rollout.execute import deploy
+from orchestrator.rollout.healthcheck import TOLERANCES, health_spec, reference_data
+from orchestrator.rollout.plan import RolloutOptions, canary_count, chosen_models
+from orchestrator.rollout.target import DeployTarget
+from tests.helpers.rollout import Fleet, cnn_model, make_run, start_fleet
+from tests.helpers.sshd import sshd_missing_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = "rollout-test"
@@ -203,6 +204,44 @@ def test_agent_install_health_rollback_keep_and_refusals(tmp_path, capsys):
     assert code == 2 and "is not a file in" in out["error"]  # uploads are only taken from deploy/incoming
 
 
+def _integer_inputs_model() -> bytes:
+    """q int8, u uint8, ids int32 and flag bool inputs [N,2] -> y float [N,2] (q + u + ids, zero where not flag)."""
+    from onnx import TensorProto, helper
+
+    names = (("q", TensorProto.INT8), ("u", TensorProto.UINT8), ("ids", TensorProto.INT32), ("flag", TensorProto.BOOL))
+    nodes = [helper.make_node("Cast", [name], [f"{name}_f"], to=TensorProto.FLOAT) for name, _ in names]
+    nodes += [helper.make_node("Add", ["q_f", "u_f"], ["qu"]), helper.make_node("Add", ["qu", "ids_f"], ["s"]),
+              helper.make_node("Mul", ["s", "flag_f"], ["y"])]
+    graph = helper.make_graph(nodes, "integer_inputs",
+                              [helper.make_tensor_value_info(name, kind, ["N", 2]) for name, kind in names],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_reference_inputs_are_the_agents_own_and_its_health_check_passes_on_them(tmp_path, capsys):
+    """The host makes the health check's inputs with the agent kernel's rule (int8 data spans its range)."""
+    import io
+
+    import numpy as np
+
+    from agents.kernel import reference_inputs
+
+    model = _integer_inputs_model()
+    with np.load(io.BytesIO(reference_data(model))) as saved:
+        stored = {k.removeprefix("inputs/"): saved[k] for k in saved.files if k.startswith("inputs/")}
+    expected = reference_inputs(ort.InferenceSession(model, providers=["CPUExecutionProvider"]))
+    assert stored.keys() == expected.keys() == {"q", "u", "ids", "flag"}
+    for name, array in expected.items():
+        assert stored[name].dtype == array.dtype and stored[name].shape == (4, 2)
+        np.testing.assert_array_equal(stored[name], array)
+    root = tmp_path / "device"
+    assert _agent(capsys, *_stage(root, model))[0] == 0
+    code, health = _agent(capsys, "health", "--root", str(root))
+    assert code == 0 and health["healthy"], health
+
+
 def test_agent_health_fails_on_latency_over_the_profile_limit(tmp_path, capsys):
     root = tmp_path / "device"
     args = _stage(root, cnn_model(0))
@@ -229,7 +268,7 @@ def _install_template(tmp_path: Path, capsys) -> tuple[Path, list[str], str, str
 
 
 def test_power_cut_at_every_step_of_an_install_or_rollback_leaves_a_working_current(tmp_path, capsys):
-    """FAKE fault, real kill: tests/crash_agent.py SIGKILLs the agent just before its k-th file-system change."""
+    """FAKE fault, real kill: tests/helpers/crash_agent.py SIGKILLs the agent before its k-th file-system change."""
     template, install_args, a, b = _install_template(tmp_path, capsys)
     for command, args, before, after in (("install", install_args, a, b), ("rollback", None, b, a)):
         if command == "rollback":  # from B (installed over A) back to A
@@ -241,7 +280,7 @@ def test_power_cut_at_every_step_of_an_install_or_rollback_leaves_a_working_curr
             device = tmp_path / f"{command}-{k}"
             shutil.copytree(template, device, symlinks=True)
             argv = [a.replace(str(template), str(device)) for a in args]
-            proc = subprocess.run([sys.executable, "-m", "tests.crash_agent", str(k), *argv], cwd=ROOT,
+            proc = subprocess.run([sys.executable, "-m", "tests.helpers.crash_agent", str(k), *argv], cwd=ROOT,
                                   capture_output=True, text=True, timeout=60)
             version = _working_current(device)  # complete and loadable, whatever the point of the cut
             assert version in (before, after), (command, k)
@@ -444,8 +483,8 @@ def test_bad_input_is_one_line_and_an_exit_code(fleet, runs, capsys, own_sshd, t
     assert f"profile '{PROFILE}' has no registered device to deploy to" in capsys.readouterr().err
     assert main(["deploy", runs["a"], "--profile", "rpi4"]) == 1
     assert "chose a model for profile 'rollout-test', not 'rpi4'" in capsys.readouterr().err
-    assert main(["deploy", runs["a"], "--canary", "lots"]) == 1
-    assert "--canary 'lots': give a number" in capsys.readouterr().err
+    assert main(["deploy", runs["a"], "--canary", "lots"]) == 2  # a usage error, found before anything is looked at
+    assert "'lots': give a number" in capsys.readouterr().err
     assert main(["deploy", "--resume", "--dry-run"]) == 2
     assert "--dry-run cannot be used with --resume" in capsys.readouterr().err
     assert main(["rollback"]) == 2 and "give --profile NAME or --device NAME" in capsys.readouterr().err
@@ -477,11 +516,110 @@ def test_bad_input_is_one_line_and_an_exit_code(fleet, runs, capsys, own_sshd, t
     assert DeviceRegistry().get("dev-0").status == "host-key-changed" and f.current("dev-0") is None
 
 
+# ------------------------------------------------------------------------------------- one rollout at a time
+
+
+def _deploy_process(*args: str) -> subprocess.Popen:
+    """`orchestrate deploy ARGS` as a process of its own (the host that gets killed)."""
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", "deploy", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the deploy process ended ({proc.returncode}) before {what}: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _rollout_of(run_id: str) -> dict | None:
+    latest = DeploymentStore().latest()
+    return latest if latest and latest["run_id"] == run_id else None
+
+
+def test_a_newer_rollout_supersedes_an_unfinished_one_and_resume_does_not_go_back(fleet, runs, capsys):
+    """Issue 16, item 1: roll out A, kill -9 the deploy after its first wave, roll out B fully, then
+    `deploy --resume` must not put A back over B."""
+    f = fleet(2)
+    a, b = _sha(runs["a"]), _sha(runs["b"])
+    host = _deploy_process(runs["a"], "--canary", "1")
+    try:
+        x = _wait(lambda: _rollout_of(runs["a"]), 60, "rollout A to start", host)
+        canary = x["waves"][0][0]
+        _wait(lambda: DeploymentStore().get_rollout(x["id"])["devices"][canary]["state"] == "healthy", 120,
+              "the canary wave to end", host)
+    finally:
+        host.kill()  # SIGKILL: the rollout stays `running` with a dead owner
+        host.communicate()
+    _wait(lambda: not any(_agent_processes(f.disk(n), "install") for n in f.servers), 60, "the devices to settle")
+    assert DeploymentStore().get_rollout(x["id"])["status"] == "running"
+
+    assert main(["deploy", runs["b"], "--max-parallel", "2"]) == 0
+    capsys.readouterr()
+    y = DeploymentStore().latest()
+    assert all(_working_current(f.disk(n)) == b for n in f.servers)
+    old = DeploymentStore().get_rollout(x["id"])
+    assert old["status"] == "superseded" and old["superseded_by"] == y["id"]
+
+    assert main(["deploy", "--resume"]) == 1  # the newest resumable: none (B is done, A superseded)
+    assert f"no rollout to resume (the newest, {y['id']}, is done)" in capsys.readouterr().err
+    assert main(["deploy", "--resume", x["id"]]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: rollout {x['id']} was superseded by rollout {y['id']}: resuming it would put its older "
+                   f"model back; deploy --resume {x['id']} --force does it anyway")
+    assert all(_working_current(f.disk(n)) == b for n in f.servers)  # nothing went back
+    assert main(["deploy", runs["a"], "--force"]) == 2
+    assert "--force goes with --resume only" in capsys.readouterr().err
+
+    assert main(["deploy", "--resume", x["id"], "--force"]) == 0  # asked for explicitly: A goes on
+    left = [n for n, d in old["devices"].items() if d["state"] != "healthy"]
+    assert left and all(_working_current(f.disk(n)) == a for n in left)
+
+
+def test_a_live_rollout_is_locked_and_a_host_killed_mid_install_is_recorded_right(fleet, runs, capsys):
+    """Items 1 and 3: while a deploy runs, `deploy --resume` and another rollout of the profile are refused;
+    the host is then killed mid-install, the device's install goes on, and the resumed rollout records what the
+    device ran before (A), not the version the device switched to meanwhile (B)."""
+    f = fleet(2)
+    a, b = _sha(runs["a"]), _sha(runs["b"])
+    _deploy(runs["a"], max_parallel=2)
+    host = _deploy_process(runs["b"], "--canary", "1")
+    try:
+        y = _wait(lambda: _rollout_of(runs["b"]), 60, "rollout B to start", host)
+        canary = y["waves"][0][0]
+        _wait(lambda: _agent_processes(f.disk(canary), "install"), 60, "the canary's install", host)
+        assert main(["deploy", "--resume"]) == 1
+        err = capsys.readouterr().err
+        assert f"error: rollout {y['id']} is still running (pid {host.pid} on " in err and "not resumed" in err
+        assert main(["deploy", runs["a"]]) == 1
+        assert f"rollout {y['id']} is still running (pid {host.pid}" in capsys.readouterr().err
+    finally:
+        host.kill()  # mid-install: the device's own `install --health` goes on without it
+        host.communicate()
+    _wait(lambda: f.current(canary) == b and not _agent_processes(f.disk(canary), "install"), 60,
+          "the device's install to finish")
+    stored = DeploymentStore().get_rollout(y["id"])
+    assert stored["devices"][canary]["state"] == "installing" and stored["devices"][canary]["previous_version"] is None
+
+    assert main(["deploy", "--resume"]) == 0  # its owner is dead: resumed at once
+    out = capsys.readouterr().out
+    assert f"{canary}: installed (was {a[:12]})" in out
+    done = DeploymentStore().get_rollout(y["id"])
+    assert done["status"] == "done" and done["owner_pid"] != host.pid
+    assert {n: d["previous_version"] for n, d in done["devices"].items()} == {n: a for n in f.servers}
+    assert all(_working_current(f.disk(n)) == b for n in f.servers)
+
+
 # ------------------------------------------------------------------------------------- network namespaces
 
 
 def test_device_cut_off_mid_rollout_in_its_own_network_namespace(tmp_path, profile, runs):
-    from tests.netns import NetnsLink, NetnsSshd, netns_missing_reason
+    from tests.helpers.netns import NetnsLink, NetnsSshd, netns_missing_reason
 
     why = netns_missing_reason()
     if why:

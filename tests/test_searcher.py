@@ -14,7 +14,10 @@ from typing import Any
 import pytest
 
 from orchestrator.profile import Profile
-from orchestrator.search import WORST, Interrupts, make_searcher, search_limits, search_objectives, trial_values
+from orchestrator.search.trial import WORST, trial_values
+from orchestrator.search.ray_runtime import Interrupts
+from orchestrator.search.searcher import make_searcher
+from orchestrator.search.trial import search_limits, search_objectives
 
 
 def profile(metric: str = "latency_p50", **constraints: Any) -> Profile:
@@ -129,9 +132,21 @@ class SigintInFinalizer:
             pass
 
 
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler for the test, whatever the process was started with (`nohup ... &`
+    starts it with SIGINT ignored, and then Python installs none); the one found is put back after."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if before is not None:  # None: a handler set outside Python, which cannot be put back from here
+            signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop is the point
-def test_a_ctrl_c_that_python_drops_is_raised_again() -> None:
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+def test_a_ctrl_c_that_python_drops_is_raised_again(python_sigint_handler) -> None:
     dropped = SigintInFinalizer()
     del dropped  # without the guard the Ctrl-C is simply lost: no KeyboardInterrupt here
     interrupts = Interrupts()

@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.errors import NoFeasibleCandidate
 from orchestrator.profile import Constraints, Profile
-from orchestrator.selection import (
+from orchestrator.search.selection import (
     Selection,
     accuracy_drop_points,
     check_constraints,

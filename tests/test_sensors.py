@@ -1,4 +1,4 @@
-"""The agent's energy sensors (agents/sensors.py) read the files and output of real boards' formats.
+"""The agent's energy sensors (agents/sensors/) read the files and output of real boards' formats.
 
 The boards are not here: each sensor reads a recording under tests/recordings/ (see its README)
 through $EDGE_AGENT_SYSFS_ROOT, `vcgencmd` is a script on PATH that prints a recording, and NVML,
@@ -21,13 +21,22 @@ from pathlib import Path
 
 import pytest
 
-from agents import agent, sensors
-from agents.agent import warm_up
+from agents.benchmark import measure, warm_up
 from agents.sensors import (
-    CombinedSensor, Ina3221Sensor, NvmlSensor, PmicSensor, RaplSensor, SensorError, discover_energy_sensor,
-    energy_sensor_names, integrate_power, measured_energy, parse_pmic_read_adc,
+    CombinedSensor,
+    Ina3221Sensor,
+    NvmlSensor,
+    PmicSensor,
+    RaplSensor,
+    SensorError,
+    discover_energy_sensor,
+    energy_sensor_names,
+    integrate_power,
+    measured_energy,
+    parse_pmic_read_adc,
+    rpi_pmic,
 )
-from tests.test_agent import run_main, tiny_cnn
+from tests.helpers.agent import run_main, tiny_cnn
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDINGS = Path(__file__).resolve().parent / "recordings"
@@ -65,18 +74,25 @@ def fast_sampling(monkeypatch):
 # ------------------------------------------------------------------------------------------ hygiene
 
 
-def test_sensors_module_is_stdlib_only_python39_and_spawns_only_vcgencmd():
-    source = (REPO / "agents" / "sensors.py").read_text()
-    tree = ast.parse(source, feature_version=(3, 9))
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module.split(".")[0])
-    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
-    assert source.count("subprocess.run(") == 1 and '"pmic_read_adc"' in source
-    assert "import pynvml" not in source  # imported only when the NVIDIA driver is there, and guarded
+def test_sensors_package_is_stdlib_only_python39_and_spawns_only_vcgencmd():
+    sources = {p.name: p.read_text() for p in sorted((REPO / "agents" / "sensors").glob("*.py"))}
+    assert {"__init__.py", "base.py", "rapl.py", "nvml.py", "ina3221.py", "rpi_pmic.py"} <= set(sources)
+    for name, source in sources.items():
+        tree = ast.parse(source, feature_version=(3, 9))
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, name
+                imported.add(node.module)
+        outside = {m for m in imported if m.split(".")[0] not in sys.stdlib_module_names}
+        assert all(m.startswith("agents.sensors.") for m in outside), (name, outside)  # no numpy, no kernel
+        if name != "__init__.py":
+            assert "agents.sensors" not in imported, name  # the package's modules import each other directly
+    everything = "".join(sources.values())
+    assert everything.count("subprocess.run(") == 1 and '"pmic_read_adc"' in sources["rpi_pmic.py"]
+    assert "import pynvml" not in everything  # imported only when the NVIDIA driver is there, and guarded
 
 
 # ---------------------------------------------------------------------------------- Jetson INA3221
@@ -154,7 +170,7 @@ def test_trapezoid_integration_over_real_timestamps():
     assert integrate_power(samples[:1]) == 0.0
 
 
-# ---------------------------------------------------------------------------------- idle and _measure
+# ----------------------------------------------------------------------------------- idle and measure
 
 
 def test_measured_energy_subtracts_idle_power():
@@ -187,7 +203,7 @@ def test_measure_subtracts_the_idle_power_measured_just_before_the_timed_runs(mo
         time.sleep(0.01)
 
     warnings = []
-    _, samples, energy = agent._measure(run, _bench_args(), warnings)
+    _, samples, energy = measure(run, _bench_args(), warnings)
     mean_ms = sum(samples) / len(samples)
     assert energy["source"] == "measured:ina3221" and energy["rail"] == "VDD_IN"
     assert energy["idle_watts"] == pytest.approx(ORIN_VDD_IN_W, abs=1e-9)  # idle before the runs began
@@ -203,7 +219,7 @@ def test_measure_stops_the_sampling_thread_when_inference_fails(monkeypatch, fas
         raise RuntimeError("inference failed")
 
     with pytest.raises(RuntimeError):
-        agent._measure(run, _bench_args(), [])
+        measure(run, _bench_args(), [])
     assert not any(t.name == "energy-sampler" for t in threading.enumerate())
 
 
@@ -222,7 +238,7 @@ def test_bench_end_to_end_on_an_ina3221_recording(capsys, monkeypatch, tmp_path,
 
 
 def test_agent_zipapp_imports_its_sensors_module(tmp_path):
-    from orchestrator.bundle import agent_bundle
+    from orchestrator.devices.bundle import agent_bundle
 
     bundle = agent_bundle()
     pyz = tmp_path / bundle.name
@@ -295,7 +311,7 @@ def test_pmic_sensor_integrates_a_change_mid_measurement(monkeypatch, tmp_path, 
 def test_no_pmic_sensor(monkeypatch, tmp_path, case):
     use_root(monkeypatch, tmp_path if case == "not a Pi" else RECORDINGS / "rpi5-pmic")
     if case == "no vcgencmd":
-        monkeypatch.setattr(sensors, "vcgencmd_path", lambda: None)
+        monkeypatch.setattr(rpi_pmic, "vcgencmd_path", lambda: None)
     else:
         _vcgencmd_replay(tmp_path, monkeypatch, PMIC_RECORDING.read_text() if case == "not a Pi" else None)
     assert PmicSensor.discover() is None

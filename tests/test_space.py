@@ -6,17 +6,17 @@ import pytest
 
 from orchestrator import Technique, hookimpl
 from orchestrator.api import STAGE_ORDER
-from orchestrator.pipeline import CandidateBuildError, build_candidate
 from orchestrator.plugins import PluginRegistry, get_plugin_manager
 from orchestrator.profile import load_profile
-from orchestrator.space import (
+from orchestrator.search.pipeline import CandidateBuildError, build_candidate
+from orchestrator.search.space import (
     IncompatiblePipeline,
     allowed_techniques,
     enumerate_candidates,
     order_pipeline,
     pipelines,
 )
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def technique(name: str, stage: str, **attrs) -> Technique:
@@ -107,7 +107,7 @@ def test_builtin_search_space_size(registry):
     ts = {n: registry.technique(n) for n in BUILTIN}
     sizes = {n: len(t.param_grid()) for n, t in ts.items()}
     assert sizes == {"int8-static": 24, "int8-dynamic": 4, "fp16": 1,
-                     "prune-structured": 54, "prune-magnitude": 12, "distill": 32}
+                     "prune-structured": 72, "prune-magnitude": 12, "distill": 32}
     graph = 24 + 4 + 1
     ps, pm, kd = sizes["prune-structured"], sizes["prune-magnitude"], sizes["distill"]
     training_sets = [ps, pm, kd, ps * pm, ps * kd, pm * kd, ps * pm * kd]  # every non-empty subset: one order each

@@ -19,14 +19,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.cli import main
-from orchestrator.devices import DeviceLease
+from orchestrator.cli.main import main
+from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
+from orchestrator.devices.ssh import SshTransport
 from orchestrator.errors import MeasurementError
+from orchestrator.fleet.lease import DeviceLease
 from orchestrator.profile import load_profile
-from orchestrator.registry import DeviceRegistry, RegisteredDevice
-from orchestrator.ssh import SshTransport
-from tests.sshd import free_port
-from tests.test_agent import tiny_cnn
+from tests.helpers.agent import tiny_cnn
+from tests.helpers.sshd import free_port
 
 
 def _bench_processes(remote_dir: Path) -> list[psutil.Process]:
@@ -184,7 +184,7 @@ def test_unreachable_only_device_exits_4_within_the_connect_timeout(own_sshd, de
 
 
 def _lease(device_name: str, profile_path: Path) -> DeviceLease:
-    from orchestrator.registry import registry_path
+    from orchestrator.devices.registry import registry_path
 
     registered = DeviceRegistry().get(device_name)
     return DeviceLease(registered.device(), load_profile(profile_path).profile, str(registry_path()))

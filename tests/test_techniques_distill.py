@@ -11,7 +11,7 @@ from orchestrator import Task
 from orchestrator.errors import TechniqueParamsError
 from orchestrator.plugins import get_plugin_manager
 from plugins.digits import DigitsTask
-from tests.test_techniques_pruning import check_contract, params_count, tiny_context
+from tests.helpers.techniques import check_contract, params_count, tiny_context
 
 
 class SmallDigits(DigitsTask):

@@ -4,46 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
-from orchestrator.api import Dataset, TechniqueContext
 from orchestrator.errors import TechniqueParamsError
-from orchestrator.pipeline import compressed_size, export_onnx
 from orchestrator.plugins import get_plugin_manager
-from orchestrator.profile import load_profile
+from orchestrator.search.pipeline import compressed_size, export_onnx
 from plugins._batchnorm import recalibrate_batch_norm
 from plugins.digits import DigitsTask
 from plugins.pruning import output_layer, sparsity_of
-from tests.conftest import ROOT
-
-TINY_ARCH = {"widths": [4, 8, 8], "depths": [1, 1, 1], "kernel": 3}
-
-
-def tiny_context(tmp_path, teacher, samples: int = 64) -> TechniqueContext:
-    """A TechniqueContext on the digits task with a few random samples (training is then a blink)."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((samples, 1, 32, 32)).astype(np.float32)
-    y = rng.integers(0, 10, samples).astype(np.int64)
-    data = {name: Dataset(x, y) for name in ("train", "calibration", "eval")}
-    return TechniqueContext(task=DigitsTask(), data=data, teacher=teacher,
-                            profile=load_profile(ROOT / "device_profiles" / "x86-host.yaml").profile,
-                            scratch_dir=tmp_path, seed=0)
-
-
-def params_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def check_contract(task, model, x) -> np.ndarray:
-    """Exports to ONNX, runs in onnxruntime with the task's input name and shape; returns the logits."""
-    session = ort.InferenceSession(export_onnx(task, model), providers=["CPUExecutionProvider"])
-    (inp,) = session.get_inputs()
-    assert inp.name == task.input_name and inp.shape[1:] == list(task.input_shape)
-    logits = session.run(None, {inp.name: x})[0]
-    assert logits.shape == (len(x), 10)
-    return logits
+from tests.helpers.techniques import TINY_ARCH, check_contract, params_count, tiny_context
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +100,7 @@ def test_magnitude_pruning_zeroes_weights_and_compresses(registry, tiny_resnet, 
     [
         ("prune-structured", {"ratio": 0.6}, "ratio=0.6 is not one of [0.25, 0.5, 0.75]"),
         ("prune-structured", {"importance": "random"}, "importance='random' is not one of"),
-        ("prune-structured", {"epochs": 5}, "epochs=5 is not one of [0, 1, 2]"),
+        ("prune-structured", {"epochs": 5}, "epochs=5 is not one of [0, 1, 2, 4]"),
         ("prune-structured", {"round_to": 0}, "round_to must be an integer >= 1, got 0"),
         ("prune-structured", {"channels": 3}, "unknown parameter(s) channels"),
         ("prune-magnitude", {"sparsity": 1.0}, "sparsity=1.0 is not one of [0.5, 0.7, 0.9]"),
@@ -144,5 +114,5 @@ def test_pruning_refuses_bad_params(registry, name, params, message):
 
 
 def test_pruning_search_space_sizes(registry):
-    assert len(registry.technique("prune-structured").param_grid()) == 3 * 3 * 2 * 3
+    assert len(registry.technique("prune-structured").param_grid()) == 3 * 3 * 2 * 4
     assert len(registry.technique("prune-magnitude").param_grid()) == 3 * 2 * 2

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from orchestrator.errors import TechniqueParamsError
-from orchestrator.pipeline import export_onnx
 from orchestrator.plugins import get_plugin_manager
+from orchestrator.search.pipeline import export_onnx
 from plugins.digits import DigitsTask
-from tests.test_techniques_pruning import TINY_ARCH, tiny_context
+from tests.helpers.techniques import TINY_ARCH, tiny_context
 
 
 @pytest.fixture(scope="module")

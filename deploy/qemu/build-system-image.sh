@@ -11,7 +11,7 @@
 # is written here; the root is `mke2fs -d` of the sysroot + packages + busybox init + sshd config;
 # the VM's host key and a client key are made with ssh-keygen. Needs apt-get, dpkg-deb, mke2fs,
 # ssh-keygen, debian-archive-keyring; running it needs qemu-system-arm. The work is in
-# orchestrator/qemu_system.py.
+# orchestrator/emulation/system_image.py.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 python="${PYTHON:-}"
@@ -19,4 +19,4 @@ if [ -z "$python" ]; then
   if [ -x "$repo/.venv/bin/python" ]; then python="$repo/.venv/bin/python"; else python=python3; fi
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "$python" -m orchestrator.qemu_system build "$@"
+exec "$python" -m orchestrator.emulation.system_vm build "$@"

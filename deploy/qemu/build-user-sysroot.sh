@@ -8,7 +8,7 @@
 # bookworm's arm64 python3, libstdc++6 and libgomp1, `dpkg -x` unpacks them, pip downloads the
 # aarch64 numpy and onnxruntime wheels. Needs apt-get, dpkg-deb, debian-archive-keyring, and
 # the Debian archive and PyPI reachable; running it needs qemu-user-static. The work is in
-# orchestrator/qemu_build.py.
+# orchestrator/emulation/sysroot.py.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 python="${PYTHON:-}"
@@ -16,4 +16,4 @@ if [ -z "$python" ]; then
   if [ -x "$repo/.venv/bin/python" ]; then python="$repo/.venv/bin/python"; else python=python3; fi
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "$python" -m orchestrator.qemu_build "$@"
+exec "$python" -m orchestrator.emulation.sysroot "$@"

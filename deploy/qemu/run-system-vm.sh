@@ -25,4 +25,4 @@ if [ -z "$python" ]; then
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 what="${1:?start|status|stop RUN_DIR}"; dir="${2:?RUN_DIR}"; shift 2
-exec "$python" -m orchestrator.qemu_system "$what" --dir "$dir" "$@"
+exec "$python" -m orchestrator.emulation.system_vm "$what" --dir "$dir" "$@"

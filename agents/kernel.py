@@ -1,0 +1,212 @@
+"""The agent's shared kernel: exit codes and errors, sha256, argparse bounds, model inputs, latency
+statistics and onnxruntime sessions. Every other agent module builds on this one, and it imports
+no other agent module.
+
+DEPENDENCY NOTE: every module of ``agents/`` runs on the edge device itself (Raspberry Pi, Jetson, ...)
+where only Python 3.9+, numpy and onnxruntime are installed (psutil is optional and its import is
+guarded). Import ONLY the standard library, numpy, onnxruntime and ``agents.*``: no torch, ray,
+pluggy, pydantic, yaml, and nothing from ``orchestrator`` (tests/test_agent_imports.py checks it,
+and that the agent's modules import each other without a cycle). Keep the syntax Python 3.9
+compatible. Do not spawn subprocesses (the agent may run under qemu-user, where child processes
+cannot exec); the exceptions are the optional, guarded ``vcgencmd`` calls on Raspberry Pis.
+
+The host imports this module too: ``make_inputs`` (the emulated devices' parity inputs) and
+``reference_inputs`` (the reference data a device's health check compares against).
+
+Every command prints exactly one JSON object on stdout (``schema_version`` 1) and returns an
+``ExitCode``; errors are reported as ``{"schema_version": 1, "command": ..., "error": ..., "exit_code": N}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from enum import IntEnum
+
+import numpy as np
+
+try:
+    import onnxruntime as ort
+except ImportError:  # reported as an error by the commands that need it
+    ort = None
+
+SCHEMA_VERSION = 1
+REFERENCE_BATCH = 4  # rows of a symbolic batch dimension in the reference inputs of a health check
+REFERENCE_SEED = 0
+
+# ONNX element types the agent can feed, and the numpy dtype of each.
+ELEMENT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint64)": np.uint64,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    MODEL_INVALID = 3
+    MODEL_NOT_FOUND = 4
+
+
+class AgentError(Exception):
+    """An error reported to the caller as one JSON line with this exit code."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def one_line(text: object) -> str:
+    """Collapse any message (e.g. a multi-line onnxruntime error) to one line."""
+    return " ".join(str(text).split())
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bounded(kind, low: float, strict: bool = False):
+    """An argparse `type=`: `kind(text)` that must be >= `low` (> `low` when `strict`)."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("invalid %s value: %r" % (kind.__name__, text))
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError("must be %s %s, got %s" % (">" if strict else ">=", low, text))
+        return value
+    return convert
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def random_array(rng: np.random.Generator, shape: list, dtype) -> np.ndarray:
+    """Random values of one input: normal floats, 0/1 bools, the full range of 8-bit integers
+    (quantized data such as pixels), and 0..9 for wider integers (ids and indices: kept small so
+    embedding lookups stay in range)."""
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype is np.bool_:
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    if dtype in (np.uint8, np.int8):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
+    return rng.integers(0, 10, size=shape, dtype=dtype)
+
+
+def input_dtype(meta):
+    """The numpy dtype of one model input (an onnxruntime NodeArg); AgentError if the agent cannot feed it."""
+    dtype = ELEMENT_TYPES.get(meta.type)
+    if dtype is None:
+        raise AgentError("input %s has unsupported type %s" % (meta.name, meta.type))
+    return dtype
+
+
+def make_inputs(session, batch: int, seed: int, warnings: list) -> dict:
+    """Random feeds for every model input: symbolic dims -> batch (first dim) or 1, dtype from metadata."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for meta in session.get_inputs():
+        shape = []
+        for i, dim in enumerate(meta.shape):
+            if isinstance(dim, int) and dim > 0:
+                if i == 0 and batch != 1 and dim != batch:
+                    warnings.append("input %s has a fixed batch dimension %d; --batch %d ignored"
+                                    % (meta.name, dim, batch))
+                shape.append(dim)
+            else:
+                shape.append(batch if i == 0 else 1)
+        feeds[meta.name] = random_array(rng, shape, input_dtype(meta))
+    return feeds
+
+
+def reference_inputs(session, seed: int = REFERENCE_SEED, batch: int = REFERENCE_BATCH) -> dict:
+    """The fixed inputs of a health check's reference data (the host computes the outputs on them):
+    `make_inputs` with symbolic batch dimensions -> `batch` rows, other symbolic dims -> 1.
+
+    `session` is anything with onnxruntime's `get_inputs()`; AgentError for an input type it cannot feed.
+    """
+    return make_inputs(session, batch, seed, [])
+
+
+# ------------------------------------------------------------------------------------------ latency
+
+
+def latency_stats(samples_ms: list) -> dict:
+    """p50/p90/p99 (linear interpolation), mean, std (sample), min, max and cv of latencies in ms."""
+    arr = np.asarray(samples_ms, dtype=np.float64)
+    p50, p90, p99 = (float(v) for v in np.percentile(arr, [50, 90, 99]))
+    mean = float(arr.mean())
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return {
+        "p50": p50, "p90": p90, "p99": p99, "mean": mean, "std": std,
+        "min": float(arr.min()), "max": float(arr.max()), "cv": std / mean if mean > 0 else 0.0,
+    }
+
+
+def timed_runs(run, count: int, budget_s: float, min_runs: int) -> list:
+    """Run `run()` up to `count` times or until `budget_s` passed (after at least `min_runs`); ms per run."""
+    samples = []
+    deadline = time.perf_counter_ns() + int(budget_s * 1e9)
+    while len(samples) < count and (len(samples) < min_runs or time.perf_counter_ns() < deadline):
+        t0 = time.perf_counter_ns()
+        run()
+        samples.append((time.perf_counter_ns() - t0) / 1e6)
+    return samples
+
+
+# ----------------------------------------------------------------------------------------- sessions
+
+
+def require_ort() -> None:
+    if ort is None:
+        raise AgentError("onnxruntime is not installed on this device")
+
+
+def choose_providers(requested: list, warnings: list) -> list:
+    """The requested execution providers this onnxruntime has (a warning for each missing one), else CPU."""
+    require_ort()
+    available = ort.get_available_providers()
+    chosen = [p for p in requested if p in available]
+    for p in requested:
+        if p not in available:
+            warnings.append("execution provider %s is not available (available: %s)" % (p, ", ".join(available)))
+    if not chosen:
+        warnings.append("none of the requested providers is available; falling back to CPUExecutionProvider")
+        chosen = ["CPUExecutionProvider"]
+    return chosen
+
+
+def create_session(path: str, threads: int, inter_op_threads: int, providers: list, warnings: list):
+    """An InferenceSession with these threads, the available ones of `providers` (see choose_providers)
+    and full graph optimisation; MODEL_INVALID if the model does not load."""
+    chosen = choose_providers(providers, warnings)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = inter_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(path, sess_options=options, providers=chosen)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
+        raise AgentError("cannot load model %s: %s" % (path, one_line(exc)), ExitCode.MODEL_INVALID)

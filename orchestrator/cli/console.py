@@ -1,0 +1,206 @@
+"""Terminal output of a run: a progress bar on a terminal, plain log lines otherwise, then the front and the pick.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.api import hookimpl
+from orchestrator.errors import ExitCode
+from orchestrator.search.selection import pipeline_label
+
+
+def out_console() -> Console:
+    """Console for stdout: the terminal's width, or wide enough for tables when piped."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def print_candidates(candidates: list[dict[str, Any]], best_id: str | None, only_front: bool = False,
+                     console: Console | None = None) -> None:
+    """A table of candidates (or of the Pareto front) with the pick marked."""
+    console = console or out_console()
+    table = Table("", "id", "pipeline", "accuracy", "drop", "size KiB", "p50 ms", "p90 ms", "energy mJ", "feasible")
+    for c in candidates:
+        if only_front and not c.get("on_front") and c["id"] != best_id:
+            continue
+        m = c.get("metrics") or {}
+        lat = m.get("latency_ms") or {}
+        energy = m.get("energy_mj")
+        energy_text = "-" if energy is None else f"{energy:.4f}" + (" (est.)" if m.get("energy_source") == "estimated" else "")
+        table.add_row(
+            "★" if c["id"] == best_id else "", c["id"], pipeline_label(c),
+            _f(m.get("accuracy"), 4), _f(m.get("accuracy_drop"), 2),
+            _f(m["size_bytes"] / 1024, 1) if m.get("size_bytes") else "-", _f(lat.get("p50"), 3), _f(lat.get("p90"), 3),
+            energy_text, _status_text(c),
+        )
+    console.print(table)
+
+
+def _status_text(c: dict[str, Any]) -> str:
+    if c["status"] == "rejected":
+        return "no: accuracy (not measured)"
+    if c["status"] != "ok":
+        return f"{c['status']}: " + (c.get("error") or "")[:60]
+    return "yes" if c.get("feasible") else "no"
+
+
+def _f(value: Any, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+class TerminalReporter:
+    """The terminal's view of a run: a plugin fed by the same event hooks as any other (pytest's TerminalReporter).
+
+    A rich progress bar on a terminal, one log line per event otherwise (pipes, CI).
+    """
+
+    def __init__(self) -> None:
+        self.err = Console(stderr=True)
+        self.tty = sys.stderr.isatty()
+        self.progress = None
+        self.bar = None
+        self.done = 0
+        self.total = 0
+        self.best_text = ""
+        self.best_lat = 0.0
+        self.started = time.monotonic()
+
+    def log(self, text: str) -> None:
+        """One time-stamped line above the progress bar (or on stderr)."""
+        stamp = f"[{time.monotonic() - self.started:6.1f}s]"
+        if self.progress is not None:
+            self.progress.console.print(f"{stamp} {text}", highlight=False)
+        else:
+            self.err.print(f"{stamp} {text}", highlight=False, soft_wrap=True)
+
+    @hookimpl
+    def run_started(self, run_id: str, run: dict[str, Any]) -> None:
+        self.total = run["trials"]
+        resumed = f", resuming with {run['resumed']} candidates kept" if run.get("resumed") is not None else ""
+        self.log(f"run {run_id}: {run['space']} candidates in the space, {self.total} trials"
+                 f"{resumed}; output in {run['out']}")
+
+    @hookimpl
+    def devices_chosen(self, devices: dict[str, Any]) -> None:
+        self.log(devices["note"])
+        for skipped in devices.get("unreachable", []):
+            self.log(f"skipped: {skipped['reason']}")
+
+    @hookimpl
+    def base_model_started(self, task: str) -> None:
+        self.log(f"loading the {task} base model (trained on first use, then cached)")
+
+    @hookimpl
+    def base_model_ready(self, accuracy: float, trained_now: bool) -> None:
+        how = "trained now" if trained_now else "from cache"
+        self.log(f"base model ready ({how}), held-out accuracy {accuracy:.4f}; starting Ray")
+        self._start_bar()
+
+    @hookimpl
+    def candidate_measured(self, candidate: dict[str, Any]) -> None:
+        data = candidate
+        self.done += 1
+        m = data.get("metrics") or {}
+        if data["status"] == "ok":
+            lat = (m.get("latency_ms") or {}).get("p50")
+            text = f"acc {m.get('accuracy', 0):.4f}, p50 {lat:.3f} ms, {m.get('size_bytes', 0) / 1024:.0f} KiB"
+            if (data.get("cached") or {}).get("measurement"):
+                text += " (measurement from cache)"
+            emu = data.get("measurement") or {}
+            if emu.get("latency_source"):  # an emulated device: what the p50 is, and what emulation said
+                emulated_p50 = (emu.get("emulated_latency_ms") or {}).get("p50")
+                text += (f" [EMULATED device: p50 {emu['latency_source']}"
+                         f"{', unverified' if emu.get('latency_constraint') == 'unverified' else ''}; "
+                         f"aarch64 check passed; emulated p50 {emulated_p50 or 0:.1f} ms, information only]")
+            if lat is not None and (not self.best_text or lat < self.best_lat):
+                self.best_lat, self.best_text = lat, f"fastest so far {data['id']} {lat:.3f} ms"
+        elif data["status"] == "rejected":
+            text = f"acc {m.get('accuracy', 0):.4f}: {data.get('error')}"
+        else:
+            text = f"FAILED: {data.get('error')}"
+        self.log(f"candidate {self.done}/{self.total} {data['id']} {pipeline_label(data)}: {text}")
+        if self.progress is not None:
+            self.progress.update(self.bar, completed=self.done, description=self.best_text or "searching")
+
+    @hookimpl
+    def final_round_started(self, finalists: list[str], rounds: int) -> None:
+        self.log(f"final round: {', '.join(finalists)} measured again together, up to {rounds} interleaved rounds")
+
+    @hookimpl
+    def run_finished(self) -> None:
+        self.close()
+
+    def _start_bar(self) -> None:
+        if not self.tty:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=self.err, transient=True)
+        self.progress.start()
+        self.bar = self.progress.add_task("searching", total=self.total)
+
+    def close(self) -> None:
+        """Stop the progress bar (idempotent)."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def run_with_progress(profile_path: Path | None, task: str, trials: int | None, out_dir: Path,
+                      ray_address: str | None, fresh: bool = False, resume_id: str | None = None) -> int:
+    """Load the profile and plugins, run (or resume a run), print the front and the pick; returns the exit code."""
+    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.profile import load_profile
+    from orchestrator.run import RunOptions, execute_run, resume_run
+
+    registry = get_plugin_manager()
+    reporter = TerminalReporter()
+    registry.add_plugin(reporter, "terminal-reporter")
+    try:
+        if resume_id is not None:
+            outcome = resume_run(resume_id, registry, fresh=fresh)
+        else:
+            loaded = load_profile(profile_path)
+            outcome = execute_run(loaded, registry, RunOptions(task=task, trials=trials, out_dir=out_dir,
+                                                               ray_address=ray_address, fresh=fresh))
+    finally:
+        reporter.close()
+    console = out_console()
+    results = outcome.results
+    best = results.get("best")
+    if outcome.candidates:
+        console.print("Pareto front of the feasible candidates (★ = pick):" if best else "Candidates:")
+        print_candidates(outcome.candidates, best["id"] if best else None, only_front=bool(best), console=console)
+    if best:
+        m = best["metrics"]
+        console.print(
+            f"picked {best['id']} ({pipeline_label(best)}): accuracy {m['accuracy']:.4f} "
+            f"(drop {m['accuracy_drop']:.2f} pts), p50 {m['latency_ms']['p50']:.3f} ms, {m['size_bytes'] / 1024:.0f} KiB"
+        )
+    decision = results.get("decision") or {}
+    if decision.get("sentence"):
+        console.print(f"final round: {decision['sentence']}", highlight=False)
+    elif decision.get("error"):
+        console.print(f"final round failed ({decision['error']}); the pick rests on the search's measurements")
+    device = results.get("device") or {}
+    if device.get("emulated"):
+        unverified = device.get("latency_constraint") == "unverified"
+        console.print(f"EMULATED device {device.get('name')}: latency {device.get('latency_source', 'emulated')}"
+                      f"{' (unverified: emulation.latency_scale not calibrated)' if unverified else ''}"
+                      "; no real board of the profile measured this run (docs/emulation.md)")
+    console.print(f"wrote {outcome.out_dir}/ (results.json, report.html{', best.onnx' if best else ''})")
+    if outcome.status == "interrupted":
+        reporter.err.print(f"interrupted: {len(outcome.candidates)} candidates kept in run {outcome.run_id}; "
+                           f"go on with: orchestrate --resume {outcome.run_id}")
+        return ExitCode.INTERRUPTED
+    if outcome.error is not None:
+        reporter.err.print(f"error: {outcome.error}", highlight=False)
+        return outcome.error.exit_code
+    return ExitCode.OK

@@ -1,0 +1,214 @@
+"""`orchestrate`: the command line. Errors become one line and a meaningful exit code here, nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import traceback
+from pathlib import Path
+
+import click
+
+from orchestrator.cli.deploy import deploy, rollback  # noqa: E402  (`deploy` and `rollback`: the rollout)
+from orchestrator.cli.devices import devices  # noqa: E402  (the `devices` command group)
+from orchestrator.cli.format import cell, printable
+from orchestrator.errors import ExitCode, OrchestratorError
+
+_SHOW_TRACEBACK = False
+
+#: What `ray.init(address=...)` joins: `auto`, `host:port` or `ray://host:port` (host a name, IPv4 or [IPv6]).
+RAY_ADDRESS = re.compile(r"(?:ray://)?(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+                         r":(?P<port>[0-9]{1,5})")
+
+
+def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Checked before anything is loaded: Ray itself says what is wrong only after the base model was trained."""
+    if value is None or value == "auto":
+        return value
+    match = RAY_ADDRESS.fullmatch(value)
+    if not match or not 1 <= int(match.group("port")) <= 65535:
+        raise click.BadParameter(f"{printable(repr(value))}: give host:port (e.g. 127.0.0.1:6379), "
+                                 "ray://host:port (Ray Client) or auto")
+    return value
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--profile", "profile_path", type=click.Path(path_type=Path), help="Device profile YAML to search for.")
+@click.option("--task", default="digits", show_default=True, help="Task (model + data) from a plugin.")
+@click.option("--trials", type=click.IntRange(min=1), help="Trial budget (default: the profile's search.trials).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Folder for OUT/<run-id>/ (best.onnx, results.json, report.html).")
+@click.option("--ray-address", callback=_ray_address,
+              help="Join an existing Ray cluster (host:port, ray://host:port or auto) instead of starting a local one.")
+@click.option("--fresh", is_flag=True, help="Use no cached stage, accuracy or measurement: build and measure anew.")
+@click.option("--resume", "resume_id", metavar="RUN_ID",
+              help="Go on with a run that stopped (Ctrl-C, crash, kill -9) without repeating its finished trials.")
+@click.option("--traceback", "show_traceback", is_flag=True, help="Show the full stack on errors.")
+@click.option("-v", "--verbose", is_flag=True, help="More log lines.")
+@click.version_option(package_name="edge-orchestrator")
+@click.pass_context
+def cli(ctx: click.Context, profile_path: Path | None, task: str, trials: int | None, out_dir: Path,
+        ray_address: str | None, fresh: bool, resume_id: str | None, show_traceback: bool, verbose: bool) -> None:
+    """Find, measure and pick the best compressed model for a device profile.
+
+    \b
+    orchestrate --profile device_profiles/x86-host.yaml
+    orchestrate --resume RUN_ID
+    orchestrate plugins | runs list | runs show RUN_ID
+    """
+    global _SHOW_TRACEBACK
+    _SHOW_TRACEBACK = show_traceback
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if ctx.invoked_subcommand is not None:
+        if profile_path is not None:
+            raise click.UsageError(f"--profile cannot be used with the {ctx.invoked_subcommand!r} command")
+        return
+    from orchestrator.cli.console import run_with_progress
+
+    if resume_id is not None:
+        if profile_path is not None or trials is not None:
+            raise click.UsageError("--resume goes on with the run's own profile and budget: "
+                                   "drop --profile/--trials")
+        ctx.exit(run_with_progress(None, task, None, out_dir, ray_address, fresh=fresh, resume_id=resume_id))
+    if profile_path is None:
+        click.echo(ctx.get_help())
+        ctx.exit(ExitCode.USAGE)
+    ctx.exit(run_with_progress(profile_path, task, trials, out_dir, ray_address, fresh=fresh))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List installed plugins: name, version, techniques, tasks (broken ones with the reason)."""
+    from dataclasses import asdict
+
+    from orchestrator.plugins import get_plugin_manager
+
+    registry = get_plugin_manager()
+    infos = [asdict(p) for p in registry.plugins.values()]
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    from rich.table import Table
+
+    from orchestrator.cli.console import out_console
+
+    table = Table("plugin", "package", "version", "techniques", "tasks", "hooks", "status")
+    for p in infos:  # every cell escaped: a plugin chose these strings
+        table.add_row(cell(p["name"]), cell(p["package"]), cell(p["version"]),
+                      cell(", ".join(map(str, p["techniques"])) or "-"), cell(", ".join(map(str, p["tasks"])) or "-"),
+                      cell(", ".join(map(str, p["hooks"])) or "-"),
+                      f"[red]broken: {cell(p['error'])}[/red]" if p["error"] else "ok")
+    out_console().print(table)
+
+
+@cli.group()
+def runs() -> None:
+    """Runs in the run store."""
+
+
+@runs.command("list")
+@click.option("--limit", default=20, show_default=True)
+def runs_list(limit: int) -> None:
+    """The newest runs."""
+    import time
+
+    from rich.table import Table
+
+    from orchestrator.cli.console import out_console
+    from orchestrator.paths import store_path
+    from orchestrator.store import RunStore
+
+    table = Table("run", "profile", "task", "status", "candidates", "best", "started")
+    for r in RunStore(store_path()).list_runs(limit):
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"]))
+        table.add_row(r["id"], r["profile"], r["task"], r["status"], str(r["n_candidates"]), r["best_id"] or "-", started)
+    out_console().print(table)
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="The stored run and its candidates as JSON.")
+@click.option("--open", "open_report", is_flag=True, help="Open the run's report.html in the browser.")
+def runs_show(run_id: str, as_json: bool, open_report: bool) -> None:
+    """One run: status, where its files are, and its candidates."""
+    from orchestrator.cli.console import print_candidates
+    from orchestrator.paths import store_path
+    from orchestrator.store import RunStore
+
+    run = RunStore(store_path()).get_run(run_id)
+    if as_json:
+        click.echo(json.dumps(run, indent=2))
+        return
+    if open_report:
+        from pathlib import Path
+
+        from orchestrator.errors import OrchestratorError
+
+        report = Path(run["out_dir"] or "") / "report.html"
+        if not report.is_file():
+            raise OrchestratorError(f"run {run['id']}: no report at {report}")
+        import webbrowser
+
+        # webbrowser.open says whether a browser took the page (click.launch starts xdg-open and says 0 anyway)
+        if not webbrowser.open(report.resolve().as_uri()):
+            raise OrchestratorError(f"no browser could be started (set $BROWSER): open {report} yourself")
+        click.echo(f"opened {report} in the browser")
+        return
+    click.echo(f"run {run['id']}: profile {run['profile']}, task {run['task']}, status {run['status']}")
+    if run["message"]:
+        click.echo(f"  {run['message']}")
+    click.echo(f"  output: {run['out_dir']}")
+    print_candidates(run["candidates"], run["best_id"])
+
+
+@runs.command("compare")
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--json", "as_json", is_flag=True, help="The comparison as JSON.")
+def runs_compare(run_a: str, run_b: str, as_json: bool) -> None:
+    """What changed between two runs: the pick, and every candidate both runs tried."""
+    from orchestrator.cli.compare import compare_runs, print_comparison
+    from orchestrator.paths import store_path
+    from orchestrator.store import RunStore
+
+    store = RunStore(store_path())
+    diff = compare_runs(store.get_run(run_a), store.get_run(run_b))
+    if as_json:
+        click.echo(json.dumps(diff, indent=2))
+    else:
+        print_comparison(diff)
+
+cli.add_command(devices)
+
+cli.add_command(deploy)
+cli.add_command(rollback)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turn errors into one line and an exit code."""
+    try:
+        # standalone_mode=False: click returns ctx.exit()'s code instead of calling sys.exit
+        code = cli.main(args=argv, prog_name="orchestrate", standalone_mode=False)
+        return code if isinstance(code, int) else ExitCode.OK
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return ExitCode.USAGE if isinstance(exc, click.UsageError) else ExitCode.ERROR
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("interrupted", err=True)
+        return ExitCode.INTERRUPTED
+    except OrchestratorError as exc:
+        if _SHOW_TRACEBACK:
+            traceback.print_exc()
+        click.echo(f"error: {printable(exc, keep=chr(10))}", err=True)  # a device's words may be in it
+        return exc.exit_code
+    except Exception as exc:  # a bug: still one line unless asked for the stack
+        if _SHOW_TRACEBACK:
+            traceback.print_exc()
+        click.echo(printable(f"internal error: {type(exc).__name__}: {exc} (run with --traceback for details)"),
+                   err=True)
+        return ExitCode.ERROR

@@ -1,0 +1,268 @@
+"""The selection rule for emulated devices (docs/emulation.md): check on ARM, time natively.
+
+An emulated device (QEMU user mode, orchestrator/emulation/user.py) runs the real aarch64 onnxruntime
+build, but its latencies are not the board's and do not rank candidates like the board would
+(18x to 1700x slower than native, by a factor that depends on the kernels). So a run on an
+emulated device uses `EmulatedDeviceTransport`, which for each candidate:
+
+1. **gates it functionally under emulation**: the model must load and run in the aarch64
+   onnxruntime and give this host's outputs on a fixed, seeded batch of inputs (float models
+   within a relative tolerance, quantized ones with top-1 agreement of at least 0.99); a
+   candidate that fails is a failed measurement, `fails on aarch64 onnxruntime: ...`;
+2. **measures it natively** on this host (`LocalTransport`, the profile's protocol) and scales
+   the latency by the profile's `emulation.latency_scale` (`latency_source: native-scaled`);
+   energy is the profile's power model on that latency;
+3. **keeps the emulated latency as information** (`emulated_latency_ms`), from a short
+   emulated benchmark.
+
+What `bench` returns has the shape of the agent's bench JSON, plus `emulated`, `latency_source`,
+`latency_scale`, `latency_constraint` ("native-scaled" or "unverified" while the scale is 1.0),
+`native_latency_ms`, `emulated_latency_ms` and `parity`.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.devices.base import Device
+from orchestrator.devices.local import LocalTransport
+from orchestrator.emulation.user import QemuUserTransport
+from orchestrator.errors import MeasurementError
+from orchestrator.modelfacts import model_precision
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from orchestrator.profile import Profile
+
+LATENCY_SOURCE = "native-scaled"
+PARITY_SAMPLES = 32  # one emulated fp32 run of the demo CNN takes ~0.3 s per sample on a 2-core host
+PARITY_SEED = 1234
+FLOAT_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}  # max |emulated - host| / max |host|
+MIN_ARGMAX_AGREEMENT = 0.99  # quantized models: ARM and x86 int8 kernels may round differently
+EMULATED_INFO_BUDGET_S = 5.0  # the emulated benchmark is information only: a short one
+
+
+def parity_inputs(model_bytes: bytes, samples: int = PARITY_SAMPLES, seed: int = PARITY_SEED) -> dict[str, np.ndarray]:
+    """Seeded random inputs of the model's input shapes (symbolic batch = `samples`), as the agent makes them."""
+    import onnxruntime as ort
+    from agents.kernel import make_inputs
+
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    return make_inputs(session, samples, seed, [])
+
+
+def host_outputs(model_bytes: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's outputs by name, from this host's onnxruntime (one thread)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, inputs)))
+
+
+def compare_outputs(host: dict[str, np.ndarray], emulated: dict[str, np.ndarray], precision: str) -> dict[str, Any]:
+    """The parity verdict: float models within a relative tolerance, quantized ones by top-1 agreement.
+
+    `relative_diff` is max |emulated - host| / max |host| over every output; `argmax_agreement`
+    is over the first output's last axis (when it has one).
+    """
+    import numpy as np
+
+    missing = sorted(set(host) - set(emulated))
+    if missing:
+        return {"passed": False, "precision": precision, "reason": f"outputs missing under emulation: {missing}"}
+    max_diff, scale = 0.0, 0.0
+    for name, ref in host.items():
+        got = emulated[name]
+        if got.shape != ref.shape:
+            return {"passed": False, "precision": precision,
+                    "reason": f"output {name} has shape {list(got.shape)}, the host's {list(ref.shape)}"}
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        max_diff = max(max_diff, float(np.abs(got64 - ref64).max(initial=0.0)))
+        scale = max(scale, float(np.abs(ref64).max(initial=0.0)))
+    relative = max_diff / scale if scale > 0 else max_diff
+    first = next(iter(host))
+    agreement = None
+    if host[first].ndim >= 2:
+        agreement = float((host[first].argmax(-1) == emulated[first].argmax(-1)).mean())
+    verdict: dict[str, Any] = {"precision": precision, "max_abs_diff": max_diff, "relative_diff": relative,
+                               "argmax_agreement": agreement}
+    if precision == "int8":
+        verdict["rule"] = f"argmax agreement >= {MIN_ARGMAX_AGREEMENT}"
+        ok = agreement is None and relative <= 0.05 or agreement is not None and agreement >= MIN_ARGMAX_AGREEMENT
+        reason = (f"top-1 agreement with the host {agreement:.3f} < {MIN_ARGMAX_AGREEMENT}" if agreement is not None
+                  else f"outputs differ from the host's by {relative:.2%} of their range")
+    else:
+        tolerance = FLOAT_TOLERANCE.get(precision, FLOAT_TOLERANCE["fp32"])
+        verdict["rule"] = f"max |diff| / max |host| <= {tolerance:g}"
+        ok = relative <= tolerance
+        reason = f"outputs differ from the host's by {relative:.2e} of their range (> {tolerance:g}, {precision})"
+    verdict["passed"] = bool(ok)
+    if not ok:
+        verdict["reason"] = reason
+    return verdict
+
+
+def board_energy(profile: Profile, mean_ms: float) -> dict[str, Any]:
+    """Energy per inference on the board from the profile's power model (the agent's formula) and a latency."""
+    p, cores = profile.power, profile.hardware.cores
+    busy = min(profile.runtime.intra_op_threads, cores)
+    dynamic_w = (p.active_watts - p.idle_watts) * busy / cores
+    return {
+        "energy_mj": dynamic_w * mean_ms, "source": "estimated",
+        "method": f"power model: (active {p.active_watts:.3g} W - idle {p.idle_watts:.3g} W) x {busy}/{cores} "
+                  f"busy cores x mean latency ({LATENCY_SOURCE})",
+        "idle_watts": p.idle_watts, "power_watts": p.idle_watts + dynamic_w, "samples": None, "rail": None,
+    }
+
+
+def latency_constraint(profile: Profile) -> str:
+    """'native-scaled' when the profile's latency_scale was calibrated, 'unverified' while it is 1.0."""
+    scale = profile.emulation.latency_scale if profile.emulation else 1.0
+    return "unverified" if scale == 1.0 else LATENCY_SOURCE
+
+
+class EmulatedDeviceTransport:
+    """An emulated device as a run measures on it: parity gate under QEMU, latency native x latency_scale."""
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+        self.emulator = QemuUserTransport.from_device(device)
+        self.native = LocalTransport(Device(name=f"{device.name} (native)", transport="local",
+                                            arch=platform.machine(), pinned_cpu=device.pinned_cpu))
+        self._info: dict[str, Any] | None = None
+
+    def info(self) -> dict[str, Any]:
+        """The emulated board's `info` (asked once), plus this host's CPU, which the latency comes from."""
+        if self._info is None:
+            from agents.info import cpu_model
+
+            self._info = {**self.emulator.info(), "native_arch": platform.machine(), "native_cpu_model": cpu_model()}
+        return self._info
+
+    def run_model(self, model_bytes: bytes, inputs: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
+        """Run a model once under emulation (see `QemuUserTransport.run_model`)."""
+        return self.emulator.run_model(model_bytes, inputs, threads)
+
+    def parity(self, model_bytes: bytes, seed: int = PARITY_SEED) -> dict[str, Any]:
+        """The functional check: this host's outputs against the aarch64 build's, on seeded inputs."""
+        try:
+            precision = model_precision(model_bytes)
+            inputs = parity_inputs(model_bytes, PARITY_SAMPLES, seed)
+            host = host_outputs(model_bytes, inputs)
+        except Exception as exc:  # noqa: BLE001 - the host cannot run it either: a broken model
+            raise MeasurementError(f"device {self.device.name}: the host's onnxruntime cannot run the model: "
+                                   f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
+        try:
+            emulated = self.emulator.run_model(model_bytes, inputs)
+        except MeasurementError as exc:
+            reason = str(exc).removeprefix(f"device {self.device.name}: ")
+            raise MeasurementError(f"device {self.device.name}: fails on aarch64 onnxruntime: {reason}") from None
+        samples = next(iter(inputs.values())).shape[0] if inputs else 0
+        verdict = compare_outputs(host, emulated, precision)
+        verdict.update(inputs=f"seeded random (seed {seed}; no eval data reaches the device)", samples=int(samples))
+        return verdict
+
+    def compare(self, models: list[bytes], profile: Profile) -> dict[str, Any]:
+        """The final round, timed natively like `bench` (each model passed the parity gate in its trial), scaled."""
+        native_profile = profile.model_copy(deep=True)
+        if self.device.pinned_cpu is not None:
+            native_profile.runtime.intra_op_threads = 1
+        result = self.native.compare(models, native_profile)
+        scale = profile.emulation.latency_scale if profile.emulation else 1.0
+        for model in result.get("models", []):
+            model["rounds_ms"] = {k: [v * scale for v in vs] for k, vs in model["rounds_ms"].items()}
+        return {**result, "emulated": True, "latency_source": LATENCY_SOURCE, "latency_scale": scale}
+
+    def bench(self, model_bytes: bytes, profile: Profile) -> dict[str, Any]:
+        """Gate, measure natively, scale; the agent's bench JSON shape plus the emulation keys (module docstring)."""
+        name = self.device.name
+        info = self.info()
+        parity = self.parity(model_bytes, profile.search.seed + PARITY_SEED)
+        if not parity["passed"]:
+            raise MeasurementError(f"device {name}: fails on aarch64 onnxruntime: {parity['reason']}")
+
+        native_profile = profile.model_copy(deep=True)
+        threads = profile.runtime.intra_op_threads
+        # pinned to one core, one thread: more would only queue on that core
+        native_threads = 1 if self.device.pinned_cpu is not None else min(threads, self.emulator.host_cpus or 1)
+        native_profile.runtime.intra_op_threads = native_threads
+        native = self.native.bench(model_bytes, native_profile)
+
+        short = profile.model_copy(deep=True)
+        short.measurement.time_budget_s = min(profile.measurement.time_budget_s, EMULATED_INFO_BUDGET_S)
+        try:
+            emulated = self.emulator.bench(model_bytes, short)
+        except MeasurementError as exc:  # it ran for the parity check: this is the emulator's trouble, say so
+            raise MeasurementError(f"device {name}: the emulated benchmark failed after the parity check passed: "
+                                   f"{str(exc).removeprefix(f'device {name}: ')}") from None
+
+        scale = profile.emulation.latency_scale if profile.emulation else 1.0
+        scaled = {k: (v * scale if k != "cv" else v) for k, v in native["latency_ms"].items()}
+        result = {
+            **native,
+            "latency_ms": scaled,
+            "energy": board_energy(profile, scaled["mean"]),
+            "arch": info.get("arch"),
+            "emulated": True,
+            "qemu_cpu": emulated.get("qemu_cpu"),
+            "qemu_mode": emulated.get("qemu_mode"),
+            "latency_source": LATENCY_SOURCE,
+            "latency_scale": scale,
+            "latency_constraint": latency_constraint(profile),
+            "native_arch": info.get("native_arch"),
+            "native_cpu_model": info.get("native_cpu_model"),
+            "native_latency_ms": native["latency_ms"],
+            "native_protocol": {"threads": native_threads, "profile_threads": threads,
+                                "pinned_cpu": native.get("pinned_cpu")},
+            "emulated_latency_ms": emulated["latency_ms"],
+            "emulated_peak_memory_mb": emulated.get("peak_memory_mb"),
+            "emulated_protocol": {**emulated.get("emulated_protocol", {}), "timed_runs": emulated.get("runs"),
+                                  "time_budget_s": short.measurement.time_budget_s},
+            "parity": parity,
+        }
+        for key in ("qemu_cpu_requested", "emulation_note"):
+            if key in emulated:
+                result[key] = emulated[key]
+        return result
+
+
+def emulated_fallback(profile: Profile, cpus: int, ray_address: str | None = None) -> tuple[Device | None, str]:
+    """The profile's emulated device for a run that has no registered device, and a note; (None, why not) when
+    QEMU or the arm64 sysroot is not available (the run then falls back to this machine).
+
+    The sysroot is built on first use (about a minute) and cached. Like the local fallback, the
+    device measures on the last core (natively and under emulation) while compression keeps to the others.
+    """
+    from orchestrator.emulation.sysroot import SysrootBuildError, build_sysroot
+    from orchestrator.emulation.user import emulated_device_for_profile, qemu_binary
+
+    if profile.emulation is None:
+        return None, f"profile {profile.name!r} has no emulation section"
+    if qemu_binary() is None:
+        return None, "qemu-aarch64-static is not installed (apt-get install qemu-user-static)"
+    built: list[str] = []
+    try:
+        sysroot = build_sysroot(log=built.append)
+        device = emulated_device_for_profile(f"emulated-{profile.name}", profile, sysroot)
+        device.pinned_cpu = cpus - 1 if cpus > 1 and not ray_address else None
+        QemuUserTransport.from_device(device)  # the emulator, the sysroot and the CPU model are all there
+    except (SysrootBuildError, MeasurementError) as exc:
+        return None, str(exc).splitlines()[0]
+    return device, ("; arm64 sysroot " + built[-1]) if built else ""
+
+
+def emulation_note(profile: Profile | None) -> str:
+    """What a run on an emulated device measures where (one sentence for the terminal and results.json)."""
+    emu = profile.emulation if profile is not None else None
+    scale = emu.latency_scale if emu is not None else 1.0
+    latency = (f"this host's native measurement (latency_source: {LATENCY_SOURCE}; emulation.latency_scale is 1.0, "
+               "not calibrated from a board, so the latency constraint is unverified)" if scale == 1.0 else
+               f"this host's native measurement x {scale:g} (latency_source: {LATENCY_SOURCE}, the profile's "
+               "emulation.latency_scale)")
+    return ("EMULATED: each candidate is checked under QEMU (aarch64 onnxruntime, outputs against this host's); "
+            f"its latency is {latency}; the emulated latency is kept as information only")

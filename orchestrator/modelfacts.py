@@ -1,0 +1,22 @@
+"""Facts read from an ONNX model's bytes, shared by the wings (emulation's parity rule, rollout's health check)."""
+
+from __future__ import annotations
+
+#: Op types that make a graph a quantized (int8) one: Q/DQ pairs and the integer kernels.
+QUANTIZED_OPS: frozenset[str] = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+    "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+    "ConvInteger", "MatMulInteger",
+})
+
+
+def model_precision(model_bytes: bytes) -> str:
+    """"int8" if the graph quantizes (Q/DQ or integer ops), "fp16" if it holds float16 weights, else "fp32"."""
+    import onnx  # only when a model is looked at: `orchestrate --help` stays fast
+
+    graph = onnx.load_from_string(model_bytes).graph
+    if any(node.op_type in QUANTIZED_OPS for node in graph.node):
+        return "int8"
+    if any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer):
+        return "fp16"
+    return "fp32"

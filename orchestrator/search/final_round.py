@@ -1,0 +1,185 @@
+"""The final round: the pick is decided on fresh, interleaved measurements, with a stated confidence.
+
+During the search each candidate is measured once, at its own time: on a shared machine two
+measurements of the same model minutes apart differ by tens of percent, and a cached figure
+may come from another day. So after the search the best few feasible candidates on the
+objective (`measurement.finalists`, default 3) and the baseline are measured again, together,
+on one device, in interleaved rounds (A B C base, then B C base A, ...: the order rotates so
+no model always runs first), each round a short block of timed runs per model.
+
+The decision (`decide`):
+
+- Each contender's figure is the median over rounds of its per-round latency percentile (the
+  profile's objective percentile). Ratios between two contenders come with a 95% interval
+  from a paired bootstrap over rounds (rounds are resampled, so both models of a pair keep
+  the conditions they shared).
+- The fastest contender leads. A contender whose interval of "how much slower than the
+  leader" reaches down to `objective.tie_within` (or below) ties with it: its disadvantage is
+  inside the noise. Among the tied, the more accurate wins, then the smaller, then the faster.
+- For an objective other than latency the rounds are information only (speed-ups shown);
+  the pick stays the selection's, decided on deterministic metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from orchestrator.search.selection import metric_value, pipeline_label
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+RULE = ("fastest median over interleaved rounds; a contender whose 95% interval of (its latency / the leader's) "
+        "reaches 1 + tie_within or below ties; ties go to the more accurate, then the smaller, then the faster")
+
+
+def choose_finalists(feasible: list[dict[str, Any]], baseline: dict[str, Any], metric: str, maximize: bool,
+                     count: int) -> list[dict[str, Any]]:
+    """The `count` best feasible candidates on the objective (search measurements), then the baseline."""
+    def key(c: dict[str, Any]) -> tuple[Any, ...]:
+        value = metric_value(c, metric)
+        return (value is None, 0.0 if value is None else (-value if maximize else value), str(c.get("id")))
+
+    others = [c for c in sorted(feasible, key=key) if c is not baseline and c.get("pipeline")]
+    return [*others[:count], baseline]
+
+
+def ratio_interval(faster: np.ndarray, slower: np.ndarray, idx: np.ndarray) -> tuple[float, float, float]:
+    """(median(slower) / median(faster), low, high): a paired bootstrap over rounds, 95%."""
+    point = float(np.median(slower) / np.median(faster))
+    boot = np.median(slower[idx], axis=1) / np.median(faster[idx], axis=1)
+    low, high = np.percentile(boot, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
+    return point, float(low), float(high)
+
+
+def decide(contenders: list[dict[str, Any]], rounds: dict[str, list[float]], baseline_id: str, tie_within: float,
+           decides: bool = True, seed: int = 0) -> dict[str, Any]:
+    """The decision block of results.json from the rounds' latencies (ms per contender id, one per round).
+
+    `contenders` are candidate records (id, metrics with accuracy and size_bytes, pipeline);
+    the baseline is among them. With `decides` False (an objective other than latency) the
+    pick is not chosen here: the block reports the rounds and the leader only.
+    """
+    ids = [c["id"] for c in contenders if len(rounds.get(c["id"], [])) > 0]
+    by_id = {c["id"]: c for c in contenders}
+    n = min(len(rounds[i]) for i in ids)
+    arrays = {i: np.asarray(rounds[i][:n], dtype=float) for i in ids}
+    idx = np.random.default_rng(seed).integers(0, n, size=(RESAMPLES, n))
+    medians = {i: float(np.median(arrays[i])) for i in ids}
+    order = sorted(ids, key=lambda i: medians[i])
+    leader = order[0]
+    tied = [leader]
+    per: dict[str, dict[str, Any]] = {}
+    for i in ids:
+        point, low, high = ratio_interval(arrays[leader], arrays[i], idx) if i != leader else (1.0, 1.0, 1.0)
+        per[i] = {"median_ms": round(medians[i], 6), "rounds_ms": [round(x, 6) for x in arrays[i].tolist()],
+                  "vs_leader": {"ratio": round(point, 4), "low": round(low, 4), "high": round(high, 4)}}
+        if i != leader and low <= 1.0 + tie_within:
+            tied.append(i)
+
+    def tie_break(i: str) -> tuple[float, float, float]:
+        acc = metric_value(by_id[i], "accuracy")
+        size = metric_value(by_id[i], "size_bytes")
+        return (-(acc if acc is not None else -math.inf), size if size is not None else math.inf, medians[i])
+
+    pick = min(tied, key=tie_break) if decides else None
+    shown = pick or leader
+    block: dict[str, Any] = {
+        "decided_by": "final round" if decides else "search measurements (objective is not latency)",
+        "rule": RULE if decides else "the selection's rule; the rounds are shown for information",
+        "tie_within": tie_within,
+        "confidence": CONFIDENCE,
+        "rounds": n,
+        "finalists": [{"id": i, "pipeline": pipeline_label(by_id[i]), **per[i]} for i in order],
+        "leader": leader,
+        "tied_with_leader": [i for i in tied if i != leader],
+        "pick": pick,
+    }
+    if shown != baseline_id and baseline_id in arrays:
+        block["vs_baseline"] = _compare(shown, baseline_id, arrays, idx)
+    others = [i for i in order if i not in (shown, baseline_id)]
+    if others:
+        block["vs_runner_up"] = _compare(shown, others[0], arrays, idx)
+    block["sentence"] = sentence(block, baseline_id)
+    return block
+
+
+def _compare(a: str, b: str, arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, Any]:
+    point, low, high = ratio_interval(arrays[a], arrays[b], idx)
+    return {"other": b, "speedup": round(point, 4), "low": round(low, 4), "high": round(high, 4)}
+
+
+def _x(cmp: dict[str, Any]) -> str:
+    if cmp["speedup"] >= 1:
+        return f"{cmp['speedup']:.2f}x faster than"
+    return f"{1 / cmp['speedup']:.2f}x slower than"
+
+
+def sentence(block: dict[str, Any], baseline_id: str) -> str:
+    """One line for the terminal and the report: who won the final round, by how much, how sure."""
+    who = block["pick"] or block["leader"]
+    pct = int(round(block["confidence"] * 100))
+    if who == baseline_id:
+        text = f"{who} (the baseline) was not measurably beaten in {block['rounds']} interleaved rounds"
+    else:
+        vb = block.get("vs_baseline")
+        text = f"{who} is " + (f"{_x(vb)} the baseline {baseline_id} ({vb['low']:.2f}–{vb['high']:.2f}, {pct}%)"
+                               if vb else "measured without the baseline")
+    ru = block.get("vs_runner_up")
+    if ru:
+        text += f" and {_x(ru)} {ru['other']} ({ru['low']:.2f}–{ru['high']:.2f})"
+    if block["pick"] and block["pick"] != block["leader"]:
+        text += f"; it ties with the fastest, {block['leader']}, within the noise and is more accurate or smaller"
+    text += f" ({block['rounds']} interleaved rounds)"
+    return text
+
+
+def objective_percentile(profile: Any) -> str:
+    """The latency percentile the decision compares: the objective's, else the constraints' (e.g. "p90")."""
+    metric = profile.objective.metric
+    return metric.split("_", 1)[1] if metric.startswith("latency_") else profile.constraints.latency_percentile
+
+
+def run_final_round(records: list[dict[str, Any]], profile: Any, lease: Any, models_dir: Path,
+                    announce: Callable[[list[str], int], None] | None = None) -> dict[str, Any] | None:
+    """Measure the finalists and the baseline afresh on `lease` (a DeviceLease actor) and decide; None if nothing to decide.
+
+    A failure of the final round is not the run's failure: the block then says so and the pick
+    stays the selection's, on the search's measurements.
+    """
+    import ray
+
+    from orchestrator.errors import NoFeasibleCandidate
+    from orchestrator.search.selection import select
+
+    try:
+        selection = select(copy.deepcopy(records), profile)
+    except (ValueError, NoFeasibleCandidate):
+        return None
+    metric = profile.objective.metric
+    finalists = choose_finalists(selection.feasible, selection.baseline, metric,
+                                 profile.objective.goal == "maximize", profile.measurement.finalists)
+    if len(finalists) < 2:
+        return None
+    if announce is not None:
+        announce([c["id"] for c in finalists], profile.measurement.final_rounds)
+    models = [(models_dir / f"{c['model_sha256']}.onnx").read_bytes() for c in finalists]
+    started = time.perf_counter()
+    result = ray.get(lease.compare.remote(models))
+    if "error" in result:
+        return {"decided_by": "search measurements (the final round failed)", "error": result["error"],
+                "device": result.get("device"), "pick": None}
+    pct = objective_percentile(profile)
+    rounds = {c["id"]: m["rounds_ms"][pct] for c, m in zip(finalists, result["models"])}
+    block = decide(finalists, rounds, selection.baseline["id"], profile.objective.tie_within,
+                   decides=metric.startswith("latency_"))
+    block.update(device=result.get("device"), percentile=pct, seconds=round(time.perf_counter() - started, 2),
+                 protocol={k: result.get(k) for k in ("block_runs", "warmup_runs", "threads", "pinned_cpu",
+                                                      "execution_provider", "order")},
+                 **({"emulated": True, "latency_source": result.get("latency_source")} if result.get("emulated") else {}))
+    return block

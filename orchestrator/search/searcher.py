@@ -1,0 +1,261 @@
+"""The searcher: grid search when the whole space fits the trial budget, else Optuna's multi-objective
+sampler through Ray Tune (accuracy up; the profile's metric down). We write no search algorithm of our own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Callable
+
+from orchestrator.search.ray_runtime import Interrupts
+from orchestrator.search.selection import pipeline_label
+from orchestrator.search.space import Candidate
+from orchestrator.search.trial import search_limits, search_objectives, trial_values
+
+log = logging.getLogger(__name__)
+
+# Set before Ray is imported anywhere in this process; workers inherit them.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C reaches us: we close the run ourselves
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray starts its workers at nice 15, and a local device's agent, started by its lease actor,
+# would inherit it: anything else on the machine would then preempt the timed runs.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
+
+class SpaceDefinition:
+    """Optuna define-by-run space: the pipeline first, then only the parameters of its techniques."""
+
+    def __init__(self, labels: dict[str, list[str]], choices: dict[str, list[Any]]) -> None:
+        self.labels, self.choices = labels, choices
+
+    def __call__(self, trial: Any) -> None:
+        label = trial.suggest_categorical("pipeline", list(self.labels))
+        for name in self.labels[label]:
+            for key, values in self.choices.items():
+                if key.startswith(name + "."):
+                    trial.suggest_categorical(key, values)
+
+
+def pipeline_key(pipeline: list[dict[str, Any]]) -> str:
+    """Canonical text of a pipeline: two trials with the same key build the same candidate."""
+    return json.dumps(pipeline, sort_keys=True)
+
+
+def _warm_storage(prior: list[dict[str, Any]], labels: dict[str, list[str]], choices: dict[str, list[Any]],
+                  profile: Any) -> Any:
+    """An in-memory Optuna study holding the trials of an interrupted run as completed trials."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    objectives = search_objectives(profile)
+    limits = search_limits(profile)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME,
+                                directions=["maximize" if d == "max" else "minimize" for _, d in objectives])
+    for record in prior:
+        label = pipeline_label(record) if record.get("pipeline") else "baseline"
+        if label not in labels:
+            continue
+        params: dict[str, Any] = {"pipeline": label}
+        dists: dict[str, Any] = {"pipeline": CategoricalDistribution(list(labels))}
+        for step in record["pipeline"]:
+            for key, value in step["params"].items():
+                name = f"{step['technique']}.{key}"
+                if value in choices.get(name, []):
+                    params[name], dists[name] = value, CategoricalDistribution(choices[name])
+        values = trial_values(record, profile)
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=dists, values=[values[name] for name, _ in objectives],
+            constraints=dict(zip(limits, values["constraints"]))))
+    return storage
+
+
+STUDY_NAME = "edge-orchestrator"
+REPEAT_ASKS = 100  # how often Optuna is asked again when it proposes a configuration it already has
+
+
+def top_quarter(n: int) -> int:
+    """TPE's "good" group: the best quarter of the finished trials (hyperopt's share), at most 25.
+
+    Optuna's default for several objectives is the best 10%: 2-4 trials in a search of tens,
+    too few to model a conditional categorical space. On bench/search_efficiency.py (size
+    objective, 10 sampler seeds) a quarter took the median from 39% of the grid to 26%.
+    """
+    return min(math.ceil(0.25 * n), 25)
+
+
+def point_config(pipeline: Candidate) -> dict[str, Any]:
+    """A pipeline as the flat configuration the Optuna space suggests (`pipeline` label, `technique.param`)."""
+    config: dict[str, Any] = {"pipeline": pipeline_label({"pipeline": pipeline})}
+    for step in pipeline:
+        config.update({f"{step['technique']}.{k}": v for k, v in step["params"].items()})
+    return config
+
+
+def make_searcher(candidates: list[Candidate], trials: int, seed: int, profile: Any,
+                  prior: list[dict[str, Any]] | None = None,
+                  first: list[Candidate] | None = None) -> tuple[Any, dict, int, dict]:
+    """(search_alg, param_space, num_samples, labels): grid when the space fits the budget, else Optuna.
+
+    `candidates` is what is left to try and `trials` how many more to run; `prior` holds the
+    candidates an interrupted run already has, which Optuna is told about as finished trials.
+    Optuna's TPE sampler is multi-objective (`search_objectives`: accuracy and the profile's
+    objective) and knows the profile's device limits as constraints (`search_limits`; trials
+    report them, see `trial_values`; they reach Optuna through `Trial.set_constraint`). It
+    models the parameters of one pipeline jointly (`multivariate`, `group`: the space is
+    conditional on the pipeline), takes the best quarter of the trials as its "good" group
+    (`top_quarter`), and its random start is at most a third of the budget. A
+    configuration Optuna proposes again is not run (see ConstrainedOptunaSearch); should one
+    still come through, it is answered from the caches and not counted (`recording_callback`
+    stops the search once `trials` distinct candidates are in).
+
+    `first` (orchestrator/search/starting.py) are evaluated before anything else, in order:
+    as the head of the grid, or enqueued in Optuna's study (`points_to_evaluate`), whose
+    sampler then learns from them like from any finished trial.
+    """
+    from ray import tune
+
+    labels: dict[str, list[str]] = {}
+    for cand in candidates:
+        labels.setdefault(pipeline_label({"pipeline": cand}), [s["technique"] for s in cand])
+    keys = {pipeline_key(c) for c in candidates}
+    first = [p for p in (first if first is not None else [[]]) if pipeline_key(p) in keys]
+    if len(candidates) <= trials:
+        head = {pipeline_key(p) for p in first}
+        ordered = first + [c for c in candidates if pipeline_key(c) not in head]
+        candidates[:] = ordered  # the trials index this list
+        return None, {"index": tune.grid_search(list(range(len(candidates))))}, 1, labels
+    import warnings
+
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.utils.util import unflatten_dict
+
+    choices: dict[str, list[Any]] = {}
+    for cand in candidates:
+        for step in cand:
+            for key, value in step["params"].items():
+                values = choices.setdefault(f"{step['technique']}.{key}", [])
+                if value not in values:
+                    values.append(value)
+
+    limits = search_limits(profile)
+
+    class ConstrainedOptunaSearch(OptunaSearch):
+        """Ray's OptunaSearch, handing Optuna the constraint values trials report, and asking again on a repeat.
+
+        A categorical space makes TPE propose a configuration it already has, more and more
+        often as it converges. Such a proposal is told to Optuna as pruned (TPE counts pruned
+        trials among the worse ones, so it moves on) and Optuna is asked again, up to
+        REPEAT_ASKS times, before a repeat goes to Tune (then answered from the caches).
+        """
+
+        proposed: set[str] | None = None
+
+        def suggest(self, trial_id: str) -> dict | None:
+            if self.proposed is None:  # a resumed run's finished trials count as proposed
+                done = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                self.proposed = {json.dumps(unflatten_dict(t.params), sort_keys=True) for t in done}
+            for attempt in range(REPEAT_ASKS):
+                config = super().suggest(trial_id)
+                text = json.dumps(config, sort_keys=True)
+                if text not in self.proposed or attempt == REPEAT_ASKS - 1:
+                    break
+                self._ot_study.tell(self._ot_trials.pop(trial_id), state=optuna.trial.TrialState.PRUNED)
+            self.proposed.add(text)
+            return config
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if result and "constraints" in result and trial_id in self._ot_trials:
+                for name, value in zip(limits, result["constraints"]):
+                    self._ot_trials[trial_id].set_constraint(name, value)
+            super().on_trial_complete(trial_id, result, error)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prior = prior or []
+    objectives = search_objectives(profile)
+    with warnings.catch_warnings():  # multivariate and group are marked experimental; gamma deprecated (pyproject)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, gamma=top_quarter,
+                                             n_startup_trials=max(3, min(10, trials // 3)))
+    searcher = ConstrainedOptunaSearch(
+        space=SpaceDefinition(labels, choices),
+        metric=[name for name, _ in objectives],
+        mode=[direction for _, direction in objectives],
+        sampler=sampler,
+        points_to_evaluate=[point_config(p) for p in first] or None,
+        storage=_warm_storage(prior, labels, choices, profile) if prior else None,
+        study_name=STUDY_NAME,
+    )
+    return searcher, {}, 4 * trials + 8, labels
+
+
+def recording_callback(on_candidate: Callable[[dict[str, Any]], None], target: int | None = None,
+                       known: set[str] | None = None, first_id: int = 0,
+                       interrupts: Interrupts | None = None) -> tuple[Any, Any]:
+    """(callback, stopper) for Tune, driver side: every finished trial becomes a stored candidate at once.
+
+    A trial whose pipeline is already known (`known`: an interrupted run's, or an earlier
+    trial's) is not stored again; the stopper ends the search once `target` new distinct
+    candidates are stored. Ids go on from `first_id` (c000, c001, ... in order of completion).
+    With `interrupts`, every Tune step first raises a Ctrl-C that Python dropped.
+    """
+    from ray.tune import Callback
+    from ray.tune.stopper import Stopper
+
+    class _Recorder(Callback):
+        def __init__(self, sink: Callable[[dict[str, Any]], None]) -> None:
+            self.seen: set[int] = set()
+            self.keys: set[str] = set(known or ())
+            self.new = 0
+            self.duplicates = 0
+            self.sink = sink
+            self.interrupts = interrupts
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its run config; the sink (store, console) must not go with it.
+            return {**self.__dict__, "sink": None, "interrupts": None}
+
+        def on_step_begin(self, iteration, trials, **info):  # noqa: D102
+            if self.interrupts is not None:
+                self.interrupts.check()
+
+        def emit(self, index: int, record: dict[str, Any], crashed: bool = False) -> None:
+            if index in self.seen:
+                return
+            self.seen.add(index)
+            if not crashed:
+                key = pipeline_key(record["pipeline"])
+                if key in self.keys:
+                    self.duplicates += 1
+                    return
+                self.keys.add(key)
+            self.sink({"id": f"c{first_id + self.new:03d}", **record})
+            self.new += 1
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: D102
+            self.emit(trials.index(trial), json.loads(result["record"]))
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # noqa: D102
+            self.emit(trials.index(trial), {"pipeline": [], "status": "failed",
+                                            "error": "trial crashed (see the Ray logs)", "metrics": {}}, crashed=True)
+
+    class _Enough(Stopper):
+        def __init__(self, recorder: _Recorder) -> None:
+            self.recorder = recorder
+
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return target is not None and self.recorder.new >= target
+
+    recorder = _Recorder(on_candidate)
+    return recorder, _Enough(recorder)

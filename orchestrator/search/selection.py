@@ -1,0 +1,321 @@
+"""Selection: check each measured candidate against a profile's constraints and pick the best.
+
+A candidate is a plain dict in the shape written to results.json::
+
+    {"id": "c003", "pipeline": [{"technique": "int8-static", "params": {...}}],
+     "status": "ok" | "failed" | "rejected" | "skipped", "error": None | str,
+     "metrics": {"accuracy": 0.986, "size_bytes": 1234, "latency_ms": {"p50": .., "p90": .., "p99": ..},
+                 "peak_memory_mb": 12.5, "energy_mj": 3.1 | None, "energy_source": "estimated" | ...}}
+
+`select` annotates every candidate in place: ``metrics["accuracy_drop"]`` (percentage points against
+the baseline, ok candidates only), ``feasible`` and ``violations``. The baseline is the candidate whose
+pipeline is ``[]`` (the model exported unchanged).
+
+Units: model size limits are in MB, where 1 MB = 1,000,000 bytes (not MiB). A value equal to its
+limit is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.errors import NoFeasibleCandidate
+from orchestrator.profile import Constraints, Profile
+
+Candidate = dict[str, Any]
+Violation = dict[str, Any]
+
+#: Objectives of the Pareto front, as (metric name, "max" | "min").
+DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (
+    ("accuracy", "max"),
+    ("latency_p50", "min"),
+    ("size_bytes", "min"),
+    ("energy_mj", "min"),
+)
+
+#: Bytes in one MB, as used by `max_model_size_mb`.
+BYTES_PER_MB = 1_000_000
+
+_PLAIN_METRICS = ("accuracy", "accuracy_drop", "size_bytes", "peak_memory_mb", "energy_mj")
+_LATENCY_METRICS = {"latency_p50": "p50", "latency_p90": "p90", "latency_p99": "p99"}
+
+# Relative tolerance when comparing a value with its limit, so float noise at the boundary is allowed.
+_REL_TOL = 1e-9
+
+
+def metric_value(candidate: Candidate, name: str) -> float | None:
+    """The value of metric `name` of `candidate` as a float, or None when it was not measured.
+
+    Names: "accuracy", "accuracy_drop", "size_bytes", "peak_memory_mb", "energy_mj", and
+    "latency_p50" / "latency_p90" / "latency_p99" (read from ``metrics["latency_ms"]``).
+    Raises ValueError for any other name.
+    """
+    metrics = candidate.get("metrics") or {}
+    if name in _LATENCY_METRICS:
+        value = (metrics.get("latency_ms") or {}).get(_LATENCY_METRICS[name])
+    elif name in _PLAIN_METRICS:
+        value = metrics.get(name)
+    else:
+        raise ValueError(f"unknown metric {name!r}")
+    return None if value is None else float(value)
+
+
+def accuracy_drop_points(candidate: Candidate, baseline: Candidate) -> float:
+    """Accuracy lost against the baseline, in percentage points: (baseline − candidate) × 100.
+
+    Negative when the candidate is more accurate. Rounded to 9 decimals so that e.g. 0.99 − 0.98
+    gives exactly 1.0. Raises ValueError if either accuracy is missing.
+    """
+    base, acc = metric_value(baseline, "accuracy"), metric_value(candidate, "accuracy")
+    if base is None or acc is None:
+        raise ValueError(f"accuracy not measured for {candidate.get('id') if acc is None else baseline.get('id')}")
+    return round((base - acc) * 100.0, 9)
+
+
+def pipeline_label(candidate: Candidate) -> str:
+    """'baseline' for an empty pipeline, else the technique names joined by '+'."""
+    steps = candidate.get("pipeline") or []
+    return "+".join(step["technique"] for step in steps) if steps else "baseline"
+
+
+# (constraint field, metric, label in messages, unit, scale applied to the metric value)
+def _constraint_specs(constraints: Constraints) -> list[tuple[str, str, str, str, float]]:
+    pct = constraints.latency_percentile
+    return [
+        ("max_latency_ms", f"latency_{pct}", f"latency {pct}", "ms", 1.0),
+        ("max_peak_memory_mb", "peak_memory_mb", "peak memory", "MB", 1.0),
+        ("max_model_size_mb", "size_bytes", "model size", "MB", 1.0 / BYTES_PER_MB),
+        ("max_energy_mj", "energy_mj", "energy", "mJ", 1.0),
+        ("max_accuracy_drop", "accuracy_drop", "accuracy drop", "points", 1.0),
+    ]
+
+
+def constraint_names(constraints: Constraints) -> list[str]:
+    """The constraints a profile sets (a limit that is not None), in a fixed order."""
+    return [spec[0] for spec in _constraint_specs(constraints) if getattr(constraints, spec[0]) is not None]
+
+
+def check_constraints(candidate: Candidate, constraints: Constraints) -> list[Violation]:
+    """One violation dict per constraint of `constraints` that `candidate` breaks.
+
+    Each violation has: "constraint" (the field, e.g. "max_latency_ms"), "metric" (e.g. "latency_p90",
+    following ``constraints.latency_percentile``), "limit" and "value" (both in the constraint's unit:
+    ms, MB with 1 MB = 1,000,000 bytes, mJ, or percentage points), "excess" (value/limit − 1; for
+    max_accuracy_drop with limit 0, the value itself) and a human "message".
+
+    A value equal to its limit is allowed. A constraint whose metric was not measured (None) is a
+    violation with value None and excess inf. "accuracy_drop" must already be in the metrics (`select`
+    fills it).
+    """
+    violations: list[Violation] = []
+    for field_name, metric, label, unit, scale in _constraint_specs(constraints):
+        limit = getattr(constraints, field_name)
+        if limit is None:
+            continue
+        limit = float(limit)
+        raw = metric_value(candidate, metric)
+        if raw is None:
+            violations.append(
+                {
+                    "constraint": field_name,
+                    "metric": metric,
+                    "limit": limit,
+                    "value": None,
+                    "excess": math.inf,
+                    "message": f"{label} not measured (limit {limit:.2f} {unit})",
+                }
+            )
+            continue
+        value = raw * scale
+        if value <= limit or math.isclose(value, limit, rel_tol=_REL_TOL):
+            continue
+        excess = value / limit - 1.0 if limit > 0 else value
+        violations.append(
+            {
+                "constraint": field_name,
+                "metric": metric,
+                "limit": limit,
+                "value": value,
+                "excess": excess,
+                "message": f"{label} {value:.2f} {unit} > {limit:.2f} {unit}",
+            }
+        )
+    return violations
+
+
+def _dominates(a: list[float], b: list[float]) -> bool:
+    """True if `a` is at least as good as `b` everywhere and strictly better somewhere (all 'larger is better')."""
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
+def pareto_front(
+    candidates: list[Candidate], objectives: tuple[tuple[str, str], ...] = DEFAULT_OBJECTIVES
+) -> list[Candidate]:
+    """The candidates that no other candidate dominates, in input order.
+
+    `objectives` is a sequence of (metric name, "max" | "min"). A candidate dominates another when it
+    is at least as good on every objective and strictly better on one. An objective whose value is None
+    for any of `candidates` is left out of the comparison (so unmeasured energy does not break it);
+    candidates that tie on every objective are all on the front.
+    """
+    used = [
+        (name, goal)
+        for name, goal in objectives
+        if all(metric_value(c, name) is not None for c in candidates)
+    ]
+    for _, goal in used:
+        if goal not in ("max", "min"):
+            raise ValueError(f"objective goal must be 'max' or 'min', got {goal!r}")
+    # Orient every objective so that larger is better.
+    points = [
+        [metric_value(c, name) * (1.0 if goal == "max" else -1.0) for name, goal in used]  # type: ignore[operator]
+        for c in candidates
+    ]
+    return [
+        c
+        for i, c in enumerate(candidates)
+        if not any(_dominates(points[j], points[i]) for j in range(len(candidates)) if j != i)
+    ]
+
+
+@dataclass
+class Selection:
+    """The outcome of `select`.
+
+    best: the pick (None when nothing is feasible); baseline: the unchanged model; feasible: the ok
+    candidates that met every constraint; front: the Pareto front of `feasible`; candidates: every
+    candidate, annotated with "feasible" and "violations".
+    """
+
+    best: Candidate | None
+    baseline: Candidate
+    feasible: list[Candidate] = field(default_factory=list)
+    front: list[Candidate] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def _rank_key(candidate: Candidate, metric: str, maximize: bool) -> tuple[Any, ...]:
+    """Sort key, smallest first: objective (unmeasured last), then higher accuracy, smaller size, id."""
+    value = metric_value(candidate, metric)
+    acc = metric_value(candidate, "accuracy")
+    size = metric_value(candidate, "size_bytes")
+    return (
+        value is None,
+        0.0 if value is None else (-value if maximize else value),
+        math.inf if acc is None else -acc,
+        math.inf if size is None else size,
+        str(candidate.get("id", "")),
+    )
+
+
+def _excess_text(violation: Violation) -> str:
+    """' (22% over)', or '' for an unmeasured metric (its message already says so)."""
+    excess = violation["excess"]
+    if math.isinf(excess):
+        return ""
+    if violation["limit"] == 0:
+        return f" ({excess:.2f} points over)"
+    pct = excess * 100.0
+    return f" ({pct:.0f}% over)" if pct >= 1 else f" ({pct:.2g}% over)"
+
+
+def _no_feasible_message(candidates: list[Candidate], profile_name: str) -> str:
+    """Name the ok candidate whose worst violation is smallest, and that violation."""
+    ok = [c for c in candidates if c.get("status") in ("ok", "rejected")]
+    if not ok:
+        return f"no candidate met the profile {profile_name!r}: every candidate failed ({len(candidates)} tried)"
+    closest = min(ok, key=lambda c: (max(v["excess"] for v in c["violations"]), len(c["violations"])))
+    worst = max(closest["violations"], key=lambda v: v["excess"])
+    others = len(closest["violations"]) - 1
+    more = f" and {others} more constraint{'s' if others > 1 else ''}" if others else ""
+    return (
+        f"no candidate met the profile {profile_name!r}; closest: {closest.get('id')} ({pipeline_label(closest)}) "
+        f"broke {worst['constraint']}: {worst['message']}{_excess_text(worst)}{more}"
+    )
+
+
+def select(candidates: list[Candidate], profile: Profile) -> Selection:
+    """Annotate `candidates` in place and pick the best feasible one for `profile`.
+
+    - The baseline is the first candidate whose pipeline is ``[]``; if there is none or it failed,
+      raise ValueError("no successful baseline ...") — that is a run error, not a selection outcome.
+    - Every ok candidate gets ``metrics["accuracy_drop"]`` in points (None if its accuracy is missing).
+    - Every candidate gets "feasible" and "violations"; a failed one gets a single "status" violation.
+    - The front is the Pareto front of the feasible candidates over DEFAULT_OBJECTIVES plus the
+      profile's objective metric (when it is not one of them), so the best value of the objective is
+      always on the front.
+    - The best is the front candidate with the best objective value in its goal's direction; ties go
+      to higher accuracy, then smaller size, then id. With ``objective.tie_within`` above 0, every
+      front candidate whose value is within that share of the best value ties with it.
+
+    Raises NoFeasibleCandidate when no candidate is feasible; its message names the closest ok
+    candidate and the constraint it broke by most, and its ``.selection`` holds the annotated
+    Selection (best None) so results can still be written.
+    """
+    baseline = next((c for c in candidates if c.get("pipeline") == []), None)
+    if baseline is None:
+        raise ValueError("no successful baseline: no candidate has an empty pipeline")
+    if baseline.get("status") != "ok":
+        raise ValueError(f"no successful baseline: baseline {baseline.get('id')} failed: {baseline.get('error')}")
+
+    feasible: list[Candidate] = []
+    for cand in candidates:
+        if cand.get("status") == "rejected":  # scored, refused on accuracy before any measurement
+            metrics = cand.setdefault("metrics", {})
+            metrics["accuracy_drop"] = accuracy_drop_points(cand, baseline)
+            cand["feasible"] = False
+            cand["violations"] = [v for v in check_constraints(cand, profile.constraints)
+                                  if v["constraint"] == "max_accuracy_drop"] or [
+                {"constraint": "status", "metric": None, "limit": None, "value": None, "excess": math.inf,
+                 "message": str(cand.get("error"))}]
+            continue
+        if cand.get("status") != "ok":
+            cand["feasible"] = False
+            cand["violations"] = [
+                {
+                    "constraint": "status",
+                    "metric": None,
+                    "limit": None,
+                    "value": None,
+                    "excess": math.inf,
+                    "message": f"candidate failed: {cand.get('error')}",
+                }
+            ]
+            continue
+        metrics = cand.setdefault("metrics", {})
+        try:
+            metrics["accuracy_drop"] = accuracy_drop_points(cand, baseline)
+        except ValueError:
+            metrics["accuracy_drop"] = None
+        cand["violations"] = check_constraints(cand, profile.constraints)
+        cand["feasible"] = not cand["violations"]
+        if cand["feasible"]:
+            feasible.append(cand)
+
+    metric = profile.objective.metric
+    maximize = profile.objective.goal == "maximize"
+    objectives = DEFAULT_OBJECTIVES
+    if metric not in {name for name, _ in objectives}:
+        objectives = (*objectives, (metric, "max" if maximize else "min"))
+    front = pareto_front(feasible, objectives)
+    best = min(front, key=lambda c: _rank_key(c, metric, maximize)) if front else None
+    tie = profile.objective.tie_within
+    if best is not None and tie > 0:  # within the noise of the best value: the more accurate one wins
+        top = metric_value(best, metric)
+        tied = [c for c in front if (metric_value(c, metric) >= top * (1 - tie) if maximize
+                                     else metric_value(c, metric) <= top * (1 + tie))]
+
+        def tie_break(cand: Candidate) -> tuple[Any, ...]:
+            _, value, neg_accuracy, size, cid = _rank_key(cand, metric, maximize)
+            return neg_accuracy, size, value, cid
+
+        best = min(tied, key=tie_break)
+
+    selection = Selection(best=best, baseline=baseline, feasible=feasible, front=front, candidates=list(candidates))
+    if best is None:
+        error = NoFeasibleCandidate(_no_feasible_message(candidates, profile.name))
+        error.selection = selection  # type: ignore[attr-defined]
+        raise error
+    return selection

@@ -1,0 +1,60 @@
+"""Known-good starting points: what the search evaluates before its sampler explores.
+
+In order: the baseline; each allowed graph-stage technique alone at each of its
+recommendations for the device (cheap: seconds each); each architecture/training technique
+alone at its first recommendation; then the canonical combinations, every such model-changing
+recommendation followed by each graph-stage recommendation (structured pruning + int8,
+distillation + int8). Combinations reuse the trained prefix from the stage cache, so they
+cost a quantization each. The sampler (Optuna's TPE) is then told all of them, through its
+own warm start (`points_to_evaluate` -> `Study.enqueue_trial`), and explores from there.
+
+Only points inside the profile's space are used; a recommendation outside it is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from orchestrator.api import DeviceFacts, Technique
+from orchestrator.errors import TechniqueParamsError
+from orchestrator.search.space import Candidate
+
+
+def _key(pipeline: Candidate) -> str:
+    return json.dumps(pipeline, sort_keys=True)
+
+
+def _steps(technique: Technique, device: DeviceFacts) -> list[dict[str, Any]]:
+    """The technique's recommendations as full pipeline steps (parameters filled and checked)."""
+    steps = []
+    try:
+        recommendations = technique.recommended(device) or []
+    except Exception:  # a plugin's bad advice must not stop the search; it explores without it
+        return []
+    for params in recommendations:
+        try:
+            steps.append({"technique": technique.name, "params": technique.check_params(dict(params))})
+        except TechniqueParamsError:
+            continue
+    return steps
+
+
+def starting_points(techniques: list[Technique], space: list[Candidate], device: DeviceFacts,
+                    max_pipeline_length: int) -> list[Candidate]:
+    """The pipelines to evaluate first, in order, each one inside `space` and none twice."""
+    inside = {_key(c) for c in space}
+    graph = [s for t in techniques if t.stage == "graph" for s in _steps(t, device)]
+    model = [s for t in techniques if t.stage != "graph" for s in _steps(t, device)[:1]]
+    points: list[Candidate] = [[]]
+    points += [[s] for s in graph]
+    points += [[s] for s in model]
+    if max_pipeline_length >= 2:
+        points += [[m, g] for m in model for g in graph]
+    out, seen = [], set()
+    for pipeline in points:
+        key = _key(pipeline)
+        if key in inside and key not in seen:
+            seen.add(key)
+            out.append(pipeline)
+    return out

@@ -1,0 +1,169 @@
+"""The house's shape: no import circles, and the wings import only what docs/architecture.md allows.
+
+The graph is read from the source with `ast` (imports inside functions count too; imports
+under `if TYPE_CHECKING:` do not, they never run), so a circle hidden by a function-local
+import is still a circle here.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LINES = 450
+
+
+def _modules(package: str) -> dict[str, Path]:
+    mods = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return mods
+
+
+def _type_checking_lines(tree: ast.Module) -> set[int]:
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def import_graph(packages: tuple[str, ...] = ("orchestrator", "agents", "plugins")) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (anywhere in the file, except type-checking-only imports)."""
+    mods: dict[str, Path] = {}
+    for package in packages:
+        mods.update(_modules(package))
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text())
+        skip = _type_checking_lines(tree)
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(tree):
+            if getattr(node, "lineno", None) in skip:
+                continue
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            for target in targets:
+                while target and target not in mods:
+                    target = target.rpartition(".")[0]
+                if target and target != mod:
+                    graph[mod].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle, as a list of modules, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def wing(module: str) -> str:
+    """The room a module lives in: `orchestrator.search.trial` -> `orchestrator/search`; top-level modules -> `orchestrator`."""
+    parts = module.split(".")
+    if parts[0] == "orchestrator" and len(parts) > 2:
+        return f"orchestrator/{parts[1]}"
+    if parts[0] == "orchestrator" and len(parts) == 2 and (ROOT / "orchestrator" / parts[1]).is_dir():
+        return f"orchestrator/{parts[1]}"
+    return parts[0]
+
+
+def allowed_imports() -> dict[str, set[str]]:
+    """The table in docs/architecture.md: room -> the rooms it may import."""
+    table: dict[str, set[str]] = {}
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    for line in text.splitlines():
+        m = re.match(r"^\|\s*`([\w/]+)/?`\s*\|.*\|\s*([^|]*)\|\s*$", line)
+        if m:
+            table[m.group(1).rstrip("/")] = set(re.findall(r"`([\w/]+?)/?`", m.group(2)))
+    return table
+
+
+def test_no_import_circle_in_orchestrator_agents_or_plugins():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_circle_between_wings():
+    graph = import_graph()
+    wings: dict[str, set[str]] = {}
+    for mod, targets in graph.items():
+        if wing(mod) == "orchestrator":  # the top (api, run, report, testing) may use every wing
+            continue
+        wings.setdefault(wing(mod), set()).update(wing(t) for t in targets if wing(t) not in (wing(mod), "orchestrator"))
+    cycle = find_cycle(wings)
+    assert cycle is None, "wings import each other in a circle: " + " -> ".join(cycle or [])
+
+
+def test_every_import_between_rooms_is_allowed_by_docs_architecture():
+    table = allowed_imports()
+    graph = import_graph()
+    rooms = {wing(m) for m in graph}
+    assert rooms <= set(table), f"rooms missing from docs/architecture.md: {sorted(rooms - set(table))}"
+    wrong = sorted(
+        f"{mod} imports {target}"
+        for mod, targets in graph.items()
+        for target in targets
+        if wing(target) != wing(mod) and wing(target) not in table[wing(mod)]
+    )
+    assert not wrong, "imports the table in docs/architecture.md does not allow:\n" + "\n".join(wrong)
+
+
+def test_the_allowed_imports_table_names_only_real_rooms():
+    rooms = {wing(m) for m in import_graph()}
+    table = allowed_imports()
+    for room, allowed in table.items():
+        assert allowed <= rooms, f"docs/architecture.md: {room} may import unknown rooms {sorted(allowed - rooms)}"
+
+
+def test_plugins_use_only_the_public_api():
+    graph = import_graph()
+    for mod, targets in graph.items():
+        if mod.startswith("plugins"):
+            outside = {t for t in targets if t.startswith("orchestrator") and t not in ("orchestrator", "orchestrator.api")}
+            assert not outside, f"{mod} imports {sorted(outside)}: plugins use `orchestrator`'s public API only"
+
+
+def test_no_module_is_over_450_lines():
+    long = [f"{p.relative_to(ROOT)} ({n} lines)"
+            for package in ("orchestrator", "agents", "plugins")
+            for p in (ROOT / package).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    assert not long, "split these modules: " + ", ".join(long)

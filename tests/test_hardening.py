@@ -1,0 +1,335 @@
+"""Hardening (issue 16): faults and careless use that must end in one clear line, with nothing lost or exposed.
+
+Real parts throughout: a real OpenSSH server on 127.0.0.1 (tests/helpers/sshd.py), a real local
+Ray, real `orchestrate` processes killed with real signals, real file locks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.cli.main import main
+from orchestrator.devices.registry import DeviceRegistry
+from tests.helpers import ROOT
+from tests.helpers.sshd import Sshd, sshd_missing_reason
+
+X86 = ROOT / "device_profiles" / "x86-host.yaml"
+
+
+# ------------------------------------------------------------------ item 7: the agent zipapp on the device
+
+
+def _info(name: str) -> dict:
+    """The agent's `info` for a registered device, through a new transport (as each command makes one)."""
+    from orchestrator.devices.ssh import SshTransport
+
+    transport = SshTransport(DeviceRegistry().get(name).device())
+    try:
+        return transport.info()
+    finally:
+        transport.close()
+
+
+def test_a_same_size_corrupt_agent_on_the_device_is_replaced(sshd_server, device_profile, register_device):
+    register_device(sshd_server, "loop-zap", device_profile(), "--yes")
+    [agent] = (sshd_server.folder / "devices" / "loop-zap").glob("agent-*.pyz")
+    good = agent.read_bytes()
+    agent.write_bytes(b"\0" * len(good))  # same size, nothing of a zip left
+    assert _info("loop-zap")["arch"] == os.uname().machine
+    [again] = (sshd_server.folder / "devices" / "loop-zap").glob("agent-*.pyz")
+    assert again == agent and again.read_bytes()[:2] == b"PK" and len(again.read_bytes()) == len(good)
+    assert not list(agent.parent.glob("*.part-*"))
+
+
+def test_an_intact_agent_built_by_another_host_is_kept(sshd_server, device_profile, register_device):
+    """Same agent code, other bytes (zip entries carry file times): not sent again."""
+    import io
+    import zipfile
+
+    register_device(sshd_server, "loop-keep", device_profile(), "--yes")
+    [agent] = (sshd_server.folder / "devices" / "loop-keep").glob("agent-*.pyz")
+    rebuilt = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(agent.read_bytes())) as old, zipfile.ZipFile(rebuilt, "w") as new:
+        for item in old.infolist():  # another host: the same files, other times
+            item.date_time = (2001, 2, 3, 4, 5, 6)
+            new.writestr(item, old.read(item.filename))
+    assert len(rebuilt.getvalue()) == agent.stat().st_size
+    agent.write_bytes(rebuilt.getvalue())
+    before = agent.stat()
+    assert _info("loop-keep")["arch"] == os.uname().machine
+    assert agent.stat().st_ino == before.st_ino and agent.read_bytes() == rebuilt.getvalue()
+
+
+# ------------------------------------------------------------------ item 18: a device without SFTP
+
+
+def test_a_device_without_the_sftp_subsystem_is_told_as_such(tmp_path, device_profile, capsys):
+    reason = sshd_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    server = Sshd(tmp_path / "sshd", sftp=False).start()
+    try:
+        code = main(["devices", "register", "no-sftp", "--host", "127.0.0.1", "--port", str(server.port),
+                     "--user", server.user, "--key", str(server.client_key), "--profile", str(device_profile()),
+                     "--python", sys.executable, "--remote-dir", str(server.folder / "devices" / "no-sftp"), "--yes"])
+    finally:
+        server.stop()
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.splitlines() == [(
+        f"error: device 'no-sftp': the SSH server at 127.0.0.1:{server.port} offers no SFTP subsystem, which is "
+        "needed to send the agent and models (enable `Subsystem sftp` in its sshd_config)")]
+    assert DeviceRegistry().list() == []
+
+
+# ------------------------------------------------------------------ items 5 + 19: Ray on loopback, reaped
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on an IPv6 socket
+    return addr.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def _exposed(procs: list[psutil.Process]) -> list[str]:
+    """Every TCP listener or bound UDP socket of these processes that is not on loopback (IPv4 and IPv6)."""
+    bad = []
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="inet")
+            what = f"{proc.pid} {' '.join(proc.cmdline())[:60] or proc.name()}"
+        except psutil.Error:
+            continue
+        for conn in conns:
+            listening = conn.status == psutil.CONN_LISTEN or (conn.type == socket.SOCK_DGRAM and not conn.raddr)
+            if listening and conn.laddr and not _is_loopback(conn.laddr.ip):
+                bad.append(f"{what}: {conn.laddr.ip}:{conn.laddr.port}")
+    return bad
+
+
+def _of_ray_tmp(ray_tmp: Path) -> list[psutil.Process]:
+    """The processes of a run started with RAY_TMPDIR=ray_tmp: by environment, or (Ray's agents write their
+    process title over their environment) by a file open under it; every Ray process logs there."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("RAY_TMPDIR") == str(ray_tmp) or \
+                    any(f.path.startswith(str(ray_tmp)) for f in proc.open_files()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _names(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for proc in procs:
+        try:
+            out.append((proc.cmdline() or [proc.name()])[0].rsplit("/", 1)[-1][:40])
+        except psutil.Error:
+            pass
+    return sorted(out)
+
+
+def test_the_session_ray_listens_on_loopback_only_with_token_auth(ray_local):
+    """The tests' own Ray is started as a run starts it (ray_session): every socket of it on loopback."""
+    me = psutil.Process()
+    family = [me, *me.children(recursive=True)]
+    assert "raylet" in _names(family) and "gcs_server" in _names(family)
+    assert _exposed(family) == []
+    assert {node["NodeManagerAddress"] for node in ray_local.nodes()} == {"127.0.0.1"}
+    raylet = next(p for p in family if _names([p]) == ["raylet"])
+    assert raylet.environ().get("RAY_AUTH_MODE") == "token"  # set explicitly, not Ray's default
+
+
+TINY_TASK = """
+from orchestrator import hookimpl
+from orchestrator.testing import TinyDigitsTask
+
+
+@hookimpl
+def register_tasks(register):
+    register(TinyDigitsTask())
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory) -> dict[str, str]:
+    """The environment of an `orchestrate` process with the tiny-digits task installed (a real distribution:
+    a package and its .dist-info on PYTHONPATH): its base model trains in seconds, not minutes."""
+    folder = tmp_path_factory.mktemp("tiny-task")
+    (folder / "eo_tiny_task").mkdir()
+    (folder / "eo_tiny_task" / "__init__.py").write_text(TINY_TASK)
+    info = folder / "eo_tiny_task-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: eo-tiny-task\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[edge_orchestrator]\ntiny-task = eo_tiny_task\n")
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+@pytest.fixture(scope="module")
+def search_process(state_home, tiny_env):
+    """A real `orchestrate` search in a process of its own, with a private Ray temp folder, measuring."""
+    from orchestrator.paths import store_path
+    from orchestrator.store import RunStore
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="eo-ray-", dir="/tmp"))  # short: Ray's unix sockets live under it
+    out = Path(tempfile.mkdtemp(prefix="eo-runs-"))
+    log = (out / "stderr.txt").open("w")  # a file, not a pipe: nobody reads it while the run goes on
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "--profile", str(X86), "--task", "tiny-digits",
+                             "--trials", "13", "--out", str(out)], cwd=ROOT, env={**tiny_env, "RAY_TMPDIR": str(ray_tmp)},
+                            stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        store = RunStore(store_path())  # made now if this is the session's first run
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            with sqlite3.connect(store.path) as db:
+                row = db.execute("SELECT COUNT(c.id) FROM runs r JOIN candidates c ON c.run_id = r.id "
+                                 "WHERE r.out_dir LIKE ?", (str(out) + "%",)).fetchone()
+            if row and row[0] >= 1:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the run never stored a candidate: {(out / 'stderr.txt').read_text()[-2000:]}")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    yield proc, ray_tmp
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+def test_a_runs_ray_listens_on_loopback_only(search_process):
+    """Item 5: every process of a run (driver, GCS, raylet, workers, lease actors, agents) on loopback only."""
+    _, ray_tmp = search_process
+    family = _of_ray_tmp(ray_tmp)
+    names = _names(family)
+    assert {"gcs_server", "raylet", "ray::RuntimeEnvAgent", "ray::DashboardAgent"} <= set(names), names
+    assert any(n.startswith("ray::DeviceLease") for n in names), names
+    assert _exposed(family) == []
+
+
+def test_nothing_of_a_run_outlives_a_kill_9_by_more_than_10_s(search_process):
+    """Item 19: the driver SIGKILLed mid-search; within 10 s no process of its Ray is left (agents included)."""
+    proc, ray_tmp = search_process
+    assert proc.poll() is None
+    before = _names(_of_ray_tmp(ray_tmp))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _of_ray_tmp(ray_tmp):
+        time.sleep(0.2)
+    left = _of_ray_tmp(ray_tmp)
+    assert left == [], f"left running 10 s after kill -9: {_names(left)} (of {before})"
+
+
+# ------------------------------------------------------------------ item 10: a Ray address where no Ray answers
+
+
+def test_a_ray_address_where_nothing_answers_fails_fast_in_one_line(tmp_path, tiny_env):
+    from orchestrator.paths import store_path
+    from orchestrator.store import RunStore
+
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "--profile", str(X86), "--task", "tiny-digits",
+                           "--trials", "1", "--ray-address", "127.0.0.1:1", "--out", str(tmp_path)], cwd=ROOT,
+                          env=tiny_env, capture_output=True, text=True, timeout=300, check=False)
+    took = time.monotonic() - started
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert err[-1] == "error: cannot join the Ray cluster at 127.0.0.1:1: connection refused", err
+    assert not [line for line in err if "rpc_client" in line or "gcs_client" in line]  # no Ray C++ retries
+    [folder] = tmp_path.iterdir()
+    run = RunStore(store_path()).get_run(folder.name)
+    assert run["status"] == "failed" and run["message"] == "cannot join the Ray cluster at 127.0.0.1:1: connection refused"
+    assert json.loads((folder / "results.json").read_text())["status"] == "failed"
+    assert took < 180  # the base model (cached, or trained now), then at once: it hung over 300 s
+
+
+def test_joining_waits_at_most_about_30_s_for_a_port_that_is_not_ray():
+    """A port that accepts but never speaks Ray's protocol: bounded by Ray's own attempt settings."""
+    code = textwrap.dedent("""
+        import socket, sys, threading, time
+        from orchestrator.search import searcher  # the quiet environment, before Ray
+        from orchestrator.search.ray_runtime import ray_session
+        from orchestrator.errors import OrchestratorError
+        server = socket.create_server(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        threading.Thread(target=lambda: [server.accept() for _ in range(100)], daemon=True).start()
+        started = time.monotonic()
+        try:
+            with ray_session(f"127.0.0.1:{port}"):
+                print("joined?!")
+        except OrchestratorError as exc:
+            print(round(time.monotonic() - started), exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, check=False)
+    took, _, message = proc.stdout.strip().partition(" ")
+    assert message.startswith("cannot join the Ray cluster at 127.0.0.1:"), proc.stdout + proc.stderr[-2000:]
+    assert int(took) <= 40
+
+
+# ------------------------------------------------------------------ item 4: one local core, two runs
+
+
+CHILD_MEASURES = """
+import json, sys, time
+from pathlib import Path
+from orchestrator.devices.base import Device
+from orchestrator.devices.local import LocalTransport
+from orchestrator.profile import Profile
+profile = Profile.model_validate({
+    "name": "lock-test", "hardware": {"arch": "x86_64", "cpu": "test", "cores": 2, "memory_mb": 1024},
+    "objective": {"metric": "latency_p50"},
+    "measurement": {"warmup_runs": 3, "runs": 100000, "time_budget_s": 1.0},
+    "power": {"idle_watts": 1.0, "active_watts": 2.0, "source": "test profile, not a real board"},
+})
+model, go = Path(sys.argv[1]).read_bytes(), Path(sys.argv[2])
+transport = LocalTransport(Device(name="local:lock-test", transport="local", arch="x86_64", pinned_cpu=1))
+while not go.exists():
+    time.sleep(0.005)
+windows = []
+for _ in range(3):
+    result = transport.bench(model, profile)
+    windows.append((result["started_at"], result["finished_at"]))
+print(json.dumps(windows))
+"""
+
+
+def test_two_processes_never_measure_on_the_same_local_core_at_once(tmp_path, eo_tiny_onnx):
+    """Item 4: two runs on one state folder (two real processes) take turns on the pinned core."""
+    model = tmp_path / "tiny.onnx"
+    model.write_bytes(eo_tiny_onnx().SerializeToString())
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD_MEASURES, str(model), str(go)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(3)  # both imported and waiting
+    go.touch()
+    windows = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-2000:]
+        windows += json.loads(out.strip().splitlines()[-1])
+    windows.sort()
+    overlaps = [(a, b) for a, b in itertools.pairwise(windows) if b[0] < a[1]]
+    assert len(windows) == 6 and overlaps == [], "two processes measured on one core at once"
