@@ -10,6 +10,7 @@ import ipaddress
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -216,6 +217,8 @@ def search_process(state_home, tiny_env):
         proc.kill()
         proc.wait()
     log.close()
+    for folder in (ray_tmp, out):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_runs_ray_listens_on_loopback_only(search_process):

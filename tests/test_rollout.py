@@ -537,9 +537,11 @@ def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = 
     pytest.fail(f"timed out waiting for {what}")
 
 
-def _rollout_of(run_id: str) -> dict | None:
+def _new_rollout_of(run_id: str, before: dict | None) -> dict | None:
+    """The newest rollout, if it is of `run_id` and newer than `before` (the newest when the deploy started)."""
     latest = DeploymentStore().latest()
-    return latest if latest and latest["run_id"] == run_id else None
+    fresh = latest and (before is None or latest["id"] != before["id"]) and latest["run_id"] == run_id
+    return latest if fresh else None
 
 
 def test_a_newer_rollout_supersedes_an_unfinished_one_and_resume_does_not_go_back(fleet, runs, capsys):
@@ -547,9 +549,10 @@ def test_a_newer_rollout_supersedes_an_unfinished_one_and_resume_does_not_go_bac
     `deploy --resume` must not put A back over B."""
     f = fleet(2)
     a, b = _sha(runs["a"]), _sha(runs["b"])
+    before = DeploymentStore().latest()
     host = _deploy_process(runs["a"], "--canary", "1")
     try:
-        x = _wait(lambda: _rollout_of(runs["a"]), 60, "rollout A to start", host)
+        x = _wait(lambda: _new_rollout_of(runs["a"], before), 60, "rollout A to start", host)
         canary = x["waves"][0][0]
         _wait(lambda: DeploymentStore().get_rollout(x["id"])["devices"][canary]["state"] == "healthy", 120,
               "the canary wave to end", host)
@@ -588,9 +591,10 @@ def test_a_live_rollout_is_locked_and_a_host_killed_mid_install_is_recorded_righ
     f = fleet(2)
     a, b = _sha(runs["a"]), _sha(runs["b"])
     _deploy(runs["a"], max_parallel=2)
+    before = DeploymentStore().latest()
     host = _deploy_process(runs["b"], "--canary", "1")
     try:
-        y = _wait(lambda: _rollout_of(runs["b"]), 60, "rollout B to start", host)
+        y = _wait(lambda: _new_rollout_of(runs["b"], before), 60, "rollout B to start", host)
         canary = y["waves"][0][0]
         _wait(lambda: _agent_processes(f.disk(canary), "install"), 60, "the canary's install", host)
         assert main(["deploy", "--resume"]) == 1

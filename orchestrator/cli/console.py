@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.api import hookimpl
+from orchestrator.cli.format import cell, printable
 from orchestrator.errors import ExitCode
 from orchestrator.search.selection import pipeline_label
 
@@ -34,7 +35,7 @@ def print_candidates(candidates: list[dict[str, Any]], best_id: str | None, only
         energy = m.get("energy_mj")
         energy_text = "-" if energy is None else f"{energy:.4f}" + (" (est.)" if m.get("energy_source") == "estimated" else "")
         table.add_row(
-            "★" if c["id"] == best_id else "", c["id"], pipeline_label(c),
+            "★" if c["id"] == best_id else "", cell(c["id"]), cell(pipeline_label(c)),
             _f(m.get("accuracy"), 4), _f(m.get("accuracy_drop"), 2),
             _f(m["size_bytes"] / 1024, 1) if m.get("size_bytes") else "-", _f(lat.get("p50"), 3), _f(lat.get("p90"), 3),
             energy_text, _status_text(c),
@@ -46,7 +47,7 @@ def _status_text(c: dict[str, Any]) -> str:
     if c["status"] == "rejected":
         return "no: accuracy (not measured)"
     if c["status"] != "ok":
-        return f"{c['status']}: " + (c.get("error") or "")[:60]
+        return cell(f"{c['status']}: " + (c.get("error") or "")[:60])
     return "yes" if c.get("feasible") else "no"
 
 
@@ -124,7 +125,7 @@ class TerminalReporter:
             text = f"acc {m.get('accuracy', 0):.4f}: {data.get('error')}"
         else:
             text = f"FAILED: {data.get('error')}"
-        self.log(f"candidate {self.done}/{self.total} {data['id']} {pipeline_label(data)}: {text}")
+        self.log(printable(f"candidate {self.done}/{self.total} {data['id']} {pipeline_label(data)}: {text}"))
         if self.progress is not None:
             self.progress.update(self.bar, completed=self.done, description=self.best_text or "searching")
 

@@ -18,7 +18,8 @@ import uuid
 from typing import Any
 
 from orchestrator.devices.registry import RegisteredDevice
-from orchestrator.devices.ssh import SshSession, SshTransport
+from orchestrator.devices.ssh import SshTransport
+from orchestrator.devices.ssh_session import SshSession
 from orchestrator.errors import MeasurementError
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
