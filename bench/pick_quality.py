@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.search_common import X86, SamplerSeed, machine, now, private_home  # noqa: E402
+from bench.search_common import X86, machine, now, private_home  # noqa: E402
+from bench.search_efficiency import SamplerSeed  # noqa: E402
 
 TARGET_SPEEDUP, TARGET_SMALLER, TARGET_DROP, TARGET_NEAR, TARGET_SHARE = 2.5, 3.0, 1.0, 0.10, 0.8
 
