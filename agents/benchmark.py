@@ -196,11 +196,11 @@ def measure(run, args: argparse.Namespace, warnings: list[str], gpu: bool = Fals
 # ------------------------------------------------------------------------------------------ commands
 
 
-def _requested_providers(args: argparse.Namespace) -> list[str]:
+def requested_providers(args: argparse.Namespace) -> list[str]:
     return [p.strip() for p in args.providers.split(",") if p.strip()]
 
 
-def _pin_cpu(cpu: int | None, warnings: list[str]) -> int | None:
+def pin_cpu(cpu: int | None, warnings: list[str]) -> int | None:
     if cpu is None:
         return None
     if not hasattr(os, "sched_setaffinity"):
@@ -213,7 +213,7 @@ def _pin_cpu(cpu: int | None, warnings: list[str]) -> int | None:
     return cpu
 
 
-def _exit_when_stdin_closes() -> None:
+def exit_when_stdin_closes() -> None:
     """Exit at once when stdin reaches end of file.
 
     Over SSH without a terminal, nothing signals the agent when the connection drops or the
@@ -237,7 +237,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     """Benchmark one ONNX model: latency distribution, memory, energy, thermal state."""
     require_ort()
     if args.exit_on_stdin_eof:
-        _exit_when_stdin_closes()
+        exit_when_stdin_closes()
     path = args.model
     if not os.path.isfile(path):
         raise AgentError("model file not found: %s" % path, ExitCode.MODEL_NOT_FOUND)
@@ -247,10 +247,10 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         raise AgentError("--power-active-w must be >= --power-idle-w", ExitCode.USAGE)
 
     warnings = []
-    requested = _requested_providers(args)
+    requested = requested_providers(args)
     saved_affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
-        pinned = _pin_cpu(args.pin_cpu, warnings)  # before the session, so its thread pool inherits it
+        pinned = pin_cpu(args.pin_cpu, warnings)  # before the session, so its thread pool inherits it
         rss_before = current_rss_mb()
         session = create_session(path, args.threads, args.inter_op_threads, requested, warnings)
         feeds = make_inputs(session, args.batch, args.seed, warnings)
@@ -340,7 +340,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
     if not os.path.isfile(args.inputs):
         raise AgentError("inputs file not found: %s" % args.inputs, ExitCode.USAGE)
     warnings = []
-    session = create_session(args.model, args.threads, args.inter_op_threads, _requested_providers(args), warnings)
+    session = create_session(args.model, args.threads, args.inter_op_threads, requested_providers(args), warnings)
     feeds = _load_feeds(args.inputs, session)
     names = [m.name for m in session.get_outputs()]
     t0 = time.perf_counter()

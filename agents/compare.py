@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from agents.benchmark import _exit_when_stdin_closes, _pin_cpu, _requested_providers
+from agents.benchmark import exit_when_stdin_closes, pin_cpu, requested_providers
 from agents.kernel import (
     AgentError,
     ExitCode,
@@ -69,17 +69,17 @@ def cmd_compare(args: argparse.Namespace) -> dict:
     """Interleaved rounds over several models; per model and round the block's latency percentiles."""
     require_ort()
     if args.exit_on_stdin_eof:
-        _exit_when_stdin_closes()
+        exit_when_stdin_closes()
     if len(args.model) < 2:
         raise AgentError("compare needs at least 2 models (--model A --model B)", ExitCode.USAGE)
     for path in args.model:
         if not os.path.isfile(path):
             raise AgentError("model file not found: %s" % path, ExitCode.MODEL_NOT_FOUND)
     warnings: list = []
-    requested = _requested_providers(args)
+    requested = requested_providers(args)
     saved_affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
-        pinned = _pin_cpu(args.pin_cpu, warnings)
+        pinned = pin_cpu(args.pin_cpu, warnings)
         runners = []
         for path in args.model:
             session = create_session(path, args.threads, args.inter_op_threads, requested, warnings)

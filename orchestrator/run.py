@@ -26,7 +26,7 @@ from orchestrator.profile import LoadedProfile, Profile
 from orchestrator.search.selection import pipeline_label
 from orchestrator.search.space import allowed_techniques, enumerate_candidates
 from orchestrator.search.starting import starting_points
-from orchestrator.store import RunStore
+from orchestrator.store import RunStore, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -286,20 +286,8 @@ def resume_run(run_id: str, registry: PluginRegistry,
 
 
 def _alive(pid: int | None, host: str | None) -> bool:
-    """Whether the process that owned a run still runs (only knowable on the same host; elsewhere: assume so)."""
-    import socket
-
-    if not pid:
-        return False
-    if host and host != socket.gethostname():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()
+    """Whether the process that owned a run still runs (this process itself does not count)."""
+    return pid != os.getpid() and process_alive(pid, host)
 
 
 def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, device: dict[str, Any],

@@ -187,3 +187,21 @@ class RunStore:
         run["last_candidate_at"] = max((c["created_at"] for c in cands), default=None)
         run["candidates"] = [json.loads(c["record"]) for c in cands]
         return run
+
+
+def process_alive(pid: int | None, host: str | None) -> bool:
+    """Whether process `pid` on `host` still runs: knowable only on this host; elsewhere assume it does."""
+    import os
+    import socket
+
+    if not pid:
+        return False
+    if host and host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -237,3 +237,10 @@ def test_builtin_recommendations_are_valid_and_follow_the_device(eo_recommendati
     assert eo_recommendations(registry.technique("int8-dynamic"))["x86-64 AVX2"] == []
     prune = eo_recommendations(registry.technique("prune-structured"))
     assert all(p and p[0]["epochs"] >= 1 for p in prune.values())  # never pruning without fine-tuning
+
+
+def test_a_slower_comparison_reads_as_a_slowdown_with_its_interval_inverted() -> None:
+    from orchestrator.search.final_round import _x
+
+    assert _x({"speedup": 1.58, "low": 1.49, "high": 1.66}) == ("1.58x faster than", "1.49–1.66")
+    assert _x({"speedup": 0.9, "low": 0.86, "high": 0.97}) == ("1.11x slower than", "1.03–1.16")

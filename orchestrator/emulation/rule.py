@@ -47,6 +47,7 @@ EMULATED_INFO_BUDGET_S = 5.0  # the emulated benchmark is information only: a sh
 def parity_inputs(model_bytes: bytes, samples: int = PARITY_SAMPLES, seed: int = PARITY_SEED) -> dict[str, np.ndarray]:
     """Seeded random inputs of the model's input shapes (symbolic batch = `samples`), as the agent makes them."""
     import onnxruntime as ort
+
     from agents.kernel import make_inputs
 
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 from orchestrator.devices.registry import registry_path
 from orchestrator.errors import DeployError
-from orchestrator.store import connect, like_prefix
+from orchestrator.store import connect, like_prefix, process_alive
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -95,18 +95,7 @@ def owner_alive(rollout: dict[str, Any], now: float | None = None) -> bool:
     now = time.time() if now is None else now
     if now - (rollout.get("heartbeat_at") or 0) > STALE_S:
         return False
-    if rollout.get("owner_host") != this_host():
-        return True
-    pid = int(rollout["owner_pid"])
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(rollout.get("owner_pid"), rollout.get("owner_host") or this_host())
 
 
 def live_message(rollout: dict[str, Any]) -> str:

@@ -114,10 +114,12 @@ def _compare(a: str, b: str, arrays: dict[str, np.ndarray], idx: np.ndarray) -> 
     return {"other": b, "speedup": round(point, 4), "low": round(low, 4), "high": round(high, 4)}
 
 
-def _x(cmp: dict[str, Any]) -> str:
-    if cmp["speedup"] >= 1:
-        return f"{cmp['speedup']:.2f}x faster than"
-    return f"{1 / cmp['speedup']:.2f}x slower than"
+def _x(cmp: dict[str, Any], pct: int | None = None) -> tuple[str, str]:
+    """('1.58x faster than', '1.49–1.66') or, for a slower one, its slowdown and that interval, inverted."""
+    s, lo, hi = cmp["speedup"], cmp["low"], cmp["high"]
+    if s >= 1:
+        return f"{s:.2f}x faster than", f"{lo:.2f}–{hi:.2f}"
+    return f"{1 / s:.2f}x slower than", f"{1 / hi:.2f}–{1 / lo:.2f}"
 
 
 def sentence(block: dict[str, Any], baseline_id: str) -> str:
@@ -128,11 +130,15 @@ def sentence(block: dict[str, Any], baseline_id: str) -> str:
         text = f"{who} (the baseline) was not measurably beaten in {block['rounds']} interleaved rounds"
     else:
         vb = block.get("vs_baseline")
-        text = f"{who} is " + (f"{_x(vb)} the baseline {baseline_id} ({vb['low']:.2f}–{vb['high']:.2f}, {pct}%)"
-                               if vb else "measured without the baseline")
+        if vb:
+            how, interval = _x(vb)
+            text = f"{who} is {how} the baseline {baseline_id} ({interval}, {pct}%)"
+        else:
+            text = f"{who} is measured without the baseline"
     ru = block.get("vs_runner_up")
     if ru:
-        text += f" and {_x(ru)} {ru['other']} ({ru['low']:.2f}–{ru['high']:.2f})"
+        how, interval = _x(ru)
+        text += f" and {how} {ru['other']} ({interval})"
     if block["pick"] and block["pick"] != block["leader"]:
         text += f"; it ties with the fastest, {block['leader']}, within the noise and is more accurate or smaller"
     text += f" ({block['rounds']} interleaved rounds)"
@@ -178,6 +184,8 @@ def run_final_round(records: list[dict[str, Any]], profile: Any, lease: Any, mod
     rounds = {c["id"]: m["rounds_ms"][pct] for c, m in zip(finalists, result["models"])}
     block = decide(finalists, rounds, selection.baseline["id"], profile.objective.tie_within,
                    decides=metric.startswith("latency_"))
+    if result.get("emulated"):  # the rounds were timed natively and scaled: say so wherever the sentence goes
+        block["sentence"] += f" [EMULATED device: latency {result.get('latency_source')}]"
     block.update(device=result.get("device"), percentile=pct, seconds=round(time.perf_counter() - started, 2),
                  protocol={k: result.get(k) for k in ("block_runs", "warmup_runs", "threads", "pinned_cpu",
                                                       "execution_provider", "order")},
