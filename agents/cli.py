@@ -15,7 +15,7 @@ import sys
 from agents import compare, deploy
 from agents.benchmark import NOISY_CV, STABLE_WINDOW, cmd_bench, cmd_run
 from agents.info import cmd_info, cmd_sha256
-from agents.kernel import SCHEMA_VERSION, AgentError, ExitCode, bounded, one_line
+from agents.kernel import SCHEMA_VERSION, AgentError, ExitCode, bounded, one_line, parse_axes
 
 COMMANDS = {"info": cmd_info, "bench": cmd_bench, "run": cmd_run, "sha256": cmd_sha256,
             "compare": compare.cmd_compare, **deploy.COMMANDS}
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--power-cores", type=bounded(int, 1), default=None,
                    help="power model: cores behind --power-active-w (default: this device's cores)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    b.add_argument("--axes", type=parse_axes, default={}, metavar="NAME=SIZE,...",
+                   help="sizes of named dynamic axes (e.g. sequence=128); others are timed at 1")
     b.add_argument("--exit-on-stdin-eof", action="store_true",
                    help="stop at once when stdin closes (the host's SSH connection is gone)")
     compare.add_parser(sub)

@@ -25,6 +25,7 @@ from agents.kernel import (
     file_sha256,
     make_inputs,
     one_line,
+    parse_axes,
     require_ort,
 )
 
@@ -48,6 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--batch", type=bounded(int, 1), default=1, help="size of symbolic batch dimensions")
     c.add_argument("--pin-cpu", type=bounded(int, 0), default=None, help="pin the process to this CPU")
     c.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    c.add_argument("--axes", type=parse_axes, default={}, metavar="NAME=SIZE,...",
+                   help="sizes of named dynamic axes (e.g. sequence=128); others are timed at 1")
     c.add_argument("--exit-on-stdin-eof", action="store_true",
                    help="stop at once when stdin closes (the host's SSH connection is gone)")
 
@@ -83,7 +86,7 @@ def cmd_compare(args: argparse.Namespace) -> dict:
         runners = []
         for path in args.model:
             session = create_session(path, args.threads, args.inter_op_threads, requested, warnings)
-            feeds = make_inputs(session, args.batch, args.seed, warnings)
+            feeds = make_inputs(session, args.batch, args.seed, warnings, args.axes)
             runners.append((session, (lambda s=session, f=feeds: s.run(None, f))))
         try:
             for _, run in runners:

@@ -123,8 +123,22 @@ def input_dtype(meta):
     return dtype
 
 
-def make_inputs(session, batch: int, seed: int, warnings: list) -> dict:
-    """Random feeds for every model input: symbolic dims -> batch (first dim) or 1, dtype from metadata."""
+def parse_axes(text: str) -> dict:
+    """``sequence=128,x:2=48`` -> {"sequence": 128, "x:2": 48} (argparse type of ``--axes``): a dynamic axis by
+    its name in the model, or an unnamed one as INPUT:AXIS."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, size = part.partition("=")
+        if not sep or not name.strip() or not size.strip().isdigit() or int(size) < 1:
+            raise argparse.ArgumentTypeError("give NAME=SIZE[,NAME=SIZE...] with sizes >= 1, got %r" % text)
+        out[name.strip()] = int(size)
+    return out
+
+
+def make_inputs(session, batch: int, seed: int, warnings: list, axes: dict = None) -> dict:
+    """Random feeds for every model input, dtype from metadata: the first symbolic dim -> batch, a symbolic
+    dim named in `axes` -> its size there (a sequence length, say), any other symbolic dim -> 1 (warned)."""
+    axes = axes or {}
     rng = np.random.default_rng(seed)
     feeds = {}
     for meta in session.get_inputs():
@@ -135,8 +149,17 @@ def make_inputs(session, batch: int, seed: int, warnings: list) -> dict:
                     warnings.append("input %s has a fixed batch dimension %d; --batch %d ignored"
                                     % (meta.name, dim, batch))
                 shape.append(dim)
+            elif i == 0:
+                shape.append(batch)
+            elif "%s:%d" % (meta.name, i) in axes:  # an unnamed dynamic axis, by input and position
+                shape.append(axes["%s:%d" % (meta.name, i)])
+            elif dim in axes:
+                shape.append(axes[dim])
             else:
-                shape.append(batch if i == 0 else 1)
+                if axes or isinstance(dim, str):
+                    warnings.append("input %s: dynamic axis %s timed at size 1 (give --axes %s=SIZE)"
+                                    % (meta.name, dim, dim))
+                shape.append(1)
         feeds[meta.name] = random_array(rng, shape, input_dtype(meta))
     return feeds
 

@@ -12,6 +12,7 @@ from orchestrator.api import (
     Task,
     Technique,
     TechniqueContext,
+    TensorSpec,
     choice,
     distillation_loss,
     hookimpl,
@@ -23,5 +24,5 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["Choice", "Dataset", "DeviceFacts", "Task", "Technique", "TechniqueContext", "TechniqueParamsError",
+__all__ = ["Choice", "Dataset", "DeviceFacts", "Task", "Technique", "TechniqueContext", "TechniqueParamsError", "TensorSpec",
            "choice", "distillation_loss", "hookimpl", "__version__"]

@@ -171,15 +171,48 @@ class DeviceFacts:
         return bool(self.providers) and self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named model input or output: numpy dtype name and full shape, dynamic axes named.
+
+    `shape` includes the batch axis: ("batch", 1, 32, 32) for an image, ("batch", "sequence")
+    for token ids (dtype "int64"). A string is a dynamic axis: the export keeps it dynamic,
+    and the device measures at the size the profile gives it (`model.axes`; batch: the
+    measurement's batch size).
+    """
+
+    name: str
+    dtype: str = "float32"
+    shape: tuple[int | str, ...] = ("batch",)
+
+    def dynamic_axes(self) -> dict[int, str]:
+        """{axis index: name} of the dynamic axes (torch.onnx.export's `dynamic_axes` entry)."""
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
 @dataclass
 class Dataset:
-    """Arrays of inputs (N, C, H, W float32) and integer labels (N,), as numpy."""
+    """Inputs and what the metric compares outputs with, as numpy.
+
+    `inputs`: one array (a single-input model: (N, ...)) or {input name: array (N, ...)} for a
+    model with several inputs (token ids and attention mask, say). `labels`: the task's labels
+    (N,), or, for a model brought without labels, the fp32 model's own outputs on these inputs
+    (a list of arrays, one per output), which the quality is agreement with.
+    """
 
     inputs: Any
     labels: Any
 
     def __len__(self) -> int:
-        return len(self.labels)
+        if isinstance(self.inputs, dict):
+            return len(next(iter(self.inputs.values())))
+        return len(self.inputs)
+
+    def rows(self, start: int, stop: int) -> Any:
+        """Inputs of rows [start, stop): an array, or a dict of arrays."""
+        if isinstance(self.inputs, dict):
+            return {name: array[start:stop] for name, array in self.inputs.items()}
+        return self.inputs[start:stop]
 
 
 class Task:
@@ -195,8 +228,34 @@ class Task:
     description: ClassVar[str] = ""
     input_name: ClassVar[str] = "input"
     input_shape: ClassVar[tuple[int, ...]] = ()  # without the batch dimension
+    #: Named, typed inputs and outputs (added in 0.3). Empty: one float32 input `input_name` of
+    #: `input_shape` (plus the batch axis), one output `logits`.
+    inputs: ClassVar[tuple[TensorSpec, ...]] = ()
+    outputs: ClassVar[tuple[TensorSpec, ...]] = ()
+    #: What `metric` measures, as results.json and the report name it ("accuracy", "cosine", ...).
+    quality_metric: ClassVar[str] = "accuracy"
+    #: True: `build()` returns the trained (pretrained) model as it is; nothing is trained or cached.
+    pretrained: ClassVar[bool] = False
     default_arch: ClassVar[dict[str, Any]] = {}
     train_epochs: ClassVar[int] = 1
+
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        """The model's inputs, in the order its forward() takes them."""
+        return self.inputs or (TensorSpec(self.input_name, "float32", ("batch", *self.input_shape)),)
+
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        """The model's outputs, in the order its forward() returns them (the first is scored by `metric`)."""
+        return self.outputs or (TensorSpec("logits", "float32", ("batch", "classes")),)
+
+    def feeds(self, rows: Any) -> dict[str, Any]:
+        """{input name: array} for `Dataset.rows(...)` (one array for a single-input task)."""
+        if isinstance(rows, dict):
+            return dict(rows)
+        return {self.input_specs()[0].name: rows}
+
+    def score(self, outputs: list[Any], labels: Any) -> float:
+        """The quality of a model's outputs (a list, one array per output) on a dataset; default: `metric` on the first."""
+        return self.metric(outputs[0], labels)
 
     def build(self, arch: dict[str, Any] | None = None) -> Any:
         """An untrained torch.nn.Module of this family."""
@@ -255,9 +314,13 @@ class TechniqueContext:
             self.fine_tune_seconds += time.perf_counter() - start
 
     def calibration_batches(self, limit: int) -> list[Any]:
-        """Up to `limit` single-sample float32 input batches from the calibration split."""
-        inputs = self.data["calibration"].inputs[:limit]
-        return [inputs[i : i + 1] for i in range(len(inputs))]
+        """Up to `limit` single-sample input batches from the calibration split (arrays, or dicts by input name)."""
+        data = self.data["calibration"]
+        return [data.rows(i, i + 1) for i in range(min(limit, len(data)))]
+
+    def calibration_feeds(self, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` single-sample feeds {input name: array} from the calibration split (for onnxruntime)."""
+        return [self.task.feeds(rows) for rows in self.calibration_batches(limit)]
 
 
 def distillation_loss(student_logits: Any, teacher_logits: Any, labels: Any, temperature: float = 4.0,

@@ -55,6 +55,10 @@ class DeviceUnreachable(OrchestratorError):
     exit_code = ExitCode.NO_DEVICE_REACHABLE
 
 
+class BaselineError(OrchestratorError):
+    """The base model cannot be loaded, exported or evaluated: the run stops before any trial."""
+
+
 class MeasurementError(OrchestratorError):
     """The agent could not measure a candidate on a device (the candidate fails, the run goes on)."""
 

@@ -1,8 +1,8 @@
 """Device profiles: one YAML file per class of device, validated with pydantic.
 
 A bad profile is reported as one line, `FILE:LINE: field.path: message`, where
-LINE is the line of the offending field in the YAML file. `read_yaml` and
-`validation_message` do the same for the other YAML files we read (inventories).
+LINE is the line of the offending field in the YAML file (orchestrator/yamlfile.py, which the
+other YAML files we read, inventories, share).
 """
 
 from __future__ import annotations
@@ -10,18 +10,22 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from orchestrator.errors import OrchestratorError, ProfileError
-
-#: A profile (or inventory) file larger than this is refused before it is read: real ones are a few KB,
-#: and parsing 20 MB of YAML takes a minute.
-MAX_YAML_BYTES = 1024 * 1024
-#: Values a YAML file may hold once its aliases are expanded (`*a` repeated: a "billion laughs").
-MAX_YAML_VALUES = 200_000
+from orchestrator.errors import ProfileError
+from orchestrator.yamlfile import (  # noqa: F401  (re-exported: inventories read YAML the same way)
+    MAX_YAML_BYTES,
+    MAX_YAML_VALUES,
+    YamlFile,
+    _dotted,
+    _line_of,
+    dotted,
+    line_of,
+    read_yaml,
+    validation_message,
+)
 
 #: onnxruntime's execution provider names (`onnxruntime.get_all_providers()` across releases). Kept here
 #: because the host need not have the device's onnxruntime build; a name not in this list is a typo.
@@ -156,6 +160,11 @@ class Search(_Strict):
         default=1, ge=1,
         description="measure each candidate on this many devices of the profile at once and take the medians "
                     "(1: the devices share the candidates out, for throughput)")
+    params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="technique parameters, {technique: {param: value or [values]}}: a value fixes the parameter, "
+                    "a list restricts a searched one to those values (checked against the installed techniques "
+                    "when the search space is built: orchestrator/search/space.py)")
 
 
 class Measurement(_Strict):
@@ -177,6 +186,31 @@ class Measurement(_Strict):
         description="interleaved rounds of the final round (A B C base, B C base A, ...); the pick is decided on them")
     final_time_budget_s: float = Field(
         default=20.0, gt=0, description="the final round stops after this long (at least 3 rounds are always run)")
+    axes: dict[str, int] = Field(
+        default_factory=dict,
+        description="sizes of the model's named dynamic axes (batch aside) the agent times it at; filled from the "
+                    "model's samples when absent")
+
+
+class ModelSection(_Strict):
+    """The model to optimise when it is not a task plugin's: the same as `--model`/`--inputs` (docs: README)."""
+
+    source: str = Field(description="an .onnx file, a Hugging Face model folder, or package.module:factory; "
+                                    "a relative path is read from the profile's folder")
+    inputs: str | None = Field(default=None, description="an .npz of representative inputs (and optionally labels)")
+    quality: Literal["auto", "top1", "cosine", "relative_error", "labels"] = Field(
+        default="auto", description="how quality is scored: the task metric on `labels`, or agreement with the fp32 "
+                                    "model's outputs (auto: labels if given, top1 for classifier logits, else cosine)")
+    axes: dict[str, int] = Field(default_factory=dict,
+                                 description="sizes of named dynamic axes to measure at, e.g. {sequence: 128}")
+
+    @field_validator("axes")
+    @classmethod
+    def _positive_axes(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, size in value.items():
+            if size <= 0:
+                raise ValueError(f"axis {name!r} must be a positive size, got {size}")
+        return value
 
 
 class Emulation(_Strict):
@@ -220,6 +254,8 @@ class Profile(_Strict):
     measurement: Measurement = Field(default_factory=Measurement)
     emulation: Emulation | None = None
     power: PowerModel
+    model: ModelSection | None = Field(default=None, description="a model of your own instead of a task plugin's")
+    task: str | None = Field(default=None, description="the task plugin to run (the command line's --task wins)")
     fallback_device: Literal["local", "emulated", "none"] = Field(
         default="local",
         description="what measures when no device of the profile is registered: this machine ('local'), the "
@@ -252,169 +288,6 @@ class LoadedProfile(BaseModel):
     def error(self, loc: tuple[str | int, ...], message: str) -> ProfileError:
         """A ProfileError shaped `FILE:LINE: field.path: message`."""
         return ProfileError(f"{self.path}:{self.line_of(loc)}: {_dotted(loc)}: {message}")
-
-
-def _dotted(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def dotted(loc: tuple[str | int, ...]) -> str:
-    """A pydantic error location as `field.path[0].name` (`(top level)` when empty)."""
-    return _dotted(loc)
-
-
-def _line_of(node: Any, loc: tuple[str | int, ...]) -> int:
-    line = node.start_mark.line + 1 if node is not None else 1
-    for part in loc:
-        child = None
-        if isinstance(node, yaml.MappingNode):
-            for key, value in reversed(node.value):  # merged (`<<`) keys come first, the file's own win
-                if key.value == str(part):
-                    line = key.start_mark.line + 1
-                    child = value
-                    break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            child = node.value[part]
-            line = child.start_mark.line + 1
-        if child is None:
-            break
-        node = child
-    return line
-
-
-def line_of(node: Any, loc: tuple[str | int, ...]) -> int:
-    """The 1-based line of the field at `loc` in a YAML node tree (or of its nearest parent that exists)."""
-    return _line_of(node, loc)
-
-
-class YamlFile(NamedTuple):
-    """A YAML file read once: its text, its node tree (for line numbers) and its data."""
-
-    text: str
-    node: Any
-    data: Any
-
-
-def read_yaml(path: Path, what: str = "profile", error: type[OrchestratorError] = ProfileError,
-              max_bytes: int = MAX_YAML_BYTES) -> YamlFile:
-    """Read one YAML document, parsing it once; every problem is `error("FILE[:LINE]: ...: message")`.
-
-    Refused: a file over `max_bytes` (before it is read), one that is not UTF-8 text, bad YAML,
-    a key given twice in one mapping, an alias inside its own anchor, and aliases that expand
-    to more than MAX_YAML_VALUES values.
-    """
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise error(f"{path}: {size} bytes: a {what} file is at most {max_bytes // 1024} KB")
-        with path.open("rb") as f:
-            raw = f.read(max_bytes + 1)  # not the size stat gave: a pipe or a device has none
-    except FileNotFoundError:
-        raise error(f"{path}: {what} not found") from None
-    except OSError as exc:
-        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
-    if len(raw) > max_bytes:
-        raise error(f"{path}: over {max_bytes} bytes: a {what} file is at most {max_bytes // 1024} KB")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise error(f"{path}:{line}: (YAML): not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}), "
-                    f"({what} files are UTF-8 YAML)") from None
-    loader = None
-    try:
-        loader = yaml.SafeLoader(text)  # its reader already refuses control characters
-        node = loader.get_single_node()
-        if node is not None:
-            _check_nodes(node, path, error)
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        position = getattr(exc, "position", None)  # ReaderError (bad characters) has no mark
-        line = mark.line + 1 if mark else (text.count("\n", 0, position) + 1 if position is not None else 1)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise error(f"{path}:{line}: (YAML): {problem}") from None
-    except RecursionError:
-        raise error(f"{path}:1: (YAML): nested too deeply") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    return YamlFile(text, node, data)
-
-
-def _check_nodes(root: Any, path: Path, error: type[OrchestratorError]) -> None:
-    """Duplicate keys, recursive aliases and alias bombs, in one walk that visits each node once."""
-    expanded: dict[int, int] = {}  # node id -> how many values it stands for, aliases expanded (nodes done)
-    on_path: set[int] = set()  # the node being walked and its parents
-    stack: list[tuple[Any, tuple[str | int, ...], bool]] = [(root, (), False)]
-    while stack:
-        node, loc, done = stack.pop()
-        children = _children(node)
-        if done:
-            on_path.discard(id(node))
-            expanded[id(node)] = 1 + sum(expanded[id(child)] for _, child in children)
-            continue
-        if id(node) in expanded:
-            continue  # an alias of a node already checked
-        if id(node) in on_path:  # the alias's own line: the node's start is its anchor's
-            raise error(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: an alias inside its own anchor "
-                        "(a recursive YAML structure)")
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[tuple[str, str], int] = {}
-            for key, _ in node.value:
-                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
-                    continue
-                if (key.tag, key.value) in seen:
-                    raise error(f"{path}:{key.start_mark.line + 1}: {_dotted((*loc, key.value))}: duplicate key "
-                                f"(first on line {seen[key.tag, key.value]})")
-                seen[key.tag, key.value] = key.start_mark.line + 1
-        on_path.add(id(node))
-        stack.append((node, loc, True))
-        stack.extend((child, (*loc, part), False) for part, child in reversed(children))
-    if expanded[id(root)] > max(MAX_YAML_VALUES, 2 * len(expanded)):  # aliases, not the file size, made it big
-        loc, count = (), expanded[id(root)]
-        if _children(root):  # name the biggest top-level field
-            part, child = max(_children(root), key=lambda pc: expanded[id(pc[1])])
-            loc, count = (part,), expanded[id(child)]
-        raise error(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: its aliases expand to {count} values "
-                    f"(at most {MAX_YAML_VALUES})")
-
-
-def _children(node: Any) -> list[tuple[str | int, Any]]:
-    # keys are left out: a key that is not a scalar cannot be constructed anyway (unhashable)
-    if isinstance(node, yaml.MappingNode):
-        return [(key.value if isinstance(key, yaml.ScalarNode) else "?", value) for key, value in node.value]
-    if isinstance(node, yaml.SequenceNode):
-        return list(enumerate(node.value))
-    return []
-
-
-def validation_message(path: Path, node: Any, exc: ValidationError) -> str:
-    """The first pydantic error as `FILE:LINE: field.path: message`, counting the others."""
-    first = exc.errors()[0]
-    loc = tuple(first["loc"])
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown field"
-    elif first["type"] == "missing":
-        message = "field required"
-    elif first["type"] == "value_error":
-        message = message.removeprefix("Value error, ")
-    elif first["type"] in ("model_type", "dict_type", "list_type"):
-        wanted = "a list" if first["type"] == "list_type" else "a mapping"
-        message = f"expected {wanted}, got {_yaml_kind(first.get('input'))}"
-    more = len(exc.errors()) - 1
-    suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    return f"{path}:{_line_of(node, loc)}: {_dotted(loc)}: {message}{suffix}"
-
-
-def _yaml_kind(value: Any) -> str:
-    kinds = {dict: "a mapping", list: "a list", str: "a string", bool: "true/false", int: "a number",
-             float: "a number", type(None): "nothing"}
-    return kinds.get(type(value), type(value).__name__)
 
 
 def load_profile(path: str | Path) -> LoadedProfile:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from agents.kernel import file_sha256
 from orchestrator.devices.base import Device
 from orchestrator.devices.registry import registry_path
-from orchestrator.errors import NoFeasibleCandidate, OrchestratorError
+from orchestrator.errors import BaselineError, NoFeasibleCandidate, OrchestratorError
 from orchestrator.fleet.choice import choose_devices, describe_devices, device_facts
 from orchestrator.fleet.lease import DeviceLease, LeasePool
 from orchestrator.paths import cache_dir, store_path
@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 class RunOptions:
     """What the command line asked for."""
 
-    task: str = "digits"
+    task: str | None = None  # a task plugin's name; None: the profile's `task`, else "digits"
+    model: str | None = None  # a model of your own (orchestrator/ownmodel.py); None: the profile's `model`
+    inputs: str | None = None  # its samples (.npz)
     trials: int | None = None
     out_dir: Path = Path("runs")
     ray_address: str | None = None
@@ -80,9 +82,13 @@ def execute_run(
     from orchestrator.search.basemodel import get_base_model
     from orchestrator.search.searcher import pipeline_key
 
+    from orchestrator.cachelimit import cache_limit
+
+    cache_limit()  # a bad EDGE_ORCHESTRATOR_CACHE_MAX is refused now, not at the run's end
     profile = loaded.profile
     techniques = allowed_techniques(loaded, registry)
-    task = registry.task(options.task)
+    task = resolve_task(loaded, registry, options)
+    refuse_torch_stages(loaded, techniques, task)
     candidates = enumerate_candidates(techniques, profile.search.max_pipeline_length)
     trials = options.trials or profile.search.trials
     cpus = options.num_cpus or os.cpu_count() or 1
@@ -105,7 +111,7 @@ def execute_run(
         out = (options.out_dir / run_id).resolve()
         out.mkdir(parents=True, exist_ok=True)
         store.start_run(run_id, profile.name, str(loaded.path), task.name, str(out),
-                        options={"task": task.name, "trials": trials, "fresh": options.fresh,
+                        options={"task": task.name, "trials": trials, **_model_options(task), "fresh": options.fresh,
                                  "ray_address": options.ray_address, "num_cpus": options.num_cpus,
                                  "profile_sha256": file_sha256(loaded.path)})
     else:
@@ -142,10 +148,14 @@ def execute_run(
     status, error = "failed", None
     try:
         data = task.load_data(profile.search.seed)
+        if hasattr(task, "measure_axes"):  # time the model at its samples' sequence length (etc.), not 1
+            for axis, size in task.measure_axes(profile.search.seed).items():
+                profile.measurement.axes.setdefault(axis, size)
         registry.notify("base_model_started", run_id=run_id, task=task.name)
         base = get_base_model(task, data, profile.search.seed)
-        registry.notify("base_model_ready", run_id=run_id, accuracy=base.accuracy, trained_now=base.trained_now)
         plan.baseline_accuracy = _baseline_accuracy(task, base, data, prior)
+        registry.notify("base_model_ready", run_id=run_id, trained_now=base.trained_now,
+                        accuracy=plan.baseline_accuracy if task.pretrained else base.accuracy)
         if trials_left > 0:
             _search(options, profile, task, base, techniques, plan, on_candidate, run_id, extras, registry)
         status = "finished"
@@ -154,9 +164,25 @@ def execute_run(
     except OrchestratorError as exc:
         status, error = "failed", exc
     finally:
+        extras["quality_metric"] = task.quality_metric
+        if profile.measurement.axes:
+            extras["measurement_axes"] = dict(profile.measurement.axes)
+        if hasattr(task, "describe"):
+            extras["model"] = task.describe()
         outcome = _finish(store, run_id, loaded, task.name, device_info, records, out, status, error, extras)
         registry.notify("run_finished", run_id=run_id, results=outcome.results)
+        _trim_caches()
     return outcome
+
+
+def _trim_caches() -> None:
+    """Keep the caches under their size limit (orchestrator/cachelimit.py); a failure there never fails the run."""
+    from orchestrator.search.cache import trim_caches
+
+    try:
+        trim_caches()
+    except (OrchestratorError, OSError) as exc:
+        log.warning("cache not trimmed: %s", exc)
 
 
 @dataclass
@@ -218,7 +244,8 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
             predictor = ray.remote(PredictorService).options(num_cpus=0, scheduling_strategy=here).remote(seed)
         payload = TrialPayload(task.name, base.state_dict_bytes, base.arch, profile, profile.search.seed,
                                pool, sink, plan.remaining if searcher is None else None, plan.avoid_cpu, predictor,
-                               fresh=options.fresh, baseline_accuracy=plan.baseline_accuracy)
+                               fresh=options.fresh, baseline_accuracy=plan.baseline_accuracy,
+                               task_spec=task.spec() if hasattr(task, "spec") else None)
 
         recorder, enough = recording_callback(on_candidate, target=plan.trials_left, known=plan.done,
                                              first_id=plan.first_id, interrupts=interrupts)
@@ -279,7 +306,7 @@ def resume_run(run_id: str, registry: PluginRegistry,
         raise RunNotResumable(f"run {run['id']}: {profile_path} changed since the run started; "
                               "start a new run instead")
     loaded = load_profile(profile_path)
-    options = RunOptions(task=run["task"], trials=opts.get("trials"), out_dir=Path(run["out_dir"]).parent,
+    options = RunOptions(task=run["task"], model=opts.get("model"), inputs=opts.get("inputs"), trials=opts.get("trials"), out_dir=Path(run["out_dir"]).parent,
                          ray_address=opts.get("ray_address"), num_cpus=opts.get("num_cpus"),
                          fresh=fresh)
     return execute_run(loaded, registry, options, resume=run)
@@ -355,10 +382,68 @@ def _step_text(pipeline: list[dict[str, Any]]) -> str:
 
 
 def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any], prior: list[dict[str, Any]]) -> float:
-    """The exported base model's accuracy on the held-out split: what the selection's drop is measured from."""
-    from orchestrator.search.pipeline import evaluate_onnx, export_onnx
+    """The exported base model's quality on the held-out split: what the selection's drop is measured from.
+
+    A base model that cannot be loaded, exported or evaluated stops the run here, before any
+    trial, with one line naming the stage.
+    """
+    from orchestrator.search.pipeline import evaluate_onnx, export_onnx, is_onnx
 
     for record in prior:
         if record.get("pipeline") == [] and record.get("status") == "ok":
             return float(record["metrics"]["accuracy"])
-    return evaluate_onnx(task, export_onnx(task, base.load(task)), data["eval"])
+    stage = "load"
+    try:
+        model = base.load(task)
+        stage = "export"
+        onnx_bytes = model.SerializeToString() if is_onnx(model) and not isinstance(model, bytes) else \
+            model if is_onnx(model) else export_onnx(task, model, data.get("calibration"))
+        stage = "evaluate"
+        return evaluate_onnx(task, onnx_bytes, data["eval"])
+    except OrchestratorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's model: its own error, in one line, and no trial runs
+        text = str(exc).strip().splitlines()
+        raise BaselineError(f"the base model ({task.name}) failed at {stage}: {type(exc).__name__}: "
+                            f"{text[0] if text else ''}") from exc
+
+
+def resolve_task(loaded: LoadedProfile, registry: PluginRegistry, options: RunOptions) -> Any:
+    """The task of a run: `--model` (or the profile's `model:`) as an OwnModelTask, else a task plugin."""
+    from orchestrator.ownmodel import OwnModelTask
+
+    section = loaded.profile.model
+    quality, axes = (section.quality, section.axes) if section else ("auto", {})
+    if options.model is not None:
+        return OwnModelTask(options.model, options.inputs, quality, axes)
+    if section is not None and options.task is None:
+        here = loaded.path.parent
+
+        def near(value: str) -> str:  # a path in the profile is read from the profile's folder
+            path = Path(value).expanduser()
+            return str(path if path.is_absolute() or not (here / path).exists() else here / path)
+
+        return OwnModelTask(near(section.source), near(section.inputs) if section.inputs else options.inputs,
+                            quality, axes)
+    return registry.task(options.task or loaded.profile.task or "digits")
+
+
+def refuse_torch_stages(loaded: LoadedProfile, techniques: list[Any], task: Any) -> None:
+    """An ONNX base model takes graph-stage techniques only: a training/architecture one is refused up front."""
+    if getattr(task, "kind", None) != "onnx":
+        return
+    for i, name in enumerate(loaded.profile.search.techniques):
+        technique = next((t for t in techniques if t.name == name), None)
+        if technique is not None and technique.stage != "graph":
+            raise loaded.error(("search", "techniques", i),
+                               f"{name} is a {technique.stage}-stage technique: it changes a PyTorch model, and "
+                               f"{task.source} is an ONNX file (only graph-stage techniques apply to it)")
+
+
+def _model_options(task: Any) -> dict[str, Any]:
+    """What a resumed run needs to rebuild a model brought with --model: absolute paths."""
+    if not hasattr(task, "spec"):
+        return {}
+    spec = task.spec()
+    absolute = (lambda v: str(Path(v).resolve()) if v and Path(v).exists() else v)
+    return {"model": absolute(spec["source"]), "inputs": absolute(spec["samples"])}

@@ -1,13 +1,21 @@
 """Built-in quantization techniques (stage `graph`), with onnxruntime.
 
-`int8-static`: QDQ int8, weights per-channel or per-tensor (optionally 7-bit), activations
-uint8 or int8, calibrated on the task's calibration data with MinMax, Entropy or Percentile.
+`int8-static`: int8 in QDQ (or QOperator) format, weights per-channel or per-tensor
+(optionally 7-bit), activations uint8 or int8, calibrated on the task's calibration data with
+MinMax, Entropy or Percentile. By default the attention core of a transformer (the MatMuls of
+two activations, Q·Kᵀ and P·V, and the scale, mask and Softmax between them) stays in float:
+int8 there collapses the model's outputs. A CNN has no such node, so nothing changes for it.
 `int8-dynamic`: weights int8 ahead of time, activations quantized at run time
-(`quantize_dynamic`): meant for MatMul-heavy models; a CNN's convolutions become
-ConvInteger, which onnxruntime's CPU provider runs far slower than fp32.
+(`quantize_dynamic`): meant for MatMul-heavy models (and, with `operators: matmul+gather`,
+embedding tables); a CNN's convolutions become ConvInteger, which onnxruntime's CPU provider
+runs far slower than fp32.
 `fp16`: weights and activations in float16 (`onnxruntime.transformers.float16`), with
-float32 inputs and outputs kept, for GPU providers (a Jetson's CUDA/TensorRT); CPU
-providers mostly lack fp16 kernels.
+float32 inputs and outputs kept (integer ones, token ids say, are never touched), for GPU
+providers (a Jetson's CUDA/TensorRT); CPU providers mostly lack fp16 kernels.
+
+The three are alternatives: each declares the other two `incompatible_with`, so a pipeline
+holds at most one of them (other graph techniques, such as `transformer-optimize`
+(plugins/fusion.py), may run before them).
 
 Whether any of them is faster than fp32 on a device is for the measurement to say,
 never this plugin.
@@ -17,16 +25,22 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any
+from typing import Any, ClassVar
 
-from orchestrator import Technique, choice, hookimpl
+from orchestrator import Choice, Technique, choice, hookimpl
+
+#: A node without inputs makes a constant only if it is one of these (RandomNormal has no input either).
+_CONSTANT_SOURCES = ("Constant",)
+#: Operators that multiply by weights: the attention core's walk stops at them.
+_MATMUL_LIKE = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "Attention",
+                          "MultiHeadAttention", "FusedMatMul"})
 
 
-class _BatchReader:
-    """Feeds calibration batches to onnxruntime's calibrator (a CalibrationDataReader)."""
+class _FeedReader:
+    """Feeds calibration samples to onnxruntime's calibrator (a CalibrationDataReader)."""
 
-    def __init__(self, input_name: str, batches: list[Any]) -> None:
-        self._items = iter([{input_name: b} for b in batches])
+    def __init__(self, feeds: list[dict[str, Any]]) -> None:
+        self._items = iter(feeds)
 
     def get_next(self) -> dict | None:
         return next(self._items, None)
@@ -35,25 +49,143 @@ class _BatchReader:
         raise NotImplementedError
 
 
+def _calibration_feeds(model: Any, ctx: Any, limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` single-sample feeds {model input name: array} from the task's calibration split.
+
+    A single-input model whose input the task names otherwise (an ONNX file brought as it is)
+    gets the task's one array under the model's own input name.
+    """
+    feeds = ctx.calibration_feeds(limit)
+    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if len(names) == 1 and feeds and set(feeds[0]) != set(names) and len(feeds[0]) == 1:
+        feeds = [{names[0]: next(iter(f.values()))} for f in feeds]
+    return feeds
+
+
+def _named(model: Any) -> Any:
+    """`model`, or a copy whose nameless nodes got unique names (node exclusions go by name)."""
+    if all(node.name for node in model.graph.node):
+        return model
+    import copy
+
+    model = copy.deepcopy(model)
+    taken = {node.name for node in model.graph.node}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name, k = f"{node.op_type}_{i}", 0
+            while name in taken:
+                k += 1
+                name = f"{node.op_type}_{i}_{k}"
+            node.name = name
+            taken.add(name)
+    return model
+
+
+def _uses_contrib_ops(model: Any) -> bool:
+    """Nodes of another domain than ONNX's (com.microsoft's fused Attention, SkipLayerNormalization, ...)."""
+    return any(node.domain not in ("", "ai.onnx") for node in model.graph.node)
+
+
 def _prepared(model: Any, work: Any, stem: str) -> tuple[Any, Any]:
-    """Save `model` and run onnxruntime's quantization pre-processing; returns (prepared path, output path)."""
+    """Save `model` and run onnxruntime's quantization pre-processing; returns (prepared path, output path).
+
+    ONNX's shape inference knows no contrib operator, so a graph with fused transformer nodes
+    (plugins/fusion.py) gets onnxruntime's symbolic shape inference, which does: without it
+    the quantizer cannot type the tensors after those nodes.
+    """
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, prep, out = work / f"{stem}-fp32.onnx", work / f"{stem}-prep.onnx", work / f"{stem}-int8.onnx"
-    onnx.save(model, str(src))
-    quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
+    onnx.save(_named(model), str(src))
+    quant_pre_process(str(src), str(prep), skip_symbolic_shape=not _uses_contrib_ops(model))
     return prep, out
 
 
+def constant_tensors(graph: Any) -> set[str]:
+    """Names of the tensors that do not depend on the model's inputs: initializers and what only they feed."""
+    const = {t.name for t in graph.initializer}
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        if (not node.input and node.op_type in _CONSTANT_SOURCES) or \
+                (node.input and all(i in const or i == "" for i in node.input)):
+            const.update(o for o in node.output if o)
+    return const
+
+
+def attention_core(model: Any) -> list[str]:
+    """Names of the nodes of a transformer's attention core, which int8 destroys.
+
+    The MatMuls whose two inputs are activations (neither an initializer nor computed from
+    constants only: attention's Q·Kᵀ and P·V), plus the nodes on the paths from one such
+    MatMul to the next that pass no other MatMul-like node (the scale, the mask addition and
+    the Softmax). A CNN has none; a fused graph's Attention nodes are not MatMuls (empty too).
+    """
+    graph = model.graph
+    const = constant_tensors(graph)
+    pairs = [n for n in graph.node if n.op_type == "MatMul" and len(n.input) >= 2
+             and not any(i in const for i in n.input[:2])]
+    if not pairs:
+        return []
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    core = {id(n) for n in pairs}
+
+    def walk(start: Any, step: Any) -> tuple[dict[int, Any], set[int]]:
+        seen: dict[int, Any] = {}
+        hits: set[int] = set()
+        stack = [start]
+        while stack:
+            for nxt in step(stack.pop()):
+                if id(nxt) in core:
+                    hits.add(id(nxt))
+                elif nxt.op_type not in _MATMUL_LIKE and id(nxt) not in seen:
+                    seen[id(nxt)] = nxt
+                    stack.append(nxt)
+        return seen, hits
+
+    def down(n: Any) -> list[Any]:
+        return [c for o in n.output for c in consumers.get(o, [])]
+
+    def up(n: Any) -> list[Any]:
+        return [producer[i] for i in n.input if i in producer]
+
+    between: set[int] = set()
+    for a in pairs:
+        below, reached = walk(a, down)
+        for b in pairs:
+            if id(b) in reached:
+                above, _ = walk(b, up)
+                between |= below.keys() & above.keys()
+    return [n.name for n in graph.node if id(n) in core or id(n) in between]
+
+
+def _string_list(params: dict[str, Any], key: str) -> str | None:
+    value = params.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        return f"{key} must be a list of names, got {value!r}"
+    return None
+
+
+def _check_nodes_exist(model: Any, names: list[str]) -> None:
+    """Refuses node names the graph does not have (a typo would otherwise exclude nothing, silently)."""
+    missing = sorted(set(names) - {n.name for n in model.graph.node})
+    if missing:
+        raise ValueError(f"nodes_to_exclude names no node of this graph: {', '.join(missing)} "
+                         "(names are the graph's as this technique receives it)")
+
+
 class Int8Static(Technique):
-    """Static int8 quantization in QDQ format, calibrated on task data."""
+    """Static int8 quantization (QDQ or QOperator), calibrated on task data."""
 
     name = "int8-static"
     stage = "graph"
-    version = "2"
+    version = "3"
     description = "int8 static quantization (QDQ), per-channel or per-tensor weights, calibrated activations"
-    search_space = {
+    incompatible_with = ("int8-dynamic", "fp16")
+    search_space: ClassVar[dict[str, Choice]] = {
         "per_channel": choice([True, False]),
         "calibration": choice(["minmax", "entropy", "percentile"]),
         # uint8 activations (U8S8) are onnxruntime's fast path on x86 without VNNI; int8 (S8S8)
@@ -62,14 +194,35 @@ class Int8Static(Technique):
         # 7-bit weights: onnxruntime's U8S8 kernels on x86 without VNNI (AVX2) can saturate
         # their 16-bit sums, which costs accuracy with full-range per-channel weights.
         "reduce_range": choice([False, True]),
+        # QDQ (QuantizeLinear/DequantizeLinear pairs, which each provider fuses into its own
+        # int8 kernels; TensorRT needs it) or QOperator (QLinearConv, QLinearMatMul, ...).
+        "quant_format": choice(["QDQ", "QOperator"]),
     }
-    defaults = {"calibration_samples": 128}
+    defaults: ClassVar[dict[str, Any]] = {
+        "calibration_samples": 128,
+        # "all": onnxruntime's default set (every operator it can quantize), or a list of op types.
+        "op_types": "all",
+        "exclude_op_types": [],
+        "nodes_to_exclude": [],
+        # keep a transformer's attention core (attention_core()) in float
+        "exclude_activation_matmul": True,
+    }
 
     def invalid(self, params: dict[str, Any]) -> str | None:
-        """Calibration needs at least a few samples."""
+        """Calibration needs at least a few samples; the operator and node lists must be lists of names."""
         n = params.get("calibration_samples")
-        if not isinstance(n, int) or n < 8:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 8:
             return f"calibration_samples must be an integer >= 8, got {n!r}"
+        op_types = params.get("op_types")
+        if op_types != "all" and (not isinstance(op_types, list) or not op_types
+                                  or not all(isinstance(v, str) and v for v in op_types)):
+            return f"op_types must be 'all' or a non-empty list of operator types, got {op_types!r}"
+        for key in ("exclude_op_types", "nodes_to_exclude"):
+            reason = _string_list(params, key)
+            if reason:
+                return reason
+        if not isinstance(params.get("exclude_activation_matmul"), bool):
+            return f"exclude_activation_matmul must be true or false, got {params.get('exclude_activation_matmul')!r}"
         return None
 
     def recommended(self, device: Any) -> list[dict[str, Any]]:
@@ -80,21 +233,40 @@ class Int8Static(Technique):
         there. ARM64 with dot product: int8 activations (S8S8) first. TensorRT: symmetric
         int8 (S8S8, per-channel). A CUDA-only device gets none (QDQ int8 runs slower there).
         Per-tensor is the second choice everywhere: fewer scales, sometimes faster kernels.
+        Always QDQ: onnxruntime's recommended format since 1.11, the only one TensorRT reads.
         """
+        def point(activations: str, per_channel: bool, reduce_range: bool) -> dict[str, Any]:
+            return {"activations": activations, "per_channel": per_channel, "calibration": "minmax",
+                    "reduce_range": reduce_range, "quant_format": "QDQ"}
+
         if device.gpu:
             if device.providers[0] == "TensorrtExecutionProvider":
-                return [{"activations": "int8", "per_channel": True, "calibration": "minmax", "reduce_range": False}]
+                return [point("int8", True, False)]
             return []
         if device.arm:
             first = "int8" if device.has("asimddp") else "uint8"
-            return [{"activations": first, "per_channel": True, "calibration": "minmax", "reduce_range": False},
-                    {"activations": first, "per_channel": False, "calibration": "minmax", "reduce_range": False}]
+            return [point(first, True, False), point(first, False, False)]
         vnni = device.has("avx512_vnni", "avx_vnni", "amx_int8")
-        return [{"activations": "uint8", "per_channel": True, "calibration": "minmax", "reduce_range": not vnni},
-                {"activations": "uint8", "per_channel": False, "calibration": "minmax", "reduce_range": False}]
+        return [point("uint8", True, not vnni), point("uint8", False, False)]
+
+    def op_types(self, params: dict[str, Any]) -> list[str] | None:
+        """The operator types to quantize (None: onnxruntime's default set, untouched)."""
+        if params["op_types"] == "all" and not params["exclude_op_types"]:
+            return None
+        if params["op_types"] == "all":
+            from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+            base = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))  # what quantize_static takes for "none given"
+        else:
+            base = list(params["op_types"])
+        ops = [op for op in base if op not in set(params["exclude_op_types"])]
+        if not ops:
+            raise ValueError("exclude_op_types leaves no operator type to quantize")
+        return ops
 
     def apply(self, model: Any, params: dict[str, Any], ctx: Any) -> Any:
         """Quantize an onnx.ModelProto and return the quantized ModelProto."""
+        import numpy as np
         import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -103,21 +275,36 @@ class Int8Static(Technique):
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
         }[params["calibration"]]
+        op_types = self.op_types(params)
+        _check_nodes_exist(_named(model), params["nodes_to_exclude"])
         prep, out = _prepared(model, ctx.scratch_dir, "static")
-        input_name = model.graph.input[0].name
-        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
-            quantize_static(
-                str(prep),
-                str(out),
-                _BatchReader(input_name, ctx.calibration_batches(params["calibration_samples"])),
-                quant_format=QuantFormat.QDQ,
-                per_channel=params["per_channel"],
-                reduce_range=params["reduce_range"],
-                activation_type=QuantType.QUInt8 if params["activations"] == "uint8" else QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=method,
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-            )
+        excluded = list(params["nodes_to_exclude"])
+        if params["exclude_activation_matmul"]:
+            excluded += [n for n in attention_core(onnx.load(str(prep))) if n not in excluded]
+        feeds = _calibration_feeds(model, ctx, params["calibration_samples"])
+        try:
+            # the histogram calibrators print their progress (and numpy warns of a range it cannot bin: below)
+            with contextlib.redirect_stdout(io.StringIO()), np.errstate(over="ignore", invalid="ignore"):
+                quantize_static(
+                    str(prep),
+                    str(out),
+                    _FeedReader(feeds),
+                    quant_format=QuantFormat.QDQ if params["quant_format"] == "QDQ" else QuantFormat.QOperator,
+                    op_types_to_quantize=op_types,
+                    per_channel=params["per_channel"],
+                    reduce_range=params["reduce_range"],
+                    activation_type=QuantType.QUInt8 if params["activations"] == "uint8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded or None,
+                    calibrate_method=method,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                )
+        except ValueError as exc:
+            if params["calibration"] != "minmax" and "bins" in str(exc):
+                raise ValueError(
+                    f"{params['calibration']} calibration cannot make a histogram of a tensor whose range is "
+                    f"this large (an attention mask of float min, say): calibrate with minmax ({exc})") from exc
+            raise
         return onnx.load(str(out))
 
 
@@ -126,50 +313,88 @@ class Int8Dynamic(Technique):
 
     name = "int8-dynamic"
     stage = "graph"
-    version = "1"
+    version = "2"
     description = "int8 dynamic quantization (weights int8, activations at run time); for MatMul-heavy models"
-    search_space = {
+    incompatible_with = ("int8-static", "fp16")
+    search_space: ClassVar[dict[str, Choice]] = {
         "per_channel": choice([False, True]),
         "weight_type": choice(["int8", "uint8"]),
     }
-    # Which operator types to quantize: "conv+matmul" (onnxruntime's default set for
-    # dynamic quantization) or "matmul" (leave convolutions in float).
-    defaults = {"operators": "conv+matmul"}
-    OPERATORS = {"conv+matmul": ["Conv", "MatMul"], "matmul": ["MatMul"]}
+    # Which operator types to quantize: "conv+matmul" (onnxruntime's default set for dynamic
+    # quantization, but embeddings), "matmul" (leave convolutions in float), and either with
+    # "+gather": embedding tables (Gather on a weight) too. A fused graph's Attention counts
+    # as a MatMul, its EmbedLayerNormalization as a Gather (plugins/fusion.py).
+    defaults: ClassVar[dict[str, Any]] = {"operators": "conv+matmul", "exclude_op_types": [], "nodes_to_exclude": []}
+    OPERATORS: ClassVar[dict[str, list[str]]] = {
+        "conv+matmul": ["Conv", "MatMul", "Attention"],
+        "matmul": ["MatMul", "Attention"],
+        "matmul+gather": ["MatMul", "Attention", "Gather", "EmbedLayerNormalization"],
+        "conv+matmul+gather": ["Conv", "MatMul", "Attention", "Gather", "EmbedLayerNormalization"],
+    }
 
     def invalid(self, params: dict[str, Any]) -> str | None:
-        """operators must be one of the known sets."""
+        """operators must be one of the known sets; the exclusions lists of names."""
         if params.get("operators") not in self.OPERATORS:
             return f"operators must be one of {sorted(self.OPERATORS)}, got {params.get('operators')!r}"
+        for key in ("exclude_op_types", "nodes_to_exclude"):
+            reason = _string_list(params, key)
+            if reason:
+                return reason
         return None
+
+    @staticmethod
+    def quantizable(model: Any, ops: list[str], excluded_nodes: list[str]) -> list[str]:
+        """Names of the nodes `quantize_dynamic` would quantize: MatMuls by a constant, Gathers of a float table, ..."""
+        import onnx
+
+        graph = model.graph
+        const = constant_tensors(graph)
+        floats = {t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+        skip = set(excluded_nodes)
+        out = []
+        for node in graph.node:
+            if node.op_type not in ops or node.name in skip:
+                continue
+            if node.op_type == "MatMul" and not (len(node.input) > 1 and node.input[1] in const):
+                continue  # onnxruntime's dynamic quantization leaves activation x activation MatMuls alone
+            if node.op_type == "Gather" and node.input[0] not in floats:
+                continue  # indices into shapes, not an embedding table
+            out.append(node.name)
+        return out
 
     def apply(self, model: Any, params: dict[str, Any], ctx: Any) -> Any:
         """Quantize an onnx.ModelProto; refuses a model with nothing of the chosen operators to quantize."""
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        ops = self.OPERATORS[params["operators"]]
-        if not any(node.op_type in ops for node in model.graph.node):
-            raise ValueError(f"the model has no {'/'.join(ops)} node to quantize")
+        excluded_types = set(params["exclude_op_types"])
+        ops = [op for op in self.OPERATORS[params["operators"]] if op not in excluded_types]
+        named = _named(model)
+        _check_nodes_exist(named, params["nodes_to_exclude"])
+        if not self.quantizable(named, ops, params["nodes_to_exclude"]):
+            labels = [op for op in ops if op in ("Conv", "MatMul", "Gather")]  # the fused ones go without saying
+            raise ValueError(f"the model has no {'/'.join(labels) or 'such'} node to quantize")
         prep, out = _prepared(model, ctx.scratch_dir, "dynamic")
         quantize_dynamic(
             str(prep), str(out),
             op_types_to_quantize=ops,
             per_channel=params["per_channel"],
             weight_type=QuantType.QInt8 if params["weight_type"] == "int8" else QuantType.QUInt8,
+            nodes_to_exclude=list(params["nodes_to_exclude"]) or None,
         )
         return onnx.load(str(out))
 
 
 class Float16(Technique):
-    """float16 weights and compute, float32 inputs and outputs."""
+    """float16 weights and compute, float32 inputs and outputs; integer tensors untouched."""
 
     name = "fp16"
     stage = "graph"
     version = "1"
     description = "float16 conversion (float32 inputs/outputs kept); for GPU execution providers"
-    search_space = {}
-    defaults = {"keep_io_types": True}
+    incompatible_with = ("int8-static", "int8-dynamic")
+    search_space: ClassVar[dict[str, Choice]] = {}
+    defaults: ClassVar[dict[str, Any]] = {"keep_io_types": True}
 
     def recommended(self, device: Any) -> list[dict[str, Any]]:
         """Where half precision has fast kernels: a CUDA/TensorRT provider, or an ARM CPU with fp16 arithmetic."""
@@ -182,12 +407,24 @@ class Float16(Technique):
         return None
 
     def apply(self, model: Any, params: dict[str, Any], ctx: Any) -> Any:
-        """Convert a copy of an onnx.ModelProto to float16."""
+        """Convert a copy of an onnx.ModelProto to float16.
+
+        Only float tensors change: integer inputs and outputs (token ids, attention masks) keep
+        their type whatever `keep_io_types` says; with it, float32 ones stay float32 (casts inside).
+        """
         import copy
 
+        import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        return convert_float_to_float16(copy.deepcopy(model), keep_io_types=params["keep_io_types"])
+        half = convert_float_to_float16(copy.deepcopy(model), keep_io_types=params["keep_io_types"])
+        for before, after in ((model.graph.input, half.graph.input), (model.graph.output, half.graph.output)):
+            old = {v.name: v.type.tensor_type.elem_type for v in before}
+            for v in after:
+                was = old.get(v.name)
+                if was is not None and was != onnx.TensorProto.FLOAT and v.type.tensor_type.elem_type != was:
+                    raise ValueError(f"fp16 changed the type of {v.name!r}, which is not float32")
+        return half
 
 
 @hookimpl

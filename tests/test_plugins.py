@@ -80,7 +80,7 @@ def test_int8_static_refuses_bad_params(params, message):
 
 def test_int8_static_grid_size():
     technique = get_plugin_manager().technique("int8-static")
-    assert len(technique.param_grid()) == 2 * 3 * 2 * 2
+    assert len(technique.param_grid()) == 2 * 3 * 2 * 2 * 2  # per_channel, calibration, activations, reduce_range, quant_format
 
 
 def test_register_tasks_adds_a_task_and_refuses_a_duplicate():

@@ -35,9 +35,14 @@ def test_stages_run_in_order_whatever_the_listing():
     assert [t.name for t in order_pipeline([G1, T1, A])] == ["arch", "t1", "g1"]
 
 
-def test_one_architecture_and_one_graph_technique_at_most():
-    with pytest.raises(IncompatiblePipeline, match="at most one graph technique per pipeline, got g1, g2"):
-        order_pipeline([G1, G2])
+def test_one_architecture_technique_at_most_but_graph_techniques_stack():
+    with pytest.raises(IncompatiblePipeline, match="at most one architecture technique per pipeline, got arch, arch2"):
+        order_pipeline([A, technique("arch2", "architecture")])
+    assert [t.name for t in order_pipeline([G2, G1])] == ["g2", "g1"]  # the listing's order
+    g3 = technique("g3", "graph", cannot_follow=("g1",))
+    assert [t.name for t in order_pipeline([G1, g3, T2])] == ["t2", "g3", "g1"]
+    with pytest.raises(IncompatiblePipeline, match="g1 and g4 cannot be combined"):
+        order_pipeline([G1, technique("g4", "graph", incompatible_with=("g1",))])
 
 
 @pytest.mark.parametrize("pair", [(T1, G2), (G2, T1)])
@@ -75,7 +80,7 @@ def test_pipelines_leave_out_what_is_refused():
     assert got[0] == ()
     assert ("t2", "t1", "g1") in got and ("arch", "t2", "t1") in got
     assert not any("g2" in p and "t1" in p for p in got)
-    assert not any("g1" in p and "g2" in p for p in got)
+    assert ("g1", "g2") in got and ("t2", "g1", "g2") in got  # graph techniques stack
     assert len(got) == len(set(got))
 
 
@@ -87,6 +92,7 @@ def test_a_name_not_installed_is_ignored():
 # --- the built-in techniques --------------------------------------------------------------------
 
 BUILTIN = ["int8-static", "int8-dynamic", "fp16", "prune-structured", "prune-magnitude", "distill"]
+QUANTIZERS = {"int8-static", "int8-dynamic", "fp16"}
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +109,21 @@ def test_builtin_training_order_is_distill_then_structured_then_magnitude(regist
         assert training == sorted(training, key=["distill", "prune-structured", "prune-magnitude"].index)
 
 
+def test_builtin_quantizers_never_share_a_pipeline_and_run_after_the_fusion(registry):
+    techniques = [registry.technique(n) for n in [*BUILTIN, "transformer-optimize"]]
+    got = pipelines(techniques, max_length=3)
+    assert all(len(QUANTIZERS & set(p)) <= 1 for p in got)
+    for q in sorted(QUANTIZERS):
+        assert ("transformer-optimize", q) in got and (q, "transformer-optimize") not in got
+    assert ("prune-structured", "transformer-optimize", "int8-static") in got
+
+
 def test_builtin_search_space_size(registry):
     ts = {n: registry.technique(n) for n in BUILTIN}
     sizes = {n: len(t.param_grid()) for n, t in ts.items()}
-    assert sizes == {"int8-static": 24, "int8-dynamic": 4, "fp16": 1,
+    assert sizes == {"int8-static": 48, "int8-dynamic": 4, "fp16": 1,
                      "prune-structured": 72, "prune-magnitude": 12, "distill": 32}
-    graph = 24 + 4 + 1
+    graph = 48 + 4 + 1  # one of them per pipeline (declared incompatible with one another)
     ps, pm, kd = sizes["prune-structured"], sizes["prune-magnitude"], sizes["distill"]
     training_sets = [ps, pm, kd, ps * pm, ps * kd, pm * kd, ps * pm * kd]  # every non-empty subset: one order each
     lengths = [1, 1, 1, 2, 2, 2, 3]

@@ -95,12 +95,12 @@ class TerminalReporter:
 
     @hookimpl
     def base_model_started(self, task: str) -> None:
-        self.log(f"loading the {task} base model (trained on first use, then cached)")
+        self.log(f"loading the {task} base model" + ("" if task == "own-model" else " (trained on first use, then cached)"))
 
     @hookimpl
     def base_model_ready(self, accuracy: float, trained_now: bool) -> None:
         how = "trained now" if trained_now else "from cache"
-        self.log(f"base model ready ({how}), held-out accuracy {accuracy:.4f}; starting Ray")
+        self.log(f"base model ready ({how}), held-out quality {accuracy:.4f}; starting Ray")
         self._start_bar()
 
     @hookimpl
@@ -154,8 +154,16 @@ class TerminalReporter:
             self.progress = None
 
 
-def run_with_progress(profile_path: Path | None, task: str, trials: int | None, out_dir: Path,
-                      ray_address: str | None, fresh: bool = False, resume_id: str | None = None) -> int:
+def quality_name(results: dict[str, Any]) -> str:
+    """What the `accuracy` figures of a run measure: the task's accuracy, or agreement with the fp32 model."""
+    metric = results.get("quality_metric") or "accuracy"
+    return "accuracy" if metric == "labels" else f"quality ({metric} to fp32)" if metric in (
+        "top1", "cosine", "relative_error") else metric
+
+
+def run_with_progress(profile_path: Path | None, task: str | None, trials: int | None, out_dir: Path,
+                      ray_address: str | None, fresh: bool = False, resume_id: str | None = None,
+                      model: str | None = None, inputs: str | None = None) -> int:
     """Load the profile and plugins, run (or resume a run), print the front and the pick; returns the exit code."""
     from orchestrator.plugins import get_plugin_manager
     from orchestrator.profile import load_profile
@@ -169,7 +177,7 @@ def run_with_progress(profile_path: Path | None, task: str, trials: int | None, 
             outcome = resume_run(resume_id, registry, fresh=fresh)
         else:
             loaded = load_profile(profile_path)
-            outcome = execute_run(loaded, registry, RunOptions(task=task, trials=trials, out_dir=out_dir,
+            outcome = execute_run(loaded, registry, RunOptions(task=task, model=model, inputs=inputs, trials=trials, out_dir=out_dir,
                                                                ray_address=ray_address, fresh=fresh))
     finally:
         reporter.close()
@@ -182,7 +190,7 @@ def run_with_progress(profile_path: Path | None, task: str, trials: int | None, 
     if best:
         m = best["metrics"]
         console.print(
-            f"picked {best['id']} ({pipeline_label(best)}): accuracy {m['accuracy']:.4f} "
+            f"picked {best['id']} ({pipeline_label(best)}): {quality_name(results)} {m['accuracy']:.4f} "
             f"(drop {m['accuracy_drop']:.2f} pts), p50 {m['latency_ms']['p50']:.3f} ms, {m['size_bytes'] / 1024:.0f} KiB"
         )
     decision = results.get("decision") or {}

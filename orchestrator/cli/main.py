@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from orchestrator.cli.cache import cache  # the `cache` command group
 from orchestrator.cli.deploy import deploy, rollback  # noqa: E402  (`deploy` and `rollback`: the rollout)
 from orchestrator.cli.devices import devices  # noqa: E402  (the `devices` command group)
 from orchestrator.cli.format import cell, printable
@@ -36,7 +37,11 @@ def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--profile", "profile_path", type=click.Path(path_type=Path), help="Device profile YAML to search for.")
-@click.option("--task", default="digits", show_default=True, help="Task (model + data) from a plugin.")
+@click.option("--task", help="Task (model + data) from a plugin [default: the profile's `task`, else digits].")
+@click.option("--model", "model", metavar="SOURCE",
+              help="Your own model instead of a task: an .onnx file, a Hugging Face folder, or package.module:factory.")
+@click.option("--inputs", "inputs", type=click.Path(path_type=Path, dir_okay=False), metavar="SAMPLES.npz",
+              help="Representative inputs for --model: one array per model input (optionally `labels`).")
 @click.option("--trials", type=click.IntRange(min=1), help="Trial budget (default: the profile's search.trials).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="Folder for OUT/<run-id>/ (best.onnx, results.json, report.html).")
@@ -49,7 +54,8 @@ def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("-v", "--verbose", is_flag=True, help="More log lines.")
 @click.version_option(package_name="edge-orchestrator")
 @click.pass_context
-def cli(ctx: click.Context, profile_path: Path | None, task: str, trials: int | None, out_dir: Path,
+def cli(ctx: click.Context, profile_path: Path | None, task: str | None, model: str | None, inputs: Path | None,
+        trials: int | None, out_dir: Path,
         ray_address: str | None, fresh: bool, resume_id: str | None, show_traceback: bool, verbose: bool) -> None:
     """Find, measure and pick the best compressed model for a device profile.
 
@@ -75,7 +81,12 @@ def cli(ctx: click.Context, profile_path: Path | None, task: str, trials: int | 
     if profile_path is None:
         click.echo(ctx.get_help())
         ctx.exit(ExitCode.USAGE)
-    ctx.exit(run_with_progress(profile_path, task, trials, out_dir, ray_address, fresh=fresh))
+    if inputs is not None and model is None:
+        raise click.UsageError("--inputs goes with --model (a task plugin brings its own data)")
+    if model is not None and task is not None:
+        raise click.UsageError("give --model or --task, not both")
+    ctx.exit(run_with_progress(profile_path, task, trials, out_dir, ray_address, fresh=fresh,
+                               model=model, inputs=str(inputs) if inputs else None))
 
 
 @cli.command()
@@ -182,6 +193,7 @@ def runs_compare(run_a: str, run_b: str, as_json: bool) -> None:
         print_comparison(diff)
 
 cli.add_command(devices)
+cli.add_command(cache)
 
 cli.add_command(deploy)
 cli.add_command(rollback)

@@ -69,6 +69,7 @@ def bench_args(profile: Profile, pinned_cpu: int | None) -> list[str]:
     ]
     if m.warmup_until_stable:
         args.append("--warmup-until-stable")
+    args += axes_args(profile)
     if pinned_cpu is not None:
         args += ["--pin-cpu", str(pinned_cpu)]
     return args
@@ -88,9 +89,16 @@ def compare_args(profile: Profile, pinned_cpu: int | None) -> list[str]:
         "--threads", str(r.intra_op_threads), "--inter-op-threads", str(r.inter_op_threads),
         "--providers", ",".join(r.execution_providers),
     ]
+    args += axes_args(profile)
     if pinned_cpu is not None:
         args += ["--pin-cpu", str(pinned_cpu)]
     return args
+
+
+def axes_args(profile: Profile) -> list[str]:
+    """`--axes sequence=128,...`: the sizes of the model's named dynamic axes the agent times it at (none: [])."""
+    axes = profile.measurement.axes
+    return ["--axes", ",".join(f"{k}={v}" for k, v in sorted(axes.items()))] if axes else []
 
 
 def settings_key(device: Device, profile: Profile) -> str:

@@ -32,6 +32,9 @@ class TrainedModel:
         """A fresh torch module with the trained weights, in eval mode."""
         import torch
 
+        if not self.state_dict_bytes:  # pretrained: the task builds it with its weights
+            model = task.build(None)
+            return model.eval() if hasattr(model, "eval") else model
         model = task.build(self.arch)
         model.load_state_dict(torch.load(io.BytesIO(self.state_dict_bytes), weights_only=True))
         return model.eval()
@@ -45,19 +48,40 @@ def base_model_key(task: Task, seed: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def evaluate_torch(task: Task, model: Any, data: Any) -> float:
-    """Accuracy of a torch model on a dataset."""
+def torch_outputs(task: Task, model: Any, data: Any, batch: int = 256) -> list[Any]:
+    """Every output of a torch model on a dataset (numpy, one array per output), inputs in the task's order."""
+    import numpy as np
     import torch
 
+    names = [spec.name for spec in task.input_specs()]
+    parts: list[list[Any]] = []
     with torch.no_grad():
-        logits = torch.cat([model(torch.from_numpy(data.inputs[i : i + 256])) for i in range(0, len(data), 256)])
-    return task.metric(logits.numpy(), data.labels)
+        for start in range(0, len(data), batch):
+            feeds = task.feeds(data.rows(start, start + batch))
+            result = model(*(torch.from_numpy(feeds[n]) for n in names))
+            result = [result] if isinstance(result, torch.Tensor) else list(result)
+            parts = parts or [[] for _ in result]
+            for i, tensor in enumerate(result):
+                parts[i].append(tensor.numpy())
+    return [np.concatenate(p) for p in parts]
+
+
+def evaluate_torch(task: Task, model: Any, data: Any) -> float:
+    """The task's quality (`Task.score`) of a torch model on a dataset."""
+    return task.score(torch_outputs(task, model, data), data.labels)
 
 
 def get_base_model(task: Task, data: dict[str, Any], seed: int) -> TrainedModel:
-    """Load the cached trained model, or train it now (once) and cache it atomically."""
+    """Load the cached trained model, or train it now (once) and cache it atomically.
+
+    A pretrained task (`Task.pretrained`, or a model brought with `--model`) is used as it is:
+    nothing is trained, and no second copy of its weights is kept (its `state_dict_bytes` are
+    empty; every worker builds it from where it lives).
+    """
     import torch
 
+    if task.pretrained:
+        return TrainedModel(task.name, task.fingerprint(), {}, b"", float("nan"), trained_now=False)
     key = base_model_key(task, seed)
     folder = cache_dir("tasks")
     weights, meta_path = folder / f"{task.name}-{key}.pt", folder / f"{task.name}-{key}.json"

@@ -14,6 +14,9 @@
 Every file is written to a temporary name and renamed into place, so a crash never leaves
 a half entry that looks finished; a concurrent writer of the same key writes the same bytes.
 `--fresh` makes a run read none of these (it still writes them).
+
+The cache folder has a size limit (orchestrator/cachelimit.py): a hit marks its entry used, a
+write may trim the least recently used entries, and `trim_caches()` trims when a run ends.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cachelimit import note_written, touch, trim_caches
 from orchestrator.hashing import atomic_write, digest
 from orchestrator.paths import cache_dir
 
 log = logging.getLogger(__name__)
+
+__all__ = ["AccuracyCache", "StageCache", "library_versions", "trim_caches"]
 
 
 def library_versions() -> dict[str, str]:
@@ -48,6 +54,7 @@ class StageCache:
         self.folder = Path(folder) if folder is not None else cache_dir("stages")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.read = read
+        self.limited = folder is None  # only the state folder's cache counts against the size limit
 
     @staticmethod
     def root_key(base_state: bytes, task_fingerprint: str, seed: int, runtime: dict[str, Any]) -> str:
@@ -72,6 +79,7 @@ class StageCache:
             return None
         if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
             return None  # damaged: rebuilt and overwritten
+        touch(meta_path)  # used now: the least recently used entries are the ones trimmed
         if meta["kind"] == "onnx":
             return data, meta
         import torch
@@ -101,7 +109,10 @@ class StageCache:
             kind, data = "pt", buf.getvalue()
         atomic_write(self.folder / f"{key}.{kind}", data)
         meta = {**meta, "kind": kind, "sha256": hashlib.sha256(data).hexdigest(), "written_at": time.time()}
-        atomic_write(self.folder / f"{key}.json", json.dumps(meta).encode())
+        text = json.dumps(meta).encode()
+        atomic_write(self.folder / f"{key}.json", text)
+        if self.limited:
+            note_written(len(data) + len(text))
 
 
 class AccuracyCache:
@@ -111,6 +122,7 @@ class AccuracyCache:
         self.folder = Path(folder) if folder is not None else cache_dir("accuracy")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.read = read
+        self.limited = folder is None
 
     def _path(self, model_sha: str, task_fingerprint: str, seed: int) -> Path:
         return self.folder / f"{digest([model_sha, task_fingerprint, seed])}.json"
@@ -118,11 +130,16 @@ class AccuracyCache:
     def get(self, model_sha: str, task_fingerprint: str, seed: int) -> float | None:
         if not self.read:
             return None
+        path = self._path(model_sha, task_fingerprint, seed)
         try:
-            return float(json.loads(self._path(model_sha, task_fingerprint, seed).read_text())["accuracy"])
+            accuracy = float(json.loads(path.read_text())["accuracy"])
         except (OSError, ValueError, KeyError):
             return None
+        touch(path)
+        return accuracy
 
     def put(self, model_sha: str, task_fingerprint: str, seed: int, accuracy: float) -> None:
-        atomic_write(self._path(model_sha, task_fingerprint, seed),
-                      json.dumps({"model": model_sha, "accuracy": accuracy}).encode())
+        text = json.dumps({"model": model_sha, "accuracy": accuracy}).encode()
+        atomic_write(self._path(model_sha, task_fingerprint, seed), text)
+        if self.limited:
+            note_written(len(text))

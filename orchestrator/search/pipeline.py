@@ -24,29 +24,44 @@ class CandidateBuildError(OrchestratorError):
     """A technique or the export failed for this candidate (the candidate fails, the run goes on)."""
 
 
-def export_onnx(task: Task, model: Any) -> bytes:
-    """The one place a torch model becomes ONNX (batch dimension dynamic)."""
+def example_feeds(task: Task, data: Any = None) -> dict[str, Any]:
+    """One batch-1 sample per input: the first row of `data` (real ids stay in range), else zeros of the specs."""
+    import numpy as np
+
+    if data is not None and len(data):
+        return task.feeds(data.rows(0, 1))
+    return {spec.name: np.zeros([1 if isinstance(d, str) else d for d in spec.shape], dtype=spec.dtype)
+            for spec in task.input_specs()}
+
+
+def export_onnx(task: Task, model: Any, data: Any = None) -> bytes:
+    """The one place a torch model becomes ONNX: the task's named inputs and outputs, their dynamic axes kept.
+
+    The trace runs on a real sample of `data` when given (integer ids must be valid indices).
+    """
     import io
 
     import torch
 
     model = model.eval()
-    example = torch.zeros((1, *task.input_shape), dtype=torch.float32)
+    inputs, outputs = task.input_specs(), task.output_specs()
+    feeds = example_feeds(task, data)
+    example = tuple(torch.from_numpy(feeds[spec.name]) for spec in inputs)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated but 20x faster than the dynamo one for these
         # small CNNs and gives the plain Conv graphs that onnxruntime quantization expects.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example,), buf, dynamo=False, opset_version=OPSET,
-            input_names=[task.input_name], output_names=["logits"],
-            dynamic_axes={task.input_name: {0: "batch"}, "logits": {0: "batch"}},
+            model, example, buf, dynamo=False, opset_version=OPSET,
+            input_names=[spec.name for spec in inputs], output_names=[spec.name for spec in outputs],
+            dynamic_axes={spec.name: spec.dynamic_axes() for spec in (*inputs, *outputs) if spec.dynamic_axes()},
         )
     return buf.getvalue()
 
 
-def evaluate_onnx(task: Task, model_bytes: bytes, data: Any, batch: int = 64) -> float:
-    """Accuracy of an ONNX model on a dataset, with onnxruntime on this host."""
+def onnx_outputs(model_bytes: bytes, task: Task, data: Any, batch: int = 64) -> list[Any]:
+    """Every output of an ONNX model on a dataset (one array per output, rows in order), with onnxruntime here."""
     import numpy as np
     import onnxruntime as ort
 
@@ -54,9 +69,23 @@ def evaluate_onnx(task: Task, model_bytes: bytes, data: Any, batch: int = 64) ->
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    logits = [session.run(None, {name: data.inputs[i : i + batch]})[0] for i in range(0, len(data), batch)]
-    return task.metric(np.concatenate(logits), data.labels)
+    wanted = [i.name for i in session.get_inputs()]
+    parts: list[list[Any]] = []
+    for start in range(0, len(data), batch):
+        feeds = task.feeds(data.rows(start, start + batch))
+        missing = [n for n in wanted if n not in feeds]
+        if missing:
+            raise ValueError(f"the model wants input(s) {', '.join(missing)}; the data has {', '.join(feeds)}")
+        result = session.run(None, {n: feeds[n] for n in wanted})
+        parts = parts or [[] for _ in result]
+        for i, array in enumerate(result):
+            parts[i].append(array)
+    return [np.concatenate(p) for p in parts]
+
+
+def evaluate_onnx(task: Task, model_bytes: bytes, data: Any, batch: int = 64) -> float:
+    """The task's quality (`Task.score`) of an ONNX model on a dataset, with onnxruntime on this host."""
+    return task.score(onnx_outputs(model_bytes, task, data, batch), data.labels)
 
 
 def build_candidate(
@@ -118,8 +147,12 @@ def build_candidate(
         ctx = TechniqueContext(task=task, teacher=base_model, scratch_dir=Path(scratch), **ctx_kwargs)
         for position, (name, key, technique, params) in enumerate(actions[done:], start=done):
             if technique is None:
-                model = _timed(timings, "export", lambda: export_onnx(task, model))
+                if not is_onnx(model):  # an ONNX base model (`--model file.onnx`) is its own export
+                    model = _timed(timings, "export", lambda: export_onnx(task, model, ctx.data.get("calibration")))
             else:
+                if technique.stage != "graph" and is_onnx(model):
+                    raise CandidateBuildError(f"{name}: a {technique.stage}-stage technique needs a PyTorch model; "
+                                              "the base model is an ONNX graph")
                 if technique.stage == "graph" and isinstance(model, (bytes, bytearray)):
                     model = onnx.load_from_string(model)
                 tuned_before = ctx.fine_tune_seconds
@@ -139,6 +172,11 @@ def build_candidate(
         "cached_steps": [a[0] for a in actions[:done]],
     }
     return bytes(onnx_bytes), info
+
+
+def is_onnx(model: Any) -> bool:
+    """ONNX bytes or an onnx.ModelProto (not a torch module)."""
+    return isinstance(model, (bytes, bytearray)) or hasattr(model, "SerializeToString")
 
 
 def compressed_size(model_bytes: bytes) -> int:

@@ -4,11 +4,13 @@ sampler through Ray Tune (accuracy up; the profile's metric down). We write no s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Iterator
 
 from orchestrator.search.ray_runtime import Interrupts
 from orchestrator.search.selection import pipeline_label
@@ -36,10 +38,20 @@ class SpaceDefinition:
 
     def __call__(self, trial: Any) -> None:
         label = trial.suggest_categorical("pipeline", list(self.labels))
-        for name in self.labels[label]:
-            for key, values in self.choices.items():
-                if key.startswith(name + "."):
-                    trial.suggest_categorical(key, values)
+        with quiet_list_choices():
+            for name in self.labels[label]:
+                for key, values in self.choices.items():
+                    if key.startswith(name + "."):
+                        trial.suggest_categorical(key, values)
+
+
+@contextlib.contextmanager
+def quiet_list_choices() -> Iterator[None]:
+    """Optuna warns about list-valued choices (a technique's `exclude_op_types: []`); they are fixed values
+    it stores and hands back unchanged, which is all a parameter's value needs here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Choices for a categorical distribution", category=UserWarning)
+        yield
 
 
 def pipeline_key(pipeline: list[dict[str, Any]]) -> str:
@@ -68,7 +80,8 @@ def _warm_storage(prior: list[dict[str, Any]], labels: dict[str, list[str]], cho
             for key, value in step["params"].items():
                 name = f"{step['technique']}.{key}"
                 if value in choices.get(name, []):
-                    params[name], dists[name] = value, CategoricalDistribution(choices[name])
+                    with quiet_list_choices():
+                        params[name], dists[name] = value, CategoricalDistribution(choices[name])
         values = trial_values(record, profile)
         study.add_trial(optuna.trial.create_trial(
             params=params, distributions=dists, values=[values[name] for name, _ in objectives],

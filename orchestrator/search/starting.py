@@ -8,7 +8,9 @@ distillation + int8). Combinations reuse the trained prefix from the stage cache
 cost a quantization each. The sampler (Optuna's TPE) is then told all of them, through its
 own warm start (`points_to_evaluate` -> `Study.enqueue_trial`), and explores from there.
 
-Only points inside the profile's space are used; a recommendation outside it is skipped.
+Only points inside the profile's space are used; a recommendation outside it is skipped. A
+parameter the profile fixes (`search.params`: its search space is one value) overrides what a
+recommendation says of it, so the recommendation still counts, at the profile's value.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ def _steps(technique: Technique, device: DeviceFacts) -> list[dict[str, Any]]:
     steps = []
     try:
         recommendations = technique.recommended(device) or []
-    except Exception:  # a plugin's bad advice must not stop the search; it explores without it
+    except Exception:  # noqa: BLE001 - a plugin's bad advice must not stop the search; it explores without it
         return []
+    fixed = {k: d.values[0] for k, d in technique.search_space.items() if len(d.values) == 1}
     for params in recommendations:
         try:
-            steps.append({"technique": technique.name, "params": technique.check_params(dict(params))})
+            steps.append({"technique": technique.name, "params": technique.check_params({**params, **fixed})})
         except TechniqueParamsError:
             continue
     return steps

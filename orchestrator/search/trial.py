@@ -52,6 +52,7 @@ class TrialPayload:
     predictor: Any = None  # PredictorService actor: the device's latency predictor (orchestrator/search/predictor.py)
     fresh: bool = False  # read no cache (stages, accuracy); still write them
     baseline_accuracy: float | None = None  # the exported base model's, on the same held-out data
+    task_spec: dict[str, Any] | None = None  # a model brought with --model (orchestrator/ownmodel.py), not a plugin's
 
 
 def trial_values(record: dict[str, Any], profile: Any) -> dict[str, Any]:
@@ -105,10 +106,15 @@ def _worker_state(payload: TrialPayload) -> tuple[Any, Any, Any, Any]:
     from orchestrator.plugins import get_plugin_manager
     from orchestrator.search.basemodel import TrainedModel
 
-    key = (payload.task_name, payload.seed, hash(payload.base_state))
+    key = (payload.task_name, payload.seed, hash(payload.base_state), repr(payload.task_spec))
     if key not in _WORKER_STATE:
         registry = get_plugin_manager()
-        task = registry.task(payload.task_name)
+        if payload.task_spec is not None:
+            from orchestrator.ownmodel import OwnModelTask
+
+            task = OwnModelTask.from_spec(payload.task_spec)
+        else:
+            task = registry.task(payload.task_name)
         data = task.load_data(payload.seed)
         base = TrainedModel(task.name, "", payload.base_arch, payload.base_state, 0.0, False).load(task)
         _WORKER_STATE.clear()
@@ -227,7 +233,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
     tune.report({**trial_values(record, payload.profile), "record": json.dumps(record)})
 
 
-_WORKER_STATE: dict[tuple[str, int, int], tuple[Any, Any, Any, Any]] = {}
+_WORKER_STATE: dict[tuple[str, int, int, str], tuple[Any, Any, Any, Any]] = {}
 
 
 def search_limits(profile: Any) -> list[str]:

@@ -1,0 +1,71 @@
+"""`orchestrate cache ...`: what the caches under the state folder hold, and clearing them (README "Cache size").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from orchestrator.cli.format import _ago, cell, printable
+from orchestrator.errors import ExitCode
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+@click.group()
+def cache() -> None:
+    """The caches under the state folder: stages, accuracy, Ray Tune logs, models, base models."""
+
+
+@cache.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def cache_info(as_json: bool) -> None:
+    """Per kind: entries, size, oldest and newest use; the total against the limit; where the folder is."""
+    from orchestrator.cachelimit import LIMIT_ENV, cache_limit, cache_root, format_size, info
+
+    limit = cache_limit()
+    kinds = info()
+    total = sum(int(k["bytes"] or 0) for k in kinds.values())
+    if as_json:
+        click.echo(json.dumps({"folder": str(cache_root()), "limit_bytes": limit, "total_bytes": total,
+                               "kinds": kinds}, indent=2))
+        return
+    from rich.table import Table
+
+    from orchestrator.cli.console import out_console
+
+    table = Table("kind", "entries", "size", "oldest use", "newest use")
+    for kind, row in kinds.items():
+        table.add_row(kind, str(row["entries"]), format_size(int(row["bytes"] or 0)),
+                      _ago(row["oldest_use"]), _ago(row["newest_use"]))
+    console = out_console()
+    console.print(table)
+    said = "no limit" if limit is None else f"limit {format_size(limit)}"
+    console.print(f"total {format_size(total)}, {said} (${LIMIT_ENV}); folder {cell(cache_root())}")
+
+
+@cache.command("clear")
+@click.option("--kind", "kinds", multiple=True, metavar="KIND",
+              help="Only this kind (repeatable): stages, accuracy, tune, models, tasks. Default: all.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def cache_clear(ctx: click.Context, kinds: tuple[str, ...], yes: bool) -> None:
+    """Remove cached entries (files being written are left). The next run rebuilds what it needs."""
+    from orchestrator.cachelimit import KINDS, cache_root, clear, format_size
+
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        click.echo(f"error: unknown cache kind {printable(repr(unknown[0]))}: the kinds are {', '.join(KINDS)}", err=True)
+        ctx.exit(ExitCode.USAGE)
+    chosen = tuple(dict.fromkeys(kinds)) or KINDS
+    question = f"remove every {', '.join(chosen)} cache entry under {printable(cache_root())}?"
+    if not yes and _interactive() and not click.confirm(question, default=False, err=True):
+        click.echo("nothing removed", err=True)
+        return
+    removed, freed, left = clear(chosen)
+    line = f"removed {removed} entries ({format_size(freed)}) of {', '.join(chosen)}"
+    click.echo(line + (f"; {left} being written or not removable were left" if left else ""))

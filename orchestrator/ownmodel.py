@@ -1,0 +1,448 @@
+"""Bring your own model: an ONNX file, a PyTorch module from a factory, or a Hugging Face folder, as a task.
+
+`orchestrate --profile P --model SOURCE [--inputs SAMPLES.npz]` (or the profile's `model:` section)
+turns the model into an `OwnModelTask`: a pretrained task (nothing is trained) whose inputs and
+outputs are read from the model (ONNX graph, the Hugging Face config) or from the samples, and
+whose quality is the task metric when the samples carry `labels`, else agreement with the fp32
+model's own outputs on the samples (`QUALITY_METRICS`).
+
+SOURCE is one of:
+  path/to/model.onnx       an ONNX file: graph-stage techniques only (nothing to prune or train)
+  package.module:factory   a Python callable returning a torch.nn.Module with its weights loaded
+  path/to/hf-folder        a Hugging Face model folder on disk (config.json + weights), loaded offline
+                           with `transformers` (the `hf` extra); never downloads
+
+SAMPLES is an `.npz` of representative inputs, one array per model input, named as the model
+names them, rows along axis 0 (and optionally `labels`). Without it, inputs are random
+(the quality then says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from orchestrator.api import Dataset, Task, TensorSpec
+from orchestrator.errors import ExitCode, OrchestratorError
+
+#: How a model brought without labels is scored against the fp32 model's own outputs (1.0 = identical).
+QUALITY_METRICS = {
+    "top1": "share of samples whose arg-max class is the fp32 model's",
+    "cosine": "mean cosine similarity of each sample's outputs to the fp32 model's",
+    "relative_error": "1 - mean |output - fp32| / mean |fp32|",
+    "labels": "the task metric (top-1 accuracy) against the samples' labels",
+}
+FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+RANDOM_SAMPLES = 64
+DEFAULT_SEQUENCE = 128
+
+
+class ModelSourceError(OrchestratorError):
+    """A model given with --model (or the profile's `model:`) cannot be used: one line saying why."""
+
+    exit_code = ExitCode.USAGE
+
+
+def source_kind(source: str) -> str:
+    """"onnx" | "hf" | "torch" for a --model value, or ModelSourceError saying what it accepts."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".onnx":
+        return "onnx"
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "hf"
+        raise ModelSourceError(f"--model {source}: a folder without config.json (not a Hugging Face model folder)")
+    if FACTORY.match(source):
+        return "torch"
+    if path.suffix == ".onnx":
+        raise ModelSourceError(f"--model {source}: no such file")
+    raise ModelSourceError(f"--model {source}: give an .onnx file, a Hugging Face model folder (with config.json) "
+                           "or a Python factory as package.module:function")
+
+
+def _file_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+class _HFModule:
+    """Builds the torch wrapper of a Hugging Face model: positional (input_ids, attention_mask) -> tensors."""
+
+    @staticmethod
+    def load(folder: str) -> tuple[Any, list[str]]:
+        try:
+            import transformers
+        except ImportError:
+            raise ModelSourceError(f"--model {folder}: a Hugging Face folder needs transformers: "
+                                   "pip install 'edge-orchestrator[hf]'") from None
+        import torch
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a folder on disk; never the hub
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        archs = config.architectures or []
+        classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+        auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
+        try:
+            inner = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
+        except (OSError, ValueError) as exc:
+            raise ModelSourceError(f"--model {folder}: {str(exc).splitlines()[0]}") from None
+        pooling, normalize = _sentence_transformers_head(Path(folder))
+        name = "logits" if classifier else "sentence_embedding" if pooling else "last_hidden_state"
+
+        class HFWrapper(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids, attention_mask):
+                out = self.inner(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+                if classifier or not pooling:
+                    return out["logits" if classifier else "last_hidden_state"]
+                hidden = out["last_hidden_state"]
+                if pooling == "cls":
+                    pooled = hidden[:, 0]
+                else:  # the attention-masked mean over tokens, as sentence-transformers pools
+                    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+
+        return HFWrapper().eval(), [name, int(getattr(config, "vocab_size", 0) or 0)]
+
+
+def _sentence_transformers_head(folder: Path) -> tuple[str | None, bool]:
+    """(pooling "mean" | "cls" | None, normalize) of a sentence-transformers folder: what its embedding is."""
+    config = folder / "1_Pooling" / "config.json"
+    if not config.is_file():
+        return None, False
+    try:
+        pooling = json.loads(config.read_text())
+        modules = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").is_file() else []
+    except (OSError, ValueError):
+        return None, False
+    mode = "cls" if pooling.get("pooling_mode_cls_token") else "mean" if pooling.get("pooling_mode_mean_tokens") \
+        else None
+    return mode, any(str(m.get("type", "")).endswith("Normalize") for m in modules if isinstance(m, dict))
+
+
+class OwnModelTask(Task):
+    """A pretrained model brought by the user (see the module docstring), used as it is."""
+
+    name = "own-model"
+    version = "1"
+    description = "a model brought with --model (ONNX file, PyTorch factory or Hugging Face folder)"
+    pretrained = True
+
+    def __init__(self, source: str, samples: str | None = None, quality: str = "auto",
+                 axes: dict[str, int] | None = None, search_dir: str | None = None) -> None:
+        self.source = str(source)
+        self.kind = source_kind(self.source)
+        self.samples_path = str(samples) if samples else None
+        if self.samples_path and not Path(self.samples_path).is_file():
+            raise ModelSourceError(f"--inputs {self.samples_path}: no such file")
+        if quality not in ("auto", *QUALITY_METRICS):
+            raise ModelSourceError(f"model quality {quality!r}: use auto or one of {', '.join(QUALITY_METRICS)}")
+        self.requested_quality = quality
+        self.search_dir = search_dir or os.getcwd()
+        self.axes = dict(axes or {})
+        self._model: Any = None
+        self._samples: dict[str, Any] | None = None
+        self._vocab = 0
+        self._hf_output = ""
+        self.inputs, self.outputs = self._specs()
+        self.quality_metric = self._quality()
+        self._digest: str | None = None
+
+    # ------------------------------------------------------------------ what workers rebuild it from
+    def spec(self) -> dict[str, Any]:
+        """What a Ray worker needs to rebuild this task (`from_spec`)."""
+        return {"source": self.source, "samples": self.samples_path, "quality": self.requested_quality,
+                "axes": self.axes, "search_dir": self.search_dir}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> OwnModelTask:
+        return cls(spec["source"], spec.get("samples"), spec.get("quality", "auto"), spec.get("axes"),
+                   spec.get("search_dir"))
+
+    def describe(self) -> dict[str, Any]:
+        """What results.json says of the model."""
+        return {"source": self.source, "kind": self.kind,
+                "samples": self.samples_path or f"random ({RANDOM_SAMPLES} rows: no --inputs given)",
+                "quality_metric": self.quality_metric, "quality_means": QUALITY_METRICS[self.quality_metric],
+                "inputs": [_spec_json(s) for s in self.inputs], "outputs": [_spec_json(s) for s in self.outputs]}
+
+    # ------------------------------------------------------------------------------- the model
+    def build(self, arch: dict[str, Any] | None = None) -> Any:
+        """The pretrained model: onnx.ModelProto for an ONNX file, else a torch module in eval mode."""
+        if self.kind == "onnx":
+            import onnx
+
+            try:
+                return onnx.load(self.source)
+            except Exception as exc:  # noqa: BLE001 - a corrupt file says so in one line
+                raise ModelSourceError(f"--model {self.source}: not a readable ONNX model "
+                                       f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        import copy
+
+        return copy.deepcopy(self._torch_model())
+
+    def _torch_model(self) -> Any:
+        if self._model is None:
+            if self.kind == "hf":
+                self._model, (self._hf_output, self._vocab) = _HFModule.load(self.source)
+            else:
+                self._model = _call_factory(self.source, self.search_dir)
+        return self._model
+
+    def fingerprint(self) -> str:
+        """The model's and the samples' content (the stage and accuracy caches key on it)."""
+        if self._digest is None:
+            src = Path(self.source)
+            if self.kind == "onnx":
+                files = [src]
+            elif self.kind == "hf":
+                files = [p for p in src.iterdir() if p.is_file()]
+            else:
+                files = []
+            model_part = _file_digest(files) if files else _state_digest(self._torch_model())
+            samples_part = _file_digest([Path(self.samples_path)]) if self.samples_path else "random"
+            self._digest = f"{model_part}:{samples_part}"
+        return f"own-model:{self.version}:{self.kind}:{self._digest}:{self.quality_metric}:{sorted(self.axes.items())}"
+
+    def train(self, model: Any, data: Dataset, epochs: int, seed: int,
+              teacher: Any = None, temperature: float = 4.0, alpha: float = 0.5) -> Any:
+        """Nothing to train at 0 epochs; fine-tuning a brought model needs a task plugin with its loss and data."""
+        if epochs <= 0:
+            return model
+        raise NotImplementedError("fine-tuning a model brought with --model needs a task plugin "
+                                  "(its training data and loss); use the technique at 0 epochs")
+
+    # -------------------------------------------------------------------------------- inputs
+    def _specs(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        if self.kind == "onnx":
+            return _onnx_specs(self.source)
+        if self.kind == "hf":
+            self._torch_model()
+            name = self._hf_output
+            seq = ("batch", "sequence")
+            out = ("batch", "sequence", "hidden") if name == "last_hidden_state" else ("batch", "features")
+            return (TensorSpec("input_ids", "int64", seq), TensorSpec("attention_mask", "int64", seq)), \
+                (TensorSpec(name, "float32", out),)
+        self._torch_model()
+        samples = self._load_samples()
+        if samples is None:
+            raise ModelSourceError(f"--model {self.source}: a PyTorch factory needs --inputs SAMPLES.npz "
+                                   "(one array per input, named as forward() takes them, in that order)")
+        inputs = tuple(TensorSpec(n, str(a.dtype), ("batch", *a.shape[1:]))
+                       for n, a in samples.items() if n != "labels")
+        import torch
+
+        try:
+            with torch.no_grad():
+                result = self._torch_model()(*(torch.from_numpy(samples[s.name][:1]) for s in inputs))
+        except Exception as exc:  # noqa: BLE001 - the user's model on the user's samples: one line
+            raise ModelSourceError(f"--model {self.source}: forward() on the first row of --inputs failed: "
+                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        result = [result] if isinstance(result, torch.Tensor) else list(result)
+        names = ["output"] if len(result) == 1 else [f"output{i}" for i in range(len(result))]
+        return inputs, tuple(TensorSpec(n, str(t.numpy().dtype), ("batch", *t.shape[1:])) for n, t in zip(names, result))
+
+    def _load_samples(self) -> dict[str, Any] | None:
+        if self.samples_path is None:
+            return None
+        if self._samples is None:
+            import numpy as np
+
+            try:
+                with np.load(self.samples_path, allow_pickle=False) as npz:
+                    self._samples = {k: npz[k] for k in npz.files}
+            except Exception as exc:  # noqa: BLE001
+                raise ModelSourceError(f"--inputs {self.samples_path}: not a readable .npz "
+                                       f"({type(exc).__name__})") from None
+            arrays = {k: v for k, v in self._samples.items() if k != "labels"}
+            if not arrays:
+                raise ModelSourceError(f"--inputs {self.samples_path}: holds no input array")
+            rows = {len(v) for v in self._samples.values() if v.ndim > 0}
+            if len(rows) != 1 or any(v.ndim == 0 for v in self._samples.values()):
+                raise ModelSourceError(f"--inputs {self.samples_path}: every array needs the same number of rows "
+                                       "along axis 0")
+        return self._samples
+
+    def _quality(self) -> str:
+        samples = self._load_samples()
+        if self.requested_quality != "auto":
+            if self.requested_quality == "labels" and (samples is None or "labels" not in samples):
+                raise ModelSourceError("model quality 'labels' needs a `labels` array in --inputs")
+            return self.requested_quality
+        if samples is not None and "labels" in samples:
+            return "labels"
+        out = self.outputs[0]
+        classifier = any(word in out.name.lower() for word in ("logit", "prob", "softmax", "class")) or \
+            (len(out.shape) == 2 and out.shape[1] == "classes")
+        return "top1" if classifier and len(out.shape) == 2 else "cosine"
+
+    def sample_inputs(self, seed: int) -> dict[str, Any]:
+        """{input name: array (N, ...)}: the given samples, or random ones at the profile's axis sizes."""
+        import numpy as np
+
+        samples = self._load_samples()
+        if samples is not None:
+            wanted = [s.name for s in self.inputs]
+            missing = [n for n in wanted if n not in samples]
+            if missing:
+                raise ModelSourceError(f"--inputs {self.samples_path}: no array for input(s) {', '.join(missing)} "
+                                       f"(it has {', '.join(k for k in samples if k != 'labels')})")
+            out = {}
+            for spec in self.inputs:
+                array = samples[spec.name]
+                if str(array.dtype) != spec.dtype:
+                    raise ModelSourceError(f"--inputs {self.samples_path}: {spec.name} is {array.dtype}, "
+                                           f"the model wants {spec.dtype}")
+                out[spec.name] = array
+            return out
+        rng = np.random.default_rng(seed)
+        self._torch_model() if self.kind == "hf" else None
+        out = {}
+        for spec in self.inputs:
+            shape = [RANDOM_SAMPLES] + [self.axes.get(d, DEFAULT_SEQUENCE if d == "sequence" else 1)
+                                        if isinstance(d, str) else d for d in spec.shape[1:]]
+            if spec.name == "attention_mask":
+                out[spec.name] = np.ones(shape, dtype=spec.dtype)
+            elif np.issubdtype(np.dtype(spec.dtype), np.integer):
+                high = self._vocab or 10
+                out[spec.name] = rng.integers(0, high, size=shape).astype(spec.dtype)
+            else:
+                out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        return out
+
+    def measure_axes(self, seed: int = 0) -> dict[str, int]:
+        """Sizes of the named dynamic axes (batch aside) at which the device times the model: the samples'."""
+        sizes = dict(self.axes)
+        feeds = self.sample_inputs(seed)
+        for spec in self.inputs:
+            for i, d in spec.dynamic_axes().items():
+                if i > 0 and d not in sizes:
+                    sizes[d] = int(feeds[spec.name].shape[i])
+        return sizes
+
+    def load_data(self, seed: int) -> dict[str, Dataset]:
+        """Calibration: the first half of the samples (at most 128); eval: the rest; labels or fp32 outputs."""
+        feeds = self.sample_inputs(seed)
+        n = len(next(iter(feeds.values())))
+        cut = min(n // 2, 128) if n >= 4 else n
+        calibration = {k: v[:cut] for k, v in feeds.items()}
+        evaluation = {k: v[cut:] for k, v in feeds.items()} if cut < n else calibration
+        samples = self._load_samples()
+        if self.quality_metric == "labels":
+            labels = samples["labels"]
+            eval_labels = labels[cut:] if cut < n else labels[:cut]
+            return {"train": Dataset(calibration, labels[:cut]), "calibration": Dataset(calibration, labels[:cut]),
+                    "eval": Dataset(evaluation, eval_labels)}
+        reference = self._reference(Dataset(evaluation, None))
+        return {"train": Dataset(calibration, None), "calibration": Dataset(calibration, None),
+                "eval": Dataset(evaluation, reference)}
+
+    def _reference(self, data: Dataset) -> list[Any]:
+        """The fp32 model's outputs on `data`: what label-free quality compares with."""
+        if self.kind == "onnx":
+            from orchestrator.search.pipeline import onnx_outputs
+
+            return onnx_outputs(Path(self.source).read_bytes(), self, data)
+        from orchestrator.search.basemodel import torch_outputs
+
+        return torch_outputs(self, self._torch_model(), data, batch=16)
+
+    # ------------------------------------------------------------------------------- quality
+    def score(self, outputs: list[Any], labels: Any) -> float:
+        """The quality named by `quality_metric` (1.0 = the fp32 model's own outputs)."""
+        import numpy as np
+
+        if self.quality_metric == "labels":
+            return self.metric(outputs[0], labels)
+        if self.quality_metric == "top1":
+            got, ref = np.asarray(outputs[0]), np.asarray(labels[0])
+            return float((got.argmax(axis=-1) == ref.argmax(axis=-1)).mean())
+        got = np.concatenate([np.asarray(o, dtype=np.float64).reshape(len(o), -1) for o in outputs], axis=1)
+        ref = np.concatenate([np.asarray(o, dtype=np.float64).reshape(len(o), -1) for o in labels], axis=1)
+        if not np.all(np.isfinite(got)):
+            return 0.0
+        if self.quality_metric == "relative_error":
+            return float(max(0.0, 1.0 - np.abs(got - ref).mean() / max(np.abs(ref).mean(), 1e-12)))
+        norms = np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1)
+        return float(np.mean((got * ref).sum(axis=1) / np.maximum(norms, 1e-12)))
+
+
+def _spec_json(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape)}
+
+
+def _onnx_specs(path: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    import onnx
+    from onnx import helper
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file says so in one line
+        raise ModelSourceError(f"--model {path}: not a readable ONNX model ({type(exc).__name__})") from None
+    initializers = {i.name for i in model.graph.initializer}
+
+    def spec(value: Any) -> TensorSpec:
+        t = value.type.tensor_type
+        # a dynamic axis keeps its name; an unnamed one ("?", -1) is called INPUT:AXIS, as the agent's --axes takes it
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
+                     (d.dim_param if d.dim_param and d.dim_param != "?" else f"{value.name}:{i}")
+                     for i, d in enumerate(t.shape.dim))
+        if dims and isinstance(dims[0], str):
+            dims = ("batch", *dims[1:])
+        try:
+            dtype = str(helper.tensor_dtype_to_np_dtype(t.elem_type))
+        except Exception:  # noqa: BLE001
+            raise ModelSourceError(f"--model {path}: input/output {value.name} has a type onnxruntime "
+                                   "cannot be fed from numpy here") from None
+        return TensorSpec(value.name, dtype, dims)
+
+    inputs = tuple(spec(v) for v in model.graph.input if v.name not in initializers)
+    return inputs, tuple(spec(v) for v in model.graph.output)
+
+
+def _call_factory(source: str, search_dir: str | None = None) -> Any:
+    """Import package.module and call the factory. `search_dir` (the run's working folder) is tried last
+    on the import path, as `python -m` would, but after the installed packages: it never shadows them."""
+    import sys
+
+    module_name, _, attr = source.partition(":")
+    if search_dir and search_dir not in sys.path:
+        sys.path.append(search_dir)
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ModelSourceError(f"--model {source}: {type(exc).__name__}: {exc}") from None
+    try:
+        model = target()
+    except Exception as exc:  # noqa: BLE001 - the user's factory: its error, in one line
+        raise ModelSourceError(f"--model {source}: the factory raised {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not hasattr(model, "state_dict") or not callable(model):
+        raise ModelSourceError(f"--model {source}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def _state_digest(model: Any) -> str:
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,366 @@
+"""Graph techniques on a transformer, and technique parameters set by the profile.
+
+A tiny BERT-like model (int64 input_ids and attention_mask, embeddings, two layers of
+attention with a float-min mask, GELU feed-forward, LayerNorms), built with torch and
+exported as the pipeline exports: static int8 keeps it only with the attention core
+excluded, dynamic int8 quantizes its embedding tables, fp16 keeps its int64 inputs,
+transformer-optimize fuses it (and refuses a CNN). Then `search.params`: a value fixes a
+parameter, a list restricts a searched one, anything else is one clear profile error.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from orchestrator.api import Dataset, Task, TechniqueContext, TensorSpec
+from orchestrator.errors import ProfileError
+from orchestrator.plugins import get_plugin_manager
+from orchestrator.profile import load_profile
+from orchestrator.search.pipeline import build_candidate, export_onnx
+from orchestrator.search.space import allowed_techniques, configured_technique, enumerate_candidates
+from orchestrator.search.starting import starting_points
+from plugins.digits import DigitsTask
+from plugins.quantization import attention_core
+from tests.helpers import ROOT
+from tests.helpers.techniques import TINY_ARCH, tiny_context
+
+VOCAB, SEQ, HIDDEN = 500, 16, 64
+
+
+class _Layer(nn.Module):
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.d = heads, hidden // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
+        self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.ff1, self.ff2 = nn.Linear(hidden, 4 * hidden), nn.Linear(4 * hidden, hidden)
+
+    def split(self, x):
+        return x.view(x.shape[0], x.shape[1], self.heads, self.d).permute(0, 2, 1, 3)
+
+    def forward(self, x, mask):
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.d) + mask
+        ctx = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).contiguous().view(x.shape[0], x.shape[1], -1)
+        x = self.ln1(x + self.o(ctx))
+        return self.ln2(x + self.ff2(nn.functional.gelu(self.ff1(x))))
+
+
+class TinyBert(nn.Module):
+    """BERT's structure (as Hugging Face writes it) at toy size."""
+
+    def __init__(self, layers: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.word, self.pos, self.ln = nn.Embedding(VOCAB, HIDDEN), nn.Embedding(SEQ, HIDDEN), nn.LayerNorm(HIDDEN)
+        self.layers = nn.ModuleList(_Layer(HIDDEN, heads) for _ in range(layers))
+
+    def forward(self, input_ids, attention_mask):
+        x = self.ln(self.word(input_ids) + self.pos(torch.arange(input_ids.shape[1]).unsqueeze(0)))
+        mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+class TokensTask(Task):
+    """Just what a TechniqueContext needs of a task with two int64 inputs."""
+
+    name = "tokens"
+    inputs = (TensorSpec("input_ids", "int64", ("batch", "sequence")),
+              TensorSpec("attention_mask", "int64", ("batch", "sequence")))
+    outputs = (TensorSpec("last_hidden_state", "float32", ("batch", "sequence", HIDDEN)),)
+
+
+def _tokens(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, (n, SEQ)).astype(np.int64)
+    mask = np.ones((n, SEQ), np.int64)
+    for row, length in enumerate(rng.integers(4, SEQ, n)):
+        mask[row, length:] = 0  # padding, which the mask hides
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return get_plugin_manager()
+
+
+@pytest.fixture(scope="module")
+def bert() -> onnx.ModelProto:
+    torch.manual_seed(0)
+    model = TinyBert().eval()
+    with torch.no_grad():  # sharper attention than a fresh init: what attention computes then matters
+        for layer in model.layers:
+            layer.q.weight.mul_(8)
+            layer.k.weight.mul_(8)
+    example = (torch.zeros((1, SEQ), dtype=torch.int64), torch.ones((1, SEQ), dtype=torch.int64))
+    axes = {0: "batch", 1: "sequence"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, example, buf, dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes})
+    return onnx.load_from_string(buf.getvalue())
+
+
+@pytest.fixture()
+def ctx(tmp_path):
+    data = {"calibration": Dataset(_tokens(32, 1), None), "eval": Dataset(_tokens(16, 2), None)}
+    data["train"] = data["calibration"]
+    return TechniqueContext(task=TokensTask(), data=data, teacher=None,
+                            profile=load_profile(ROOT / "device_profiles" / "x86-host.yaml").profile,
+                            scratch_dir=tmp_path, seed=0)
+
+
+def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = [session.run(None, {k: v[i : i + 1] for k, v in feeds.items()})[0] for i in range(len(feeds["input_ids"]))]
+    return np.concatenate(rows).reshape(len(rows), -1)
+
+
+def _cosine(model: onnx.ModelProto, reference: onnx.ModelProto, ctx) -> float:
+    feeds = ctx.data["eval"].inputs
+    a, b = _outputs(model, feeds), _outputs(reference, feeds)
+    return float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+
+def _io_types(model: onnx.ModelProto) -> list[tuple[str, int]]:
+    return [(v.name, v.type.tensor_type.elem_type) for v in [*model.graph.input, *model.graph.output]]
+
+
+# --- int8-static -----------------------------------------------------------------------------------
+
+def test_attention_core_is_the_score_path_between_activation_matmuls(bert):
+    core = attention_core(bert)
+    ops = sorted(n.op_type for n in bert.graph.node if n.name in core)
+    assert ops == ["Add", "Add", "Div", "Div", "MatMul", "MatMul", "MatMul", "MatMul", "Softmax", "Softmax"]
+
+
+def test_int8_static_keeps_a_transformer_only_with_its_attention_core_in_float(registry, bert, ctx):
+    technique = registry.technique("int8-static")
+    params = technique.check_params({"calibration_samples": 32})
+    assert params["exclude_activation_matmul"] is True and params["quant_format"] == "QDQ"
+    kept = _cosine(technique.apply(bert, params, ctx), bert, ctx)
+    everything = _cosine(technique.apply(bert, {**params, "exclude_activation_matmul": False}, ctx), bert, ctx)
+    assert kept >= 0.98
+    assert 1 - everything > 10 * (1 - kept), (kept, everything)  # quantizing the attention core costs far more
+    qoperator = technique.apply(bert, {**params, "quant_format": "QOperator"}, ctx)
+    assert any(n.op_type == "QLinearMatMul" for n in qoperator.graph.node)
+    assert _cosine(qoperator, bert, ctx) >= 0.98
+    assert _io_types(qoperator) == _io_types(bert)  # int64 ids and mask in, float32 out
+
+
+def test_int8_static_refuses_unknown_nodes_and_explains_histograms_of_a_mask(registry, bert, ctx):
+    technique = registry.technique("int8-static")
+    with pytest.raises(ValueError, match="nodes_to_exclude names no node of this graph: nope"):
+        technique.apply(bert, technique.check_params({"nodes_to_exclude": ["nope"]}), ctx)
+    # the float-min mask has no finite histogram: say what to do instead of numpy's message
+    with pytest.raises(ValueError, match="entropy calibration cannot make a histogram .* calibrate with minmax"):
+        technique.apply(bert, technique.check_params({"calibration": "entropy", "calibration_samples": 8}), ctx)
+
+
+# --- int8-dynamic ----------------------------------------------------------------------------------
+
+def test_int8_dynamic_with_gather_quantizes_the_embedding_tables(registry, bert, ctx):
+    technique = registry.technique("int8-dynamic")
+    tables = sum(numpy_helper.to_array(t).nbytes for t in bert.graph.initializer
+                 if any(n.op_type == "Gather" and n.input[0] == t.name for n in bert.graph.node))
+    assert tables == (VOCAB + SEQ) * HIDDEN * 4
+    matmul = technique.apply(bert, technique.check_params({"operators": "matmul"}), ctx)
+    gather = technique.apply(bert, technique.check_params({"operators": "matmul+gather"}), ctx)
+    saved = matmul.ByteSize() - gather.ByteSize()
+    assert 0.7 * tables < saved < 0.8 * tables  # int8 tables: a quarter of their float32 bytes
+    assert _cosine(gather, bert, ctx) >= 0.98 and _io_types(gather) == _io_types(bert)
+    with pytest.raises(ValueError, match="the model has no Gather node to quantize"):
+        technique.apply(bert, technique.check_params({"operators": "matmul+gather", "exclude_op_types": ["MatMul"],
+                                                      "nodes_to_exclude": ["/word/Gather", "/pos/Gather"]}), ctx)
+
+
+# --- fp16 ------------------------------------------------------------------------------------------
+
+def _embedding_model() -> onnx.ModelProto:
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["vectors"], name="embed"),
+         helper.make_node("Cast", ["ids"], ["ids_out"], to=TensorProto.INT64, name="ids_copy")],
+        "embedding", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3])],
+        [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["batch", 3, 4]),
+         helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["batch", 3])],
+        [table])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("keep_io_types", [True, False])
+def test_fp16_never_casts_integer_inputs_or_outputs(registry, ctx, keep_io_types):
+    model = _embedding_model()
+    technique = registry.technique("fp16")
+    half = technique.apply(model, technique.check_params({"keep_io_types": keep_io_types}), ctx)
+    types = dict(_io_types(half))
+    assert types["ids"] == types["ids_out"] == TensorProto.INT64
+    assert types["vectors"] == (TensorProto.FLOAT if keep_io_types else TensorProto.FLOAT16)
+    ids = np.array([[1, 2, 9]], np.int64)
+    session = ort.InferenceSession(half.SerializeToString(), providers=["CPUExecutionProvider"])
+    vectors, ids_out = session.run(None, {"ids": ids})
+    assert np.allclose(vectors, numpy_helper.to_array(model.graph.initializer[0])[ids], atol=1e-2)
+    assert (ids_out == ids).all()
+
+
+def test_fp16_keeps_a_transformers_int64_inputs(registry, bert, ctx):
+    technique = registry.technique("fp16")
+    half = technique.apply(bert, technique.check_params({}), ctx)
+    assert _io_types(half) == _io_types(bert)
+    assert _cosine(half, bert, ctx) >= 0.99
+
+
+# --- transformer-optimize --------------------------------------------------------------------------
+
+def test_transformer_optimize_fuses_a_bert_like_model_and_quantizers_follow(registry, bert, ctx):
+    technique = registry.technique("transformer-optimize")
+    fused = technique.apply(bert, technique.check_params({}), ctx)
+    ops = {n.op_type for n in fused.graph.node}
+    assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu"} <= ops
+    assert "Attention" not in {n.op_type for n in bert.graph.node}  # the input is untouched
+    assert _cosine(fused, bert, ctx) > 0.9999 and _io_types(fused) == _io_types(bert)
+    # what may follow it: dynamic int8 knows the fused operators (QAttention, QEmbedLayerNormalization)
+    dynamic = registry.technique("int8-dynamic")
+    quantized = dynamic.apply(fused, dynamic.check_params({"operators": "matmul+gather"}), ctx)
+    assert {"QAttention", "QEmbedLayerNormalization"} <= {n.op_type for n in quantized.graph.node}
+    assert _cosine(quantized, bert, ctx) >= 0.98
+    static = registry.technique("int8-static")
+    assert _cosine(static.apply(fused, static.check_params({"calibration_samples": 16}), ctx), bert, ctx) >= 0.98
+
+
+def test_transformer_optimize_refuses_a_cnn(registry, tmp_path):
+    torch.manual_seed(0)
+    cnn = DigitsTask().build(TINY_ARCH).eval()
+    model = onnx.load_from_string(export_onnx(DigitsTask(), cnn))
+    technique = registry.technique("transformer-optimize")
+    with pytest.raises(ValueError, match="transformer-optimize fused nothing"):
+        technique.apply(model, technique.check_params({}), tiny_context(tmp_path, cnn))
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"model_type": "resnet"}, "model_type must be one of"),
+    ({"opt_level": 99}, "opt_level must be 0, 1 or 2, got 99"),
+    ({"num_heads": -1}, "num_heads must be a whole number >= 0"),
+    ({"use_gpu": True}, "unknown parameter(s) use_gpu"),
+])
+def test_transformer_optimize_refuses_bad_params(registry, params, message):
+    from orchestrator.errors import TechniqueParamsError
+
+    with pytest.raises(TechniqueParamsError, match=f"technique 'transformer-optimize': {message}".replace("(", r"\(")
+                       .replace(")", r"\)")):
+        registry.technique("transformer-optimize").check_params(params)
+
+
+# --- search.params in the profile ------------------------------------------------------------------
+
+def _profile(tmp_path, params, techniques=("int8-static", "int8-dynamic", "fp16", "prune-structured")):
+    data = yaml.safe_load((ROOT / "device_profiles" / "x86-host.yaml").read_text())
+    data["search"]["techniques"] = list(techniques)
+    data["search"]["params"] = params
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_profile(path)
+
+
+def _by_name(loaded, registry):
+    return {t.name: t for t in allowed_techniques(loaded, registry)}
+
+
+def test_no_params_leaves_the_installed_techniques_as_they_are(registry, tmp_path):
+    got = allowed_techniques(_profile(tmp_path, {}), registry)
+    assert all(t is registry.techniques[t.name] for t in got)
+
+
+def test_a_value_fixes_a_parameter_and_a_list_restricts_one(registry, tmp_path):
+    loaded = _profile(tmp_path, {
+        "int8-static": {"quant_format": "QDQ", "calibration": ["minmax", "percentile"],
+                        "calibration_samples": 64, "op_types": ["MatMul", "Gather"]},
+        "int8-dynamic": {"operators": "matmul+gather", "per_channel": [True]},
+    })
+    ts = _by_name(loaded, registry)
+    static, dynamic = ts["int8-static"], ts["int8-dynamic"]
+    assert len(static.param_grid()) == 2 * 2 * 2 * 2  # per_channel, calibration (2 of 3), activations, reduce_range
+    assert {p["quant_format"] for p in static.param_grid()} == {"QDQ"}
+    assert {p["calibration"] for p in static.param_grid()} == {"minmax", "percentile"}
+    assert all(p["calibration_samples"] == 64 and p["op_types"] == ["MatMul", "Gather"] for p in static.param_grid())
+    assert [p["per_channel"] for p in dynamic.param_grid()] == [True, True]
+    assert static.check_params({})["calibration_samples"] == 64  # the configured copy's defaults
+    # the registry's own techniques are untouched
+    assert len(registry.techniques["int8-static"].param_grid()) == 48
+    assert registry.techniques["int8-static"].defaults["calibration_samples"] == 128
+    # every candidate carries its full params, which the plain technique a build looks up again accepts as they are
+    candidates = enumerate_candidates(list(ts.values()), loaded.profile.search.max_pipeline_length)
+    for candidate in candidates[:: max(1, len(candidates) // 200)]:
+        for step in candidate:
+            assert registry.technique(step["technique"]).check_params(step["params"]) == step["params"]
+
+
+def test_a_fixed_value_moves_the_recommendations_to_it(registry, tmp_path):
+    from orchestrator.api import DeviceFacts
+
+    loaded = _profile(tmp_path, {"int8-static": {"quant_format": "QOperator"}}, techniques=("int8-static",))
+    techniques = allowed_techniques(loaded, registry)
+    space = enumerate_candidates(techniques, 1)
+    points = starting_points(techniques, space, DeviceFacts(arch="x86_64", isa=frozenset({"avx2"})), 1)
+    assert len(points) == 3  # the baseline and both x86 recommendations, in QOperator format
+    assert [p[0]["params"]["quant_format"] for p in points[1:]] == ["QOperator", "QOperator"]
+
+
+def test_a_profile_value_reaches_the_built_candidate(registry, tmp_path):
+    """build_candidate looks the technique up again in the registry: the candidate's params carry the profile's."""
+    loaded = _profile(tmp_path, {"int8-static": {"op_types": ["Conv"], "calibration_samples": 16}},
+                      techniques=("int8-static",))
+    (static,) = allowed_techniques(loaded, registry)
+    pipeline = [{"technique": "int8-static", "params": static.param_grid()[0]}]
+    torch.manual_seed(0)
+    cnn = DigitsTask().build(TINY_ARCH).eval()
+    context = tiny_context(tmp_path, cnn, samples=16)
+    onnx_bytes, _ = build_candidate(registry, DigitsTask(), cnn, pipeline,
+                                    {"data": context.data, "profile": loaded.profile, "seed": 0})
+    built = onnx.load_from_string(onnx_bytes)
+    dequantized = {o for n in built.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert next(n for n in built.graph.node if n.op_type == "Gemm").input[1] not in dequantized  # Conv only
+
+
+@pytest.mark.parametrize(("params", "where", "message"), [
+    ({"warp-drive": {"x": 1}}, "search.params.warp-drive", "unknown technique 'warp-drive'; installed: "),
+    ({"distill": {"epochs": 6}}, "search.params.distill",
+     "'distill' is not in search.techniques, so its parameters would not be used"),
+    ({"int8-static": {"bits": 4}}, "search.params.int8-static.bits", "unknown parameter of 'int8-static'; it accepts "),
+    ({"int8-static": {"calibration": "kl"}}, "search.params.int8-static.calibration",
+     "'kl' is not one of ['minmax', 'entropy', 'percentile']"),
+    ({"int8-static": {"per_channel": [1]}}, "search.params.int8-static.per_channel", "1 is not one of [True, False]"),
+    ({"int8-static": {"activations": []}}, "search.params.int8-static.activations",
+     "an empty list leaves nothing to search"),
+    ({"int8-static": {"calibration_samples": 2}}, "search.params.int8-static.calibration_samples",
+     "calibration_samples must be an integer >= 8, got 2"),
+    ({"int8-dynamic": {"operators": "gemm"}}, "search.params.int8-dynamic.operators", "operators must be one of"),
+])
+def test_bad_params_are_one_line_naming_the_parameter(registry, tmp_path, params, where, message):
+    loaded = _profile(tmp_path, params)
+    with pytest.raises(ProfileError) as info:
+        allowed_techniques(loaded, registry)
+    text = str(info.value)
+    assert "\n" not in text
+    line = next(i for i, row in enumerate(loaded.text.splitlines(), 1) if row.strip().startswith(where.split(".")[-1]))
+    assert text.startswith(f"{loaded.path}:{line}: {where}: {message}"), text
+
+
+def test_configured_technique_without_a_profile(registry):
+    technique = configured_technique(registry.techniques["fp16"], {"keep_io_types": False})
+    assert technique.param_grid() == [{"keep_io_types": False}] and technique.name == "fp16"
+    assert configured_technique(registry.techniques["fp16"], {}) is registry.techniques["fp16"]

