@@ -64,6 +64,7 @@ def search(source: str, samples: Path, settings: dict[str, Any], trials: int | N
 
     data = yaml.safe_load(PROFILE.read_text())
     data["model"] = {"source": source, "inputs": str(samples), **settings}
+    out.mkdir(parents=True, exist_ok=True)
     profile = out / "profile.yaml"
     profile.write_text(yaml.safe_dump(data))
     started = time.perf_counter()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import sys
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ class PluginInfo:
     tasks: list[str] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
+    origin: str = ""  # the file (or folder) its code was loaded from: Ray workers must load the same
 
 
 class PluginRegistry:
@@ -111,8 +114,35 @@ class PluginRegistry:
             info.error = f"{hook} failed: {_describe(exc)}"
             log.warning("plugin %s: %s", name, info.error)
             return
+        info.origin = info.origin or _origin(plugin)
         if refused:
             info.error = "; ".join(refused)
+        elif not (info.techniques or info.tasks or set(info.hooks) - {"register_techniques", "register_tasks"}):
+            where = f" (loaded from {info.origin})" if info.origin else ""
+            info.error = (f"registers nothing: no technique, task or hook{where}; a folder of the same name "
+                          "in the working directory may shadow the installed package")
+            log.warning("plugin %s: %s", name, info.error)
+
+    def origins(self) -> dict[str, str]:
+        """{plugin name: "version, sha256 of its module file, path"} of every working installed plugin.
+
+        Each Ray worker compares its own with the driver's: the same code, wherever it is installed.
+        """
+        return {name: f"{info.version} {_code_id(info.origin)} at {info.origin}" for name, info in
+                sorted(self.plugins.items()) if info.error is None and info.package != "(in-process)"}
+
+    def check_same_plugins(self, driver: dict[str, str], where: str) -> None:
+        """PluginError unless this process loaded the same plugins from the same files as the driver."""
+        mine = self.origins()
+
+        def code(text: str | None) -> str | None:  # "version sha" without the path: nodes may install elsewhere
+            return text.split(" at ", 1)[0] if text else None
+
+        for name in sorted(set(mine) | set(driver)):
+            if code(mine.get(name)) != code(driver.get(name)):
+                raise PluginError(f"{where} loaded plugin {name!r} from {mine.get(name) or 'nowhere'}, the driver "
+                                  f"from {driver.get(name) or 'nowhere'}: install the same plugins on every node "
+                                  "(and mind folders in the working directory that shadow a package)")
 
     def _withdraw(self, plugin: str, info: PluginInfo) -> None:
         """Take back every technique and task a (now broken) plugin registered."""
@@ -171,6 +201,29 @@ class PluginRegistry:
             getattr(self.pm.hook, hook)(**kwargs)
         except Exception as exc:
             log.warning("event hook %s failed: %s: %s", hook, type(exc).__name__, exc)
+
+
+def _origin(plugin: Any) -> str:
+    """Where a plugin's code lives: its module file, a namespace package's folder, or its class's module file."""
+    module = plugin if isinstance(plugin, types.ModuleType) else sys.modules.get(type(plugin).__module__)
+    if module is None:
+        return ""
+    path = getattr(module, "__file__", None)
+    if path:
+        return str(path)
+    locations = list(getattr(module, "__path__", []) or [])
+    return f"{locations[0]} (a namespace package: no code)" if locations else ""
+
+
+def _code_id(path: str) -> str:
+    """sha256 (12 hex digits) of a plugin's module file; "no-code" for a namespace package or none."""
+    import hashlib
+
+    try:
+        with open(path.split(" (", 1)[0], "rb") as f:
+            return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:12]
+    except OSError:
+        return "no-code"
 
 
 def is_builtin(ep: importlib.metadata.EntryPoint) -> bool:

@@ -245,7 +245,7 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
         payload = TrialPayload(task.name, base.state_dict_bytes, base.arch, profile, profile.search.seed,
                                pool, sink, plan.remaining if searcher is None else None, plan.avoid_cpu, predictor,
                                fresh=options.fresh, baseline_accuracy=plan.baseline_accuracy,
-                               task_spec=task.spec() if hasattr(task, "spec") else None)
+                               task_spec=task.spec() if hasattr(task, "spec") else None, plugins=registry.origins())
 
         recorder, enough = recording_callback(on_candidate, target=plan.trials_left, known=plan.done,
                                              first_id=plan.first_id, interrupts=interrupts)

@@ -246,3 +246,32 @@ def test_a_corrupt_onnx_file_is_one_line(tmp_path):
     bad.write_bytes(b"\x08\x07not a model")
     with pytest.raises(ModelSourceError, match=r"not a readable ONNX model"):
         OwnModelTask(str(bad))
+
+
+def test_a_plugin_that_registers_nothing_is_reported(tmp_path, monkeypatch):
+    """An empty folder on the import path named like a plugin's package: a namespace package with no code."""
+    import importlib
+
+    from orchestrator.plugins import PluginInfo, PluginRegistry
+
+    (tmp_path / "shadowed_plugin").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = PluginRegistry()
+    info = PluginInfo("shadowed", "shadowed-plugin", "1.0")
+    registry.add_plugin(importlib.import_module("shadowed_plugin"), "shadowed", info)
+    assert info.error.startswith("registers nothing") and "namespace package" in info.error
+    assert "shadowed" not in registry.origins()
+
+
+def test_a_worker_with_other_plugin_code_is_refused():
+    from orchestrator.errors import PluginError
+
+    registry = get_plugin_manager()
+    driver = registry.origins()
+    assert "quantization" in driver
+    registry.check_same_plugins(driver, "the worker")  # the same code: fine
+    elsewhere = {k: v.replace(" at ", " at /opt/other/") for k, v in driver.items()}
+    registry.check_same_plugins(elsewhere, "the worker")  # installed elsewhere, same code: fine
+    changed = {**driver, "quantization": driver["quantization"].replace("sha256:", "sha256:f")}
+    with pytest.raises(PluginError, match=r"the worker loaded plugin 'quantization' from .* the driver from"):
+        registry.check_same_plugins(changed, "the worker")

@@ -53,6 +53,7 @@ class TrialPayload:
     fresh: bool = False  # read no cache (stages, accuracy); still write them
     baseline_accuracy: float | None = None  # the exported base model's, on the same held-out data
     task_spec: dict[str, Any] | None = None  # a model brought with --model (orchestrator/ownmodel.py), not a plugin's
+    plugins: dict[str, str] | None = None  # the driver's plugins and their files: every worker must load the same
 
 
 def trial_values(record: dict[str, Any], profile: Any) -> dict[str, Any]:
@@ -109,6 +110,10 @@ def _worker_state(payload: TrialPayload) -> tuple[Any, Any, Any, Any]:
     key = (payload.task_name, payload.seed, hash(payload.base_state), repr(payload.task_spec))
     if key not in _WORKER_STATE:
         registry = get_plugin_manager()
+        if payload.plugins is not None:
+            import socket
+
+            registry.check_same_plugins(payload.plugins, f"the Ray worker (pid {os.getpid()} on {socket.gethostname()})")
         if payload.task_spec is not None:
             from orchestrator.ownmodel import OwnModelTask
 
