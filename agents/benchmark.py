@@ -294,7 +294,9 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         "model_memory_mb": max(peak - rss_before, 0.0) if peak is not None and rss_before is not None else None,
         "execution_provider": session.get_providers()[0],
         "providers_requested": requested,
-        "threads": {"intra_op": args.threads, "inter_op": args.inter_op_threads},
+        "threads": {"intra_op": session.eo_settings.get("intra_op_threads", args.threads),
+                    "inter_op": session.eo_settings.get("inter_op_threads", args.inter_op_threads)},
+        "session_settings": session.eo_settings,  # what the model carried (plugins/session.py); {} when none
         "pinned_cpu": pinned,
         "niceness": os.nice(0),  # a niced agent is preempted by whatever else runs on the device
         "energy": energy,
@@ -365,6 +367,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
         "saved_to": args.outputs,
         "seconds": seconds,
         "execution_provider": session.get_providers()[0],
-        "threads": {"intra_op": args.threads, "inter_op": args.inter_op_threads},
+        "threads": {"intra_op": session.eo_settings.get("intra_op_threads", args.threads),
+                    "inter_op": session.eo_settings.get("inter_op_threads", args.inter_op_threads)},
+        "session_settings": session.eo_settings,  # what the model carried (plugins/session.py); {} when none
         "warnings": warnings,
     }

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import time
 from enum import IntEnum
 
@@ -221,15 +222,66 @@ def choose_providers(requested: list, warnings: list) -> list:
     return chosen
 
 
+#: The model metadata key holding the session settings a model was measured with (plugins/session.py).
+SESSION_METADATA = "edge_orchestrator.session"
+GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+
+
 def create_session(path: str, threads: int, inter_op_threads: int, providers: list, warnings: list):
     """An InferenceSession with these threads, the available ones of `providers` (see choose_providers)
-    and full graph optimisation; MODEL_INVALID if the model does not load."""
+    and full graph optimisation, unless the model carries its own session settings (SESSION_METADATA:
+    graph optimisation level, execution mode, threads), which then win: a device runs a model as it
+    was measured. The settings applied are the session's `eo_settings` ({} when none). MODEL_INVALID
+    if the model does not load."""
     chosen = choose_providers(providers, warnings)
+    session = _session(path, chosen, {"intra_op_threads": threads, "inter_op_threads": inter_op_threads})
+    settings = model_session_settings(session, warnings)
+    if settings:
+        session = _session(path, chosen, {"intra_op_threads": threads, "inter_op_threads": inter_op_threads,
+                                          **settings})
+    session.eo_settings = settings
+    return session
+
+
+def _session(path: str, providers: list, settings: dict):
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = inter_op_threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = settings["intra_op_threads"]
+    options.inter_op_num_threads = settings["inter_op_threads"]
+    level = settings.get("graph_optimization_level", "all")
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if settings.get("execution_mode") == "parallel":
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
     try:
-        return ort.InferenceSession(path, sess_options=options, providers=chosen)
+        return ort.InferenceSession(path, sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
         raise AgentError("cannot load model %s: %s" % (path, one_line(exc)), ExitCode.MODEL_INVALID)
+
+
+def model_session_settings(session, warnings: list) -> dict:
+    """The session settings a model carries in its metadata, checked; {} when none (or unusable: warned)."""
+    try:
+        text = session.get_modelmeta().custom_metadata_map.get(SESSION_METADATA)
+    except Exception:  # noqa: BLE001 - an onnxruntime without model metadata
+        return {}
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        warnings.append("the model's session settings are not JSON: ignored")
+        return {}
+    out = {}
+    for key, value in (raw.items() if isinstance(raw, dict) else []):
+        if key in ("intra_op_threads", "inter_op_threads") and isinstance(value, int) and not isinstance(value, bool) \
+                and 0 <= value <= 1024:
+            out[key] = value
+        elif key == "graph_optimization_level" and value in GRAPH_LEVELS:
+            out[key] = value
+        elif key == "execution_mode" and value in ("sequential", "parallel"):
+            out[key] = value
+        elif value is not None:
+            warnings.append("the model's session setting %s=%r is not one the agent knows: ignored" % (key, value))
+    return out

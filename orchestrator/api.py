@@ -143,6 +143,9 @@ class DeviceFacts:
     arch: str = ""
     isa: frozenset[str] = frozenset()
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    #: Operator types of the base model's ONNX graph (added in 0.3; empty when not known): a technique
+    #: may recommend differently for a transformer (MatMul, no Conv) than for a CNN.
+    model_ops: frozenset[str] = frozenset()
 
     @classmethod
     def from_info(cls, info: dict[str, Any] | None, providers: Sequence[str] = ("CPUExecutionProvider",)) -> DeviceFacts:
@@ -154,6 +157,11 @@ class DeviceFacts:
     def has(self, *features: str) -> bool:
         """True when the CPU reports any of `features`."""
         return any(f.lower() in self.isa for f in features)
+
+    @property
+    def matmul_model(self) -> bool:
+        """The base model is MatMul-heavy without convolutions (a transformer or an MLP), as far as is known."""
+        return "MatMul" in self.model_ops and "Conv" not in self.model_ops
 
     @property
     def x86(self) -> bool:

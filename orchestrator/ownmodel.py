@@ -146,9 +146,10 @@ class OwnModelTask(Task):
 
     def __init__(self, source: str, samples: str | None = None, quality: str = "auto",
                  axes: dict[str, int] | None = None, search_dir: str | None = None) -> None:
-        self.source = str(source)
-        self.kind = source_kind(self.source)
-        self.samples_path = str(samples) if samples else None
+        self.kind = source_kind(str(source))
+        # absolute: Ray workers rebuild the task from its spec in another working folder
+        self.source = str(source) if self.kind == "torch" else str(Path(source).resolve())
+        self.samples_path = str(Path(samples).resolve()) if samples else None
         if self.samples_path and not Path(self.samples_path).is_file():
             raise ModelSourceError(f"--inputs {self.samples_path}: no such file")
         if quality not in ("auto", *QUALITY_METRICS):

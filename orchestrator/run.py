@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -153,7 +154,11 @@ def execute_run(
                 profile.measurement.axes.setdefault(axis, size)
         registry.notify("base_model_started", run_id=run_id, task=task.name)
         base = get_base_model(task, data, profile.search.seed)
-        plan.baseline_accuracy = _baseline_accuracy(task, base, data, prior)
+        plan.baseline_accuracy, baseline_onnx = _baseline_accuracy(task, base, data, prior)
+        if baseline_onnx is not None:  # the starting points may depend on what the model is made of
+            facts = dataclasses.replace(facts, model_ops=model_ops(baseline_onnx))
+            plan.first = starting_points(techniques, candidates, facts, profile.search.max_pipeline_length)
+            extras["starting_points"]["pipelines"] = [_step_text(p) for p in plan.first]
         registry.notify("base_model_ready", run_id=run_id, trained_now=base.trained_now,
                         accuracy=plan.baseline_accuracy if task.pretrained else base.accuracy)
         if trials_left > 0:
@@ -362,10 +367,23 @@ def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, devi
     }
     if best is not None:
         shutil.copyfile(cache_dir("models") / f"{best['model_sha256']}.onnx", out / "best.onnx")
+        settings = _session_settings(out / "best.onnx")
+        if settings is not None:  # what the device must run it with (plugins/session.py): also in the model
+            (out / "best.session.json").write_text(json.dumps(settings, indent=2))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, out / "report.html")
     store.finish_run(run_id, status, best["id"] if best else None, str(error) if error else None)
     return RunOutcome(run_id, out, results, status, error, records)
+
+
+def _session_settings(path: Path) -> dict[str, Any] | None:
+    """The onnxruntime session settings a model carries in its metadata (plugins/session.py), or None."""
+    import onnx
+
+    for prop in onnx.load(str(path), load_external_data=False).metadata_props:
+        if prop.key == "edge_orchestrator.session":
+            return json.loads(prop.value)
+    return None
 
 
 def describe(candidate: dict[str, Any]) -> str:
@@ -381,8 +399,18 @@ def _step_text(pipeline: list[dict[str, Any]]) -> str:
                       for s in pipeline)
 
 
-def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any], prior: list[dict[str, Any]]) -> float:
-    """The exported base model's quality on the held-out split: what the selection's drop is measured from.
+def model_ops(onnx_bytes: bytes) -> frozenset[str]:
+    """The operator types of an ONNX graph."""
+    import onnx
+
+    return frozenset(node.op_type for node in onnx.load_from_string(onnx_bytes).graph.node)
+
+
+def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any],
+                       prior: list[dict[str, Any]]) -> tuple[float, bytes | None]:
+    """(quality, ONNX bytes) of the exported base model on the held-out split: what the drop is measured from.
+
+    A resumed run reads the quality from its stored baseline (bytes: None).
 
     A base model that cannot be loaded, exported or evaluated stops the run here, before any
     trial, with one line naming the stage.
@@ -391,7 +419,7 @@ def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any], prior: list[d
 
     for record in prior:
         if record.get("pipeline") == [] and record.get("status") == "ok":
-            return float(record["metrics"]["accuracy"])
+            return float(record["metrics"]["accuracy"]), None
     stage = "load"
     try:
         model = base.load(task)
@@ -399,7 +427,7 @@ def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any], prior: list[d
         onnx_bytes = model.SerializeToString() if is_onnx(model) and not isinstance(model, bytes) else \
             model if is_onnx(model) else export_onnx(task, model, data.get("calibration"))
         stage = "evaluate"
-        return evaluate_onnx(task, onnx_bytes, data["eval"])
+        return evaluate_onnx(task, onnx_bytes, data["eval"]), onnx_bytes
     except OrchestratorError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's model: its own error, in one line, and no trial runs

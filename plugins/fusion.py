@@ -41,7 +41,7 @@ class TransformerOptimize(Technique):
     stage = "graph"
     version = "1"
     description = "transformer graph fusion (Attention, SkipLayerNorm, Gelu) with onnxruntime's optimizer"
-    cannot_follow = ("int8-static", "int8-dynamic", "fp16")
+    cannot_follow = ("int8-static", "int8-dynamic", "fp16", "ort-session")
     search_space: ClassVar[dict[str, Choice]] = {}
     defaults: ClassVar[dict[str, Any]] = {
         # the optimizer's fusion patterns: "bert" fits BERT/RoBERTa/DistilBERT-like encoders

@@ -98,7 +98,10 @@ def _prepared(model: Any, work: Any, stem: str) -> tuple[Any, Any]:
 
     src, prep, out = work / f"{stem}-fp32.onnx", work / f"{stem}-prep.onnx", work / f"{stem}-int8.onnx"
     onnx.save(_named(model), str(src))
-    quant_pre_process(str(src), str(prep), skip_symbolic_shape=not _uses_contrib_ops(model))
+    fused = _uses_contrib_ops(model)
+    # auto_merge: a fused BERT's position ids are Min(512, sequence) long, which symbolic inference
+    # must merge with `sequence` to go on
+    quant_pre_process(str(src), str(prep), skip_symbolic_shape=not fused, auto_merge=fused)
     return prep, out
 
 
@@ -185,6 +188,7 @@ class Int8Static(Technique):
     version = "3"
     description = "int8 static quantization (QDQ), per-channel or per-tensor weights, calibrated activations"
     incompatible_with = ("int8-dynamic", "fp16")
+    cannot_follow = ("ort-session",)  # session settings are written last (plugins/session.py)
     search_space: ClassVar[dict[str, Choice]] = {
         "per_channel": choice([True, False]),
         "calibration": choice(["minmax", "entropy", "percentile"]),
@@ -316,6 +320,7 @@ class Int8Dynamic(Technique):
     version = "2"
     description = "int8 dynamic quantization (weights int8, activations at run time); for MatMul-heavy models"
     incompatible_with = ("int8-static", "fp16")
+    cannot_follow = ("ort-session",)  # session settings are written last (plugins/session.py)
     search_space: ClassVar[dict[str, Choice]] = {
         "per_channel": choice([False, True]),
         "weight_type": choice(["int8", "uint8"]),
@@ -362,6 +367,17 @@ class Int8Dynamic(Technique):
             out.append(node.name)
         return out
 
+    def recommended(self, device: Any) -> list[dict[str, Any]]:
+        """For a MatMul model without convolutions (a transformer) on a CPU: per-channel int8 weights.
+
+        Per-channel keeps a pretrained transformer's embedding within ~0.01 cosine of fp32 where
+        per-tensor loses 2-3x more (docs/own_models.md); a CNN's convolutions become ConvInteger,
+        slower than fp32 on onnxruntime's CPU provider, so a CNN gets no recommendation.
+        """
+        if device.gpu or not device.matmul_model:
+            return []
+        return [{"per_channel": True, "weight_type": "int8"}]
+
     def apply(self, model: Any, params: dict[str, Any], ctx: Any) -> Any:
         """Quantize an onnx.ModelProto; refuses a model with nothing of the chosen operators to quantize."""
         import onnx
@@ -393,6 +409,7 @@ class Float16(Technique):
     version = "1"
     description = "float16 conversion (float32 inputs/outputs kept); for GPU execution providers"
     incompatible_with = ("int8-static", "int8-dynamic")
+    cannot_follow = ("ort-session",)  # session settings are written last (plugins/session.py)
     search_space: ClassVar[dict[str, Choice]] = {}
     defaults: ClassVar[dict[str, Any]] = {"keep_io_types": True}
 

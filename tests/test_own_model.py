@@ -275,3 +275,40 @@ def test_a_worker_with_other_plugin_code_is_refused():
     changed = {**driver, "quantization": driver["quantization"].replace("sha256:", "sha256:f")}
     with pytest.raises(PluginError, match=r"the worker loaded plugin 'quantization' from .* the driver from"):
         registry.check_same_plugins(changed, "the worker")
+
+
+def test_a_transformer_starts_with_per_channel_dynamic_int8_and_a_cnn_does_not():
+    from orchestrator.api import DeviceFacts
+    from orchestrator.search.space import enumerate_candidates
+    from orchestrator.search.starting import starting_points
+
+    registry = get_plugin_manager()
+    techniques = [registry.technique(n) for n in ("int8-dynamic", "int8-static")]
+    space = enumerate_candidates(techniques, 1)
+    transformer = DeviceFacts(arch="x86_64", model_ops=frozenset({"MatMul", "Gather", "Softmax"}))
+    cnn = DeviceFacts(arch="x86_64", model_ops=frozenset({"Conv", "Gemm", "MatMul"}))
+    dynamic = [p for p in starting_points(techniques, space, transformer, 1) if p and p[0]["technique"] == "int8-dynamic"]
+    assert [p[0]["params"]["per_channel"] for p in dynamic] == [True]
+    assert not any(p and p[0]["technique"] == "int8-dynamic" for p in starting_points(techniques, space, cnn, 1))
+
+
+def test_the_profile_names_its_model_or_task(tmp_path):
+    from orchestrator.run import resolve_task
+
+    registry = get_plugin_manager()
+    samples = _ocr_samples(tmp_path / "crops.npz", rows=8)
+    shutil_copy = __import__("shutil").copy
+    shutil_copy(OCR_CLS, tmp_path / "cls.onnx")
+    # relative paths in the profile are read from the profile's folder, wherever the command runs
+    loaded = load_profile(_profile(tmp_path, ["int8-static"], 1, source="cls.onnx", inputs="crops.npz",
+                                   quality="top1"))
+    task = resolve_task(loaded, registry, RunOptions())
+    assert task.kind == "onnx" and task.source == str(tmp_path / "cls.onnx") and task.quality_metric == "top1"
+    assert task.samples_path == str(samples)
+    assert resolve_task(loaded, registry, RunOptions(task="digits")).name == "digits"  # the command line wins
+    named = tmp_path / "named.yaml"
+    data = yaml.safe_load((tmp_path / "own.yaml").read_text())
+    data.pop("model")
+    data["task"] = "digits"
+    named.write_text(yaml.safe_dump(data))
+    assert resolve_task(load_profile(named), registry, RunOptions()).name == "digits"

@@ -135,7 +135,7 @@ def test_an_accuracy_infeasible_candidate_is_never_sent_to_a_device(tmp_path, ra
     data["search"].update(techniques=["int8-static"], max_pipeline_length=1, trials=3)
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(data))
-    monkeypatch.setattr(run_module, "_baseline_accuracy", lambda *args: 1.5)  # 150%: nothing is within 1 point
+    monkeypatch.setattr(run_module, "_baseline_accuracy", lambda *args: (1.5, None))  # 150%: nothing is within 1 point
     outcome = run_module.execute_run(load_profile(path), get_plugin_manager(),
                                      run_module.RunOptions(trials=3, out_dir=tmp_path / "runs"))
     by_status = {c["id"]: c["status"] for c in outcome.candidates}
