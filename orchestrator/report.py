@@ -83,6 +83,18 @@ def _row(c: dict[str, Any], best_id: str | None, latency_tag: str | None) -> str
     )
 
 
+def _model_line(results: dict[str, Any]) -> str:
+    """For a model brought with --model: where it came from, and what its "accuracy" figures measure."""
+    model = results.get("model")
+    if not model:
+        return ""
+    inputs = ", ".join(f"{i['name']} {i['dtype']} ({' x '.join(map(str, i['shape']))})" for i in model.get("inputs", []))
+    return (f"<p>Model <code>{html.escape(str(model.get('source')))}</code> ({html.escape(str(model.get('kind')))}), "
+            f"inputs {html.escape(inputs)}; samples: {html.escape(str(model.get('samples')))}. The accuracy columns "
+            f"below are its quality: <b>{html.escape(str(model.get('quality_metric')))}</b>, "
+            f"{html.escape(str(model.get('quality_means')))}.</p>\n")
+
+
 def _pick_section(results: dict[str, Any]) -> str:
     best, base = results.get("best"), results.get("baseline")
     if not best:
@@ -192,7 +204,7 @@ def render_report(results: dict[str, Any]) -> str:
 <h1>Run {html.escape(results['run_id'])}</h1>
 <p>Profile <b>{html.escape(results['profile'])}</b> (<code>{html.escape(results.get('profile_path', ''))}</code>),
 task <b>{html.escape(results['task'])}</b>, status <b>{html.escape(results['status'])}</b>.</p>
-<p>Measured on:</p><ul>{device_items}</ul>
+{_model_line(results)}<p>Measured on:</p><ul>{device_items}</ul>
 {_pick_section(results)}
 <h2>Pareto front</h2>
 <p class="muted">Accuracy on held-out data against latency, energy and size. Orange: the front of the feasible
