@@ -215,6 +215,8 @@ def test_a_torch_factory_with_int64_inputs_end_to_end(ray_local, tmp_path):
     for c in measured:  # never a collapsed candidate among the measured ones
         assert c["metrics"]["accuracy"] >= results["baseline"]["metrics"]["accuracy"] - 0.01
     assert (outcome.out_dir / "best.onnx").is_file()
+    assert "The accuracy columns below are its quality: <b>cosine</b>" in (outcome.out_dir / "report.html").read_text()
+    assert results.get("measurement_axes") is None  # fixed-size samples: nothing dynamic but the batch
 
 
 @pytest.mark.slow

@@ -216,6 +216,23 @@ def test_a_tie_goes_to_the_more_accurate() -> None:
     assert decide(contenders, rounds, "c000", tie_within=0.02)["pick"] == "c001"
 
 
+def test_a_negligible_quality_or_size_difference_does_not_decide_a_tie() -> None:
+    """Cosine 0.9941 vs 0.9939 and 22.8 vs 22.9 MB are no better than the noise: the faster median wins."""
+    contenders = [
+        {"id": "c000", "pipeline": [], "metrics": {"accuracy": 1.0, "size_bytes": 90_400_000}},
+        {"id": "c002", "pipeline": [{"technique": "a"}], "metrics": {"accuracy": 0.9939, "size_bytes": 22_900_000}},
+        {"id": "c010", "pipeline": [{"technique": "b"}], "metrics": {"accuracy": 0.9941, "size_bytes": 22_800_000}},
+    ]
+    # c010's median is 10% slower, but its rounds scatter so much that the lead is inside the noise
+    rounds = {"c000": [2.0] * 12, "c002": [1.0] * 12,
+              "c010": [0.8, 1.4, 0.9, 1.3, 1.0, 1.2, 0.85, 1.35, 0.95, 1.25, 1.1, 1.1]}
+    block = decide(contenders, rounds, "c000", tie_within=0.03)
+    assert block["leader"] == "c002" and block["tied_with_leader"] == ["c010"]
+    assert block["pick"] == "c002"
+    contenders[2]["metrics"]["accuracy"] = 0.9955  # 0.14 points more accurate: that decides the tie
+    assert decide(contenders, rounds, "c000", tie_within=0.03)["pick"] == "c010"
+
+
 def test_finalists_are_the_best_feasible_on_the_objective_plus_the_baseline() -> None:
     base = _record("c000", "x", 3.0, 0.99, 10, [])
     others = [_record(f"c00{i}", "x", float(i), 0.99, 10, [{"technique": "t"}]) for i in range(1, 6)]
