@@ -195,8 +195,9 @@ class Measurement(_Strict):
 class ModelSection(_Strict):
     """The model to optimise when it is not a task plugin's: the same as `--model`/`--inputs` (docs: README)."""
 
-    source: str = Field(description="an .onnx file, a Hugging Face model folder, or package.module:factory; "
-                                    "a relative path is read from the profile's folder")
+    source: str | None = Field(default=None,
+                               description="an .onnx file, a Hugging Face model folder, or package.module:factory; "
+                                           "a relative path is read from the profile's folder (--model wins)")
     inputs: str | None = Field(default=None, description="an .npz of representative inputs (and optionally labels)")
     quality: Literal["auto", "top1", "cosine", "relative_error", "labels"] = Field(
         default="auto", description="how quality is scored: the task metric on `labels`, or agreement with the fp32 "

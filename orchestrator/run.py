@@ -444,7 +444,7 @@ def resolve_task(loaded: LoadedProfile, registry: PluginRegistry, options: RunOp
     quality, axes = (section.quality, section.axes) if section else ("auto", {})
     if options.model is not None:
         return OwnModelTask(options.model, options.inputs, quality, axes)
-    if section is not None and options.task is None:
+    if section is not None and section.source and options.task is None:
         here = loaded.path.parent
 
         def near(value: str) -> str:  # a path in the profile is read from the profile's folder

@@ -314,3 +314,25 @@ def test_the_profile_names_its_model_or_task(tmp_path):
     data["task"] = "digits"
     named.write_text(yaml.safe_dump(data))
     assert resolve_task(load_profile(named), registry, RunOptions()).name == "digits"
+
+
+@pytest.mark.slow
+def test_a_hugging_face_folder_end_to_end(ray_local, tmp_path):
+    """A small BERT saved as a Hugging Face folder (from a config, in the test), random token samples."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, num_labels=3,
+                        architectures=["BertForSequenceClassification"])
+    BertForSequenceClassification(config).eval().save_pretrained(tmp_path / "tiny-bert")
+    profile = load_profile(_profile(tmp_path, ["int8-dynamic", "fp16"], 3, axes={"sequence": 32}))
+    outcome = execute_run(profile, get_plugin_manager(), RunOptions(model=str(tmp_path / "tiny-bert"),
+                                                                    out_dir=tmp_path / "runs"))
+    results = outcome.results
+    assert outcome.status in ("finished", "no_feasible"), results["message"]
+    assert results["model"]["kind"] == "hf" and results["quality_metric"] == "top1"  # classifier logits
+    assert results["model"]["samples"].startswith("random")
+    assert results["measurement_axes"] == {"sequence": 32}  # the profile's size for the dynamic axis
+    assert results["baseline"]["status"] == "ok"
