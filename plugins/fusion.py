@@ -78,14 +78,21 @@ class TransformerOptimize(Technique):
         if params["model_type"] not in optimizer.MODEL_TYPES:
             raise ValueError(f"this onnxruntime's transformer optimizer has no model type {params['model_type']!r}")
         before = Counter(node.op_type for node in model.graph.node)
-        fused = optimizer.optimize_model(
-            copy.deepcopy(model),  # with opt_level 0 the optimizer rewrites the proto it is given
-            model_type=params["model_type"],
-            num_heads=params["num_heads"],
-            hidden_size=params["hidden_size"],
-            opt_level=params["opt_level"],
-            use_gpu=False,
-        ).model
+        if not before["MatMul"] and not any(before[op] for op in FUSED_OPS):
+            raise ValueError("the graph has no MatMul (no attention or feed-forward layer) "
+                             "to fuse: not a transformer")
+        try:
+            fused = optimizer.optimize_model(
+                copy.deepcopy(model),  # with opt_level 0 the optimizer rewrites the proto it is given
+                model_type=params["model_type"],
+                num_heads=params["num_heads"],
+                hidden_size=params["hidden_size"],
+                opt_level=params["opt_level"],
+                use_gpu=False,
+            ).model
+        except Exception as exc:  # noqa: BLE001 - the optimizer's own errors on a graph it does not understand
+            raise ValueError(f"onnxruntime's {params['model_type']} optimizer cannot read this "
+                             f"graph as a transformer ({type(exc).__name__}: {exc})") from exc
         after = Counter(node.op_type for node in fused.graph.node)
         gained = sorted(op for op in FUSED_OPS if after[op] > before[op])
         if not gained:

@@ -97,12 +97,23 @@ def _prepared(model: Any, work: Any, stem: str) -> tuple[Any, Any]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, prep, out = work / f"{stem}-fp32.onnx", work / f"{stem}-prep.onnx", work / f"{stem}-int8.onnx"
-    onnx.save(_named(model), str(src))
+    onnx.save(_at_least_opset_13(_named(model)), str(src))
     fused = _uses_contrib_ops(model)
     # auto_merge: a fused BERT's position ids are Min(512, sequence) long, which symbolic inference
     # must merge with `sequence` to go on
     quant_pre_process(str(src), str(prep), skip_symbolic_shape=not fused, auto_merge=fused)
     return prep, out
+
+
+def _at_least_opset_13(model: Any) -> Any:
+    """The model at ONNX opset 13 or later: per-channel Q/DQ needs the `axis` attribute opset 13 gave
+    DequantizeLinear (an opset-11 model, as many converters still write, would quantize into an
+    invalid graph)."""
+    import onnx
+    from onnx import version_converter
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    return model if opset >= 13 else version_converter.convert_version(model, 13)
 
 
 def constant_tensors(graph: Any) -> set[str]:

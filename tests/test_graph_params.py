@@ -247,7 +247,7 @@ def test_transformer_optimize_refuses_a_cnn(registry, tmp_path):
     cnn = DigitsTask().build(TINY_ARCH).eval()
     model = onnx.load_from_string(export_onnx(DigitsTask(), cnn))
     technique = registry.technique("transformer-optimize")
-    with pytest.raises(ValueError, match="transformer-optimize fused nothing"):
+    with pytest.raises(ValueError, match="transformer-optimize fused nothing|has no MatMul"):
         technique.apply(model, technique.check_params({}), tiny_context(tmp_path, cnn))
 
 

@@ -336,3 +336,19 @@ def test_a_hugging_face_folder_end_to_end(ray_local, tmp_path):
     assert results["model"]["samples"].startswith("random")
     assert results["measurement_axes"] == {"sequence": 32}  # the profile's size for the dynamic axis
     assert results["baseline"]["status"] == "ok"
+
+
+def test_an_opset_11_model_quantizes_per_channel(tmp_path):
+    """RapidOCR's classifier is opset 11, whose DequantizeLinear has no `axis`: per-channel QDQ needs 13."""
+    samples = _ocr_samples(tmp_path / "crops.npz")
+    task = OwnModelTask(str(OCR_CLS), str(samples), quality="top1")
+    data = task.load_data(0)
+    ctx = {"data": data, "profile": load_profile(_profile(tmp_path, ["int8-static"], 1)).profile, "seed": 0}
+    model, _ = build_candidate(get_plugin_manager(), task, task.build(None), [
+        {"technique": "int8-static", "params": {"per_channel": True, "calibration": "minmax",
+                                                "activations": "uint8", "reduce_range": False}}], ctx)
+    ort.InferenceSession(model, providers=["CPUExecutionProvider"])  # a valid graph
+    assert 0.0 <= evaluate_onnx(task, model, data["eval"]) <= 1.0  # it runs; the quality gate judges it
+    with pytest.raises(Exception, match="cannot read this graph as a transformer|no MatMul"):
+        build_candidate(get_plugin_manager(), task, task.build(None),
+                        [{"technique": "transformer-optimize", "params": {}}], ctx)
