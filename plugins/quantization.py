@@ -196,7 +196,7 @@ class Int8Static(Technique):
 
     name = "int8-static"
     stage = "graph"
-    version = "3"
+    version = "4"  # 4: an opset<13 graph is converted to 13 first
     description = "int8 static quantization (QDQ), per-channel or per-tensor weights, calibrated activations"
     incompatible_with = ("int8-dynamic", "fp16")
     cannot_follow = ("ort-session",)  # session settings are written last (plugins/session.py)
@@ -328,7 +328,7 @@ class Int8Dynamic(Technique):
 
     name = "int8-dynamic"
     stage = "graph"
-    version = "2"
+    version = "3"  # 3: an opset<13 graph is converted to 13 first
     description = "int8 dynamic quantization (weights int8, activations at run time); for MatMul-heavy models"
     incompatible_with = ("int8-static", "fp16")
     cannot_follow = ("ort-session",)  # session settings are written last (plugins/session.py)
