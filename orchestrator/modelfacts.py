@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 #: Op types that make a graph a quantized (int8) one: Q/DQ pairs and the integer kernels.
 QUANTIZED_OPS: frozenset[str] = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
@@ -20,3 +24,20 @@ def model_precision(model_bytes: bytes) -> str:
     if any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer):
         return "fp16"
     return "fp32"
+
+
+def model_ops(onnx_bytes: bytes) -> frozenset[str]:
+    """The operator types of an ONNX graph."""
+    import onnx
+
+    return frozenset(node.op_type for node in onnx.load_from_string(onnx_bytes).graph.node)
+
+
+def session_settings(path: Path) -> dict[str, Any] | None:
+    """The onnxruntime session settings a model carries in its metadata (plugins/session.py), or None."""
+    import onnx
+
+    for prop in onnx.load(str(path), load_external_data=False).metadata_props:
+        if prop.key == "edge_orchestrator.session":
+            return json.loads(prop.value)
+    return None

@@ -117,7 +117,8 @@ class PluginRegistry:
         info.origin = info.origin or _origin(plugin)
         if refused:
             info.error = "; ".join(refused)
-        elif not (info.techniques or info.tasks or set(info.hooks) - {"register_techniques", "register_tasks"}):
+        elif info.package != "(in-process)" and not (
+                info.techniques or info.tasks or set(info.hooks) - {"register_techniques", "register_tasks"}):
             where = f" (loaded from {info.origin})" if info.origin else ""
             info.error = (f"registers nothing: no technique, task or hook{where}; a folder of the same name "
                           "in the working directory may shadow the installed package")

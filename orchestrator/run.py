@@ -11,9 +11,10 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agents.kernel import file_sha256
 from orchestrator.devices.base import Device
@@ -21,6 +22,7 @@ from orchestrator.devices.registry import registry_path
 from orchestrator.errors import BaselineError, NoFeasibleCandidate, OrchestratorError
 from orchestrator.fleet.choice import choose_devices, describe_devices, device_facts
 from orchestrator.fleet.lease import DeviceLease, LeasePool
+from orchestrator.modelfacts import model_ops, session_settings
 from orchestrator.paths import cache_dir, store_path
 from orchestrator.plugins import PluginRegistry
 from orchestrator.profile import LoadedProfile, Profile
@@ -28,6 +30,7 @@ from orchestrator.search.selection import pipeline_label
 from orchestrator.search.space import allowed_techniques, enumerate_candidates
 from orchestrator.search.starting import starting_points
 from orchestrator.store import RunStore, process_alive
+from orchestrator.tasks import model_options, refuse_torch_stages, resolve_task
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +83,14 @@ def execute_run(
     `resume` is a stored run (`RunStore.get_run`) that stopped before its end: its candidates
     are kept, only the trials it still lacks are run (see `resume_run`).
     """
+    from orchestrator.cachelimit import cache_limit
     from orchestrator.search.basemodel import get_base_model
     from orchestrator.search.searcher import pipeline_key
-
-    from orchestrator.cachelimit import cache_limit
 
     cache_limit()  # a bad EDGE_ORCHESTRATOR_CACHE_MAX is refused now, not at the run's end
     profile = loaded.profile
     techniques = allowed_techniques(loaded, registry)
-    task = resolve_task(loaded, registry, options)
+    task = resolve_task(loaded, registry, options.task, options.model, options.inputs)
     refuse_torch_stages(loaded, techniques, task)
     candidates = enumerate_candidates(techniques, profile.search.max_pipeline_length)
     trials = options.trials or profile.search.trials
@@ -112,7 +114,7 @@ def execute_run(
         out = (options.out_dir / run_id).resolve()
         out.mkdir(parents=True, exist_ok=True)
         store.start_run(run_id, profile.name, str(loaded.path), task.name, str(out),
-                        options={"task": task.name, "trials": trials, **_model_options(task), "fresh": options.fresh,
+                        options={"task": task.name, "trials": trials, **model_options(task), "fresh": options.fresh,
                                  "ray_address": options.ray_address, "num_cpus": options.num_cpus,
                                  "profile_sha256": file_sha256(loaded.path)})
     else:
@@ -367,23 +369,13 @@ def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, devi
     }
     if best is not None:
         shutil.copyfile(cache_dir("models") / f"{best['model_sha256']}.onnx", out / "best.onnx")
-        settings = _session_settings(out / "best.onnx")
+        settings = session_settings(out / "best.onnx")
         if settings is not None:  # what the device must run it with (plugins/session.py): also in the model
             (out / "best.session.json").write_text(json.dumps(settings, indent=2))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, out / "report.html")
     store.finish_run(run_id, status, best["id"] if best else None, str(error) if error else None)
     return RunOutcome(run_id, out, results, status, error, records)
-
-
-def _session_settings(path: Path) -> dict[str, Any] | None:
-    """The onnxruntime session settings a model carries in its metadata (plugins/session.py), or None."""
-    import onnx
-
-    for prop in onnx.load(str(path), load_external_data=False).metadata_props:
-        if prop.key == "edge_orchestrator.session":
-            return json.loads(prop.value)
-    return None
 
 
 def describe(candidate: dict[str, Any]) -> str:
@@ -397,13 +389,6 @@ def _step_text(pipeline: list[dict[str, Any]]) -> str:
         return "baseline"
     return " + ".join(f"{s['technique']}({', '.join(f'{k}={v}' for k, v in sorted(s['params'].items()))})"
                       for s in pipeline)
-
-
-def model_ops(onnx_bytes: bytes) -> frozenset[str]:
-    """The operator types of an ONNX graph."""
-    import onnx
-
-    return frozenset(node.op_type for node in onnx.load_from_string(onnx_bytes).graph.node)
 
 
 def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any],
@@ -430,48 +415,7 @@ def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any],
         return evaluate_onnx(task, onnx_bytes, data["eval"]), onnx_bytes
     except OrchestratorError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the user's model: its own error, in one line, and no trial runs
+    except Exception as exc:
         text = str(exc).strip().splitlines()
         raise BaselineError(f"the base model ({task.name}) failed at {stage}: {type(exc).__name__}: "
                             f"{text[0] if text else ''}") from exc
-
-
-def resolve_task(loaded: LoadedProfile, registry: PluginRegistry, options: RunOptions) -> Any:
-    """The task of a run: `--model` (or the profile's `model:`) as an OwnModelTask, else a task plugin."""
-    from orchestrator.ownmodel import OwnModelTask
-
-    section = loaded.profile.model
-    quality, axes = (section.quality, section.axes) if section else ("auto", {})
-    if options.model is not None:
-        return OwnModelTask(options.model, options.inputs, quality, axes)
-    if section is not None and section.source and options.task is None:
-        here = loaded.path.parent
-
-        def near(value: str) -> str:  # a path in the profile is read from the profile's folder
-            path = Path(value).expanduser()
-            return str(path if path.is_absolute() or not (here / path).exists() else here / path)
-
-        return OwnModelTask(near(section.source), near(section.inputs) if section.inputs else options.inputs,
-                            quality, axes)
-    return registry.task(options.task or loaded.profile.task or "digits")
-
-
-def refuse_torch_stages(loaded: LoadedProfile, techniques: list[Any], task: Any) -> None:
-    """An ONNX base model takes graph-stage techniques only: a training/architecture one is refused up front."""
-    if getattr(task, "kind", None) != "onnx":
-        return
-    for i, name in enumerate(loaded.profile.search.techniques):
-        technique = next((t for t in techniques if t.name == name), None)
-        if technique is not None and technique.stage != "graph":
-            raise loaded.error(("search", "techniques", i),
-                               f"{name} is a {technique.stage}-stage technique: it changes a PyTorch model, and "
-                               f"{task.source} is an ONNX file (only graph-stage techniques apply to it)")
-
-
-def _model_options(task: Any) -> dict[str, Any]:
-    """What a resumed run needs to rebuild a model brought with --model: absolute paths."""
-    if not hasattr(task, "spec"):
-        return {}
-    spec = task.spec()
-    absolute = (lambda v: str(Path(v).resolve()) if v and Path(v).exists() else v)
-    return {"model": absolute(spec["source"]), "inputs": absolute(spec["samples"])}

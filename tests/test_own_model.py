@@ -295,7 +295,7 @@ def test_a_transformer_starts_with_per_channel_dynamic_int8_and_a_cnn_does_not()
 
 
 def test_the_profile_names_its_model_or_task(tmp_path):
-    from orchestrator.run import resolve_task
+    from orchestrator.tasks import resolve_task
 
     registry = get_plugin_manager()
     samples = _ocr_samples(tmp_path / "crops.npz", rows=8)
@@ -304,16 +304,16 @@ def test_the_profile_names_its_model_or_task(tmp_path):
     # relative paths in the profile are read from the profile's folder, wherever the command runs
     loaded = load_profile(_profile(tmp_path, ["int8-static"], 1, source="cls.onnx", inputs="crops.npz",
                                    quality="top1"))
-    task = resolve_task(loaded, registry, RunOptions())
+    task = resolve_task(loaded, registry)
     assert task.kind == "onnx" and task.source == str(tmp_path / "cls.onnx") and task.quality_metric == "top1"
     assert task.samples_path == str(samples)
-    assert resolve_task(loaded, registry, RunOptions(task="digits")).name == "digits"  # the command line wins
+    assert resolve_task(loaded, registry, task="digits").name == "digits"  # the command line wins
     named = tmp_path / "named.yaml"
     data = yaml.safe_load((tmp_path / "own.yaml").read_text())
     data.pop("model")
     data["task"] = "digits"
     named.write_text(yaml.safe_dump(data))
-    assert resolve_task(load_profile(named), registry, RunOptions()).name == "digits"
+    assert resolve_task(load_profile(named), registry).name == "digits"
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 
 from orchestrator.plugins import get_plugin_manager
-from orchestrator.run import _session_settings
+from orchestrator.modelfacts import session_settings as _session_settings
 from orchestrator.search.space import order_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
