@@ -282,7 +282,7 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
             if recorder.duplicates:
                 extras["duplicate_trials"] = recorder.duplicates
         finally:
-            for actor in (pool, *leases):  # their SSH connections close with them
+            for actor in (pool, *leases, sink, *([predictor] if predictor is not None else [])):  # SSH closes with them
                 ray.kill(actor)
 
 
