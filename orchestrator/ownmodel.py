@@ -313,7 +313,8 @@ class OwnModelTask(Task):
                 out[spec.name] = array
             return out
         rng = np.random.default_rng(seed)
-        self._torch_model() if self.kind == "hf" else None
+        if self.kind == "hf":
+            self._torch_model()  # its vocabulary size bounds the random token ids
         out = {}
         for spec in self.inputs:
             shape = [RANDOM_SAMPLES] + [self.axes.get(d, DEFAULT_SEQUENCE if d == "sequence" else 1)
