@@ -253,7 +253,8 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         pinned = pin_cpu(args.pin_cpu, warnings)  # before the session, so its thread pool inherits it
         rss_before = current_rss_mb()
         session = create_session(path, args.threads, args.inter_op_threads, requested, warnings)
-        feeds = make_inputs(session, args.batch, args.seed, warnings, args.axes)
+        source = []
+        feeds = make_inputs(session, args.batch, args.seed, warnings, args.axes, source)
         try:
             started_at = time.time()  # wall clock: the host compares windows across devices and processes
             warmup, samples, energy = measure(lambda: session.run(None, feeds), args, warnings,
@@ -281,6 +282,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     return {
         "model": {"path": path, "sha256": file_sha256(path), "size_bytes": os.path.getsize(path)},
         "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in feeds.items()],
+        "inputs_source": source[0],  # "sample": the real input the model carries; "random": made up
         "batch": args.batch,
         "latency_ms": stats,
         "started_at": started_at,

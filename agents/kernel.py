@@ -20,7 +20,9 @@ Every command prints exactly one JSON object on stdout (``schema_version`` 1) an
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
+import io
 import json
 import time
 from enum import IntEnum
@@ -136,9 +138,54 @@ def parse_axes(text: str) -> dict:
     return out
 
 
-def make_inputs(session, batch: int, seed: int, warnings: list, axes: dict = None) -> dict:
-    """Random feeds for every model input, dtype from metadata: the first symbolic dim -> batch, a symbolic
-    dim named in `axes` -> its size there (a sequence length, say), any other symbolic dim -> 1 (warned)."""
+#: The model metadata key of a real input sample the host attached for timing (orchestrator/modelfacts.py).
+SAMPLE_METADATA = "edge_orchestrator.sample"
+
+
+def model_sample(session, warnings: list):
+    """{input name: array} of the real sample a model carries (SAMPLE_METADATA: base64 of an .npz), or None."""
+    try:
+        text = session.get_modelmeta().custom_metadata_map.get(SAMPLE_METADATA)
+    except Exception:  # noqa: BLE001 - an onnxruntime without model metadata
+        return None
+    if not text:
+        return None
+    try:
+        with np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except Exception as exc:  # noqa: BLE001 - a damaged sample: time random inputs instead, and say so
+        warnings.append("the model's input sample is unreadable (%s): random inputs timed" % one_line(exc))
+        return None
+
+
+def _sample_feeds(session, sample: dict, batch: int, warnings: list):
+    """Feeds from a real sample (its rows repeated up to `batch` where the batch axis is symbolic), or None."""
+    feeds = {}
+    for meta in session.get_inputs():
+        array = sample.get(meta.name)
+        if array is None or array.dtype != np.dtype(input_dtype(meta)) or array.ndim != len(meta.shape):
+            warnings.append("the model's input sample does not fit input %s: random inputs timed" % meta.name)
+            return None
+        first = meta.shape[0] if meta.shape else None
+        if not (isinstance(first, int) and first > 0) and len(array) != batch:
+            array = np.concatenate([array] * (batch // len(array) + 1))[:batch]
+        feeds[meta.name] = array
+    return feeds
+
+
+def make_inputs(session, batch: int, seed: int, warnings: list, axes: dict = None, source: list = None) -> dict:
+    """Feeds for every model input: the real sample the model carries, when it does (the host attaches the
+    run's first held-out sample for timing); else random ones, dtype from metadata: the first symbolic dim
+    -> batch, a symbolic dim named in `axes` -> its size there (a sequence length, say), any other symbolic
+    dim -> 1 (warned). `source`, when given, gets "sample" or "random" appended."""
+    source = source if source is not None else []
+    sample = model_sample(session, warnings)
+    if sample is not None:
+        feeds = _sample_feeds(session, sample, batch, warnings)
+        if feeds is not None:
+            source.append("sample")
+            return feeds
+    source.append("random")
     axes = axes or {}
     rng = np.random.default_rng(seed)
     feeds = {}

@@ -41,3 +41,30 @@ def session_settings(path: Path) -> dict[str, Any] | None:
         if prop.key == "edge_orchestrator.session":
             return json.loads(prop.value)
     return None
+
+
+#: The metadata key of the real input sample attached for timing (agents/kernel.py SAMPLE_METADATA).
+SAMPLE_KEY = "edge_orchestrator.sample"
+
+
+def with_sample(model_bytes: bytes, feeds: dict[str, Any] | None) -> bytes:
+    """The model with one real input sample in its metadata, which the agent times instead of random
+    inputs (token ids in range, a real attention mask). Only what is sent to a device for measuring
+    carries it; the candidate kept and rolled out does not. No feeds: the model unchanged."""
+    if not feeds:
+        return model_bytes
+    import base64
+    import io
+
+    import numpy as np
+    import onnx
+
+    buf = io.BytesIO()
+    np.savez(buf, **{name: np.ascontiguousarray(array) for name, array in feeds.items()})
+    model = onnx.load_from_string(model_bytes)
+    kept = [p for p in model.metadata_props if p.key != SAMPLE_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = SAMPLE_KEY, base64.b64encode(buf.getvalue()).decode("ascii")
+    return model.SerializeToString()

@@ -157,6 +157,7 @@ def execute_run(
         registry.notify("base_model_started", run_id=run_id, task=task.name)
         base = get_base_model(task, data, profile.search.seed)
         plan.baseline_accuracy, baseline_onnx = _baseline_accuracy(task, base, data, prior)
+        plan.sample = task.feeds(data["eval"].rows(0, 1)) if len(data["eval"]) else None
         if baseline_onnx is not None:  # the starting points may depend on what the model is made of
             facts = dataclasses.replace(facts, model_ops=model_ops(baseline_onnx))
             plan.first = starting_points(techniques, candidates, facts, profile.search.max_pipeline_length)
@@ -209,6 +210,7 @@ class SearchPlan:
     time_budget: float | None
     first: list[Any] = field(default_factory=list)  # known-good starting points (orchestrator/search/starting.py)
     baseline_accuracy: float | None = None  # the exported base model's: trials refuse to measure far worse ones
+    sample: dict[str, Any] | None = None  # one real held-out input: what the device times
     records: list[dict[str, Any]] = field(default_factory=list)  # every candidate so far (the run's own list)
 
 
@@ -252,7 +254,8 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
         payload = TrialPayload(task.name, base.state_dict_bytes, base.arch, profile, profile.search.seed,
                                pool, sink, plan.remaining if searcher is None else None, plan.avoid_cpu, predictor,
                                fresh=options.fresh, baseline_accuracy=plan.baseline_accuracy,
-                               task_spec=task.spec() if hasattr(task, "spec") else None, plugins=registry.origins())
+                               task_spec=task.spec() if hasattr(task, "spec") else None, plugins=registry.origins(),
+                               sample=plan.sample)
 
         recorder, enough = recording_callback(on_candidate, target=plan.trials_left, known=plan.done,
                                              first_id=plan.first_id, interrupts=interrupts)
@@ -276,7 +279,7 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
             extras["decision"] = run_final_round(
                 plan.records, profile, leases[0], cache_dir("models"),
                 lambda finalists, rounds: registry.notify("final_round_started", run_id=run_id,
-                                                          finalists=finalists, rounds=rounds))
+                                                          finalists=finalists, rounds=rounds), plan.sample)
             if predictor is not None:
                 extras["latency_predictor"] = ray.get(predictor.quality.remote())
             if recorder.duplicates:

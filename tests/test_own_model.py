@@ -217,6 +217,7 @@ def test_a_torch_factory_with_int64_inputs_end_to_end(ray_local, tmp_path):
     assert (outcome.out_dir / "best.onnx").is_file()
     assert "The accuracy columns below are its quality: <b>cosine</b>" in (outcome.out_dir / "report.html").read_text()
     assert results.get("measurement_axes") is None  # fixed-size samples: nothing dynamic but the batch
+    assert all(c["measurement"]["inputs_source"] == "sample" for c in measured)  # timed on a real held-out row
 
 
 @pytest.mark.slow
@@ -352,3 +353,30 @@ def test_an_opset_11_model_quantizes_per_channel(tmp_path):
     with pytest.raises(Exception, match="cannot read this graph as a transformer|no MatMul"):
         build_candidate(get_plugin_manager(), task, task.build(None),
                         [{"technique": "transformer-optimize", "params": {}}], ctx)
+
+
+def test_the_agent_times_the_real_sample_the_host_attaches(tmp_path):
+    from orchestrator.modelfacts import with_sample
+
+    task = OwnModelTask("tests.helpers.own_models:tiny_bert", str(token_samples(tmp_path / "t.npz")))
+    data = task.load_data(0)
+    plain = export_onnx(task, task.build(None), data["calibration"])
+    sample = task.feeds(data["eval"].rows(0, 1))
+    path = tmp_path / "m.onnx"
+
+    def bench(model: bytes, *extra: str) -> dict:
+        path.write_bytes(model)
+        out = subprocess.run([sys.executable, "-m", "agents", "bench", "--model", str(path), "--warmup", "1",
+                              "--runs", "3", *extra], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    timed = bench(with_sample(plain, sample), "--batch", "2")
+    assert timed["inputs_source"] == "sample"
+    assert [(i["name"], i["shape"], i["dtype"]) for i in timed["inputs"]] == [
+        ("input_ids", [2, 24], "int64"), ("attention_mask", [2, 24], "int64")]  # the sample's row, repeated
+    assert bench(plain)["inputs_source"] == "random"
+    wrong = bench(with_sample(plain, {"input_ids": sample["input_ids"].astype(np.int32),
+                                      "attention_mask": sample["attention_mask"]}))
+    assert wrong["inputs_source"] == "random" and any("does not fit input input_ids" in w for w in wrong["warnings"])
+    assert with_sample(plain, None) == plain

@@ -160,7 +160,8 @@ def objective_percentile(profile: Any) -> str:
 
 
 def run_final_round(records: list[dict[str, Any]], profile: Any, lease: Any, models_dir: Path,
-                    announce: Callable[[list[str], int], None] | None = None) -> dict[str, Any] | None:
+                    announce: Callable[[list[str], int], None] | None = None,
+                    sample: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Measure the finalists and the baseline afresh on `lease` (a DeviceLease actor) and decide; None if nothing to decide.
 
     A failure of the final round is not the run's failure: the block then says so and the pick
@@ -182,7 +183,10 @@ def run_final_round(records: list[dict[str, Any]], profile: Any, lease: Any, mod
         return None
     if announce is not None:
         announce([c["id"] for c in finalists], profile.measurement.final_rounds)
-    models = [(models_dir / f"{c['model_sha256']}.onnx").read_bytes() for c in finalists]
+    from orchestrator.modelfacts import with_sample
+
+    # timed on the run's real sample, as in the search (`sample`: one held-out input, or None)
+    models = [with_sample((models_dir / f"{c['model_sha256']}.onnx").read_bytes(), sample) for c in finalists]
     started = time.perf_counter()
     result = ray.get(lease.compare.remote(models))
     if "error" in result:

@@ -54,6 +54,7 @@ class TrialPayload:
     baseline_accuracy: float | None = None  # the exported base model's, on the same held-out data
     task_spec: dict[str, Any] | None = None  # a model brought with --model (orchestrator/ownmodel.py), not a plugin's
     plugins: dict[str, str] | None = None  # the driver's plugins and their files: every worker must load the same
+    sample: dict[str, Any] | None = None  # one real held-out input, which the device times (modelfacts.with_sample)
 
 
 def trial_values(record: dict[str, Any], profile: Any) -> dict[str, Any]:
@@ -204,7 +205,9 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
             tune.report({**trial_values(record, payload.profile), "record": json.dumps(record)})
             return
         mark = time.perf_counter()
-        bench = ray.get(payload.pool.measure.remote(model_bytes))
+        from orchestrator.modelfacts import with_sample
+
+        bench = ray.get(payload.pool.measure.remote(with_sample(model_bytes, payload.sample)))
         timing["measure_s"] = time.perf_counter() - mark  # includes waiting for a free device
         record["device"] = bench.get("device")
         if "error" in bench:
@@ -219,7 +222,8 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
         )
         record["measurement"] = {
             k: bench.get(k) for k in ("runs", "warmup_runs", "noisy", "execution_provider", "threads", "pinned_cpu",
-                                      "niceness", "per_device", "started_at", "finished_at", *EMULATION_KEYS)
+                                      "niceness", "per_device", "started_at", "finished_at", "inputs",
+                                      "inputs_source", *EMULATION_KEYS)
             if k in bench or k not in EMULATION_KEYS
         }
         record["cached"]["measurement"] = bool(bench.get("cached"))
