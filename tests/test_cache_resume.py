@@ -127,10 +127,13 @@ def test_a_trial_that_raises_does_not_stop_the_search(tmp_path):
 def _wait_for_candidates(proc, out_dir: Path, count: int, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        with sqlite3.connect(store_path()) as conn:
-            row = conn.execute(
-                "SELECT r.id, COUNT(c.id) FROM runs r LEFT JOIN candidates c ON c.run_id = r.id "
-                "WHERE r.out_dir LIKE ? GROUP BY r.id", (str(out_dir) + "%",)).fetchone()
+        try:
+            with sqlite3.connect(store_path()) as conn:
+                row = conn.execute(
+                    "SELECT r.id, COUNT(c.id) FROM runs r LEFT JOIN candidates c ON c.run_id = r.id "
+                    "WHERE r.out_dir LIKE ? GROUP BY r.id", (str(out_dir) + "%",)).fetchone()
+        except sqlite3.OperationalError:  # the run has not created the store yet (the first test of a session)
+            row = None
         if row and row[1] >= count:
             return row[0]
         time.sleep(0.3)
@@ -141,6 +144,22 @@ def _wait_for_candidates(proc, out_dir: Path, count: int, timeout: float) -> str
 def _measured_models() -> set[str]:
     with sqlite3.connect(MeasurementCache().path) as conn:
         return {row[0] for row in conn.execute("SELECT model_sha256 FROM measurements")}
+
+
+def _as_measured(seed: int):
+    """model sha256 -> the sha256 of the copy a device measures: the digits task's first held-out input attached."""
+    import hashlib
+
+    from orchestrator.modelfacts import with_sample
+    from orchestrator.paths import cache_dir
+
+    task = get_plugin_manager().task("digits")
+    sample = task.feeds(task.load_data(seed)["eval"].rows(0, 1))
+
+    def sha(model_sha: str) -> str:
+        model = (cache_dir("models") / f"{model_sha}.onnx").read_bytes()
+        return hashlib.sha256(with_sample(model, sample)).hexdigest()
+    return sha
 
 
 def _ray_leftovers(ray_tmp: Path, wait_s: float = 20) -> list[str]:
@@ -185,9 +204,11 @@ def test_resume_after_sigkill_finishes_without_repeating_trials(tmp_path, capsys
         assert again["metrics"]["latency_ms"] == record["metrics"]["latency_ms"]
     # what was measured now is exactly the new candidates' models the cache did not have yet
     # (earlier tests of this session may have measured some of them: same device, same settings)
-    new_models = {c["model_sha256"] for c in ok(after["candidates"]) if c["id"] not in kept}
+    # (the device measures each model with the run's real held-out sample attached: that copy's sha256)
+    as_measured = _as_measured(load_profile(profile).profile.search.seed)
+    new_models = {as_measured(c["model_sha256"]) for c in ok(after["candidates"]) if c["id"] not in kept}
     assert _measured_models() - measured_before == new_models - measured_before
-    assert {c["model_sha256"] for c in ok(list(kept.values()))} <= measured_before
+    assert {as_measured(c["model_sha256"]) for c in ok(list(kept.values()))} <= measured_before
     results = json.loads((Path(after["out_dir"]) / "results.json").read_text())
     assert results["status"] == "finished" and results["best"] and len(results["candidates"]) == 6
     assert (Path(after["out_dir"]) / "best.onnx").exists() and (Path(after["out_dir"]) / "report.html").exists()
