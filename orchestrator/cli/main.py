@@ -61,8 +61,9 @@ def cli(ctx: click.Context, profile_path: Path | None, task: str | None, model: 
 
     \b
     orchestrate --profile device_profiles/x86-host.yaml
+    orchestrate --profile examples/own-model.yaml --model model.onnx --inputs samples.npz
     orchestrate --resume RUN_ID
-    orchestrate plugins | runs list | runs show RUN_ID
+    orchestrate plugins | runs list | runs show RUN_ID | cache info
     """
     global _SHOW_TRACEBACK
     _SHOW_TRACEBACK = show_traceback
