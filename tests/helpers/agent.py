@@ -19,9 +19,14 @@ def save_model(graph, path: Path) -> Path:
     return path
 
 
-def tiny_cnn(path: Path, batch="N") -> Path:
-    """x [batch,1,8,8] -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> y [batch,4]."""
-    rng = np.random.default_rng(0)
+def cnn_graph(batch="N", seed: int = 0, dropout_in_training_mode: bool = False, name: str = "tiny_cnn"):
+    """x [batch,1,8,8] -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> y [batch,4], weights from `seed`.
+
+    With `dropout_in_training_mode`, a Dropout whose training_mode input is true sits before the
+    output, as a model exported with torch in training mode has: each inference zeroes a random
+    half of the outputs and doubles the rest, so the outputs never reproduce.
+    """
+    rng = np.random.default_rng(seed)
     inits = [
         numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), "conv_w"),
         numpy_helper.from_array(np.zeros(2, np.float32), "conv_b"),
@@ -33,15 +38,23 @@ def tiny_cnn(path: Path, batch="N") -> Path:
         helper.make_node("Relu", ["c"], ["r"]),
         helper.make_node("GlobalAveragePool", ["r"], ["g"]),
         helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits" if dropout_in_training_mode else "y"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "tiny_cnn",
+    if dropout_in_training_mode:
+        inits += [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+                  numpy_helper.from_array(np.array(True), "training_mode")]
+        nodes.append(helper.make_node("Dropout", ["logits", "ratio", "training_mode"], ["y"]))
+    return helper.make_graph(
+        nodes, name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
         initializer=inits,
     )
-    return save_model(graph, path)
+
+
+def tiny_cnn(path: Path, batch="N") -> Path:
+    """`cnn_graph` saved at `path`."""
+    return save_model(cnn_graph(batch), path)
 
 
 def run_main(capsys, *argv: str):

@@ -12,40 +12,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
+from tests.helpers.agent import cnn_graph
 from tests.helpers.sshd import Sshd
 
 
 def cnn_model(seed: int = 0, dropout_in_training_mode: bool = False) -> bytes:
-    """x [N,1,8,8] -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> y [N,4], weights from `seed`.
-
-    With `dropout_in_training_mode`, a Dropout whose training_mode input is true sits before the
-    output, as a model exported with torch in training mode has: each inference zeroes a random
-    half of the outputs and doubles the rest, so the outputs never reproduce.
-    """
-    rng = np.random.default_rng(seed)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), "conv_w"),
-        numpy_helper.from_array(np.zeros(2, np.float32), "conv_b"),
-        numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float32), "fc_w"),
-        numpy_helper.from_array(np.zeros(4, np.float32), "fc_b"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits" if dropout_in_training_mode else "y"], transB=1),
-    ]
-    if dropout_in_training_mode:
-        inits += [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
-                  numpy_helper.from_array(np.array(True), "training_mode")]
-        nodes.append(helper.make_node("Dropout", ["logits", "ratio", "training_mode"], ["y"]))
-    graph = helper.make_graph(nodes, f"cnn_{seed}",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], initializer=inits)
+    """The agent tests' tiny CNN (tests/helpers/agent.py `cnn_graph`) with weights from `seed`, as ONNX bytes."""
+    graph = cnn_graph("N", seed, dropout_in_training_mode, name=f"cnn_{seed}")
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
