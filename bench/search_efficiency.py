@@ -42,7 +42,6 @@ Writes bench/results/search_efficiency.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import sys
@@ -151,22 +150,23 @@ def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[
         raise SystemExit(f"the grid search did not cover the space: {len(grid.records)}/{size}, {grid.status}: "
                          f"{grid.error}")
     selection = select(grid.records, profile)
-    pick = selection.best
+    pick = selection.best.to_json()  # this script reads candidates as results.json has them
     strict_profile = profile.model_copy(update={"objective": profile.objective.model_copy(
         update={"tie_within": 0.0})})
-    strict = select(copy.deepcopy(grid.records), strict_profile).best
-    feasible = {key(c) for c in selection.feasible}
+    strict = select(grid.records, strict_profile).best.to_json()
+    feasible_records = [c.to_json() for c in selection.feasible]
+    feasible = {key(c) for c in feasible_records}
     maximize = profile.objective.goal == "maximize"
     pick_value = metric_value(pick, metric)
     limit = pick_value * (1 - args.tolerance) if maximize else pick_value * (1 + args.tolerance)
-    good = {key(c) for c in selection.feasible
+    good = {key(c) for c in feasible_records
             if (metric_value(c, metric) >= limit if maximize else metric_value(c, metric) <= limit)}
     print(f"[{metric}] grid pick: {pick['id']} {label(pick)} ({metric} {pick_value:.4g}); without ties: "
           f"{strict['id']}; {len(feasible)} feasible, {len(good)} within {args.tolerance:.0%} of the pick",
           file=sys.stderr, flush=True)
     noise = None
     if metric.startswith("latency") and args.remeasure:
-        runners = sorted(selection.feasible, key=lambda c: metric_value(c, metric))[:3]
+        runners = sorted(feasible_records, key=lambda c: metric_value(c, metric))[:3]
         noise = remeasure(profile, runners, metric, args.remeasure)
 
     searches = []

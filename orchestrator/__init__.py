@@ -18,11 +18,12 @@ from orchestrator.api import (
     hookimpl,
 )
 from orchestrator.errors import TechniqueParamsError
+from orchestrator.search.record import CandidateRecord
 
 try:
     __version__ = version("edge-orchestrator")
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["Choice", "Dataset", "DeviceFacts", "Task", "Technique", "TechniqueContext", "TechniqueParamsError", "TensorSpec",
+__all__ = ["CandidateRecord", "Choice", "Dataset", "DeviceFacts", "Task", "Technique", "TechniqueContext", "TechniqueParamsError", "TensorSpec",
            "choice", "distillation_loss", "hookimpl", "__version__"]

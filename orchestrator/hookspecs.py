@@ -108,7 +108,8 @@ def candidate_measured(run_id: str, candidate: dict) -> None:
     """Called on the host after each candidate has been evaluated and measured (or has failed).
 
     :param run_id: the run the candidate belongs to.
-    :param candidate: the candidate record as written to results.json.
+    :param candidate: the candidate record as written to results.json (the plugin's own copy;
+        `orchestrator.CandidateRecord.from_json` reads it typed).
     :returns: nothing. An exception here is logged and does not stop the run.
 
     Added in 0.1.

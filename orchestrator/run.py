@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -26,7 +25,7 @@ from orchestrator.modelfacts import model_ops, session_settings
 from orchestrator.paths import cache_dir, store_path
 from orchestrator.plugins import PluginRegistry
 from orchestrator.profile import LoadedProfile, Profile
-from orchestrator.search.selection import pipeline_label
+from orchestrator.search.record import CandidateRecord
 from orchestrator.search.space import allowed_techniques, enumerate_candidates
 from orchestrator.search.starting import starting_points
 from orchestrator.store import RunStore, process_alive
@@ -61,7 +60,7 @@ class RunOutcome:
     results: dict[str, Any]
     status: str
     error: OrchestratorError | None = None
-    candidates: list[dict[str, Any]] = field(default_factory=list)
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # as results.json lists them
 
 
 def new_run_id(profile_name: str) -> str:
@@ -107,7 +106,7 @@ def execute_run(
     concurrency = max(1, cpus - 1) if avoid_cpu is not None else cpus
 
     store = RunStore(store_path())
-    prior: list[dict[str, Any]] = []
+    prior: list[CandidateRecord] = []
     time_budget = profile.search.time_budget_s
     if resume is None:
         run_id = new_run_id(profile.name)
@@ -120,33 +119,32 @@ def execute_run(
     else:
         run_id, out = resume["id"], Path(resume["out_dir"])
         out.mkdir(parents=True, exist_ok=True)
-        prior = [{k: v for k, v in c.items() if k not in ("on_front", "feasible", "violations")}
-                 for c in resume["candidates"]]
+        # what was measured, without the verdicts of a selection that may never have finished
+        prior = [dataclasses.replace(CandidateRecord.from_json(c), verdict=None) for c in resume["candidates"]]
         spent = (resume["last_candidate_at"] or resume["started_at"]) - resume["started_at"]
         store.reopen_run(run_id, spent_s=spent)
         if time_budget is not None:
             time_budget = max(time_budget - spent, 1.0)
-    done = {pipeline_key(c["pipeline"]) for c in prior if c.get("pipeline") or c.get("status") == "ok"}
+    done = {pipeline_key(c.pipeline.to_json()) for c in prior if not c.is_baseline or c.status == "ok"}
     remaining = [c for c in candidates if pipeline_key(c) not in done]
     trials_left = max(0, min(trials - len(done), len(remaining)))
-    first_id = 1 + max((int(c["id"][1:]) for c in prior), default=-1)
+    first_id = 1 + max((int(c.id[1:]) for c in prior), default=-1)
     store.set_device(run_id, device_info)
     registry.notify("run_started", run_id=run_id, run={
         "out": str(out), "profile": profile.name, "space": len(candidates), "trials": trials_left,
         "resumed": len(prior) if resume is not None else None})
     registry.notify("devices_chosen", run_id=run_id, devices=device_info)
-    records: list[dict[str, Any]] = list(prior)
+    records: list[CandidateRecord] = list(prior)
     plan = SearchPlan(devices, device_info, remaining, trials_left, prior, done, first_id, cpus, concurrency,
                       avoid_cpu, time_budget, first, records=records)
     extras: dict[str, Any] = {"starting_points": {"device": {"arch": facts.arch, "isa": sorted(facts.isa),
                                                              "providers": list(facts.providers)},
                                                   "pipelines": [_step_text(p) for p in first]}}
 
-    def on_candidate(record: dict[str, Any]) -> None:
+    def on_candidate(record: CandidateRecord) -> None:
         records.append(record)
-        store.add_candidate(run_id, record)
-        # a copy: the selection annotates the run's own records later; a plugin keeps what it was told
-        registry.notify("candidate_measured", run_id=run_id, candidate=copy.deepcopy(record))
+        store.add_candidate(run_id, record.to_json())
+        registry.notify("candidate_measured", run_id=run_id, candidate=record.to_json())
 
     status, error = "failed", None
     try:
@@ -201,7 +199,7 @@ class SearchPlan:
     device_info: dict[str, Any]
     remaining: list[Any]  # candidates not measured yet
     trials_left: int
-    prior: list[dict[str, Any]]  # a resumed run's stored candidates
+    prior: list[CandidateRecord]  # a resumed run's stored candidates
     done: set[str]  # their pipeline keys
     first_id: int  # the next candidate id's number
     cpus: int
@@ -211,11 +209,11 @@ class SearchPlan:
     first: list[Any] = field(default_factory=list)  # known-good starting points (orchestrator/search/starting.py)
     baseline_accuracy: float | None = None  # the exported base model's: trials refuse to measure far worse ones
     sample: dict[str, Any] | None = None  # one real held-out input: what the device times
-    records: list[dict[str, Any]] = field(default_factory=list)  # every candidate so far (the run's own list)
+    records: list[CandidateRecord] = field(default_factory=list)  # every candidate so far (the run's own list)
 
 
 def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniques: list[Any], plan: SearchPlan,
-            on_candidate: Callable[[dict[str, Any]], None], run_id: str, extras: dict[str, Any],
+            on_candidate: Callable[[CandidateRecord], None], run_id: str, extras: dict[str, Any],
             registry: PluginRegistry) -> None:
     """The Ray Tune part of a run: leases, pool, sink, trials; every finished trial goes to `on_candidate` at once."""
     from orchestrator.fleet.measurements import measurements_path
@@ -328,31 +326,29 @@ def _alive(pid: int | None, host: str | None) -> bool:
 
 
 def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, device: dict[str, Any],
-            records: list[dict[str, Any]], out: Path, status: str, error: OrchestratorError | None,
+            records: list[CandidateRecord], out: Path, status: str, error: OrchestratorError | None,
             extras: dict[str, Any] | None = None) -> RunOutcome:
     """Select, write results.json / report.html / best.onnx, close the run in the store."""
     from orchestrator.report import write_report
     from orchestrator.search.selection import select
 
-    records = sorted(records, key=lambda r: r["id"])
+    records = sorted(records, key=lambda r: r.id)
     best = baseline = None
     if status == "finished":
         try:
             selection = select(records, loaded.profile)
-            best, baseline = selection.best, selection.baseline
+            records, best, baseline = selection.candidates, selection.best, selection.baseline
             decided = (extras or {}).get("decision") or {}
             if decided.get("pick"):  # the final round decides among the feasible finalists
-                best = next((c for c in selection.feasible if c["id"] == decided["pick"]), best)
-            front = {c["id"] for c in selection.front}
-            for record in records:
-                record["on_front"] = record["id"] in front
+                best = next((c for c in selection.feasible if c.id == decided["pick"]), best)
         except NoFeasibleCandidate as exc:
             status, error = "no_feasible", exc
-            baseline = exc.selection.baseline
+            records, baseline = exc.selection.candidates, exc.selection.baseline
         except ValueError as exc:  # the baseline itself failed: nothing to compare against
             status, error = "failed", OrchestratorError(f"run {run_id}: {exc}")
-        for record in records:
-            store.add_candidate(run_id, record)
+        for record in records:  # with their verdicts
+            store.add_candidate(run_id, record.to_json())
+    candidates = [r.to_json() for r in records]
     results = {
         "schema_version": 1,
         "run_id": run_id,
@@ -365,25 +361,20 @@ def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, devi
         "devices": device.get("devices") or [device],
         "constraints": loaded.profile.constraints.model_dump(),
         "objective": loaded.profile.objective.model_dump(),
-        "baseline": baseline,
-        "best": best,
-        "candidates": records,
+        "baseline": baseline.to_json() if baseline is not None else None,
+        "best": best.to_json() if best is not None else None,
+        "candidates": candidates,
         **(extras or {}),
     }
     if best is not None:
-        shutil.copyfile(cache_dir("models") / f"{best['model_sha256']}.onnx", out / "best.onnx")
+        shutil.copyfile(cache_dir("models") / f"{best.model_sha256}.onnx", out / "best.onnx")
         settings = session_settings(out / "best.onnx")
         if settings is not None:  # what the device must run it with (plugins/session.py): also in the model
             (out / "best.session.json").write_text(json.dumps(settings, indent=2))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, out / "report.html")
-    store.finish_run(run_id, status, best["id"] if best else None, str(error) if error else None)
-    return RunOutcome(run_id, out, results, status, error, records)
-
-
-def describe(candidate: dict[str, Any]) -> str:
-    """Short label of a candidate for terminal output."""
-    return f"{candidate['id']} {pipeline_label(candidate)}"
+    store.finish_run(run_id, status, best.id if best else None, str(error) if error else None)
+    return RunOutcome(run_id, out, results, status, error, candidates)
 
 
 def _step_text(pipeline: list[dict[str, Any]]) -> str:
@@ -395,7 +386,7 @@ def _step_text(pipeline: list[dict[str, Any]]) -> str:
 
 
 def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any],
-                       prior: list[dict[str, Any]]) -> tuple[float, bytes | None]:
+                       prior: list[CandidateRecord]) -> tuple[float, bytes | None]:
     """(quality, ONNX bytes) of the exported base model on the held-out split: what the drop is measured from.
 
     A resumed run reads the quality from its stored baseline (bytes: None).
@@ -406,8 +397,8 @@ def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any],
     from orchestrator.search.pipeline import as_onnx_bytes, evaluate_onnx, export_onnx, is_onnx
 
     for record in prior:
-        if record.get("pipeline") == [] and record.get("status") == "ok":
-            return float(record["metrics"]["accuracy"]), None
+        if record.is_baseline and record.status == "ok" and record.metrics.accuracy is not None:
+            return float(record.metrics.accuracy), None
     stage = "load"
     try:
         model = base.load(task)

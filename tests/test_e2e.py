@@ -20,6 +20,7 @@ import yaml
 
 from orchestrator import hookimpl
 from orchestrator.cli.main import main
+from orchestrator.search.record import CandidateRecord
 from orchestrator.paths import store_path
 from orchestrator.plugins import get_plugin_manager
 from orchestrator.profile import load_profile
@@ -127,6 +128,9 @@ def test_run_writes_results_report_and_best_model(small_run):
             lat = cand["metrics"]["latency_ms"]
             assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
             assert cand["metrics"]["energy_source"] == "estimated"  # no sensor here: must say so
+        # the typed record (orchestrator/search/record.py) reads and writes this shape unchanged
+        assert CandidateRecord.from_json(cand).to_json() == cand
+        assert {"feasible", "violations", "on_front"} <= set(cand)
     best = results["best"]
     assert best["feasible"] and best["metrics"]["accuracy_drop"] <= 1.0
     assert "report.html" in os.listdir(folder)

@@ -6,7 +6,6 @@ local transport and a real Ray lease, real ONNX models whose speeds really diffe
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +19,7 @@ from orchestrator.fleet.lease import DeviceLease
 from orchestrator.profile import Profile
 from orchestrator.search.final_round import choose_finalists, decide, run_final_round
 from orchestrator.search.searcher import make_searcher, point_config
+from orchestrator.search.record import CandidateRecord
 from orchestrator.search.selection import select
 from orchestrator.search.starting import starting_points
 from orchestrator.search.trial import accuracy_rejection, trial_values
@@ -113,8 +113,9 @@ def test_a_candidate_over_the_accuracy_limit_is_rejected_before_measuring() -> N
     base = {"id": "c000", "pipeline": [], "status": "ok",
             "metrics": {"accuracy": 0.99, "size_bytes": 40, "latency_ms": {"p50": 1.0, "p90": 1.0, "p99": 1.0}}}
     sel = select([base, rejected], prof)
-    assert not rejected["feasible"] and rejected["violations"][0]["constraint"] == "max_accuracy_drop"
-    assert sel.best is base
+    verdict = sel.verdicts()["c001"]
+    assert not verdict.feasible and verdict.violations[0]["constraint"] == "max_accuracy_drop"
+    assert sel.best is not None and sel.best.id == "c000"
 
 
 @pytest.mark.slow
@@ -191,7 +192,7 @@ def test_the_final_round_picks_the_truly_faster_model_when_single_measurements_w
                _record("c001", shas["slow"], 0.10, 0.99, 2000, step),
                _record("c002", shas["fast"], 0.90, 0.99, 1000, step + step)]
     prof = profile(max_accuracy_drop=1.0)
-    assert select(copy.deepcopy(records), prof).best["id"] == "c001"  # what a single measurement would pick
+    assert select(records, prof).best.id == "c001"  # what a single measurement would pick
     lease = ray_local.remote(DeviceLease).remote(local_device(), prof)
     block = run_final_round(records, prof, lease, models)
     ray_local.kill(lease)
@@ -236,8 +237,9 @@ def test_a_negligible_quality_or_size_difference_does_not_decide_a_tie() -> None
 def test_finalists_are_the_best_feasible_on_the_objective_plus_the_baseline() -> None:
     base = _record("c000", "x", 3.0, 0.99, 10, [])
     others = [_record(f"c00{i}", "x", float(i), 0.99, 10, [{"technique": "t"}]) for i in range(1, 6)]
+    base, *others = map(CandidateRecord.from_json, [base, *others])
     got = choose_finalists([base, *others], base, "latency_p50", False, 3)
-    assert [c["id"] for c in got] == ["c001", "c002", "c003", "c000"]
+    assert [c.id for c in got] == ["c001", "c002", "c003", "c000"]
 
 
 def test_builtin_recommendations_are_valid_and_follow_the_device(eo_recommendations) -> None:

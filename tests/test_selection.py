@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator.errors import NoFeasibleCandidate
 from orchestrator.profile import Constraints, Profile
+from orchestrator.search.record import CandidateRecord
 from orchestrator.search.selection import (
     Selection,
     accuracy_drop_points,
@@ -66,8 +67,13 @@ def profile(metric: str = "latency_p50", **constraints: Any) -> Profile:
 BASE = dict(acc=0.99, p50=10.0, p90=12.0, p99=15.0, size=4_000_000, mem=150.0, energy=5.0)
 
 
-def ids(cands: list[dict[str, Any]]) -> list[str]:
-    return [c["id"] for c in cands]
+def ids(cands: list[CandidateRecord | dict[str, Any]]) -> list[str]:
+    return [c.id if isinstance(c, CandidateRecord) else c["id"] for c in cands]
+
+
+def judged(sel: Selection, cid: str) -> CandidateRecord:
+    """The selection's annotated copy of candidate `cid`."""
+    return next(c for c in sel.candidates if c.id == cid)
 
 
 # --- metric_value, labels, accuracy drop -------------------------------------------------------
@@ -101,10 +107,27 @@ def test_accuracy_drop_in_points() -> None:
 def test_select_fills_accuracy_drop_for_ok_candidates() -> None:
     cands = [cand("b", **BASE), cand("c1", "int8-static", acc=0.975), cand("c2", "x", status="failed", error="boom")]
     del cands[2]["metrics"]
-    select(cands, profile())
-    assert cands[0]["metrics"]["accuracy_drop"] == 0.0
-    assert cands[1]["metrics"]["accuracy_drop"] == pytest.approx(1.5)
-    assert "metrics" not in cands[2]
+    given = copy.deepcopy(cands)
+    sel = select(cands, profile())
+    assert judged(sel, "b").metrics.accuracy_drop == 0.0
+    assert judged(sel, "c1").metrics.accuracy_drop == pytest.approx(1.5)
+    assert judged(sel, "c1").to_json()["metrics"]["accuracy_drop"] == pytest.approx(1.5)
+    assert judged(sel, "c2").metrics.accuracy_drop is None
+    assert cands == given  # select changes nothing it was given: it returns its verdicts
+
+
+def test_select_returns_verdicts_and_results_json_shape() -> None:
+    cands = [cand("b", **BASE), cand("c1", "int8-static", acc=0.975, p50=2.0)]
+    sel = select(cands, profile(max_accuracy_drop=1.0))
+    verdicts = sel.verdicts()
+    assert verdicts["b"].feasible and verdicts["b"].on_front
+    assert not verdicts["c1"].feasible and verdicts["c1"].on_front is False
+    (row,) = [c for c in sel.to_json() if c["id"] == "c1"]
+    assert row["feasible"] is False and row["on_front"] is False
+    assert row["violations"][0]["constraint"] == "max_accuracy_drop"
+    assert {k: v for k, v in row.items() if k not in ("feasible", "violations", "on_front")} == {
+        **cands[1], "device": None, "metrics": {**cands[1]["metrics"], "compressed_size_bytes": None, "model_memory_mb": None,
+                                "accuracy_drop": pytest.approx(1.5)}}
 
 
 # --- constraints ---------------------------------------------------------------------------------
@@ -134,9 +157,9 @@ def test_constraint_allows_limit_and_rejects_above(
     prof = profile(**constraints)
     cands = [cand("b", acc=0.99), cand("ok", "t", **at_limit), cand("bad", "t", **over)]
     sel = select(cands, prof)
-    assert cands[1]["feasible"] is True and cands[1]["violations"] == []
-    assert cands[2]["feasible"] is False
-    (violation,) = cands[2]["violations"]
+    assert judged(sel, "ok").verdict.feasible is True and judged(sel, "ok").verdict.violations == ()
+    assert judged(sel, "bad").verdict.feasible is False
+    (violation,) = judged(sel, "bad").verdict.violations
     field = next(iter(k for k in constraints if k.startswith("max_")))
     assert violation["constraint"] == field
     assert violation["metric"] == metric
@@ -194,11 +217,11 @@ def test_failed_candidates_are_never_feasible() -> None:
     cands = [cand("b", **BASE), cand("c1", "int8-static", status="failed", error="quantizer crashed")]
     cands[1]["metrics"] = {"accuracy": 0.99}  # partial metrics that would otherwise pass
     sel = select(cands, profile())
-    assert cands[1]["feasible"] is False
-    (v,) = cands[1]["violations"]
+    assert judged(sel, "c1").verdict.feasible is False
+    (v,) = judged(sel, "c1").verdict.violations
     assert v["constraint"] == "status"
     assert v["message"] == "candidate failed: quantizer crashed"
-    assert sel.best is cands[0] and ids(sel.feasible) == ["b"]
+    assert sel.best is judged(sel, "b") and ids(sel.feasible) == ["b"]
 
 
 @pytest.mark.parametrize("status", ["failed", None])
@@ -256,16 +279,16 @@ def test_pareto_front_custom_objectives_and_edge_cases() -> None:
 def test_objective_decides_the_pick(metric: str, expected: str) -> None:
     sel = select(front_set(), profile(metric))
     assert isinstance(sel, Selection)
-    assert sel.best is not None and sel.best["id"] == expected
-    assert sel.baseline["id"] == "b"
+    assert sel.best is not None and sel.best.id == expected
+    assert sel.baseline.id == "b"
     assert ids(sel.front) == ["b", "a", "p", "s", "a2"]
-    assert len(sel.candidates) == 6 and all("feasible" in c for c in sel.candidates)
+    assert len(sel.candidates) == 6 and all(c.verdict is not None for c in sel.candidates)
 
 
 def test_constraints_narrow_the_pick() -> None:
     # a is fastest but loses too much accuracy; p is the fastest within 0.5 points
     sel = select(front_set(), profile("latency_p50", max_accuracy_drop=0.5))
-    assert sel.best is not None and sel.best["id"] == "p"
+    assert sel.best is not None and sel.best.id == "p"
     assert ids(sel.feasible) == ["b", "p"]
 
 
@@ -276,8 +299,8 @@ def test_objective_outside_default_objectives_is_honoured() -> None:
         cand("q", "t", p50=5.0, p90=5.5),
         cand("r", "t", p50=4.0, p90=6.0),
     ]
-    assert select(cands, profile("latency_p90")).best["id"] == "q"
-    assert select(copy.deepcopy(cands), profile("latency_p50")).best["id"] == "r"
+    assert select(cands, profile("latency_p90")).best.id == "q"
+    assert select(copy.deepcopy(cands), profile("latency_p50")).best.id == "r"
 
 
 @pytest.mark.parametrize(
@@ -297,7 +320,7 @@ def test_tie_break_order(x: dict[str, Any], y: dict[str, Any], expected: str) ->
     expected_id = {"x": "c09", "y": "c05"}.get(expected, expected)
     sel = select([cand("b", **BASE), cx, cy], profile("latency_p50"))
     assert {"c09", "c05"} <= set(ids(sel.front))
-    assert sel.best is not None and sel.best["id"] == expected_id
+    assert sel.best is not None and sel.best.id == expected_id
 
 
 # --- no feasible candidate -------------------------------------------------------------------------
@@ -320,9 +343,9 @@ def test_no_feasible_candidate_names_the_closest() -> None:
     sel = info.value.selection
     assert isinstance(sel, Selection)
     assert sel.best is None and sel.feasible == [] and sel.front == []
-    assert sel.baseline["id"] == "c001"
-    assert [c["feasible"] for c in sel.candidates] == [False] * 4
-    assert all(c["violations"] for c in sel.candidates)
+    assert sel.baseline.id == "c001"
+    assert [c.verdict.feasible for c in sel.candidates] == [False] * 4
+    assert all(c.verdict.violations for c in sel.candidates)
 
 
 def test_no_feasible_names_worst_violation_and_counts_the_rest() -> None:
@@ -350,12 +373,12 @@ def test_tie_within_gives_latencies_inside_the_noise_to_the_more_accurate() -> N
     # f is 2% faster than m but 0.6 points less accurate; s is 10% slower than f and the most accurate
     cands = [cand("b", **BASE), cand("f", "t", p50=3.00, p90=3.2, acc=0.974),
              cand("m", "t", p50=3.06, p90=3.3, acc=0.980), cand("s", "t", p50=3.30, p90=3.6, acc=0.985)]
-    assert select(copy.deepcopy(cands), profile("latency_p50")).best["id"] == "f"
-    assert select(copy.deepcopy(cands), profile_with_tie(0.03)).best["id"] == "m"
-    assert select(copy.deepcopy(cands), profile_with_tie(0.01)).best["id"] == "f"
-    assert select(copy.deepcopy(cands), profile_with_tie(0.15)).best["id"] == "s"
+    assert select(copy.deepcopy(cands), profile("latency_p50")).best.id == "f"
+    assert select(copy.deepcopy(cands), profile_with_tie(0.03)).best.id == "m"
+    assert select(copy.deepcopy(cands), profile_with_tie(0.01)).best.id == "f"
+    assert select(copy.deepcopy(cands), profile_with_tie(0.15)).best.id == "s"
     # a tie never brings in an infeasible candidate: s is over a p90 limit of 3.4 ms
-    assert select(copy.deepcopy(cands), profile_with_tie(0.15, max_latency_ms=3.4)).best["id"] == "m"
+    assert select(copy.deepcopy(cands), profile_with_tie(0.15, max_latency_ms=3.4)).best.id == "m"
 
 
 def test_tie_within_is_validated() -> None:

@@ -23,7 +23,6 @@ The decision (`decide`):
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from orchestrator.search.selection import metric_value, pipeline_label
+from orchestrator.search.record import CandidateRecord, as_record
+from orchestrator.search.selection import Candidate
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -40,14 +40,14 @@ RULE = ("fastest median over interleaved rounds; a contender whose 95% interval 
         "smaller (by 1% or more), then the faster")
 
 
-def choose_finalists(feasible: list[dict[str, Any]], baseline: dict[str, Any], metric: str, maximize: bool,
-                     count: int) -> list[dict[str, Any]]:
+def choose_finalists(feasible: list[CandidateRecord], baseline: CandidateRecord, metric: str, maximize: bool,
+                     count: int) -> list[CandidateRecord]:
     """The `count` best feasible candidates on the objective (search measurements), then the baseline."""
-    def key(c: dict[str, Any]) -> tuple[Any, ...]:
-        value = metric_value(c, metric)
-        return (value is None, 0.0 if value is None else (-value if maximize else value), str(c.get("id")))
+    def key(c: CandidateRecord) -> tuple[Any, ...]:
+        value = c.value(metric)
+        return (value is None, 0.0 if value is None else (-value if maximize else value), c.id)
 
-    others = [c for c in sorted(feasible, key=key) if c is not baseline and c.get("pipeline")]
+    others = [c for c in sorted(feasible, key=key) if not c.is_baseline]
     return [*others[:count], baseline]
 
 
@@ -59,7 +59,7 @@ def ratio_interval(faster: np.ndarray, slower: np.ndarray, idx: np.ndarray) -> t
     return point, float(low), float(high)
 
 
-def decide(contenders: list[dict[str, Any]], rounds: dict[str, list[float]], baseline_id: str, tie_within: float,
+def decide(contenders: list[Candidate], rounds: dict[str, list[float]], baseline_id: str, tie_within: float,
            decides: bool = True, seed: int = 0) -> dict[str, Any]:
     """The decision block of results.json from the rounds' latencies (ms per contender id, one per round).
 
@@ -67,8 +67,8 @@ def decide(contenders: list[dict[str, Any]], rounds: dict[str, list[float]], bas
     the baseline is among them. With `decides` False (an objective other than latency) the
     pick is not chosen here: the block reports the rounds and the leader only.
     """
-    ids = [c["id"] for c in contenders if len(rounds.get(c["id"], [])) > 0]
-    by_id = {c["id"]: c for c in contenders}
+    by_id = {c.id: c for c in map(as_record, contenders)}
+    ids = [i for i in by_id if len(rounds.get(i, [])) > 0]
     n = min(len(rounds[i]) for i in ids)
     arrays = {i: np.asarray(rounds[i][:n], dtype=float) for i in ids}
     idx = np.random.default_rng(seed).integers(0, n, size=(RESAMPLES, n))
@@ -84,14 +84,14 @@ def decide(contenders: list[dict[str, Any]], rounds: dict[str, list[float]], bas
         if i != leader and low <= 1.0 + tie_within:
             tied.append(i)
 
-    sizes = [metric_value(by_id[i], "size_bytes") for i in tied]
+    sizes = [by_id[i].value("size_bytes") for i in tied]
     smallest = min((s for s in sizes if s), default=None)
 
     def tie_break(i: str) -> tuple[float, float, float]:
         # differences below 0.1 quality points or 1% of size are no better than the latency's noise:
         # they fall through to the next key (a cosine of 0.9941 does not beat 0.9939 and a 10% speed-up)
-        acc = metric_value(by_id[i], "accuracy")
-        size = metric_value(by_id[i], "size_bytes")
+        acc = by_id[i].value("accuracy")
+        size = by_id[i].value("size_bytes")
         return (-(round(acc, 3) if acc is not None else -math.inf),
                 round(100 * size / smallest) if size is not None and smallest else math.inf, medians[i])
 
@@ -103,7 +103,7 @@ def decide(contenders: list[dict[str, Any]], rounds: dict[str, list[float]], bas
         "tie_within": tie_within,
         "confidence": CONFIDENCE,
         "rounds": n,
-        "finalists": [{"id": i, "pipeline": pipeline_label(by_id[i]), **per[i]} for i in order],
+        "finalists": [{"id": i, "pipeline": by_id[i].label, **per[i]} for i in order],
         "leader": leader,
         "tied_with_leader": [i for i in tied if i != leader],
         "pick": pick,
@@ -159,7 +159,7 @@ def objective_percentile(profile: Any) -> str:
     return metric.split("_", 1)[1] if metric.startswith("latency_") else profile.constraints.latency_percentile
 
 
-def run_final_round(records: list[dict[str, Any]], profile: Any, lease: Any, models_dir: Path,
+def run_final_round(records: list[CandidateRecord], profile: Any, lease: Any, models_dir: Path,
                     announce: Callable[[list[str], int], None] | None = None,
                     sample: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Measure the finalists and the baseline afresh on `lease` (a DeviceLease actor) and decide; None if nothing to decide.
@@ -173,7 +173,7 @@ def run_final_round(records: list[dict[str, Any]], profile: Any, lease: Any, mod
     from orchestrator.search.selection import select
 
     try:
-        selection = select(copy.deepcopy(records), profile)
+        selection = select(records, profile)
     except (ValueError, NoFeasibleCandidate):
         return None
     metric = profile.objective.metric
@@ -182,19 +182,19 @@ def run_final_round(records: list[dict[str, Any]], profile: Any, lease: Any, mod
     if len(finalists) < 2:
         return None
     if announce is not None:
-        announce([c["id"] for c in finalists], profile.measurement.final_rounds)
+        announce([c.id for c in finalists], profile.measurement.final_rounds)
     from orchestrator.modelfacts import with_sample
 
     # timed on the run's real sample, as in the search (`sample`: one held-out input, or None)
-    models = [with_sample((models_dir / f"{c['model_sha256']}.onnx").read_bytes(), sample) for c in finalists]
+    models = [with_sample((models_dir / f"{c.model_sha256}.onnx").read_bytes(), sample) for c in finalists]
     started = time.perf_counter()
     result = ray.get(lease.compare.remote(models))
     if "error" in result:
         return {"decided_by": "search measurements (the final round failed)", "error": result["error"],
                 "device": result.get("device"), "pick": None}
     pct = objective_percentile(profile)
-    rounds = {c["id"]: m["rounds_ms"][pct] for c, m in zip(finalists, result["models"])}
-    block = decide(finalists, rounds, selection.baseline["id"], profile.objective.tie_within,
+    rounds = {c.id: m["rounds_ms"][pct] for c, m in zip(finalists, result["models"])}
+    block = decide(finalists, rounds, selection.baseline.id, profile.objective.tie_within,
                    decides=metric.startswith("latency_"))
     if result.get("emulated"):  # the rounds were timed natively and scaled: say so wherever the sentence goes
         block["sentence"] += f" [EMULATED device: latency {result.get('latency_source')}]"

@@ -13,8 +13,8 @@ import warnings
 from typing import Any, Callable, Iterator
 
 from orchestrator.search.ray_runtime import Interrupts
-from orchestrator.search.selection import pipeline_label
-from orchestrator.search.space import Candidate
+from orchestrator.search.record import CandidateRecord, Pipeline, as_record
+from orchestrator.search.space import PipelineSpec
 from orchestrator.search.trial import search_limits, search_objectives, trial_values
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def pipeline_key(pipeline: list[dict[str, Any]]) -> str:
     return json.dumps(pipeline, sort_keys=True)
 
 
-def _warm_storage(prior: list[dict[str, Any]], labels: dict[str, list[str]], choices: dict[str, list[Any]],
+def _warm_storage(prior: list[Any], labels: dict[str, list[str]], choices: dict[str, list[Any]],
                   profile: Any) -> Any:
     """An in-memory Optuna study holding the trials of an interrupted run as completed trials."""
     import optuna
@@ -70,15 +70,14 @@ def _warm_storage(prior: list[dict[str, Any]], labels: dict[str, list[str]], cho
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME,
                                 directions=["maximize" if d == "max" else "minimize" for _, d in objectives])
-    for record in prior:
-        label = pipeline_label(record) if record.get("pipeline") else "baseline"
-        if label not in labels:
+    for record in map(as_record, prior):
+        if record.label not in labels:
             continue
-        params: dict[str, Any] = {"pipeline": label}
+        params: dict[str, Any] = {"pipeline": record.label}
         dists: dict[str, Any] = {"pipeline": CategoricalDistribution(list(labels))}
-        for step in record["pipeline"]:
-            for key, value in step["params"].items():
-                name = f"{step['technique']}.{key}"
+        for step in record.pipeline.steps:
+            for key, value in step.params.items():
+                name = f"{step.technique}.{key}"
                 if value in choices.get(name, []):
                     with quiet_list_choices():
                         params[name], dists[name] = value, CategoricalDistribution(choices[name])
@@ -103,17 +102,17 @@ def top_quarter(n: int) -> int:
     return min(math.ceil(0.25 * n), 25)
 
 
-def point_config(pipeline: Candidate) -> dict[str, Any]:
+def point_config(pipeline: PipelineSpec) -> dict[str, Any]:
     """A pipeline as the flat configuration the Optuna space suggests (`pipeline` label, `technique.param`)."""
-    config: dict[str, Any] = {"pipeline": pipeline_label({"pipeline": pipeline})}
+    config: dict[str, Any] = {"pipeline": Pipeline.from_json(pipeline).label}
     for step in pipeline:
         config.update({f"{step['technique']}.{k}": v for k, v in step["params"].items()})
     return config
 
 
-def make_searcher(candidates: list[Candidate], trials: int, seed: int, profile: Any,
+def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profile: Any,
                   prior: list[dict[str, Any]] | None = None,
-                  first: list[Candidate] | None = None) -> tuple[Any, dict, int, dict]:
+                  first: list[PipelineSpec] | None = None) -> tuple[Any, dict, int, dict]:
     """(search_alg, param_space, num_samples, labels): grid when the space fits the budget, else Optuna.
 
     `candidates` is what is left to try and `trials` how many more to run; `prior` holds the
@@ -136,7 +135,7 @@ def make_searcher(candidates: list[Candidate], trials: int, seed: int, profile: 
 
     labels: dict[str, list[str]] = {}
     for cand in candidates:
-        labels.setdefault(pipeline_label({"pipeline": cand}), [s["technique"] for s in cand])
+        labels.setdefault(Pipeline.from_json(cand).label, [s["technique"] for s in cand])
     keys = {pipeline_key(c) for c in candidates}
     first = [p for p in (first if first is not None else [[]]) if pipeline_key(p) in keys]
     if len(candidates) <= trials:
@@ -210,7 +209,7 @@ def make_searcher(candidates: list[Candidate], trials: int, seed: int, profile: 
     return searcher, {}, 4 * trials + 8, labels
 
 
-def recording_callback(on_candidate: Callable[[dict[str, Any]], None], target: int | None = None,
+def recording_callback(on_candidate: Callable[[CandidateRecord], None], target: int | None = None,
                        known: set[str] | None = None, first_id: int = 0,
                        interrupts: Interrupts | None = None) -> tuple[Any, Any]:
     """(callback, stopper) for Tune, driver side: every finished trial becomes a stored candidate at once.
@@ -224,7 +223,7 @@ def recording_callback(on_candidate: Callable[[dict[str, Any]], None], target: i
     from ray.tune.stopper import Stopper
 
     class _Recorder(Callback):
-        def __init__(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        def __init__(self, sink: Callable[[CandidateRecord], None]) -> None:
             self.seen: set[int] = set()
             self.keys: set[str] = set(known or ())
             self.new = 0
@@ -250,7 +249,7 @@ def recording_callback(on_candidate: Callable[[dict[str, Any]], None], target: i
                     self.duplicates += 1
                     return
                 self.keys.add(key)
-            self.sink({"id": f"c{first_id + self.new:03d}", **record})
+            self.sink(CandidateRecord.from_json({"id": f"c{first_id + self.new:03d}", **record}))
             self.new += 1
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: D102

@@ -1,15 +1,13 @@
 """Selection: check each measured candidate against a profile's constraints and pick the best.
 
-A candidate is a plain dict in the shape written to results.json::
+Candidates are `CandidateRecord`s (orchestrator/search/record.py); the helpers here also read
+the plain dicts of results.json (`metric_value`, `pipeline_label`, `check_constraints`), so the
+report and `runs compare` share them.
 
-    {"id": "c003", "pipeline": [{"technique": "int8-static", "params": {...}}],
-     "status": "ok" | "failed" | "rejected" | "skipped", "error": None | str,
-     "metrics": {"accuracy": 0.986, "size_bytes": 1234, "latency_ms": {"p50": .., "p90": .., "p99": ..},
-                 "peak_memory_mb": 12.5, "energy_mj": 3.1 | None, "energy_source": "estimated" | ...}}
-
-`select` annotates every candidate in place: ``metrics["accuracy_drop"]`` (percentage points against
-the baseline, ok candidates only), ``feasible`` and ``violations``. The baseline is the candidate whose
-pipeline is ``[]`` (the model exported unchanged).
+`select` changes nothing it is given: it returns a `Selection` whose records are annotated
+copies, each with its `Verdict` (feasible, violations, on the front) and, for scored
+candidates, ``metrics.accuracy_drop`` (percentage points against the baseline). The baseline
+is the candidate whose pipeline is empty (the model exported unchanged).
 
 Units: model size limits are in MB, where 1 MB = 1,000,000 bytes (not MiB). A value equal to its
 limit is allowed.
@@ -17,14 +15,16 @@ limit is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 from orchestrator.errors import NoFeasibleCandidate
 from orchestrator.profile import Constraints, Profile
+from orchestrator.search.record import LATENCY_METRICS, PLAIN_METRICS, CandidateRecord, Verdict, as_record
 
-Candidate = dict[str, Any]
+Candidate = Union[CandidateRecord, dict[str, Any]]  # a record, or its JSON (results.json, a trial's report)
 Violation = dict[str, Any]
 
 #: Objectives of the Pareto front, as (metric name, "max" | "min").
@@ -38,9 +38,6 @@ DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (
 #: Bytes in one MB, as used by `max_model_size_mb`.
 BYTES_PER_MB = 1_000_000
 
-_PLAIN_METRICS = ("accuracy", "accuracy_drop", "size_bytes", "peak_memory_mb", "energy_mj")
-_LATENCY_METRICS = {"latency_p50": "p50", "latency_p90": "p90", "latency_p99": "p99"}
-
 # Relative tolerance when comparing a value with its limit, so float noise at the boundary is allowed.
 _REL_TOL = 1e-9
 
@@ -52,10 +49,12 @@ def metric_value(candidate: Candidate, name: str) -> float | None:
     "latency_p50" / "latency_p90" / "latency_p99" (read from ``metrics["latency_ms"]``).
     Raises ValueError for any other name.
     """
+    if isinstance(candidate, CandidateRecord):
+        return candidate.value(name)
     metrics = candidate.get("metrics") or {}
-    if name in _LATENCY_METRICS:
-        value = (metrics.get("latency_ms") or {}).get(_LATENCY_METRICS[name])
-    elif name in _PLAIN_METRICS:
+    if name in LATENCY_METRICS:
+        value = (metrics.get("latency_ms") or {}).get(LATENCY_METRICS[name])
+    elif name in PLAIN_METRICS:
         value = metrics.get(name)
     else:
         raise ValueError(f"unknown metric {name!r}")
@@ -70,14 +69,20 @@ def accuracy_drop_points(candidate: Candidate, baseline: Candidate) -> float:
     """
     base, acc = metric_value(baseline, "accuracy"), metric_value(candidate, "accuracy")
     if base is None or acc is None:
-        raise ValueError(f"accuracy not measured for {candidate.get('id') if acc is None else baseline.get('id')}")
+        raise ValueError(f"accuracy not measured for {_id(candidate) if acc is None else _id(baseline)}")
     return round((base - acc) * 100.0, 9)
 
 
 def pipeline_label(candidate: Candidate) -> str:
     """'baseline' for an empty pipeline, else the technique names joined by '+'."""
+    if isinstance(candidate, CandidateRecord):
+        return candidate.label
     steps = candidate.get("pipeline") or []
     return "+".join(step["technique"] for step in steps) if steps else "baseline"
+
+
+def _id(candidate: Candidate) -> str:
+    return candidate.id if isinstance(candidate, CandidateRecord) else str(candidate.get("id", ""))
 
 
 # (constraint field, metric, label in messages, unit, scale applied to the metric value)
@@ -182,31 +187,39 @@ def pareto_front(
 
 @dataclass
 class Selection:
-    """The outcome of `select`.
+    """The outcome of `select`: annotated copies of the candidates it was given.
 
     best: the pick (None when nothing is feasible); baseline: the unchanged model; feasible: the ok
     candidates that met every constraint; front: the Pareto front of `feasible`; candidates: every
-    candidate, annotated with "feasible" and "violations".
+    candidate with its verdict, in the order given.
     """
 
-    best: Candidate | None
-    baseline: Candidate
-    feasible: list[Candidate] = field(default_factory=list)
-    front: list[Candidate] = field(default_factory=list)
-    candidates: list[Candidate] = field(default_factory=list)
+    best: CandidateRecord | None
+    baseline: CandidateRecord
+    feasible: list[CandidateRecord] = field(default_factory=list)
+    front: list[CandidateRecord] = field(default_factory=list)
+    candidates: list[CandidateRecord] = field(default_factory=list)
+
+    def verdicts(self) -> dict[str, Verdict]:
+        """Each candidate's verdict by id."""
+        return {c.id: c.verdict for c in self.candidates if c.verdict is not None}
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """The candidates as results.json lists them."""
+        return [c.to_json() for c in self.candidates]
 
 
-def _rank_key(candidate: Candidate, metric: str, maximize: bool) -> tuple[Any, ...]:
+def _rank_key(candidate: CandidateRecord, metric: str, maximize: bool) -> tuple[Any, ...]:
     """Sort key, smallest first: objective (unmeasured last), then higher accuracy, smaller size, id."""
-    value = metric_value(candidate, metric)
-    acc = metric_value(candidate, "accuracy")
-    size = metric_value(candidate, "size_bytes")
+    value = candidate.value(metric)
+    acc = candidate.value("accuracy")
+    size = candidate.value("size_bytes")
     return (
         value is None,
         0.0 if value is None else (-value if maximize else value),
         math.inf if acc is None else -acc,
         math.inf if size is None else size,
-        str(candidate.get("id", "")),
+        candidate.id,
     )
 
 
@@ -221,79 +234,73 @@ def _excess_text(violation: Violation) -> str:
     return f" ({pct:.0f}% over)" if pct >= 1 else f" ({pct:.2g}% over)"
 
 
-def _no_feasible_message(candidates: list[Candidate], profile_name: str) -> str:
+def _no_feasible_message(candidates: list[CandidateRecord], profile_name: str) -> str:
     """Name the ok candidate whose worst violation is smallest, and that violation."""
-    ok = [c for c in candidates if c.get("status") in ("ok", "rejected")]
+    ok = [c for c in candidates if c.status in ("ok", "rejected") and c.verdict is not None]
     if not ok:
         return f"no candidate met the profile {profile_name!r}: every candidate failed ({len(candidates)} tried)"
-    closest = min(ok, key=lambda c: (max(v["excess"] for v in c["violations"]), len(c["violations"])))
-    worst = max(closest["violations"], key=lambda v: v["excess"])
-    others = len(closest["violations"]) - 1
+    closest = min(ok, key=lambda c: (max(v["excess"] for v in c.verdict.violations),  # type: ignore[union-attr]
+                                     len(c.verdict.violations)))  # type: ignore[union-attr]
+    violations = closest.verdict.violations  # type: ignore[union-attr]
+    worst = max(violations, key=lambda v: v["excess"])
+    others = len(violations) - 1
     more = f" and {others} more constraint{'s' if others > 1 else ''}" if others else ""
     return (
-        f"no candidate met the profile {profile_name!r}; closest: {closest.get('id')} ({pipeline_label(closest)}) "
+        f"no candidate met the profile {profile_name!r}; closest: {closest.id} ({closest.label}) "
         f"broke {worst['constraint']}: {worst['message']}{_excess_text(worst)}{more}"
     )
 
 
-def select(candidates: list[Candidate], profile: Profile) -> Selection:
-    """Annotate `candidates` in place and pick the best feasible one for `profile`.
+def _status_violation(message: str) -> Violation:
+    return {"constraint": "status", "metric": None, "limit": None, "value": None, "excess": math.inf,
+            "message": message}
 
-    - The baseline is the first candidate whose pipeline is ``[]``; if there is none or it failed,
+
+def _judge(cand: CandidateRecord, baseline: CandidateRecord, constraints: Constraints) -> CandidateRecord:
+    """`cand` annotated with its verdict (on_front not decided yet) and its accuracy drop."""
+    if cand.status == "rejected":  # scored, refused on accuracy before any measurement
+        drop = accuracy_drop_points(cand, baseline)
+        scored = cand.with_verdict(Verdict(False), drop)
+        violations = [v for v in check_constraints(scored, constraints) if v["constraint"] == "max_accuracy_drop"]
+        return scored.with_verdict(Verdict(False, tuple(violations or [_status_violation(str(cand.error))])), drop)
+    if cand.status != "ok":
+        return cand.with_verdict(Verdict(False, (_status_violation(f"candidate failed: {cand.error}"),)))
+    try:
+        drop = accuracy_drop_points(cand, baseline)
+    except ValueError:
+        drop = None
+    scored = cand.with_verdict(Verdict(False), drop)
+    violations = tuple(check_constraints(scored, constraints))
+    return scored.with_verdict(Verdict(not violations, violations), drop)
+
+
+def select(candidates: list[Candidate], profile: Profile) -> Selection:
+    """Judge every candidate against `profile` and pick the best feasible one; `candidates` are not changed.
+
+    - The baseline is the first candidate whose pipeline is empty; if there is none or it failed,
       raise ValueError("no successful baseline ...") — that is a run error, not a selection outcome.
-    - Every ok candidate gets ``metrics["accuracy_drop"]`` in points (None if its accuracy is missing).
-    - Every candidate gets "feasible" and "violations"; a failed one gets a single "status" violation.
+    - Every scored candidate (ok or rejected) gets ``metrics.accuracy_drop`` in points.
+    - Every candidate gets a verdict (feasible, violations); a failed one a single "status" violation.
     - The front is the Pareto front of the feasible candidates over DEFAULT_OBJECTIVES plus the
       profile's objective metric (when it is not one of them), so the best value of the objective is
-      always on the front.
+      always on the front; with a front, each verdict says whether its candidate is on it.
     - The best is the front candidate with the best objective value in its goal's direction; ties go
       to higher accuracy, then smaller size, then id. With ``objective.tie_within`` above 0, every
       front candidate whose value is within that share of the best value ties with it.
 
     Raises NoFeasibleCandidate when no candidate is feasible; its message names the closest ok
-    candidate and the constraint it broke by most, and its ``.selection`` holds the annotated
+    candidate and the constraint it broke by most, and its ``.selection`` holds the judged
     Selection (best None) so results can still be written.
     """
-    baseline = next((c for c in candidates if c.get("pipeline") == []), None)
+    records = [as_record(c) for c in candidates]
+    baseline = next((c for c in records if c.is_baseline), None)
     if baseline is None:
         raise ValueError("no successful baseline: no candidate has an empty pipeline")
-    if baseline.get("status") != "ok":
-        raise ValueError(f"no successful baseline: baseline {baseline.get('id')} failed: {baseline.get('error')}")
+    if baseline.status != "ok":
+        raise ValueError(f"no successful baseline: baseline {baseline.id} failed: {baseline.error}")
 
-    feasible: list[Candidate] = []
-    for cand in candidates:
-        if cand.get("status") == "rejected":  # scored, refused on accuracy before any measurement
-            metrics = cand.setdefault("metrics", {})
-            metrics["accuracy_drop"] = accuracy_drop_points(cand, baseline)
-            cand["feasible"] = False
-            cand["violations"] = [v for v in check_constraints(cand, profile.constraints)
-                                  if v["constraint"] == "max_accuracy_drop"] or [
-                {"constraint": "status", "metric": None, "limit": None, "value": None, "excess": math.inf,
-                 "message": str(cand.get("error"))}]
-            continue
-        if cand.get("status") != "ok":
-            cand["feasible"] = False
-            cand["violations"] = [
-                {
-                    "constraint": "status",
-                    "metric": None,
-                    "limit": None,
-                    "value": None,
-                    "excess": math.inf,
-                    "message": f"candidate failed: {cand.get('error')}",
-                }
-            ]
-            continue
-        metrics = cand.setdefault("metrics", {})
-        try:
-            metrics["accuracy_drop"] = accuracy_drop_points(cand, baseline)
-        except ValueError:
-            metrics["accuracy_drop"] = None
-        cand["violations"] = check_constraints(cand, profile.constraints)
-        cand["feasible"] = not cand["violations"]
-        if cand["feasible"]:
-            feasible.append(cand)
-
+    judged = [_judge(c, baseline, profile.constraints) for c in records]
+    feasible = [c for c in judged if c.verdict is not None and c.verdict.feasible]
     metric = profile.objective.metric
     maximize = profile.objective.goal == "maximize"
     objectives = DEFAULT_OBJECTIVES
@@ -303,19 +310,28 @@ def select(candidates: list[Candidate], profile: Profile) -> Selection:
     best = min(front, key=lambda c: _rank_key(c, metric, maximize)) if front else None
     tie = profile.objective.tie_within
     if best is not None and tie > 0:  # within the noise of the best value: the more accurate one wins
-        top = metric_value(best, metric)
-        tied = [c for c in front if (metric_value(c, metric) >= top * (1 - tie) if maximize
-                                     else metric_value(c, metric) <= top * (1 + tie))]
+        top = best.value(metric)
+        tied = [c for c in front if (c.value(metric) >= top * (1 - tie) if maximize  # type: ignore[operator]
+                                     else c.value(metric) <= top * (1 + tie))]  # type: ignore[operator]
 
-        def tie_break(cand: Candidate) -> tuple[Any, ...]:
+        def tie_break(cand: CandidateRecord) -> tuple[Any, ...]:
             _, value, neg_accuracy, size, cid = _rank_key(cand, metric, maximize)
             return neg_accuracy, size, value, cid
 
         best = min(tied, key=tie_break)
 
-    selection = Selection(best=best, baseline=baseline, feasible=feasible, front=front, candidates=list(candidates))
+    if best is not None:  # the front is known: every verdict says whether its candidate is on it
+        on_front = {c.id for c in front}
+        judged = [c.with_verdict(dataclasses.replace(c.verdict, on_front=c.id in on_front),  # type: ignore[arg-type]
+                                 c.metrics.accuracy_drop) for c in judged]
+        by_id = {c.id: c for c in judged}
+        feasible, front = [by_id[c.id] for c in feasible], [by_id[c.id] for c in front]
+        best, baseline = by_id[best.id], by_id[baseline.id]
+    else:
+        baseline = next(c for c in judged if c.is_baseline)
+    selection = Selection(best=best, baseline=baseline, feasible=feasible, front=front, candidates=judged)
     if best is None:
-        error = NoFeasibleCandidate(_no_feasible_message(candidates, profile.name))
+        error = NoFeasibleCandidate(_no_feasible_message(judged, profile.name))
         error.selection = selection  # type: ignore[attr-defined]
         raise error
     return selection

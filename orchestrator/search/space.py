@@ -26,8 +26,8 @@ from orchestrator.errors import TechniqueParamsError
 from orchestrator.plugins import PluginRegistry
 from orchestrator.profile import LoadedProfile
 
-Pipeline = tuple[str, ...]
-Candidate = list[dict[str, Any]]  # [{"technique": name, "params": {...}}]
+TechniqueNames = tuple[str, ...]  # the techniques of a pipeline, in order
+PipelineSpec = list[dict[str, Any]]  # record.Pipeline as JSON: [{"technique": name, "params": {...}}]
 
 
 def allowed_techniques(loaded: LoadedProfile, registry: PluginRegistry) -> list[Technique]:
@@ -169,9 +169,9 @@ def order_pipeline(combo: Sequence[Technique]) -> list[Technique]:
     return ordered
 
 
-def pipelines(techniques: list[Technique], max_length: int) -> list[Pipeline]:
+def pipelines(techniques: list[Technique], max_length: int) -> list[TechniqueNames]:
     """Every valid pipeline (baseline first), in a stable order; invalid combinations are left out."""
-    out: list[Pipeline] = [()]
+    out: list[TechniqueNames] = [()]
     for length in range(1, max_length + 1):
         for combo in itertools.combinations(techniques, length):
             try:
@@ -181,10 +181,10 @@ def pipelines(techniques: list[Technique], max_length: int) -> list[Pipeline]:
     return out
 
 
-def enumerate_candidates(techniques: list[Technique], max_length: int) -> list[Candidate]:
+def enumerate_candidates(techniques: list[Technique], max_length: int) -> list[PipelineSpec]:
     """Every (pipeline, parameters) combination: the full grid, baseline first."""
     by_name = {t.name: t for t in techniques}
-    out: list[Candidate] = []
+    out: list[PipelineSpec] = []
     for pipeline in pipelines(techniques, max_length):
         grids = [by_name[name].param_grid() for name in pipeline]
         for params in itertools.product(*grids):

@@ -20,10 +20,10 @@ from typing import Any
 
 from orchestrator.api import DeviceFacts, Technique
 from orchestrator.errors import TechniqueParamsError
-from orchestrator.search.space import Candidate
+from orchestrator.search.space import PipelineSpec
 
 
-def _key(pipeline: Candidate) -> str:
+def _key(pipeline: PipelineSpec) -> str:
     return json.dumps(pipeline, sort_keys=True)
 
 
@@ -43,13 +43,13 @@ def _steps(technique: Technique, device: DeviceFacts) -> list[dict[str, Any]]:
     return steps
 
 
-def starting_points(techniques: list[Technique], space: list[Candidate], device: DeviceFacts,
-                    max_pipeline_length: int) -> list[Candidate]:
+def starting_points(techniques: list[Technique], space: list[PipelineSpec], device: DeviceFacts,
+                    max_pipeline_length: int) -> list[PipelineSpec]:
     """The pipelines to evaluate first, in order, each one inside `space` and none twice."""
     inside = {_key(c) for c in space}
     graph = [s for t in techniques if t.stage == "graph" for s in _steps(t, device)]
     model = [s for t in techniques if t.stage != "graph" for s in _steps(t, device)[:1]]
-    points: list[Candidate] = [[]]
+    points: list[PipelineSpec] = [[]]
     points += [[s] for s in graph]
     points += [[s] for s in model]
     if max_pipeline_length >= 2:

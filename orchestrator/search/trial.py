@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.search.space import Candidate
+from orchestrator.search.space import PipelineSpec
 
 # What an emulated device's measurement adds (orchestrator/emulation/rule.py); absent keys are left out.
 EMULATION_KEYS = ("emulated", "arch", "latency_source", "latency_scale", "latency_constraint", "native_latency_ms",
@@ -47,7 +47,7 @@ class TrialPayload:
     seed: int
     pool: Any  # LeasePool actor: hands each measurement to a free device
     sink: Any
-    grid: list[Candidate] | None
+    grid: list[PipelineSpec] | None
     avoid_cpu: int | None
     predictor: Any = None  # PredictorService actor: the device's latency predictor (orchestrator/search/predictor.py)
     fresh: bool = False  # read no cache (stages, accuracy); still write them
@@ -57,7 +57,7 @@ class TrialPayload:
     sample: dict[str, Any] | None = None  # one real held-out input, which the device times (modelfacts.with_sample)
 
 
-def trial_values(record: dict[str, Any], profile: Any) -> dict[str, Any]:
+def trial_values(record: Any, profile: Any) -> dict[str, Any]:
     """What a trial reports to Tune: every objective metric, and the sampler's constraint values.
 
     A failed or unmeasured metric reports its worst value. "constraints" holds one number per
@@ -67,9 +67,12 @@ def trial_values(record: dict[str, Any], profile: Any) -> dict[str, Any]:
     from orchestrator.profile import OBJECTIVE_METRICS
     from orchestrator.search.selection import check_constraints, metric_value
 
-    ok = record.get("status") == "ok" and bool((record.get("metrics") or {}).get("latency_ms"))
+    from orchestrator.search.record import as_record
+
+    record = as_record(record)
+    ok = record.status == "ok" and bool(record.metrics.latency_ms)
     out: dict[str, Any] = {}
-    scored = ok or record.get("status") == "rejected"  # rejected: its accuracy is real, nothing else was measured
+    scored = ok or record.status == "rejected"  # rejected: its accuracy is real, nothing else was measured
     for name, direction in OBJECTIVE_METRICS.items():
         value = metric_value(record, name) if ok or (scored and name == "accuracy") else None
         out[name] = value if value is not None else (0.0 if direction == "max" else WORST)
@@ -92,7 +95,7 @@ def accuracy_rejection(accuracy: float, baseline: float | None, profile: Any) ->
             f"(accuracy {accuracy:.4f}, baseline {baseline:.4f})")
 
 
-def config_to_pipeline(config: dict[str, Any], payload: TrialPayload, labels: dict[str, list[str]]) -> Candidate:
+def config_to_pipeline(config: dict[str, Any], payload: TrialPayload, labels: dict[str, list[str]]) -> PipelineSpec:
     """The candidate a trial's config stands for (grid index, or Optuna's flat parameters)."""
     if payload.grid is not None:
         return payload.grid[config["index"]]

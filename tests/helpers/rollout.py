@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from onnx import helper
 
 from tests.helpers.agent import cnn_graph
@@ -34,6 +35,7 @@ def make_run(profile_path: Path, model: bytes, out_root: Path, latency_ms: float
     from orchestrator.paths import cache_dir, store_path
     from orchestrator.profile import load_profile
     from orchestrator.run import _finish, new_run_id
+    from orchestrator.search.record import CandidateRecord
     from orchestrator.store import RunStore
 
     loaded = load_profile(profile_path)
@@ -51,7 +53,7 @@ def make_run(profile_path: Path, model: bytes, out_root: Path, latency_ms: float
                           "energy_source": "estimated"}}
     device = {"name": "local:test", "arch": "x86_64", "transport": "local", "emulated": False, "pinned_cpu": None,
               "source": "fallback", "note": "test run", "devices": [], "unreachable": []}
-    _finish(store, run_id, loaded, "digits", device, [record], out, "finished", None)
+    _finish(store, run_id, loaded, "digits", device, [CandidateRecord.from_json(record)], out, "finished", None)
     return run_id
 
 
@@ -104,3 +106,93 @@ def start_fleet(folder: Path, profile: Path, count: int, prefix: str = "dev", ca
         fleet.stop()
         raise
     return fleet
+
+
+# --- shared by the rollout test modules (test_rollout*.py) -----------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+PROFILE = "rollout-test"
+FAST = {"health_runs": 20, "health_time_budget_s": 0.5}
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory) -> Path:
+    """The x86-host profile under a name of the rollout tests' own (their devices and runs are theirs)."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "device_profiles" / "x86-host.yaml").read_text())
+    data["name"] = PROFILE
+    path = tmp_path_factory.mktemp("profile") / f"{PROFILE}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(profile, tmp_path_factory, state_home) -> dict[str, str]:
+    """Real run records: `a` and `b` (two good models), `bad` (outputs do not reproduce), `none` (no pick)."""
+    out = tmp_path_factory.mktemp("runs")
+    return {"a": make_run(profile, cnn_model(0), out), "b": make_run(profile, cnn_model(1), out),
+            "bad": make_run(profile, cnn_model(1, dropout_in_training_mode=True), out),
+            "none": make_run(profile, cnn_model(2), out, latency_ms=1000.0)}
+
+
+@pytest.fixture
+def fleet(tmp_path, profile):
+    """Call it with a count: that many sshd devices of the profile, registered; stopped at the end."""
+    from tests.helpers.sshd import sshd_missing_reason
+
+    if sshd_missing_reason():
+        pytest.skip(sshd_missing_reason())
+    made: list[Fleet] = []
+
+    def make(count: int, **kwargs) -> Fleet:
+        made.append(start_fleet(tmp_path, profile, count, **kwargs))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.stop()
+
+
+def sha_of(run_id: str) -> str:
+    """The sha256 of the model a run picked."""
+    from orchestrator.rollout.plan import chosen_models
+
+    return chosen_models(run_id)[0].sha256
+
+
+def deploy_run(run_id: str, events: list | None = None, **options) -> object:
+    """Roll a run's pick out in this process, with a short health check."""
+    from orchestrator.rollout.execute import deploy
+    from orchestrator.rollout.plan import RolloutOptions, chosen_models
+
+    chosen = chosen_models(run_id)[0]
+    record = (lambda kind, data: events.append((kind, data))) if events is not None else (lambda kind, data: None)
+    return deploy(chosen, RolloutOptions(**{**FAST, **options}), record)
+
+
+def working_current(disk: Path) -> str:
+    """The version `current` names on a device's disk, after checking it is a complete, loadable model."""
+    import json
+
+    import onnxruntime as ort
+
+    link = disk / "deploy" / "current"
+    version = Path(link.readlink()).name
+    model = link / "model.onnx"
+    manifest = json.loads((link / "manifest.json").read_text())
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == manifest["sha256"] == version
+    ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return version
+
+
+def agent_processes(disk: Path, command: str) -> list:
+    """The agent processes running `command` (install, health, ...) on the device whose disk is `disk`."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if command in cmd and any(str(disk) in part for part in cmd):
+            found.append(proc)
+    return found
