@@ -167,19 +167,21 @@ def _sample_feeds(session, sample: dict, batch: int, warnings: list):
             warnings.append("the model's input sample does not fit input %s: random inputs timed" % meta.name)
             return None
         first = meta.shape[0] if meta.shape else None
-        if not (isinstance(first, int) and first > 0) and len(array) != batch:
-            array = np.concatenate([array] * (batch // len(array) + 1))[:batch]
+        rows = first if isinstance(first, int) and first > 0 else batch  # a fixed batch size wins over --batch
+        if len(array) != rows:  # the sample's rows, repeated or cut to the rows fed
+            array = np.concatenate([array] * (rows // len(array) + 1))[:rows]
         feeds[meta.name] = array
     return feeds
 
 
-def make_inputs(session, batch: int, seed: int, warnings: list, axes: dict = None, source: list = None) -> dict:
-    """Feeds for every model input: the real sample the model carries, when it does (the host attaches the
-    run's first held-out sample for timing); else random ones, dtype from metadata: the first symbolic dim
+def make_inputs(session, batch: int, seed: int, warnings: list, axes: dict = None, source: list = None,
+                sample: dict = None) -> dict:
+    """Feeds for every model input: the real `sample` given, else the one the model carries, when it does
+    (the host attaches the run's first held-out rows for timing); else random ones, dtype from metadata: the first symbolic dim
     -> batch, a symbolic dim named in `axes` -> its size there (a sequence length, say), any other symbolic
     dim -> 1 (warned). `source`, when given, gets "sample" or "random" appended."""
     source = source if source is not None else []
-    sample = model_sample(session, warnings)
+    sample = sample if sample is not None else model_sample(session, warnings)
     if sample is not None:
         feeds = _sample_feeds(session, sample, batch, warnings)
         if feeds is not None:
@@ -212,13 +214,14 @@ def make_inputs(session, batch: int, seed: int, warnings: list, axes: dict = Non
     return feeds
 
 
-def reference_inputs(session, seed: int = REFERENCE_SEED, batch: int = REFERENCE_BATCH) -> dict:
+def reference_inputs(session, seed: int = REFERENCE_SEED, batch: int = REFERENCE_BATCH, sample: dict = None) -> dict:
     """The fixed inputs of a health check's reference data (the host computes the outputs on them):
-    `make_inputs` with symbolic batch dimensions -> `batch` rows, other symbolic dims -> 1.
+    `make_inputs` with symbolic batch dimensions -> `batch` rows, other symbolic dims -> 1; with `sample`
+    (the run's held-out rows, by input name), those real rows instead of random ones.
 
     `session` is anything with onnxruntime's `get_inputs()`; AgentError for an input type it cannot feed.
     """
-    return make_inputs(session, batch, seed, [])
+    return make_inputs(session, batch, seed, [], sample=sample)
 
 
 # ------------------------------------------------------------------------------------------ latency

@@ -15,7 +15,7 @@
 
 Only the sampler's seed changes between searches: the profile's `search.seed` also seeds
 the base model, the data split and the calibration, which must stay as they are for the
-caches to answer, so the benchmark wraps `orchestrator.search.searcher.make_searcher` to pass
+caches to answer, so the benchmark wraps `make_searcher` where `orchestrator.run` calls it, to pass
 another seed to `TPESampler` (and checks that the wrapper was used).
 
 The profile's pick uses `objective.tie_within` (`--tie`, 3%): latencies within 3% of the
@@ -62,12 +62,12 @@ QUICK_TECHNIQUES = ["int8-static", "int8-dynamic", "fp16"]
 
 
 class SamplerSeed:
-    """Wraps orchestrator.search.searcher.make_searcher so the next searches' TPE sampler gets `seed`."""
+    """Wraps make_searcher (as orchestrator.run calls it) so the next searches' TPE sampler gets `seed`."""
 
     def __init__(self) -> None:
-        import orchestrator.search.searcher as search
+        import orchestrator.run as run
 
-        self.module, self.original = search, search.make_searcher
+        self.module, self.original = run, run.make_searcher
         self.seed: int | None = None
         self.used: list[int] = []
 
@@ -190,7 +190,7 @@ def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[
                   flush=True)
         if sampler.used != seeds:
             raise SystemExit(f"the sampler seed was not applied ({sampler.used} != {seeds}): "
-                             "does orchestrator.run still call orchestrator.search.searcher.make_searcher?")
+                             "does orchestrator.run still call make_searcher?")
 
     def share(values: list[int | None]) -> float:
         return median([v if v is not None else math.inf for v in values]) / size

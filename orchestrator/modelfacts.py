@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -47,13 +49,12 @@ def session_settings(path: Path) -> dict[str, Any] | None:
 
 
 def with_sample(model_bytes: bytes, feeds: dict[str, Any] | None) -> bytes:
-    """The model with one real input sample in its metadata, which the agent times instead of random
-    inputs (token ids in range, a real attention mask). Only what is sent to a device for measuring
+    """The model with real input rows in its metadata, which the agent feeds instead of random inputs
+    (token ids in range, a real attention mask): as many rows as it times (batch 1: the first), all
+    of them for the emulator's parity check. Only what is sent to a device for measuring
     carries it; the candidate kept and rolled out does not. No feeds: the model unchanged."""
     if not feeds:
         return model_bytes
-    import base64
-    import io
 
     import numpy as np
     import onnx

@@ -19,16 +19,20 @@ names them, rows along axis 0 (and optionally `labels`). Without it, inputs are 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from orchestrator.api import Dataset, Task, TensorSpec
 from orchestrator.errors import ExitCode, OrchestratorError
+from orchestrator.search.basemodel import torch_outputs
+from orchestrator.search.pipeline import onnx_outputs
 
 #: How a model brought without labels is scored against the fp32 model's own outputs (1.0 = identical).
 QUALITY_METRICS = {
@@ -194,7 +198,6 @@ class OwnModelTask(Task):
             except Exception as exc:  # noqa: BLE001 - a corrupt file says so in one line
                 raise ModelSourceError(f"--model {self.source}: not a readable ONNX model "
                                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-        import copy
 
         return copy.deepcopy(self._torch_model())
 
@@ -358,10 +361,8 @@ class OwnModelTask(Task):
     def _reference(self, data: Dataset) -> list[Any]:
         """The fp32 model's outputs on `data`: what label-free quality compares with."""
         if self.kind == "onnx":
-            from orchestrator.search.pipeline import onnx_outputs
 
             return onnx_outputs(Path(self.source).read_bytes(), self, data)
-        from orchestrator.search.basemodel import torch_outputs
 
         return torch_outputs(self, self._torch_model(), data, batch=16)
 
@@ -421,8 +422,6 @@ def _onnx_specs(path: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ..
 def _call_factory(source: str, search_dir: str | None = None) -> Any:
     """Import package.module and call the factory. `search_dir` (the run's working folder) is tried last
     on the import path, as `python -m` would, but after the installed packages: it never shadows them."""
-    import sys
-
     module_name, _, attr = source.partition(":")
     if search_dir and search_dir not in sys.path:
         sys.path.append(search_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -218,8 +219,6 @@ def _origin(plugin: Any) -> str:
 
 def _code_id(path: str) -> str:
     """sha256 (12 hex digits) of a plugin's module file; "no-code" for a namespace package or none."""
-    import hashlib
-
     try:
         with open(path.split(" (", 1)[0], "rb") as f:
             return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:12]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from orchestrator.report_plots import AXES, pareto_svg
 from orchestrator.search.selection import pipeline_label
 
 STYLE = """
@@ -182,8 +183,6 @@ def _emulation_section(results: dict[str, Any]) -> str:
 
 def render_report(results: dict[str, Any]) -> str:
     """The report page as a string."""
-    from orchestrator.report_plots import AXES, pareto_svg
-
     best = results.get("best")
     device = results.get("device") or {}
     emulated = bool(device.get("emulated"))

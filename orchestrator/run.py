@@ -15,20 +15,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agents.kernel import file_sha256
+from orchestrator.cachelimit import cache_limit
 from orchestrator.devices.base import Device
 from orchestrator.devices.registry import registry_path
-from orchestrator.errors import BaselineError, NoFeasibleCandidate, OrchestratorError
+from orchestrator.errors import BaselineError, NoFeasibleCandidate, OrchestratorError, RunNotResumable
 from orchestrator.fleet.choice import choose_devices, describe_devices, device_facts
 from orchestrator.fleet.lease import DeviceLease, LeasePool
+from orchestrator.fleet.measurements import measurements_path
 from orchestrator.modelfacts import model_ops, session_settings
 from orchestrator.paths import cache_dir, store_path
 from orchestrator.plugins import PluginRegistry
-from orchestrator.profile import LoadedProfile, Profile
+from orchestrator.profile import LoadedProfile, Profile, load_profile
+from orchestrator.report import write_report
+from orchestrator.search.basemodel import get_base_model
+from orchestrator.search.cache import trim_caches
+from orchestrator.search.pipeline import as_onnx_bytes, evaluate_onnx, export_onnx, is_onnx
+from orchestrator.search.predictor import PredictorService, past_points
+from orchestrator.search.ray_runtime import Interrupts, ray_session
 from orchestrator.search.record import CandidateRecord
+from orchestrator.search.searcher import make_searcher, pipeline_key, recording_callback
+from orchestrator.search.selection import select
 from orchestrator.search.space import allowed_techniques, enumerate_candidates
 from orchestrator.search.starting import starting_points
-from orchestrator.store import RunStore, process_alive
+from orchestrator.search.trial import ModelSink, TrialPayload, run_trial
+from orchestrator.store import SAMPLE_ROWS, SAMPLES_FILE, RunStore, process_alive
 from orchestrator.tasks import model_options, refuse_torch_stages, resolve_task
 
 log = logging.getLogger(__name__)
@@ -82,10 +95,6 @@ def execute_run(
     `resume` is a stored run (`RunStore.get_run`) that stopped before its end: its candidates
     are kept, only the trials it still lacks are run (see `resume_run`).
     """
-    from orchestrator.cachelimit import cache_limit
-    from orchestrator.search.basemodel import get_base_model
-    from orchestrator.search.searcher import pipeline_key
-
     cache_limit()  # a bad EDGE_ORCHESTRATOR_CACHE_MAX is refused now, not at the run's end
     profile = loaded.profile
     techniques = allowed_techniques(loaded, registry)
@@ -155,7 +164,9 @@ def execute_run(
         registry.notify("base_model_started", run_id=run_id, task=task.name)
         base = get_base_model(task, data, profile.search.seed)
         plan.baseline_accuracy, baseline_onnx = _baseline_accuracy(task, base, data, prior)
-        plan.sample = task.feeds(data["eval"].rows(0, 1)) if len(data["eval"]) else None
+        held_out = len(data["eval"])
+        plan.sample = task.feeds(data["eval"].rows(0, min(SAMPLE_ROWS, held_out))) if held_out else None
+        _write_samples(out, plan.sample)
         if baseline_onnx is not None:  # the starting points may depend on what the model is made of
             facts = dataclasses.replace(facts, model_ops=model_ops(baseline_onnx))
             plan.first = starting_points(techniques, candidates, facts, profile.search.max_pipeline_length)
@@ -181,10 +192,18 @@ def execute_run(
     return outcome
 
 
+def _write_samples(out: Path, feeds: dict[str, Any] | None) -> None:
+    """OUT/samples.npz: the held-out input rows the devices time and the rollout's health check feeds."""
+    if not feeds:
+        return
+    tmp = out / f".{SAMPLES_FILE}.tmp"
+    with tmp.open("wb") as f:
+        np.savez(f, **{name: np.ascontiguousarray(array) for name, array in feeds.items()})
+    os.replace(tmp, out / SAMPLES_FILE)
+
+
 def _trim_caches() -> None:
     """Keep the caches under their size limit (orchestrator/cachelimit.py); a failure there never fails the run."""
-    from orchestrator.search.cache import trim_caches
-
     try:
         trim_caches()
     except (OrchestratorError, OSError) as exc:
@@ -208,7 +227,7 @@ class SearchPlan:
     time_budget: float | None
     first: list[Any] = field(default_factory=list)  # known-good starting points (orchestrator/search/starting.py)
     baseline_accuracy: float | None = None  # the exported base model's: trials refuse to measure far worse ones
-    sample: dict[str, Any] | None = None  # one real held-out input: what the device times
+    sample: dict[str, Any] | None = None  # the first held-out inputs (SAMPLE_ROWS): what the device times
     records: list[CandidateRecord] = field(default_factory=list)  # every candidate so far (the run's own list)
 
 
@@ -216,11 +235,7 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
             on_candidate: Callable[[CandidateRecord], None], run_id: str, extras: dict[str, Any],
             registry: PluginRegistry) -> None:
     """The Ray Tune part of a run: leases, pool, sink, trials; every finished trial goes to `on_candidate` at once."""
-    from orchestrator.fleet.measurements import measurements_path
     from orchestrator.search.final_round import run_final_round
-    from orchestrator.search.ray_runtime import Interrupts, ray_session
-    from orchestrator.search.searcher import make_searcher, recording_callback
-    from orchestrator.search.trial import ModelSink, TrialPayload, run_trial
 
     searcher, space, samples, labels = make_searcher(plan.remaining, plan.trials_left, profile.search.seed, profile,
                                                       plan.prior, plan.first)
@@ -245,7 +260,6 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
         sink = ray.remote(ModelSink).options(num_cpus=0, scheduling_strategy=here).remote(str(cache_dir("models")))
         predictor = None
         if any(t.stage == "architecture" for t in techniques):  # hardware-aware search is allowed
-            from orchestrator.search.predictor import PredictorService, past_points
 
             seed = [] if options.fresh else past_points(plan.devices, profile, profile.constraints.latency_percentile)
             predictor = ray.remote(PredictorService).options(num_cpus=0, scheduling_strategy=here).remote(seed)
@@ -297,9 +311,6 @@ def resume_run(run_id: str, registry: PluginRegistry,
     for a run that finished, one that a live process still runs, or one whose profile file
     changed since it started.
     """
-    from orchestrator.errors import RunNotResumable
-    from orchestrator.profile import load_profile
-
     store = RunStore(store_path())
     run = store.get_run(run_id)
     if run["status"] in ("finished", "no_feasible"):
@@ -329,9 +340,6 @@ def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, devi
             records: list[CandidateRecord], out: Path, status: str, error: OrchestratorError | None,
             extras: dict[str, Any] | None = None) -> RunOutcome:
     """Select, write results.json / report.html / best.onnx, close the run in the store."""
-    from orchestrator.report import write_report
-    from orchestrator.search.selection import select
-
     records = sorted(records, key=lambda r: r.id)
     best = baseline = None
     if status == "finished":
@@ -394,8 +402,6 @@ def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any],
     A base model that cannot be loaded, exported or evaluated stops the run here, before any
     trial, with one line naming the stage.
     """
-    from orchestrator.search.pipeline import as_onnx_bytes, evaluate_onnx, export_onnx, is_onnx
-
     for record in prior:
         if record.is_baseline and record.status == "ok" and record.metrics.accuracy is not None:
             return float(record.metrics.accuracy), None

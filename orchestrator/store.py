@@ -41,6 +41,10 @@ CREATE TABLE IF NOT EXISTS candidates (
 """
 
 
+#: In a run's folder: the held-out input rows (by input name) that the rollout's health check feeds.
+SAMPLES_FILE = "samples.npz"
+SAMPLE_ROWS = 8
+
 #: What SQLite says when the file is not a database it can open (as opposed to busy or full).
 _NOT_A_DATABASE = ("SQLITE_NOTADB", "SQLITE_CANTOPEN", "SQLITE_CORRUPT")
 
@@ -191,9 +195,6 @@ class RunStore:
 
 def process_alive(pid: int | None, host: str | None) -> bool:
     """Whether process `pid` on `host` still runs: knowable only on this host; elsewhere assume it does."""
-    import os
-    import socket
-
     if not pid:
         return False
     if host and host != socket.gethostname():

@@ -24,6 +24,11 @@ from typing import Any, Callable
 import pytest
 
 from orchestrator.api import Dataset, DeviceFacts, Task, Technique, TechniqueContext, distillation_loss
+from orchestrator.devices.local import LocalTransport
+from orchestrator.devices.local import local_device as _local
+from orchestrator.plugins import get_plugin_manager
+from orchestrator.profile import Profile
+from orchestrator.search.pipeline import evaluate_onnx, export_onnx
 
 
 class TinyDigitsTask(Task):
@@ -132,7 +137,6 @@ def eo_tiny_onnx(eo_tiny_task: TinyDigitsTask, _eo_trained_tiny_model: Any) -> C
     """Call it for the trained tiny model as an onnx.ModelProto (input `input`, output `logits`)."""
     import onnx
 
-    from orchestrator.search.pipeline import export_onnx
 
     return lambda: onnx.load_from_string(export_onnx(eo_tiny_task, copy.deepcopy(_eo_trained_tiny_model)))
 
@@ -141,8 +145,6 @@ def eo_tiny_onnx(eo_tiny_task: TinyDigitsTask, _eo_trained_tiny_model: Any) -> C
 def eo_technique_context(eo_tiny_task: TinyDigitsTask, eo_tiny_data: dict[str, Dataset], _eo_trained_tiny_model: Any,
                          tmp_path: Path) -> TechniqueContext:
     """The `ctx` a technique receives, for the tiny task (the x86-host profile, seed 0)."""
-    from orchestrator.profile import Profile
-
     profile = Profile.model_validate({
         "name": "plugin-test", "hardware": {"arch": "x86_64", "cpu": "test", "cores": 1, "memory_mb": 1024},
         "objective": {"metric": "latency_p50"},
@@ -155,7 +157,6 @@ def eo_technique_context(eo_tiny_task: TinyDigitsTask, eo_tiny_data: dict[str, D
 @pytest.fixture
 def eo_evaluate(eo_tiny_task: TinyDigitsTask, eo_tiny_data: dict[str, Dataset]) -> Callable[[Any], float]:
     """Call it with ONNX bytes or a ModelProto: held-out accuracy with onnxruntime."""
-    from orchestrator.search.pipeline import evaluate_onnx
 
     def _evaluate(model: Any) -> float:
         data = model if isinstance(model, bytes) else model.SerializeToString()
@@ -167,10 +168,6 @@ def eo_evaluate(eo_tiny_task: TinyDigitsTask, eo_tiny_data: dict[str, Dataset]) 
 @pytest.fixture
 def eo_local_device() -> Callable[[bytes], dict[str, Any]]:
     """Call it with ONNX bytes: the real agent measures them on this machine (quick protocol)."""
-    from orchestrator.devices.local import LocalTransport
-    from orchestrator.devices.local import local_device as _local
-    from orchestrator.profile import Profile
-
     profile = Profile.model_validate({
         "name": "plugin-test", "hardware": {"arch": "x86_64", "cpu": "test", "cores": 1, "memory_mb": 1024},
         "objective": {"metric": "latency_p50"}, "measurement": {"warmup_runs": 3, "runs": 30, "time_budget_s": 2},
@@ -183,7 +180,6 @@ def eo_local_device() -> Callable[[bytes], dict[str, Any]]:
 @pytest.fixture
 def eo_plugin_registry() -> Callable[..., Any]:
     """Call it with your plugin module(s): a registry with the installed plugins plus yours."""
-    from orchestrator.plugins import get_plugin_manager
 
     def _registry(*plugins: Any) -> Any:
         registry = get_plugin_manager()

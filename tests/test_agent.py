@@ -369,3 +369,18 @@ def test_run_refuses_inputs_that_do_not_fit_the_model(capsys, model, tmp_path, i
                             "--outputs", str(tmp_path / "y.npy"))
     assert code == ExitCode.USAGE and message in out["error"]
     assert not (tmp_path / "y.npy").exists()
+
+
+def test_real_sample_rows_are_cut_or_repeated_to_the_rows_fed(tmp_path):
+    """The host attaches 8 held-out rows; the agent feeds as many as it times, fixed batch sizes included."""
+    import onnxruntime as ort
+
+    rows = np.arange(8 * 1 * 8 * 8, dtype=np.float32).reshape(8, 1, 8, 8)
+    for batch, fixed, expected in ((1, None, 1), (3, None, 3), (12, None, 12), (1, 2, 2)):
+        path = tiny_cnn(tmp_path / f"{batch}-{fixed}.onnx", batch=fixed or "N")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        source: list = []
+        feeds = make_inputs(session, batch, 0, [], source=source, sample={name: rows})
+        assert source == ["sample"] and len(feeds[name]) == expected
+        np.testing.assert_array_equal(feeds[name], np.concatenate([rows, rows])[:expected])

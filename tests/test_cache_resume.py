@@ -147,14 +147,15 @@ def _measured_models() -> set[str]:
 
 
 def _as_measured(seed: int):
-    """model sha256 -> the sha256 of the copy a device measures: the digits task's first held-out input attached."""
+    """model sha256 -> the sha256 of the copy a device measures: the digits task's first held-out rows attached."""
     import hashlib
 
     from orchestrator.modelfacts import with_sample
     from orchestrator.paths import cache_dir
+    from orchestrator.store import SAMPLE_ROWS
 
     task = get_plugin_manager().task("digits")
-    sample = task.feeds(task.load_data(seed)["eval"].rows(0, 1))
+    sample = task.feeds(task.load_data(seed)["eval"].rows(0, SAMPLE_ROWS))
 
     def sha(model_sha: str) -> str:
         model = (cache_dir("models") / f"{model_sha}.onnx").read_bytes()

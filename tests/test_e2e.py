@@ -134,6 +134,14 @@ def test_run_writes_results_report_and_best_model(small_run):
     best = results["best"]
     assert best["feasible"] and best["metrics"]["accuracy_drop"] <= 1.0
     assert "report.html" in os.listdir(folder)
+    # the held-out rows the rollout's health check feeds (orchestrator/rollout/healthcheck.py)
+    import numpy as np
+
+    from orchestrator.rollout.plan import chosen_models
+
+    with np.load(folder / "samples.npz") as samples:
+        assert samples.files == ["input"] and len(samples["input"]) == 8 and samples["input"].dtype == np.float32
+    assert chosen_models(outcome.run_id)[0].samples == folder / "samples.npz"
     html = (folder / "report.html").read_text()
     assert all(c["id"] in html for c in results["candidates"])
     assert events.count("candidate") == 4

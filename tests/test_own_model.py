@@ -337,7 +337,7 @@ def test_the_agent_times_the_real_sample_the_host_attaches(tmp_path):
     task = OwnModelTask("tests.helpers.own_models:tiny_bert", str(token_samples(tmp_path / "t.npz")))
     data = task.load_data(0)
     plain = export_onnx(task, task.build(None), data["calibration"])
-    sample = task.feeds(data["eval"].rows(0, 1))
+    sample = task.feeds(data["eval"].rows(0, 3))  # the host attaches several rows; the agent feeds what it times
     path = tmp_path / "m.onnx"
 
     def bench(model: bytes, *extra: str) -> dict:
@@ -350,7 +350,8 @@ def test_the_agent_times_the_real_sample_the_host_attaches(tmp_path):
     timed = bench(with_sample(plain, sample), "--batch", "2")
     assert timed["inputs_source"] == "sample"
     assert [(i["name"], i["shape"], i["dtype"]) for i in timed["inputs"]] == [
-        ("input_ids", [2, 24], "int64"), ("attention_mask", [2, 24], "int64")]  # the sample's row, repeated
+        ("input_ids", [2, 24], "int64"), ("attention_mask", [2, 24], "int64")]  # the sample's first two rows
+    assert [i["shape"] for i in bench(with_sample(plain, sample))["inputs"]] == [[1, 24], [1, 24]]
     assert bench(plain)["inputs_source"] == "random"
     wrong = bench(with_sample(plain, {"input_ids": sample["input_ids"].astype(np.int32),
                                       "attention_mask": sample["attention_mask"]}))

@@ -136,6 +136,33 @@ def test_reference_inputs_are_the_agents_own_and_its_health_check_passes_on_them
     assert code == 0 and health["healthy"], health
 
 
+def test_the_health_check_feeds_the_runs_held_out_samples(tmp_path, capsys):
+    """With the run's samples.npz, the reference inputs are those real rows (repeated to the batch), not random."""
+    import io
+
+    import numpy as np
+
+    from orchestrator.rollout.healthcheck import read_samples
+
+    model = _integer_inputs_model()
+    rows = {"q": np.array([[-3, 4], [7, -8]], np.int8), "u": np.array([[1, 2], [3, 250]], np.uint8),
+            "ids": np.array([[11, 12], [13, 14]], np.int32), "flag": np.array([[True, False], [True, True]])}
+    np.savez(tmp_path / "samples.npz", **rows)
+    with np.load(io.BytesIO(reference_data(model, sample=read_samples(tmp_path / "samples.npz")))) as saved:
+        stored = {k: saved[k] for k in saved.files}
+    for name, array in rows.items():
+        np.testing.assert_array_equal(stored[f"inputs/{name}"], np.concatenate([array, array]))  # 4 rows
+    np.testing.assert_array_equal(stored["outputs/y"][:2], np.array([[9, 0], [23, 256]], np.float32))
+    assert read_samples(tmp_path / "missing.npz") is None
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    assert read_samples(tmp_path / "broken.npz") is None
+    # a sample of another model's inputs: the fixed random inputs instead
+    with np.load(io.BytesIO(reference_data(model, sample={"x": np.zeros((2, 2), np.float32)}))) as saved:
+        assert saved["inputs/q"].shape == (4, 2)
+    root = tmp_path / "device"
+    assert _agent(capsys, *_stage(root, model))[0] == 0
+
+
 def test_agent_health_fails_on_latency_over_the_profile_limit(tmp_path, capsys):
     root = tmp_path / "device"
     args = _stage(root, cnn_model(0))

@@ -7,7 +7,10 @@ import json
 import sys
 
 import click
+from rich.table import Table
 
+from orchestrator.cachelimit import KINDS, LIMIT_ENV, cache_limit, cache_root, clear, format_size, info
+from orchestrator.cli.console import out_console
 from orchestrator.cli.format import _ago, cell, printable
 from orchestrator.errors import ExitCode
 
@@ -25,8 +28,6 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def cache_info(as_json: bool) -> None:
     """Per kind: entries, size, oldest and newest use; the total against the limit; where the folder is."""
-    from orchestrator.cachelimit import LIMIT_ENV, cache_limit, cache_root, format_size, info
-
     limit = cache_limit()
     kinds = info()
     total = sum(int(k["bytes"] or 0) for k in kinds.values())
@@ -34,9 +35,7 @@ def cache_info(as_json: bool) -> None:
         click.echo(json.dumps({"folder": str(cache_root()), "limit_bytes": limit, "total_bytes": total,
                                "kinds": kinds}, indent=2))
         return
-    from rich.table import Table
 
-    from orchestrator.cli.console import out_console
 
     table = Table("kind", "entries", "size", "oldest use", "newest use")
     for kind, row in kinds.items():
@@ -55,8 +54,6 @@ def cache_info(as_json: bool) -> None:
 @click.pass_context
 def cache_clear(ctx: click.Context, kinds: tuple[str, ...], yes: bool) -> None:
     """Remove cached entries (files being written are left). The next run rebuilds what it needs."""
-    from orchestrator.cachelimit import KINDS, cache_root, clear, format_size
-
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         click.echo(f"error: unknown cache kind {printable(repr(unknown[0]))}: the kinds are {', '.join(KINDS)}", err=True)

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rich.table import Table
+
+from orchestrator.cli.console import out_console
+from orchestrator.cli.format import cell
 from orchestrator.search.selection import metric_value, pipeline_label
 
 METRICS = (("accuracy", 4), ("latency_p50", 3), ("size_bytes", 0), ("energy_mj", 4), ("peak_memory_mb", 1))
@@ -44,11 +48,6 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def print_comparison(diff: dict[str, Any]) -> None:
     """The comparison as text and a table."""
-    from rich.table import Table
-
-    from orchestrator.cli.console import out_console
-    from orchestrator.cli.format import cell
-
     console = out_console()  # labels and ids come from plugins and stored runs: escaped (`cell`)
     a, b = diff["a"], diff["b"]
     console.print(cell(f"A {a['id']} ({a['profile']}, {a['task']}, {a['status']})  vs  "

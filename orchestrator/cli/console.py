@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from orchestrator.api import hookimpl
 from orchestrator.cli.format import cell, printable
 from orchestrator.errors import ExitCode
+from orchestrator.plugins import get_plugin_manager
+from orchestrator.profile import load_profile
 from orchestrator.search.selection import pipeline_label
 
 
@@ -140,7 +143,6 @@ class TerminalReporter:
     def _start_bar(self) -> None:
         if not self.tty:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=self.err, transient=True)
@@ -165,8 +167,6 @@ def run_with_progress(profile_path: Path | None, task: str | None, trials: int |
                       ray_address: str | None, fresh: bool = False, resume_id: str | None = None,
                       model: str | None = None, inputs: str | None = None) -> int:
     """Load the profile and plugins, run (or resume a run), print the front and the pick; returns the exit code."""
-    from orchestrator.plugins import get_plugin_manager
-    from orchestrator.profile import load_profile
     from orchestrator.run import RunOptions, execute_run, resume_run
 
     registry = get_plugin_manager()

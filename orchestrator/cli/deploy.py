@@ -3,18 +3,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
+from orchestrator.cli.format import printable
+from orchestrator.devices.registry import DeviceRegistry
 from orchestrator.errors import DeployError, RunNotFound
+from orchestrator.paths import store_path
+from orchestrator.rollout.deployments import DeploymentStore
+from orchestrator.store import RunStore, read_results
 
 
 def _say(text: str) -> None:
     """One line of the rollout's output; escaped, as device names and the errors devices report are in it."""
-    from orchestrator.cli.format import printable
-
     click.echo(printable(text))
 
 
@@ -31,11 +35,6 @@ def _canary(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 def _check_results(run_id: str) -> None:
     """The run's results.json, if there, has the shape a run writes (else one line naming it, exit 2)."""
-    from pathlib import Path
-
-    from orchestrator.paths import store_path
-    from orchestrator.store import RunStore, read_results
-
     run = RunStore(store_path()).get_run(run_id)
     path = Path(run["out_dir"] or "") / "results.json"
     try:
@@ -46,10 +45,6 @@ def _check_results(run_id: str) -> None:
 
 def _resume_target(ident: str) -> None:
     """`deploy --resume ID`: ID must name a rollout (a prefix of its id) or a run; anything else is a usage error."""
-    from orchestrator.paths import store_path
-    from orchestrator.rollout.deployments import DeploymentStore
-    from orchestrator.store import RunStore
-
     try:
         RunStore(store_path()).get_run(ident)
         return
@@ -211,7 +206,6 @@ def rollback(profile_name: str | None, device_names: tuple[str, ...], max_parall
     orchestrate rollback --profile rpi4
     orchestrate rollback --device pi-kitchen
     """
-    from orchestrator.devices.registry import DeviceRegistry
     from orchestrator.rollout.execute import rollback_devices
 
     if profile_name and device_names:

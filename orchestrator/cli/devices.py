@@ -11,10 +11,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+from rich.table import Table
 
-from orchestrator.cli.format import _ago, cell, printable
+from orchestrator.cli.console import out_console
+from orchestrator.cli.format import _ago, cell, deployment_columns, deployment_json, deployment_lines, printable
 from orchestrator.devices.base import CONNECT_TIMEOUT_S, DEFAULT_REMOTE_DIR
+from orchestrator.devices.registry import DeviceRegistry
 from orchestrator.errors import ExitCode, InventoryError, OrchestratorError
+from orchestrator.fleet.emulated import emulate_device
+from orchestrator.fleet.inventory import ignored_secrets, read_inventory, to_registration
+from orchestrator.fleet.probe import probe_device, remove_device
+from orchestrator.fleet.registration import Registration, register_device
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_RULE = "letters, digits, '.', '_' and '-' only, starting with a letter or digit"
@@ -80,8 +87,6 @@ def register(name: str, host: str, port: int, user: str, key_path: str | None, p
     orchestrate devices register pi-kitchen --host 192.168.1.20 --user pi \\
         --profile device_profiles/rpi4.yaml --tag kitchen
     """
-    from orchestrator.fleet.registration import Registration, register_device
-
     reg = Registration(name=name, host=host, port=port, user=user, key_path=key_path, profile_path=str(profile_path),
                        tags=list(tags), python=python, remote_dir=remote_dir,
                        host_key_fingerprint=host_key_fingerprint, known_hosts=known_hosts,
@@ -111,8 +116,6 @@ def emulate(profile_path: Path, mode: str, name: str | None, tags: tuple[str, ..
     orchestrate devices emulate device_profiles/rpi4.yaml        # registers emulated-rpi4
     orchestrate devices emulate device_profiles/rpi4.yaml --mode system   # an arm64 VM over SSH
     """
-    from orchestrator.fleet.emulated import emulate_device
-
     device, notes = emulate_device(profile_path, name, mode, sysroot, list(tags),
                                    log=lambda m: click.echo(m, err=True))
     extra = device.extra
@@ -143,9 +146,6 @@ def emulate(profile_path: Path, mode: str, name: str | None, tags: tuple[str, ..
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_devices(profile_name: str | None, as_json: bool) -> None:
     """The registered devices: name, profile, host, arch, status, last seen, deployed model, health, tags."""
-    from orchestrator.cli.format import deployment_columns, deployment_json
-    from orchestrator.devices.registry import DeviceRegistry
-
     rows = DeviceRegistry().list(profile_name)
     if as_json:
         deployed = deployment_json(rows)
@@ -154,9 +154,7 @@ def list_devices(profile_name: str | None, as_json: bool) -> None:
     if not rows:
         click.echo("no devices registered (orchestrate devices register --help)")
         return
-    from rich.table import Table
 
-    from orchestrator.cli.console import out_console
 
     table = Table("name", "profile", "host", "arch", "status", "last seen", "deployed model", "health", "tags")
     deployed = deployment_columns(rows)  # the rollout's columns (orchestrator/cli/deploy.py)
@@ -175,8 +173,6 @@ def list_devices(profile_name: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The registry entry as JSON.")
 def show(name: str, as_json: bool) -> None:
     """One device: how it is reached, its pinned host key, what its agent last reported."""
-    from orchestrator.devices.registry import DeviceRegistry
-
     d = DeviceRegistry().get(name)
     if as_json:
         click.echo(json.dumps(d.as_dict(), indent=2))
@@ -203,7 +199,6 @@ def show(name: str, as_json: bool) -> None:
         ("deployed model", d.deployed_model or "-"),
         ("device", _summary(d.info) if d.info else "-"),
     ]
-    from orchestrator.cli.format import deployment_lines
 
     at = next((i + 1 for i, (key, _) in enumerate(lines) if key == "deployed model"), len(lines))
     lines[at:at] = deployment_lines(d)  # the rollout's lines (orchestrator/cli/deploy.py)
@@ -217,9 +212,6 @@ def show(name: str, as_json: bool) -> None:
 @click.pass_context
 def probe(ctx: click.Context, names: tuple[str, ...]) -> None:
     """Connect to devices (all when no NAME is given), refresh what their agent reports, and their status."""
-    from orchestrator.devices.registry import DeviceRegistry
-    from orchestrator.fleet.probe import probe_device
-
     registry = DeviceRegistry()
     names = names or tuple(d.name for d in registry.list())
     if not names:
@@ -245,8 +237,6 @@ def probe(ctx: click.Context, names: tuple[str, ...]) -> None:
 def remove(name: str) -> None:
     """Forget a device (the agent's folder on a real device is left as it is; an emulated one's view goes,
     an emulated VM is stopped)."""
-    from orchestrator.fleet.probe import remove_device
-
     click.echo(remove_device(name))
 
 
@@ -259,10 +249,6 @@ def remove(name: str) -> None:
 @click.pass_context
 def import_inventory(ctx: click.Context, inventory: Path, profiles_dir: Path, dry_run: bool, yes: bool) -> None:
     """Register every host of an Ansible-style YAML inventory (groups become profiles or tags)."""
-    from orchestrator.devices.registry import DeviceRegistry
-    from orchestrator.fleet.inventory import ignored_secrets, read_inventory, to_registration
-    from orchestrator.fleet.registration import register_device
-
     hosts = read_inventory(inventory)
     for host in hosts:  # the rule `devices register` applies, before anything is registered
         if not NAME_PATTERN.fullmatch(host.name):

@@ -7,6 +7,10 @@ import time
 import unicodedata
 from typing import Any
 
+from rich.markup import escape
+
+from orchestrator.rollout.deployments import DeploymentStore
+
 #: Unicode categories never printed as they are: control (ESC, BEL, CR...), format (bidi overrides,
 #: zero-width), line/paragraph separators, surrogates, unassigned.
 _UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Cn"})
@@ -32,16 +36,11 @@ def printable(value: Any, keep: str = "") -> str:
 
 def cell(value: Any) -> str:
     """`printable(value)` for a rich table or `console.print`: its `[...]` is shown, not read as markup."""
-    from rich.markup import escape
-
     return escape(printable(value))
 
 
 def deployment_columns(devices: list[Any]) -> dict[str, tuple[str, str]]:
     """For `devices list`: per device, (deployed model: version and candidate, last health check) as table cells."""
-    from orchestrator.cli.format import _ago
-    from orchestrator.rollout.deployments import DeploymentStore
-
     rows = DeploymentStore().deployments({d.name: d.registered_at for d in devices})
     cells = {}
     for d in devices:
@@ -62,8 +61,6 @@ def deployment_columns(devices: list[Any]) -> dict[str, tuple[str, str]]:
 
 def deployment_json(devices: list[Any]) -> dict[str, dict[str, Any] | None]:
     """For `devices list --json`: per device, its deployment row (version, run, candidate, last health) or None."""
-    from orchestrator.rollout.deployments import DeploymentStore
-
     rows = DeploymentStore().deployments({d.name: d.registered_at for d in devices})
     return {d.name: rows.get(d.name) for d in devices}
 

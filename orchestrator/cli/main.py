@@ -6,16 +6,25 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import traceback
+import webbrowser
+from dataclasses import asdict
 from pathlib import Path
 
 import click
+from rich.table import Table
 
 from orchestrator.cli.cache import cache  # the `cache` command group
+from orchestrator.cli.compare import compare_runs, print_comparison
+from orchestrator.cli.console import out_console, print_candidates, run_with_progress
 from orchestrator.cli.deploy import deploy, rollback  # noqa: E402  (`deploy` and `rollback`: the rollout)
 from orchestrator.cli.devices import devices  # noqa: E402  (the `devices` command group)
 from orchestrator.cli.format import cell, printable
 from orchestrator.errors import ExitCode, OrchestratorError
+from orchestrator.paths import store_path
+from orchestrator.plugins import get_plugin_manager
+from orchestrator.store import RunStore
 
 _SHOW_TRACEBACK = False
 
@@ -72,7 +81,6 @@ def cli(ctx: click.Context, profile_path: Path | None, task: str | None, model: 
         if profile_path is not None:
             raise click.UsageError(f"--profile cannot be used with the {ctx.invoked_subcommand!r} command")
         return
-    from orchestrator.cli.console import run_with_progress
 
     if resume_id is not None:
         if profile_path is not None or trials is not None:
@@ -94,18 +102,12 @@ def cli(ctx: click.Context, profile_path: Path | None, task: str | None, model: 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json: bool) -> None:
     """List installed plugins: name, version, techniques, tasks (broken ones with the reason)."""
-    from dataclasses import asdict
-
-    from orchestrator.plugins import get_plugin_manager
-
     registry = get_plugin_manager()
     infos = [asdict(p) for p in registry.plugins.values()]
     if as_json:
         click.echo(json.dumps(infos, indent=2))
         return
-    from rich.table import Table
 
-    from orchestrator.cli.console import out_console
 
     table = Table("plugin", "package", "version", "techniques", "tasks", "hooks", "status")
     for p in infos:  # every cell escaped: a plugin chose these strings
@@ -125,14 +127,6 @@ def runs() -> None:
 @click.option("--limit", default=20, show_default=True)
 def runs_list(limit: int) -> None:
     """The newest runs."""
-    import time
-
-    from rich.table import Table
-
-    from orchestrator.cli.console import out_console
-    from orchestrator.paths import store_path
-    from orchestrator.store import RunStore
-
     table = Table("run", "profile", "task", "status", "candidates", "best", "started")
     for r in RunStore(store_path()).list_runs(limit):
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"]))
@@ -146,23 +140,16 @@ def runs_list(limit: int) -> None:
 @click.option("--open", "open_report", is_flag=True, help="Open the run's report.html in the browser.")
 def runs_show(run_id: str, as_json: bool, open_report: bool) -> None:
     """One run: status, where its files are, and its candidates."""
-    from orchestrator.cli.console import print_candidates
-    from orchestrator.paths import store_path
-    from orchestrator.store import RunStore
-
     run = RunStore(store_path()).get_run(run_id)
     if as_json:
         click.echo(json.dumps(run, indent=2))
         return
     if open_report:
-        from pathlib import Path
 
-        from orchestrator.errors import OrchestratorError
 
         report = Path(run["out_dir"] or "") / "report.html"
         if not report.is_file():
             raise OrchestratorError(f"run {run['id']}: no report at {report}")
-        import webbrowser
 
         # webbrowser.open says whether a browser took the page (click.launch starts xdg-open and says 0 anyway)
         if not webbrowser.open(report.resolve().as_uri()):
@@ -182,10 +169,6 @@ def runs_show(run_id: str, as_json: bool, open_report: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The comparison as JSON.")
 def runs_compare(run_a: str, run_b: str, as_json: bool) -> None:
     """What changed between two runs: the pick, and every candidate both runs tried."""
-    from orchestrator.cli.compare import compare_runs, print_comparison
-    from orchestrator.paths import store_path
-    from orchestrator.store import RunStore
-
     store = RunStore(store_path())
     diff = compare_runs(store.get_run(run_a), store.get_run(run_b))
     if as_json:

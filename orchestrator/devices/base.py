@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.hashing import digest
+
 if TYPE_CHECKING:  # pydantic stays out of `orchestrate --help`
     from orchestrator.profile import Profile
 
@@ -103,7 +105,5 @@ def axes_args(profile: Profile) -> list[str]:
 
 def settings_key(device: Device, profile: Profile) -> str:
     """Key of what a measurement on `device` depends on besides the model: transport, protocol, threads, pinning."""
-    from orchestrator.hashing import digest
-
     return digest({"transport": device.transport, "bench": bench_args(profile, device.pinned_cpu),
                    "emulation": profile.emulation.model_dump() if profile.emulation else None})

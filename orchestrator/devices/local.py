@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import agents
 from orchestrator.devices.base import AGENT_TIMEOUT_S, Device, bench_args, compare_args
 from orchestrator.errors import MeasurementError
+from orchestrator.paths import state_dir
 
 if TYPE_CHECKING:  # pydantic stays out of `orchestrate --help`
     from orchestrator.profile import Profile
@@ -39,8 +40,6 @@ LOCK_WAIT_S = 2 * AGENT_TIMEOUT_S
 
 def lock_path(device: Device) -> Path:
     """The lock file of a local device: one per pinned core, else one per device name."""
-    from orchestrator.paths import state_dir
-
     key = f"cpu{device.pinned_cpu}" if device.pinned_cpu is not None else re.sub(r"[^A-Za-z0-9._-]", "_", device.name)
     folder = state_dir() / "locks"
     folder.mkdir(exist_ok=True)

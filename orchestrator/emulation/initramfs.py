@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import lzma
 import re
 import stat
 from pathlib import Path
@@ -109,8 +111,6 @@ exec switch_root /newroot /sbin/init
 
 def _initramfs(kernel_root: Path, busybox: Path, modules: tuple[str, ...], out: Path) -> tuple[str, list[str]]:
     """Write the initramfs; returns (the kernel's version, the modules in load order)."""
-    import gzip
-
     moddirs = sorted((kernel_root / "lib" / "modules").iterdir())
     if len(moddirs) != 1:
         raise SysrootBuildError(f"expected one kernel under lib/modules, found {[d.name for d in moddirs]}")
@@ -128,7 +128,6 @@ def _initramfs(kernel_root: Path, busybox: Path, modules: tuple[str, ...], out: 
     names = []
     for ko in order:
         if ko.name.endswith(".xz"):
-            import lzma
 
             data, name = lzma.decompress(ko.read_bytes()), ko.name[:-3]
         else:

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.devices.base import Device
 from orchestrator.devices.local import LocalTransport
-from orchestrator.emulation.user import QemuUserTransport
+from orchestrator.emulation.sysroot import SysrootBuildError, build_sysroot
+from orchestrator.emulation.user import QemuUserTransport, emulated_device_for_profile, qemu_binary
 from orchestrator.errors import MeasurementError
 from orchestrator.modelfacts import model_precision
 
@@ -45,7 +46,8 @@ EMULATED_INFO_BUDGET_S = 5.0  # the emulated benchmark is information only: a sh
 
 
 def parity_inputs(model_bytes: bytes, samples: int = PARITY_SAMPLES, seed: int = PARITY_SEED) -> dict[str, np.ndarray]:
-    """Seeded random inputs of the model's input shapes (symbolic batch = `samples`), as the agent makes them."""
+    """The inputs of the parity check, as the agent makes them (symbolic batch = `samples` rows): the real
+    held-out rows the model carries (repeated to `samples`), else seeded random ones."""
     import onnxruntime as ort
 
     from agents.kernel import make_inputs
@@ -239,9 +241,6 @@ def emulated_fallback(profile: Profile, cpus: int, ray_address: str | None = Non
     The sysroot is built on first use (about a minute) and cached. Like the local fallback, the
     device measures on the last core (natively and under emulation) while compression keeps to the others.
     """
-    from orchestrator.emulation.sysroot import SysrootBuildError, build_sysroot
-    from orchestrator.emulation.user import emulated_device_for_profile, qemu_binary
-
     if profile.emulation is None:
         return None, f"profile {profile.name!r} has no emulation section"
     if qemu_binary() is None:

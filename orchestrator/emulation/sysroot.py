@@ -34,6 +34,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from orchestrator.errors import OrchestratorError
@@ -81,8 +82,6 @@ class SysrootDownloadError(SysrootBuildError):
 
 def host_version(distribution: str) -> str | None:
     """The version of a distribution installed on this host, or None."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(distribution)
     except PackageNotFoundError:

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from orchestrator.devices.registry import key_fingerprint
 from orchestrator.emulation.initramfs import OPTIONAL_MODULES, REQUIRED_MODULES, _initramfs
 from orchestrator.emulation.sysroot import (
     MANIFEST,
@@ -162,8 +163,6 @@ def _keygen(path: Path) -> None:
 
 def key_fingerprint_of(pub: Path) -> str:
     """`SHA256:...` of a public key file."""
-    from orchestrator.devices.registry import key_fingerprint
-
     return key_fingerprint(pub.read_text())
 
 

@@ -22,12 +22,15 @@ aarch64 child cannot exec without binfmt_misc, which would change the host).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,11 +41,13 @@ from orchestrator.emulation.sysroot import (
     CPU_MODELS,
     SYSROOT_PYTHON,
     SysrootBuildError,
+    build_sysroot,
     cpuinfo_text,
     read_manifest,
 )
 from orchestrator.errors import MeasurementError
 from orchestrator.paths import state_dir
+from orchestrator.profile import load_profile
 
 if TYPE_CHECKING:
     import numpy as np
@@ -313,13 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     The `devices emulate` command is what registers an emulated device; this runs one directly
     (building or reusing the sysroot first) and prints the agent's JSON.
     """
-    import argparse
-    import shlex
-    import sys
-
-    from orchestrator.emulation.sysroot import build_sysroot
-    from orchestrator.profile import load_profile
-
     parser = argparse.ArgumentParser(prog="python -m orchestrator.emulation.user", description=main.__doc__.split("\n")[0])
     parser.add_argument("--profile", required=True, help="a device profile with an emulation section")
     parser.add_argument("--sysroot", help="arm64 sysroot (default: built or reused under the state folder)")

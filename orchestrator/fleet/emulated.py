@@ -9,6 +9,22 @@ from typing import Callable
 
 from orchestrator.devices.base import Device
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
+from orchestrator.emulation.sysroot import SysrootBuildError, build_sysroot
+from orchestrator.emulation.system_image import (
+    GUEST_PYTHON,
+    GUEST_USER,
+    VmError,
+    build_system_image,
+    qemu_system_binary,
+)
+from orchestrator.emulation.system_vm import BOOT_TIMEOUT_S, QemuSystemVM
+from orchestrator.emulation.user import (
+    QemuUserTransport,
+    emulated_device_for_profile,
+    qemu_binary,
+    qemu_cpu_models,
+    resolve_qemu_cpu,
+)
 from orchestrator.errors import (
     DeviceRefused,
     EmulationUnavailable,
@@ -51,9 +67,6 @@ def emulate_device(profile_path: str | Path, name: str | None = None, mode: str 
     emulation leaves out. Raises EmulationUnavailable (no emulation section, no QEMU, a mode not
     built) or DeviceRefused (name taken, does not fit).
     """
-    from orchestrator.emulation.sysroot import SysrootBuildError, build_sysroot
-    from orchestrator.emulation.user import QemuUserTransport, emulated_device_for_profile, qemu_binary
-
     registry = registry or DeviceRegistry()
     loaded = load_profile(profile_path)
     profile = loaded.profile
@@ -116,15 +129,6 @@ def emulate_system_device(profile_path: str | Path, name: str | None = None, tag
     by fingerprint, never trusted on first use. Raises EmulationUnavailable or DeviceRefused.
     """
     from orchestrator.devices.ssh import SshTransport
-    from orchestrator.emulation.sysroot import SysrootBuildError
-    from orchestrator.emulation.system_image import (
-        GUEST_PYTHON,
-        GUEST_USER,
-        build_system_image,
-        qemu_system_binary,
-    )
-    from orchestrator.emulation.system_vm import BOOT_TIMEOUT_S, QemuSystemVM
-    from orchestrator.emulation.user import qemu_cpu_models, resolve_qemu_cpu
 
     registry = registry or DeviceRegistry()
     loaded = load_profile(profile_path)
@@ -195,9 +199,6 @@ def emulate_system_device(profile_path: str | Path, name: str | None = None, tag
 
 def _stop_vm(device: RegisteredDevice) -> str:
     """Stop a registered full-system VM by its recorded pid (checked to be its qemu); what was done."""
-    from orchestrator.emulation.system_image import VmError
-    from orchestrator.emulation.system_vm import QemuSystemVM
-
     run_dir = Path(device.extra.get("vm_dir") or emulated_vm_dir(device.name))
     try:
         vm = QemuSystemVM.attach(run_dir)

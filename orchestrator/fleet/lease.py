@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.devices.base import OFFLINE_RETRY_S, Device, settings_key
+from orchestrator.devices.registry import DeviceRegistry
 from orchestrator.errors import DeviceOffline, HostKeyMismatch, MeasurementError
+from orchestrator.fleet.measurements import MeasurementCache, device_key
 from orchestrator.fleet.transports import make_transport
 
 if TYPE_CHECKING:  # pydantic stays out of `orchestrate --help`
@@ -35,15 +37,12 @@ class DeviceLease:
         self.transport = make_transport(device)
         self.cache: Any = None
         if cache_path is not None:
-            from orchestrator.fleet.measurements import MeasurementCache
 
             self.cache = MeasurementCache(Path(cache_path), read=not fresh)
         self._device_key: str | None = None
 
     def _cache_keys(self, model_sha: str) -> tuple[str, str, str]:
         """(model, device, settings) keys of a measurement; the device's identity comes from its agent's `info`."""
-        from orchestrator.fleet.measurements import device_key
-
         if self._device_key is None:
             self._device_key = device_key(self.device.name, self.transport.info())
         return model_sha, self._device_key, settings_key(self.device, self.profile)
@@ -92,7 +91,6 @@ class DeviceLease:
         if self.registry_path is None:
             return
         if self._registry is None:
-            from orchestrator.devices.registry import DeviceRegistry
 
             self._registry = DeviceRegistry(self.registry_path)
         self._registry.set_status(self.device.name, status, reason)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
+from orchestrator.emulation.user import QemuUserTransport
 from orchestrator.errors import DeviceUnreachable, HostKeyMismatch, MeasurementError
 from orchestrator.fleet.emulated import _stop_vm, emulated_fit_profile, emulated_view_dir
 from orchestrator.fleet.registration import check_fit
@@ -17,7 +18,6 @@ from orchestrator.profile import load_profile
 def _agent_transport(device: RegisteredDevice) -> Any:
     """What runs the agent of a registered device: SSH, or the emulator itself for an emulated device."""
     if device.emulated:
-        from orchestrator.emulation.user import QemuUserTransport
 
         return QemuUserTransport.from_device(device.device())
     from orchestrator.devices.ssh import SshTransport

@@ -31,7 +31,7 @@ from orchestrator.errors import (
     RolloutIncomplete,
 )
 from orchestrator.rollout.deployments import HEARTBEAT_S, RESUMABLE, DeploymentStore, live_message, owner_alive
-from orchestrator.rollout.healthcheck import reference_data
+from orchestrator.rollout.healthcheck import read_samples, reference_data
 from orchestrator.rollout.plan import ChosenModel, Plan, RolloutOptions, TargetFactory, make_plan
 from orchestrator.rollout.target import DeployTarget
 
@@ -77,7 +77,7 @@ class Rollout:
         if hashlib.sha256(self.model).hexdigest() != plan.chosen.sha256:
             raise DeployError(f"{plan.chosen.path} changed after it was checked; not deployed")
         try:
-            self.reference = reference_data(self.model, int(plan.spec["threads"]))
+            self.reference = reference_data(self.model, int(plan.spec["threads"]), read_samples(plan.chosen.samples))
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
             raise DeployError(f"cannot compute the reference outputs of {plan.chosen.path} here: {exc}") from None
         self.reference_sha = hashlib.sha256(self.reference).hexdigest()

@@ -1,7 +1,8 @@
 """What a device's health check after an install compares against, computed here on the host.
 
-The host runs the run's chosen model with onnxruntime on fixed random inputs (made by the agent's
-own `agents.kernel.reference_inputs`, so host and device make inputs one way); the inputs and
+The host runs the run's chosen model with onnxruntime on the run's held-out samples (`samples.npz`
+in the run folder), or on fixed random inputs for a run without them (made by the agent's own
+`agents.kernel.reference_inputs`, so host and device make inputs one way); the inputs and
 the outputs travel with the model (`reference.npz`), and the agent's `health` runs the model
 on the device on the same inputs and compares (agents/health.py). The tolerance depends on the
 model's precision: an fp32 model must reproduce the host's outputs to float rounding, an int8
@@ -12,6 +13,7 @@ product, or none), fp16 in between.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,20 +30,36 @@ HEALTH_RUNS = 50
 HEALTH_TIME_BUDGET_S = 3.0
 
 
-def reference_data(model_bytes: bytes, threads: int = 1) -> bytes:
-    """`reference.npz`: `inputs/<name>` and the host's `outputs/<name>` for the model, as bytes."""
+def reference_data(model_bytes: bytes, threads: int = 1, sample: dict[str, np.ndarray] | None = None) -> bytes:
+    """`reference.npz`: `inputs/<name>` and the host's `outputs/<name>` for the model, as bytes.
+
+    With `sample` (the run's held-out rows, `samples.npz` beside its results), the check runs on
+    real inputs (token ids in range, real masks); a sample that does not fit the model's inputs
+    falls back to the fixed random ones.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
-    feeds = reference_inputs(session)
+    feeds = reference_inputs(session, sample=sample)
     names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(names, session.run(None, feeds)))
     buf = io.BytesIO()
     np.savez(buf, **{f"inputs/{k}": v for k, v in feeds.items()}, **{f"outputs/{k}": v for k, v in outputs.items()})
     return buf.getvalue()
+
+
+def read_samples(path: Path | None) -> dict[str, np.ndarray] | None:
+    """A run's `samples.npz` (input name -> rows), or None when there is none or it cannot be read."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError):
+        return None
 
 
 def health_spec(precision: str, constraints: dict[str, Any], runtime: dict[str, Any], batch: int,

@@ -17,8 +17,12 @@ from typing import Any, Callable
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
 from orchestrator.errors import DeployError, DeviceUnreachable, HostKeyMismatch, MeasurementError
 from orchestrator.modelfacts import model_precision
+from orchestrator.paths import cache_dir, store_path
+from orchestrator.profile import load_profile
 from orchestrator.rollout.healthcheck import HEALTH_RUNS, HEALTH_TIME_BUDGET_S, health_spec
 from orchestrator.rollout.target import DeployTarget
+from orchestrator.search.selection import pipeline_label
+from orchestrator.store import SAMPLES_FILE, RunStore
 
 TargetFactory = Callable[..., DeployTarget]
 
@@ -35,6 +39,7 @@ class ChosenModel:
     path: Path
     precision: str
     constraints: dict[str, Any]
+    samples: Path | None = None  # the run's held-out input rows (samples.npz): what the health check feeds
 
 
 @dataclass
@@ -68,10 +73,6 @@ class Plan:
 
 def chosen_models(run_id: str, profile: str | None = None) -> list[ChosenModel]:
     """The run's chosen model per profile it covered (one profile per run today), checked by sha256."""
-    from orchestrator.paths import cache_dir, store_path
-    from orchestrator.search.selection import pipeline_label
-    from orchestrator.store import RunStore
-
     run = RunStore(store_path()).get_run(run_id)
     out = Path(run["out_dir"] or "")
     try:
@@ -95,7 +96,8 @@ def chosen_models(run_id: str, profile: str | None = None) -> list[ChosenModel]:
                           f"{out / 'best.onnx'} (or it no longer matches its sha256)")
     return [ChosenModel(run_id=run["id"], profile=results["profile"], candidate=best["id"],
                         label=pipeline_label(best), sha256=sha, path=path, precision=model_precision(data),
-                        constraints=results.get("constraints") or {})]
+                        constraints=results.get("constraints") or {},
+                        samples=out / SAMPLES_FILE if (out / SAMPLES_FILE).is_file() else None)]
 
 
 def canary_count(spec: str, devices: int) -> int:
@@ -114,8 +116,6 @@ def canary_count(spec: str, devices: int) -> int:
 
 def make_plan(chosen: ChosenModel, options: RolloutOptions, registry: DeviceRegistry | None = None) -> Plan:
     """The waves for one chosen model: devices tagged `canary` first, then by name; canaries, then K at a time."""
-    from orchestrator.profile import load_profile
-
     canary_count(options.canary, 1)  # a bad --canary is refused before any device is looked at
     if options.on_failure not in ("stop", "continue"):
         raise DeployError(f"on_failure must be 'stop' or 'continue', not {options.on_failure!r}")

@@ -30,8 +30,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from orchestrator.errors import NoFeasibleCandidate
 from orchestrator.search.record import CandidateRecord, as_record
-from orchestrator.search.selection import Candidate
+from orchestrator.search.selection import Candidate, select
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -169,8 +170,6 @@ def run_final_round(records: list[CandidateRecord], profile: Any, lease: Any, mo
     """
     import ray
 
-    from orchestrator.errors import NoFeasibleCandidate
-    from orchestrator.search.selection import select
 
     try:
         selection = select(records, profile)

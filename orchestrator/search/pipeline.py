@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import tempfile
 import time
 import warnings
@@ -15,6 +16,7 @@ from typing import Any
 from orchestrator.api import Task, TechniqueContext
 from orchestrator.errors import OrchestratorError
 from orchestrator.plugins import PluginRegistry
+from orchestrator.search.cache import StageCache
 from orchestrator.search.space import IncompatiblePipeline, order_pipeline
 
 OPSET = 17
@@ -39,8 +41,6 @@ def export_onnx(task: Task, model: Any, data: Any = None) -> bytes:
 
     The trace runs on a real sample of `data` when given (integer ids must be valid indices).
     """
-    import io
-
     import torch
 
     model = model.eval()
@@ -109,7 +109,6 @@ def build_candidate(
     """
     import onnx
 
-    from orchestrator.search.cache import StageCache
 
     try:
         ordered = order_pipeline([registry.technique(s["technique"]) for s in pipeline])

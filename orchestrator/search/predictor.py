@@ -10,8 +10,16 @@ of what the device then measured.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from orchestrator.api import TechniqueContext
+from orchestrator.devices.base import settings_key
+from orchestrator.fleet.measurements import MeasurementCache
+from orchestrator.paths import cache_dir
+from orchestrator.search.pipeline import export_onnx
 
 FEATURES = ("conv_macs", "int8_conv_macs", "depthwise_macs", "matmul_macs", "params", "ops")
 MIN_POINTS = 4
@@ -126,13 +134,8 @@ def preview_candidate(registry: Any, task: Any, base_model: Any, pipeline: list[
     change the graph in ways only the training shows) can be previewed. Graph-stage techniques
     (quantization) are applied to the untrained architecture: they cost seconds, training minutes.
     """
-    import tempfile
-    from pathlib import Path
-
     import onnx
 
-    from orchestrator.api import TechniqueContext
-    from orchestrator.search.pipeline import export_onnx
 
     steps = [(registry.technique(s["technique"]), s["params"]) for s in pipeline]
     arch = [(t, p) for t, p in steps if t.stage == "architecture"]
@@ -158,10 +161,6 @@ def past_points(devices: list[Any], profile: Any, percentile: str, limit: int = 
     a model no longer in the model cache is skipped. This is what lets the predictor of a
     device improve from run to run instead of starting from nothing.
     """
-    from orchestrator.devices.base import settings_key
-    from orchestrator.fleet.measurements import MeasurementCache
-    from orchestrator.paths import cache_dir
-
     cache, models = MeasurementCache(), cache_dir("models")
     points = []
     for device in devices:

@@ -143,7 +143,6 @@ def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profil
         ordered = first + [c for c in candidates if pipeline_key(c) not in head]
         candidates[:] = ordered  # the trials index this list
         return None, {"index": tune.grid_search(list(range(len(candidates))))}, 1, labels
-    import warnings
 
     import optuna
     from ray.tune.search.optuna import OptunaSearch

@@ -5,11 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import MeasurementError
+from orchestrator.ownmodel import OwnModelTask
+from orchestrator.plugins import get_plugin_manager
+from orchestrator.profile import OBJECTIVE_METRICS
+from orchestrator.search.basemodel import TrainedModel
+from orchestrator.search.cache import AccuracyCache, StageCache
+from orchestrator.search.pipeline import build_candidate, evaluate_onnx
+from orchestrator.search.predictor import onnx_features, preview_candidate
+from orchestrator.search.record import as_record
+from orchestrator.search.selection import check_constraints, constraint_names, metric_value
 from orchestrator.search.space import PipelineSpec
 
 # What an emulated device's measurement adds (orchestrator/emulation/rule.py); absent keys are left out.
@@ -54,7 +65,7 @@ class TrialPayload:
     baseline_accuracy: float | None = None  # the exported base model's, on the same held-out data
     task_spec: dict[str, Any] | None = None  # a model brought with --model (orchestrator/ownmodel.py), not a plugin's
     plugins: dict[str, str] | None = None  # the driver's plugins and their files: every worker must load the same
-    sample: dict[str, Any] | None = None  # one real held-out input, which the device times (modelfacts.with_sample)
+    sample: dict[str, Any] | None = None  # real held-out input rows, which the device times (modelfacts.with_sample)
 
 
 def trial_values(record: Any, profile: Any) -> dict[str, Any]:
@@ -64,11 +75,6 @@ def trial_values(record: Any, profile: Any) -> dict[str, Any]:
     limit in `search_limits`: 0 when met, else how far over it is (value/limit - 1, as the
     selection computes it).
     """
-    from orchestrator.profile import OBJECTIVE_METRICS
-    from orchestrator.search.selection import check_constraints, metric_value
-
-    from orchestrator.search.record import as_record
-
     record = as_record(record)
     ok = record.status == "ok" and bool(record.metrics.latency_ms)
     out: dict[str, Any] = {}
@@ -108,18 +114,13 @@ def config_to_pipeline(config: dict[str, Any], payload: TrialPayload, labels: di
 
 def _worker_state(payload: TrialPayload) -> tuple[Any, Any, Any, Any]:
     """(registry, task, data, base model), built once per worker process (Tune reuses trial actors)."""
-    from orchestrator.plugins import get_plugin_manager
-    from orchestrator.search.basemodel import TrainedModel
-
     key = (payload.task_name, payload.seed, hash(payload.base_state), repr(payload.task_spec))
     if key not in _WORKER_STATE:
         registry = get_plugin_manager()
         if payload.plugins is not None:
-            import socket
 
             registry.check_same_plugins(payload.plugins, f"the Ray worker (pid {os.getpid()} on {socket.gethostname()})")
         if payload.task_spec is not None:
-            from orchestrator.ownmodel import OwnModelTask
 
             task = OwnModelTask.from_spec(payload.task_spec)
         else:
@@ -136,7 +137,6 @@ def _predicted_too_slow(registry: Any, task: Any, base: Any, pipeline: Any, ctx_
     """(reason, predicted ms) when the device's latency predictor says this candidate breaks the limit."""
     import ray
 
-    from orchestrator.search.predictor import onnx_features, preview_candidate
 
     limit = payload.profile.constraints.max_latency_ms
     if limit is None:
@@ -158,9 +158,6 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
     import torch
     from ray import tune
 
-    from orchestrator.errors import MeasurementError
-    from orchestrator.search.cache import AccuracyCache, StageCache
-    from orchestrator.search.pipeline import build_candidate, evaluate_onnx
 
     started = time.perf_counter()
     timing: dict[str, float] = {}
@@ -255,8 +252,6 @@ def search_limits(profile: Any) -> list[str]:
     tells it where the accuracy/objective trade-off lies, which a constraint would hide (it
     ranks every infeasible trial below every feasible one). The selection applies the limit.
     """
-    from orchestrator.search.selection import constraint_names
-
     return [name for name in constraint_names(profile.constraints) if name != "max_accuracy_drop"]
 
 
