@@ -34,7 +34,7 @@ Target: the median over 5 seeds at most 25% of the grid, on a space of at least 
     python bench/search_efficiency.py           # full: int8-static, int8-dynamic, fp16, prune-structured
                                                 # (84 candidates), 5 seeds; the grid takes about 15 minutes
                                                 # on an idle 2-core machine the first time, then is cached
-    python bench/search_efficiency.py --quick   # smoke run: the 30 graph-stage candidates, 2 seeds
+    python bench/search_efficiency.py --quick   # smoke run: the 54 graph-stage candidates, 2 seeds
 
 Writes bench/results/search_efficiency.json and prints a table.
 """
@@ -102,7 +102,7 @@ def label(record: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """For each objective: the grid, then one search per seed; print the tables, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 30 graph-stage candidates, 2 seeds")
+    parser.add_argument("--quick", action="store_true", help="smoke run: the 54 graph-stage candidates, 2 seeds")
     parser.add_argument("--seeds", type=int, help="sampler seeds (default 5; 2 with --quick)")
     parser.add_argument("--objectives", default="size_bytes,latency_p50",
                         help="the profile objectives to run, comma-separated (default: size_bytes,latency_p50)")

@@ -26,6 +26,7 @@ from orchestrator.fleet.choice import choose_devices, describe_devices, device_f
 from orchestrator.fleet.lease import DeviceLease, LeasePool
 from orchestrator.fleet.measurements import measurements_path
 from orchestrator.modelfacts import model_ops, session_settings
+from orchestrator.ownmodel import OwnModelTask
 from orchestrator.paths import cache_dir, store_path
 from orchestrator.plugins import PluginRegistry
 from orchestrator.profile import LoadedProfile, Profile, load_profile
@@ -158,7 +159,7 @@ def execute_run(
     status, error = "failed", None
     try:
         data = task.load_data(profile.search.seed)
-        if hasattr(task, "measure_axes"):  # time the model at its samples' sequence length (etc.), not 1
+        if isinstance(task, OwnModelTask):  # time the model at its samples' sequence length (etc.), not 1
             for axis, size in task.measure_axes(profile.search.seed).items():
                 profile.measurement.axes.setdefault(axis, size)
         registry.notify("base_model_started", run_id=run_id, task=task.name)
@@ -184,7 +185,7 @@ def execute_run(
         extras["quality_metric"] = task.quality_metric
         if profile.measurement.axes:
             extras["measurement_axes"] = dict(profile.measurement.axes)
-        if hasattr(task, "describe"):
+        if isinstance(task, OwnModelTask):
             extras["model"] = task.describe()
         outcome = _finish(store, run_id, loaded, task.name, device_info, records, out, status, error, extras)
         registry.notify("run_finished", run_id=run_id, results=outcome.results)
@@ -266,7 +267,7 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
         payload = TrialPayload(task.name, base.state_dict_bytes, base.arch, profile, profile.search.seed,
                                pool, sink, plan.remaining if searcher is None else None, plan.avoid_cpu, predictor,
                                fresh=options.fresh, baseline_accuracy=plan.baseline_accuracy,
-                               task_spec=task.spec() if hasattr(task, "spec") else None, plugins=registry.origins(),
+                               task_spec=task.spec() if isinstance(task, OwnModelTask) else None, plugins=registry.origins(),
                                sample=plan.sample)
 
         recorder, enough = recording_callback(on_candidate, target=plan.trials_left, known=plan.done,

@@ -44,7 +44,7 @@ def refuse_torch_stages(loaded: LoadedProfile, techniques: list[Any], task: Any)
 
 def model_options(task: Any) -> dict[str, Any]:
     """What a resumed run needs to rebuild a model brought with --model: absolute paths."""
-    if not hasattr(task, "spec"):
+    if not isinstance(task, OwnModelTask):
         return {}
     spec = task.spec()
     absolute = (lambda v: str(Path(v).resolve()) if v and Path(v).exists() else v)
