@@ -109,9 +109,11 @@ def _pick_section(results: dict[str, Any]) -> str:
     ratios = ""
     if base and base.get("status") == "ok":
         bm, pm = base["metrics"], best["metrics"]
+        drop = pm.get("accuracy_drop") or 0.0
+        change = f"{drop:.2f} points lost" if drop >= 0 else f"{-drop:.2f} points gained"
         ratios = (f"<p>Against the baseline: {bm['size_bytes'] / pm['size_bytes']:.2f}x smaller, "
                   f"{bm['latency_ms']['p50'] / pm['latency_ms']['p50']:.2f}x faster at p50, "
-                  f"accuracy {pm['accuracy']:.4f} vs {bm['accuracy']:.4f} ({pm.get('accuracy_drop', 0):.2f} points lost).</p>")
+                  f"accuracy {pm['accuracy']:.4f} vs {bm['accuracy']:.4f} ({change}).</p>")
     obj = results["objective"]
     tie = obj.get("tie_within") or 0.0
     ties = (f"; values within {100 * tie:.3g}% of the best count as a tie, which goes to the more accurate "

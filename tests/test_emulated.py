@@ -231,6 +231,7 @@ def test_orchestrate_without_a_board_measures_on_the_emulated_device(ray_local, 
     assert "EMULATED device emulated-rpi4-small: latency native-scaled (unverified" in out
 
     run_dir = next((tmp_path / "runs").glob("*/"))
+    assert f"wrote {run_dir}/ (results.json, report.html, best.onnx, samples.npz)" in " ".join(out.split())
     results = json.loads((run_dir / "results.json").read_text())
     device = results["device"]
     assert device["emulated"] is True and device["transport"] == "qemu" and device["source"] == "fallback"

@@ -47,6 +47,15 @@ def test_report_is_self_contained_and_marks_estimates(results, tmp_path):
     assert text.count('class="tag">estimated') >= 4 and 'class="tag">emulated' in text
 
 
+def test_report_says_points_lost_or_gained(results, tmp_path):
+    write_report(results, tmp_path / "lost.html")
+    assert "(0.50 points lost)" in (tmp_path / "lost.html").read_text()
+    results = copy.deepcopy(results)
+    results["best"]["metrics"].update(accuracy=0.9928, accuracy_drop=-0.28)  # a student better than its teacher
+    write_report(results, tmp_path / "gained.html")
+    assert "(0.28 points gained)" in (tmp_path / "gained.html").read_text()
+
+
 def test_report_without_a_pick_says_why(results, tmp_path):
     results = copy.deepcopy(results)
     results.update(best=None, status="no_feasible", message="no candidate met the profile 'rpi4'")

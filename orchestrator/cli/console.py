@@ -204,7 +204,9 @@ def run_with_progress(profile_path: Path | None, task: str | None, trials: int |
         console.print(f"EMULATED device {device.get('name')}: latency {device.get('latency_source', 'emulated')}"
                       f"{' (unverified: emulation.latency_scale not calibrated)' if unverified else ''}"
                       "; no real board of the profile measured this run (docs/emulation.md)")
-    console.print(f"wrote {outcome.out_dir}/ (results.json, report.html{', best.onnx' if best else ''})")
+    written = ["results.json", "report.html", *(["best.onnx"] if best else []),
+               *[name for name in ("best.session.json", "samples.npz") if (outcome.out_dir / name).is_file()]]
+    console.print(f"wrote {outcome.out_dir}/ ({', '.join(written)})")
     if outcome.status == "interrupted":
         reporter.err.print(f"interrupted: {len(outcome.candidates)} candidates kept in run {outcome.run_id}; "
                            f"go on with: orchestrate --resume {outcome.run_id}")
