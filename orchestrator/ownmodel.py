@@ -31,6 +31,7 @@ from typing import Any
 
 from orchestrator.api import Dataset, Task, TensorSpec
 from orchestrator.errors import ExitCode, OrchestratorError
+from orchestrator.owntrain import fine_tune
 from orchestrator.search.basemodel import torch_outputs
 from orchestrator.search.pipeline import onnx_outputs
 
@@ -226,11 +227,10 @@ class OwnModelTask(Task):
 
     def train(self, model: Any, data: Dataset, epochs: int, seed: int,
               teacher: Any = None, temperature: float = 4.0, alpha: float = 0.5) -> Any:
-        """Nothing to train at 0 epochs; fine-tuning a brought model needs a task plugin with its loss and data."""
+        """Fine-tune (orchestrator/owntrain.py): on the samples' labels, else toward the fp32 model's outputs."""
         if epochs <= 0:
             return model
-        raise NotImplementedError("fine-tuning a model brought with --model needs a task plugin "
-                                  "(its training data and loss); use the technique at 0 epochs")
+        return fine_tune(self, model, self._torch_model(), data, epochs, seed, teacher, temperature, alpha)
 
     # -------------------------------------------------------------------------------- inputs
     def _specs(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

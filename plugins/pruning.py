@@ -34,6 +34,24 @@ def _check_bool(params: dict[str, Any], key: str) -> str | None:
     return None
 
 
+def example_input(ctx: Any) -> Any:
+    """One real input row for tracing the model (a tensor, or a tuple for a model of several inputs).
+
+    From the calibration split, so a model brought with `--model` (named, typed inputs with
+    dynamic axes) is traced as it runs; zeros of the task's `input_shape` when there is none.
+    """
+    import numpy as np
+    import torch
+
+    rows = ctx.calibration_batches(1)
+    if not rows:
+        return torch.zeros((1, *ctx.task.input_shape), dtype=torch.float32)
+    feeds = ctx.task.feeds(rows[0])
+    tensors = [torch.from_numpy(np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype))
+               for spec in ctx.task.input_specs()]
+    return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+
 def output_layer(model: Any, example: Any) -> Any:
     """The last Conv/Linear the forward pass runs: the classifier, whose outputs must stay."""
     import torch
@@ -43,7 +61,7 @@ def output_layer(model: Any, example: Any) -> Any:
              for m in model.modules() if isinstance(m, _weight_layer_types())]
     try:
         with torch.no_grad():
-            model.eval()(example)
+            model.eval()(*example) if isinstance(example, tuple) else model.eval()(example)
     finally:
         for hook in hooks:
             hook.remove()
@@ -95,7 +113,7 @@ class PruneStructured(Technique):
         import torch_pruning as tp
 
         model = copy.deepcopy(model).eval()
-        example = torch.zeros((1, *ctx.task.input_shape), dtype=torch.float32)
+        example = example_input(ctx)
         keep = output_layer(model, example)
         importance = {
             "l1": lambda: tp.importance.MagnitudeImportance(p=1),
@@ -153,11 +171,10 @@ class PruneMagnitude(Technique):
         """Zero the smallest weights of a copy (all Conv/Linear but the classifier), fine-tune, make it permanent."""
         import copy
 
-        import torch
         from torch.nn.utils import prune
 
         model = copy.deepcopy(model).eval()
-        example = torch.zeros((1, *ctx.task.input_shape), dtype=torch.float32)
+        example = example_input(ctx)
         keep = output_layer(model, example)
         targets = [(m, "weight") for m in model.modules() if isinstance(m, _weight_layer_types()) and m is not keep]
         if not targets:

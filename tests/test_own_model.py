@@ -357,3 +357,29 @@ def test_the_agent_times_the_real_sample_the_host_attaches(tmp_path):
                                       "attention_mask": sample["attention_mask"]}))
     assert wrong["inputs_source"] == "random" and any("does not fit input input_ids" in w for w in wrong["warnings"])
     assert with_sample(plain, None) == plain
+
+
+@pytest.mark.parametrize("quality", ["cosine", "labels"])
+def test_a_brought_torch_model_is_fine_tuned(tmp_path, quality):
+    """Pruning's epochs train a brought model (orchestrator/owntrain.py): without labels toward its own fp32
+    outputs, with labels on them; either way it gets better on the held-out rows, which it never trained on."""
+    import torch
+
+    from tests.helpers.own_models import image_samples, small_cnn
+
+    samples = image_samples(tmp_path / "img.npz")
+    if quality == "labels":  # what the fp32 model says, as labels
+        with np.load(samples) as npz:
+            images = npz["input"]
+        with torch.no_grad():
+            np.savez(samples, input=images, labels=small_cnn()(torch.from_numpy(images)).argmax(1).numpy())
+    task = OwnModelTask("tests.helpers.own_models:small_cnn", str(samples), quality=quality)
+    data = task.load_data(0)
+    ctx = {"data": data, "profile": load_profile(X86).profile, "seed": 0}
+    scores = {}
+    for epochs in (0, 4):
+        model, _ = build_candidate(get_plugin_manager(), task, task.build(None), [
+            {"technique": "prune-structured", "params": {"ratio": 0.5, "importance": "l1", "scope": "layer",
+                                                         "epochs": epochs, "recalibrate_bn": False}}], ctx)
+        scores[epochs] = evaluate_onnx(task, model, data["eval"])
+    assert scores[4] > scores[0], scores

@@ -3,6 +3,8 @@
 `tiny_bert`: a 2-layer BERT built from a config with a fixed seed, taking int64 (input_ids,
 attention_mask) and returning mean-pooled embeddings: the shape of a sentence-embedding model.
 `export_breaks`: a model that runs in torch but cannot be exported (the fail-fast test).
+`small_cnn`: a 3-layer CNN with a fixed seed (image [N, 3, 16, 16] -> 10 logits): what structured
+pruning can cut and fine-tuning can bring back.
 """
 
 from __future__ import annotations
@@ -67,4 +69,22 @@ def token_samples(path: Path, rows: int = 32, seed: int = 0) -> Path:
         cut = int(rng.integers(SEQUENCE // 2, SEQUENCE))
         ids[row, cut:], mask[row, cut:] = 0, 0
     np.savez(path, input_ids=ids, attention_mask=mask)
+    return path
+
+
+def small_cnn() -> torch.nn.Module:
+    """The factory `--model tests.helpers.own_models:small_cnn` calls."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def image_samples(path: Path, rows: int = 64, seed: int = 0) -> Path:
+    """Smooth random images [rows, 3, 16, 16] (float32), no labels, saved as .npz."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.standard_normal((rows, 3, 4, 4)).astype(np.float32)
+    np.savez(path, input=np.repeat(np.repeat(coarse, 4, axis=2), 4, axis=3))
     return path
