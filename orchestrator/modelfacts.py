@@ -48,6 +48,15 @@ def session_settings(path: Path) -> dict[str, Any] | None:
 
 
 
+def samples_npz(feeds: dict[str, Any]) -> bytes:
+    """Input rows by name as .npz bytes: what a model carries (`with_sample`) and a run writes (samples.npz)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **{name: np.ascontiguousarray(array) for name, array in feeds.items()})
+    return buf.getvalue()
+
+
 def with_sample(model_bytes: bytes, feeds: dict[str, Any] | None) -> bytes:
     """The model with real input rows in its metadata, which the agent feeds instead of random inputs
     (token ids in range, a real attention mask): as many rows as it times (batch 1: the first), all
@@ -56,15 +65,12 @@ def with_sample(model_bytes: bytes, feeds: dict[str, Any] | None) -> bytes:
     if not feeds:
         return model_bytes
 
-    import numpy as np
     import onnx
 
-    buf = io.BytesIO()
-    np.savez(buf, **{name: np.ascontiguousarray(array) for name, array in feeds.items()})
     model = onnx.load_from_string(model_bytes)
     kept = [p for p in model.metadata_props if p.key != SAMPLE_METADATA]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     entry = model.metadata_props.add()
-    entry.key, entry.value = SAMPLE_METADATA, base64.b64encode(buf.getvalue()).decode("ascii")
+    entry.key, entry.value = SAMPLE_METADATA, base64.b64encode(samples_npz(feeds)).decode("ascii")
     return model.SerializeToString()

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from agents.kernel import file_sha256
 from orchestrator.cachelimit import cache_limit
 from orchestrator.devices.base import Device
@@ -25,7 +23,7 @@ from orchestrator.errors import BaselineError, NoFeasibleCandidate, Orchestrator
 from orchestrator.fleet.choice import choose_devices, describe_devices, device_facts
 from orchestrator.fleet.lease import DeviceLease, LeasePool
 from orchestrator.fleet.measurements import measurements_path
-from orchestrator.modelfacts import model_ops, session_settings
+from orchestrator.modelfacts import model_ops, samples_npz, session_settings
 from orchestrator.ownmodel import OwnModelTask
 from orchestrator.paths import cache_dir, store_path
 from orchestrator.plugins import PluginRegistry
@@ -198,8 +196,7 @@ def _write_samples(out: Path, feeds: dict[str, Any] | None) -> None:
     if not feeds:
         return
     tmp = out / f".{SAMPLES_FILE}.tmp"
-    with tmp.open("wb") as f:
-        np.savez(f, **{name: np.ascontiguousarray(array) for name, array in feeds.items()})
+    tmp.write_bytes(samples_npz(feeds))
     os.replace(tmp, out / SAMPLES_FILE)
 
 
