@@ -416,6 +416,9 @@ def _onnx_specs(path: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ..
         return TensorSpec(value.name, dtype, dims)
 
     inputs = tuple(spec(v) for v in model.graph.input if v.name not in initializers)
+    if not inputs or not model.graph.output:  # an empty file parses as an empty model
+        raise ModelSourceError(f"--model {path}: not a readable ONNX model (a graph with no "
+                               f"{'inputs' if not inputs else 'outputs'}{'; the file is empty' if not model.ByteSize() else ''})")
     return inputs, tuple(spec(v) for v in model.graph.output)
 
 

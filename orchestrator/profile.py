@@ -23,6 +23,7 @@ from orchestrator.yamlfile import (  # noqa: F401  (re-exported: inventories rea
     _line_of,
     dotted,
     line_of,
+    parse_yaml,
     read_yaml,
     validation_message,
 )
@@ -296,7 +297,20 @@ def load_profile(path: str | Path) -> LoadedProfile:
     path = Path(path)
     if path.is_dir():
         raise ProfileError(f"{path}: cannot read profile: it is a folder")
-    text, node, data = read_yaml(path, "profile", ProfileError)
+    return _validated(path, read_yaml(path, "profile", ProfileError))
+
+
+def profile_from_text(text: str, path: str | Path) -> LoadedProfile:
+    """A profile from text kept elsewhere (a run's stored copy); `path` is the file it was read from.
+
+    Relative paths in it (`model.source`) are still read from that file's folder.
+    """
+    path = Path(path)
+    return _validated(path, parse_yaml(text, path, ProfileError))
+
+
+def _validated(path: Path, parsed: YamlFile) -> LoadedProfile:
+    text, node, data = parsed
     if data is None:
         raise ProfileError(f"{path}:1: (top level): the profile is empty")
     if not isinstance(data, dict):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from orchestrator.modelfacts import model_ops, samples_npz, session_settings
 from orchestrator.ownmodel import OwnModelTask
 from orchestrator.paths import cache_dir, store_path
 from orchestrator.plugins import PluginRegistry
-from orchestrator.profile import LoadedProfile, Profile, load_profile
+from orchestrator.profile import LoadedProfile, Profile, load_profile, profile_from_text
 from orchestrator.report import write_report
 from orchestrator.search.basemodel import get_base_model
 from orchestrator.search.cache import trim_caches
@@ -120,10 +121,12 @@ def execute_run(
         run_id = new_run_id(profile.name)
         out = (options.out_dir / run_id).resolve()
         out.mkdir(parents=True, exist_ok=True)
-        store.start_run(run_id, profile.name, str(loaded.path), task.name, str(out),
+        # the profile as it was: a resume reads this copy, from any folder, whatever became of the file
+        store.start_run(run_id, profile.name, str(loaded.path.resolve()), task.name, str(out),
                         options={"task": task.name, "trials": trials, **model_options(task), "fresh": options.fresh,
                                  "ray_address": options.ray_address, "num_cpus": options.num_cpus,
-                                 "profile_sha256": file_sha256(loaded.path)})
+                                 "profile_sha256": hashlib.sha256(loaded.text.encode()).hexdigest(),
+                                 "profile_text": loaded.text})
     else:
         run_id, out = resume["id"], Path(resume["out_dir"])
         out.mkdir(parents=True, exist_ok=True)
@@ -306,8 +309,8 @@ def resume_run(run_id: str, registry: PluginRegistry,
     The run keeps its id, folder and candidates; the search runs the trials still missing
     from its budget (Optuna is told the finished ones), the rest of its time budget, and ends
     like an uninterrupted run (selection, results.json, report). Refused, with the reason,
-    for a run that finished, one that a live process still runs, or one whose profile file
-    changed since it started.
+    for a run that finished, or one that a live process still runs. The profile is the copy
+    the store kept when the run started: the file may have moved, changed or gone since.
     """
     store = RunStore(store_path())
     run = store.get_run(run_id)
@@ -317,12 +320,18 @@ def resume_run(run_id: str, registry: PluginRegistry,
         raise RunNotResumable(f"run {run['id']} is still running (pid {run['pid']} on {run['host']})")
     opts = run["options"]
     profile_path = Path(run["profile_path"])
-    if not profile_path.is_file():
-        raise RunNotResumable(f"run {run['id']}: its profile {profile_path} is gone")
-    if opts.get("profile_sha256") and file_sha256(profile_path) != opts["profile_sha256"]:
-        raise RunNotResumable(f"run {run['id']}: {profile_path} changed since the run started; "
-                              "start a new run instead")
-    loaded = load_profile(profile_path)
+    if opts.get("profile_text") is not None:  # the copy the run started with
+        loaded = profile_from_text(opts["profile_text"], profile_path)
+        if not profile_path.is_file() or file_sha256(profile_path) != opts.get("profile_sha256"):
+            log.warning("run %s: %s %s; resuming with the profile as it was when the run started", run["id"],
+                        profile_path, "changed since the run started" if profile_path.is_file() else "is gone")
+    else:  # a run stored before profiles were kept in the store: only its file, unchanged
+        if not profile_path.is_file():
+            raise RunNotResumable(f"run {run['id']}: its profile {profile_path} is gone")
+        if opts.get("profile_sha256") and file_sha256(profile_path) != opts["profile_sha256"]:
+            raise RunNotResumable(f"run {run['id']}: {profile_path} changed since the run started; "
+                                  "start a new run instead")
+        loaded = load_profile(profile_path)
     options = RunOptions(task=run["task"], model=opts.get("model"), inputs=opts.get("inputs"), trials=opts.get("trials"), out_dir=Path(run["out_dir"]).parent,
                          ray_address=opts.get("ray_address"), num_cpus=opts.get("num_cpus"),
                          fresh=fresh)

@@ -89,6 +89,11 @@ def read_yaml(path: Path, what: str = "profile", error: type[OrchestratorError] 
         line = raw.count(b"\n", 0, exc.start) + 1
         raise error(f"{path}:{line}: (YAML): not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}), "
                     f"({what} files are UTF-8 YAML)") from None
+    return parse_yaml(text, path, error)
+
+
+def parse_yaml(text: str, path: Path, error: type[OrchestratorError] = ProfileError) -> YamlFile:
+    """Parse YAML text once (as `read_yaml` does after reading it); errors name `path`, the file it came from."""
     loader = None
     try:
         loader = yaml.SafeLoader(text)  # its reader already refuses control characters

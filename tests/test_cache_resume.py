@@ -173,13 +173,17 @@ def _ray_leftovers(ray_tmp: Path, wait_s: float = 20) -> list[str]:
 
 
 def test_resume_after_sigkill_finishes_without_repeating_trials(tmp_path, capsys):
-    """kill -9 of a real `orchestrate` process mid-run, then `orchestrate --resume RUN_ID`."""
+    """kill -9 of a real `orchestrate` process mid-run, then `orchestrate --resume RUN_ID`.
+
+    The run was started with a relative profile path; the resume runs from another folder, after
+    the profile file was overwritten: it goes on with the profile the run started with.
+    """
     profile = quick_profile(tmp_path, "resume-kill9")
     out = tmp_path / "runs"
     ray_tmp = Path(tempfile.mkdtemp(prefix="eo-ray-", dir="/tmp"))  # short: Ray's unix socket paths
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    command = [sys.executable, "-m", "orchestrator", "--profile", str(profile), "--trials", "6", "--out", str(out)]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "orchestrator", "--profile", profile.name, "--trials", "6", "--out", str(out)]
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_id = _wait_for_candidates(proc, out, 2, timeout=300)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
@@ -190,11 +194,17 @@ def test_resume_after_sigkill_finishes_without_repeating_trials(tmp_path, capsys
     assert before["status"] == "running" and 2 <= len(before["candidates"]) < 6
     kept = {c["id"]: c for c in before["candidates"]}
     measured_before = _measured_models()
+    assert before["profile_path"] == str(profile.resolve())
+    started_with = load_profile(profile).profile
+    profile.write_text("search: [this is not the profile the run started with\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
 
     resumed = subprocess.run([sys.executable, "-m", "orchestrator", "--resume", run_id[:24]], env=env,
-                             capture_output=True, text=True, timeout=600)
+                             cwd=elsewhere, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming with {len(kept)} candidates kept" in resumed.stderr
+    assert f"{profile} changed since the run started; resuming with the profile as it was when the run started" in resumed.stderr
     after = RunStore(store_path()).get_run(run_id)
     assert after["status"] == "finished"
     keys = [pipeline_key(c["pipeline"]) for c in after["candidates"]]
@@ -206,12 +216,13 @@ def test_resume_after_sigkill_finishes_without_repeating_trials(tmp_path, capsys
     # what was measured now is exactly the new candidates' models the cache did not have yet
     # (earlier tests of this session may have measured some of them: same device, same settings)
     # (the device measures each model with the run's real held-out sample attached: that copy's sha256)
-    as_measured = _as_measured(load_profile(profile).profile.search.seed)
+    as_measured = _as_measured(started_with.search.seed)
     new_models = {as_measured(c["model_sha256"]) for c in ok(after["candidates"]) if c["id"] not in kept}
     assert _measured_models() - measured_before == new_models - measured_before
     assert {as_measured(c["model_sha256"]) for c in ok(list(kept.values()))} <= measured_before
     results = json.loads((Path(after["out_dir"]) / "results.json").read_text())
     assert results["status"] == "finished" and results["best"] and len(results["candidates"]) == 6
+    assert results["profile"] == "resume-kill9" and results["profile_path"] == str(profile.resolve())
     assert (Path(after["out_dir"]) / "best.onnx").exists() and (Path(after["out_dir"]) / "report.html").exists()
     assert _ray_leftovers(ray_tmp, wait_s=5) == []
     shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -225,6 +225,10 @@ def test_a_corrupt_onnx_file_is_one_line(tmp_path):
     bad.write_bytes(b"\x08\x07not a model")
     with pytest.raises(ModelSourceError, match=r"not a readable ONNX model"):
         OwnModelTask(str(bad))
+    empty = tmp_path / "empty.onnx"  # parses as an empty ModelProto: no graph at all
+    empty.write_bytes(b"")
+    with pytest.raises(ModelSourceError, match=r"not a readable ONNX model \(a graph with no inputs; the file is empty\)"):
+        OwnModelTask(str(empty))
 
 
 def test_a_plugin_that_registers_nothing_is_reported(tmp_path, monkeypatch):

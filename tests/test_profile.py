@@ -304,3 +304,31 @@ def test_power_active_below_idle_is_refused(tmp_path: Path):
 def test_power_active_equal_to_idle_is_allowed(tmp_path: Path):
     path, _ = _with_power(tmp_path, idle=3.5, active=3.5)
     assert load_profile(path).profile.power.active_watts == 3.5
+
+
+def test_a_profile_from_stored_text_is_the_file_it_was_read_from(tmp_path: Path):
+    """A resumed run reads the profile text the store kept: same profile, same errors, same folder."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.profile import profile_from_text
+    from orchestrator.tasks import resolve_task
+
+    text = X86.read_text(encoding="utf-8") + "model:\n  source: model.onnx\n"
+    gone = tmp_path / "moved" / "x86.yaml"
+    loaded = profile_from_text(text, gone)
+    assert loaded.profile == load_profile(_write(tmp_path, text)).profile and loaded.path == gone
+    (gone.parent).mkdir()
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    onnx.save(helper.make_model(graph), gone.parent / "model.onnx")
+    task = resolve_task(loaded, get_plugin_manager())  # a relative model path: from the profile's own folder
+    assert Path(task.source) == gone.parent / "model.onnx"
+    lines = _lines()
+    i = _index(lines, "search", "trials")
+    lines[i] = "  trials: many\n"
+    with pytest.raises(ProfileError) as info:
+        profile_from_text("".join(lines), gone)
+    assert str(info.value).startswith(f"{gone}:{i + 1}: search.trials: ")
