@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from orchestrator.errors import StateFileError
@@ -40,3 +42,28 @@ def cache_dir(kind: str) -> Path:
 def store_path() -> Path:
     """The SQLite file holding runs and candidates."""
     return state_dir() / "runs.sqlite"
+
+
+_swept: set[str] = set()
+
+
+def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:
+    """A temporary folder named `{prefix}{pid}-…` in the system's temp folder, removed when the block ends.
+
+    A process killed while building (a trial cancelled at the run's end, `kill -9`, a crash) cannot
+    remove its folder, and a transformer's copies are hundreds of MB: so the first call of each
+    process removes this user's `{prefix}*` folders whose process is gone (a live or unknown pid is left).
+    """
+    if prefix not in _swept:
+        _swept.add(prefix)
+        for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+            pid = path.name[len(prefix):].split("-", 1)[0]
+            try:
+                if not pid.isdigit() or path.is_symlink() or path.stat().st_uid != os.getuid():
+                    continue
+                os.kill(int(pid), 0)
+            except ProcessLookupError:  # its process is gone
+                shutil.rmtree(path, ignore_errors=True)
+            except OSError:  # no permission to ask (another user's pid), or the folder went meanwhile
+                continue
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import tempfile
 import time
 import warnings
 import zlib
@@ -15,6 +14,7 @@ from typing import Any
 
 from orchestrator.api import Task, TechniqueContext
 from orchestrator.errors import OrchestratorError
+from orchestrator.paths import scratch_dir
 from orchestrator.plugins import PluginRegistry
 from orchestrator.search.cache import StageCache
 from orchestrator.search.space import IncompatiblePipeline, order_pipeline
@@ -142,7 +142,7 @@ def build_candidate(
                 break
     if model is None:
         model = copy.deepcopy(base_model)
-    with tempfile.TemporaryDirectory(prefix="eo-candidate-") as scratch:
+    with scratch_dir("eo-candidate-") as scratch:
         ctx = TechniqueContext(task=task, teacher=base_model, scratch_dir=Path(scratch), **ctx_kwargs)
         for position, (name, key, technique, params) in enumerate(actions[done:], start=done):
             if technique is None:

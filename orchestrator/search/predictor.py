@@ -10,7 +10,6 @@ of what the device then measured.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from orchestrator.api import TechniqueContext
 from orchestrator.devices.base import settings_key
 from orchestrator.fleet.measurements import MeasurementCache
-from orchestrator.paths import cache_dir
+from orchestrator.paths import cache_dir, scratch_dir
 from orchestrator.search.pipeline import export_onnx
 
 FEATURES = ("conv_macs", "int8_conv_macs", "depthwise_macs", "matmul_macs", "params", "ops")
@@ -141,7 +140,7 @@ def preview_candidate(registry: Any, task: Any, base_model: Any, pipeline: list[
     arch = [(t, p) for t, p in steps if t.stage == "architecture"]
     if not arch or any(t.stage == "training" for t, _ in steps):
         return None
-    with tempfile.TemporaryDirectory(prefix="eo-preview-") as scratch:
+    with scratch_dir("eo-preview-") as scratch:
         ctx = TechniqueContext(task=task, teacher=base_model, scratch_dir=Path(scratch), **ctx_kwargs)
         technique, params = arch[0]
         untrained = technique.architecture(technique.check_params(params), ctx)
