@@ -127,3 +127,9 @@ class StateFileError(OrchestratorError):
     `registry.sqlite` is not an SQLite database, a run's results.json does not have the shape we write."""
 
     exit_code = ExitCode.USAGE
+
+
+class ModelSourceError(OrchestratorError):
+    """A model given with --model (or the profile's `model:`) cannot be used: one line saying why."""
+
+    exit_code = ExitCode.USAGE

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from agents.kernel import SAMPLE_METADATA, SESSION_METADATA  # the agent reads what these keys hold
+from orchestrator.api import TensorSpec
+from orchestrator.errors import ModelSourceError
 
 #: Op types that make a graph a quantized (int8) one: Q/DQ pairs and the integer kernels.
 QUANTIZED_OPS: frozenset[str] = frozenset({
@@ -74,3 +76,42 @@ def with_sample(model_bytes: bytes, feeds: dict[str, Any] | None) -> bytes:
     entry = model.metadata_props.add()
     entry.key, entry.value = SAMPLE_METADATA, base64.b64encode(samples_npz(feeds)).decode("ascii")
     return model.SerializeToString()
+
+
+def spec_json(spec: TensorSpec) -> dict[str, Any]:
+    """A tensor's name, dtype and shape as results.json shows them."""
+    return {"name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape)}
+
+
+def onnx_specs(path: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """An ONNX file's (inputs, outputs) as TensorSpecs, read without its external data; ModelSourceError if unusable."""
+    import onnx
+    from onnx import helper
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file says so in one line
+        raise ModelSourceError(f"--model {path}: not a readable ONNX model ({type(exc).__name__})") from None
+    initializers = {i.name for i in model.graph.initializer}
+
+    def spec(value: Any) -> TensorSpec:
+        t = value.type.tensor_type
+        # a dynamic axis keeps its name; an unnamed one ("?", -1) is called INPUT:AXIS, as the agent's --axes takes it
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
+                     (d.dim_param if d.dim_param and d.dim_param != "?" else f"{value.name}:{i}")
+                     for i, d in enumerate(t.shape.dim))
+        if dims and isinstance(dims[0], str):
+            dims = ("batch", *dims[1:])
+        try:
+            dtype = str(helper.tensor_dtype_to_np_dtype(t.elem_type))
+        except Exception:  # noqa: BLE001
+            raise ModelSourceError(f"--model {path}: input/output {value.name} has a type onnxruntime "
+                                   "cannot be fed from numpy here") from None
+        return TensorSpec(value.name, dtype, dims)
+
+    inputs, outputs = tuple(spec(v) for v in model.graph.input if v.name not in initializers), model.graph.output
+    if not inputs or not outputs:  # an empty file parses as an empty model
+        empty = "; the file is empty" if not model.ByteSize() else ""
+        raise ModelSourceError(f"--model {path}: not a readable ONNX model (a graph with no "
+                               f"{'inputs' if not inputs else 'outputs'}{empty})")
+    return inputs, tuple(spec(v) for v in outputs)

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.api import Dataset, Task, TensorSpec
-from orchestrator.errors import ExitCode, OrchestratorError
+from orchestrator.errors import ModelSourceError
+from orchestrator.modelfacts import onnx_specs, spec_json
 from orchestrator.owntrain import fine_tune
 from orchestrator.search.basemodel import torch_outputs
 from orchestrator.search.pipeline import onnx_outputs
@@ -45,12 +46,6 @@ QUALITY_METRICS = {
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 RANDOM_SAMPLES = 64
 DEFAULT_SEQUENCE = 128
-
-
-class ModelSourceError(OrchestratorError):
-    """A model given with --model (or the profile's `model:`) cannot be used: one line saying why."""
-
-    exit_code = ExitCode.USAGE
 
 
 def source_kind(source: str) -> str:
@@ -186,7 +181,7 @@ class OwnModelTask(Task):
         return {"source": self.source, "kind": self.kind,
                 "samples": self.samples_path or f"random ({RANDOM_SAMPLES} rows: no --inputs given)",
                 "quality_metric": self.quality_metric, "quality_means": QUALITY_METRICS[self.quality_metric],
-                "inputs": [_spec_json(s) for s in self.inputs], "outputs": [_spec_json(s) for s in self.outputs]}
+                "inputs": [spec_json(s) for s in self.inputs], "outputs": [spec_json(s) for s in self.outputs]}
 
     # ------------------------------------------------------------------------------- the model
     def build(self, arch: dict[str, Any] | None = None) -> Any:
@@ -235,7 +230,7 @@ class OwnModelTask(Task):
     # -------------------------------------------------------------------------------- inputs
     def _specs(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         if self.kind == "onnx":
-            return _onnx_specs(self.source)
+            return onnx_specs(self.source)
         if self.kind == "hf":
             self._torch_model()
             name = self._hf_output
@@ -384,42 +379,6 @@ class OwnModelTask(Task):
             return float(max(0.0, 1.0 - np.abs(got - ref).mean() / max(np.abs(ref).mean(), 1e-12)))
         norms = np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1)
         return float(np.mean((got * ref).sum(axis=1) / np.maximum(norms, 1e-12)))
-
-
-def _spec_json(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape)}
-
-
-def _onnx_specs(path: str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    import onnx
-    from onnx import helper
-
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - a corrupt file says so in one line
-        raise ModelSourceError(f"--model {path}: not a readable ONNX model ({type(exc).__name__})") from None
-    initializers = {i.name for i in model.graph.initializer}
-
-    def spec(value: Any) -> TensorSpec:
-        t = value.type.tensor_type
-        # a dynamic axis keeps its name; an unnamed one ("?", -1) is called INPUT:AXIS, as the agent's --axes takes it
-        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else
-                     (d.dim_param if d.dim_param and d.dim_param != "?" else f"{value.name}:{i}")
-                     for i, d in enumerate(t.shape.dim))
-        if dims and isinstance(dims[0], str):
-            dims = ("batch", *dims[1:])
-        try:
-            dtype = str(helper.tensor_dtype_to_np_dtype(t.elem_type))
-        except Exception:  # noqa: BLE001
-            raise ModelSourceError(f"--model {path}: input/output {value.name} has a type onnxruntime "
-                                   "cannot be fed from numpy here") from None
-        return TensorSpec(value.name, dtype, dims)
-
-    inputs = tuple(spec(v) for v in model.graph.input if v.name not in initializers)
-    if not inputs or not model.graph.output:  # an empty file parses as an empty model
-        raise ModelSourceError(f"--model {path}: not a readable ONNX model (a graph with no "
-                               f"{'inputs' if not inputs else 'outputs'}{'; the file is empty' if not model.ByteSize() else ''})")
-    return inputs, tuple(spec(v) for v in model.graph.output)
 
 
 def _call_factory(source: str, search_dir: str | None = None) -> Any:
