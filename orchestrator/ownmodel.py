@@ -169,7 +169,18 @@ class OwnModelTask(Task):
     def spec(self) -> dict[str, Any]:
         """What a Ray worker needs to rebuild this task (`from_spec`)."""
         return {"source": self.source, "samples": self.samples_path, "quality": self.requested_quality,
-                "axes": self.axes, "search_dir": self.search_dir}
+                "axes": self.axes, "search_dir": self.search_dir, "fingerprint": self.fingerprint()}
+
+    def check_same_model(self, spec: dict[str, Any], where: str) -> None:
+        """Refuse to go on when `where` (a Ray worker) built other weights than the driver did (`spec`'s fingerprint).
+
+        A factory that trains, or initialises anything randomly, returns another model on each
+        call: the candidates would be compressed from a model the run never scored.
+        """
+        if spec.get("fingerprint") not in (None, self.fingerprint()):
+            raise ModelSourceError(
+                f"--model {self.source}: {where} got other weights from it than this run did: a factory must return "
+                "the same pretrained model on every call (load saved weights; do not train or initialise randomly in it)")
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> OwnModelTask:

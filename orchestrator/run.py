@@ -370,7 +370,7 @@ def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, devi
         "status": status,
         "message": str(error) if error else None,
         "profile": loaded.profile.name,
-        "profile_path": str(loaded.path),
+        "profile_path": str(loaded.path.resolve()),
         "task": task,
         "device": device,
         "devices": device.get("devices") or [device],

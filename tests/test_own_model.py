@@ -209,6 +209,33 @@ def test_an_onnx_file_end_to_end(ray_local, tmp_path):
     assert not any(c["status"] == "failed" and "export" in (c["error"] or "") for c in results["candidates"])
 
 
+def test_a_factory_that_returns_other_weights_in_a_worker_stops_the_run_at_the_baseline(ray_local, tmp_path):
+    """The driver scores the model its own factory call returned; a Ray worker that gets other weights
+    (a factory that trains or initialises randomly) fails the baseline, and the search stops there."""
+    np.savez(tmp_path / "x.npz", input=np.random.default_rng(0).normal(size=(16, 8, 8)).astype(np.float32))
+    profile = load_profile(_profile(tmp_path, ["int8-dynamic", "fp16"], 4))
+    outcome = execute_run(profile, get_plugin_manager(), RunOptions(
+        model="tests.helpers.own_models:new_weights_each_call", inputs=str(tmp_path / "x.npz"),
+        out_dir=tmp_path / "runs"))
+    assert outcome.status == "failed" and len(outcome.candidates) < 4, [c["id"] for c in outcome.candidates]
+    assert "got other weights from it than this run did: a factory must return the same pretrained model" \
+        in str(outcome.error)
+
+
+def test_pruning_recalibrates_batch_norm_of_a_brought_model(tmp_path):
+    """A brought model's data are named inputs ({name: array}): batch-norm recalibration feeds them by name."""
+    from tests.helpers.own_models import image_samples
+
+    task = OwnModelTask("tests.helpers.own_models:small_cnn", str(image_samples(tmp_path / "img.npz")))
+    data = task.load_data(0)
+    assert isinstance(data["train"].inputs, dict)
+    ctx = {"data": data, "profile": load_profile(X86).profile, "seed": 0}
+    model, _ = build_candidate(get_plugin_manager(), task, task.build(None), [
+        {"technique": "prune-structured", "params": {"ratio": 0.5, "importance": "l1", "scope": "layer",
+                                                     "epochs": 1, "recalibrate_bn": True}}], ctx)
+    assert 0.0 <= evaluate_onnx(task, model, data["eval"]) <= 1.0
+
+
 def test_a_baseline_that_cannot_be_exported_stops_the_run_before_any_trial(tmp_path):
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32))
     profile = load_profile(_profile(tmp_path, ["int8-dynamic"], 4))

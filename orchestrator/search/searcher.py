@@ -215,7 +215,7 @@ def recording_callback(on_candidate: Callable[[CandidateRecord], None], target: 
 
     A trial whose pipeline is already known (`known`: an interrupted run's, or an earlier
     trial's) is not stored again; the stopper ends the search once `target` new distinct
-    candidates are stored. Ids go on from `first_id` (c000, c001, ... in order of completion).
+    candidates are stored, or once the baseline failed (no candidate could be judged). Ids go on from `first_id` (c000, c001, ... in order of completion).
     With `interrupts`, every Tune step first raises a Ctrl-C that Python dropped.
     """
     from ray.tune import Callback
@@ -227,6 +227,7 @@ def recording_callback(on_candidate: Callable[[CandidateRecord], None], target: 
             self.keys: set[str] = set(known or ())
             self.new = 0
             self.duplicates = 0
+            self.baseline_failed = False
             self.sink = sink
             self.interrupts = interrupts
 
@@ -250,6 +251,8 @@ def recording_callback(on_candidate: Callable[[CandidateRecord], None], target: 
                 self.keys.add(key)
             self.sink(CandidateRecord.from_json({"id": f"c{first_id + self.new:03d}", **record}))
             self.new += 1
+            if not crashed and not record["pipeline"] and record.get("status") == "failed":
+                self.baseline_failed = True  # nothing can be compared with: the search ends now
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: D102
             self.emit(trials.index(trial), json.loads(result["record"]))
@@ -266,7 +269,7 @@ def recording_callback(on_candidate: Callable[[CandidateRecord], None], target: 
             return False
 
         def stop_all(self) -> bool:
-            return target is not None and self.recorder.new >= target
+            return self.recorder.baseline_failed or (target is not None and self.recorder.new >= target)
 
     recorder = _Recorder(on_candidate)
     return recorder, _Enough(recorder)

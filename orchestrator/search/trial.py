@@ -118,11 +118,10 @@ def _worker_state(payload: TrialPayload) -> tuple[Any, Any, Any, Any]:
     if key not in _WORKER_STATE:
         registry = get_plugin_manager()
         if payload.plugins is not None:
-
             registry.check_same_plugins(payload.plugins, f"the Ray worker (pid {os.getpid()} on {socket.gethostname()})")
         if payload.task_spec is not None:
-
             task = OwnModelTask.from_spec(payload.task_spec)
+            task.check_same_model(payload.task_spec, f"the Ray worker (pid {os.getpid()} on {socket.gethostname()})")
         else:
             task = registry.task(payload.task_name)
         data = task.load_data(payload.seed)

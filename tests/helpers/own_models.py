@@ -88,3 +88,8 @@ def image_samples(path: Path, rows: int = 64, seed: int = 0) -> Path:
     coarse = rng.standard_normal((rows, 3, 4, 4)).astype(np.float32)
     np.savez(path, input=np.repeat(np.repeat(coarse, 4, axis=2), 4, axis=3))
     return path
+
+
+def new_weights_each_call() -> torch.nn.Module:
+    """A factory that initialises its model randomly on every call (no seed): what `--model` must refuse."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
