@@ -98,11 +98,13 @@ class TerminalReporter:
 
     @hookimpl
     def base_model_started(self, task: str) -> None:
+        self._own_model = task == "own-model"
         self.log(f"loading the {task} base model" + ("" if task == "own-model" else " (trained on first use, then cached)"))
 
     @hookimpl
     def base_model_ready(self, accuracy: float, trained_now: bool) -> None:
-        how = "trained now" if trained_now else "from cache"
+        how = "as given, not trained" if getattr(self, "_own_model", False) else \
+            "trained now" if trained_now else "from cache"
         self.log(f"base model ready ({how}), held-out quality {accuracy:.4f}; starting Ray")
         self._start_bar()
 
