@@ -230,6 +230,13 @@ def test_a_bad_canary_is_a_usage_error(home, capsys, canary):
     assert f"Invalid value for '--canary': {canary!r}" in err and "internal error" not in err
 
 
+@pytest.mark.parametrize("args", [["--model", "pkg.mod:make"], ["--task", "digits"], ["--trials", "3"]])
+def test_search_options_without_a_profile_say_the_profile_is_missing(home, capsys, args):
+    assert main(args) == 2  # not the bare help text: the line names what is missing
+    err = capsys.readouterr().err
+    assert f"Error: {args[0]} needs --profile PROFILE.yaml: the device profile to search for" in err
+
+
 def test_resuming_a_rollout_that_no_id_names_is_a_usage_error(home, capsys):
     assert main(["deploy", "--resume", "nonsense"]) == 2
     assert "'nonsense' is neither a rollout nor a run id" in capsys.readouterr().err

@@ -88,6 +88,11 @@ def cli(ctx: click.Context, profile_path: Path | None, task: str | None, model: 
                                    "drop --profile/--trials")
         ctx.exit(run_with_progress(None, task, None, out_dir, ray_address, fresh=fresh, resume_id=resume_id))
     if profile_path is None:
+        given = [name for name, value in (("--model", model), ("--task", task), ("--inputs", inputs),
+                                          ("--trials", trials)) if value is not None]
+        if given:  # a search was asked for, without saying for which device profile
+            hint = " (examples/own-model.yaml is one for this machine)" if model is not None else ""
+            raise click.UsageError(f"{given[0]} needs --profile PROFILE.yaml: the device profile to search for{hint}")
         click.echo(ctx.get_help())
         ctx.exit(ExitCode.USAGE)
     if inputs is not None and model is None:
