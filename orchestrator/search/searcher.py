@@ -215,7 +215,8 @@ def recording_callback(on_candidate: Callable[[CandidateRecord], None], target: 
 
     A trial whose pipeline is already known (`known`: an interrupted run's, or an earlier
     trial's) is not stored again; the stopper ends the search once `target` new distinct
-    candidates are stored, or once the baseline failed (no candidate could be judged). Ids go on from `first_id` (c000, c001, ... in order of completion).
+    candidates are stored, or once the baseline failed to build or score (its measurement
+    failing on a device does not stop the others). Ids go on from `first_id` (c000, c001, ... in order of completion).
     With `interrupts`, every Tune step first raises a Ctrl-C that Python dropped.
     """
     from ray.tune import Callback
@@ -251,8 +252,11 @@ def recording_callback(on_candidate: Callable[[CandidateRecord], None], target: 
                 self.keys.add(key)
             self.sink(CandidateRecord.from_json({"id": f"c{first_id + self.new:03d}", **record}))
             self.new += 1
-            if not crashed and not record["pipeline"] and record.get("status") == "failed":
-                self.baseline_failed = True  # nothing can be compared with: the search ends now
+            if (not crashed and not record["pipeline"] and record.get("status") == "failed"
+                    and not (record.get("error") or "").startswith("measurement failed")):
+                # the base model itself cannot be built or scored: every candidate would fail alike,
+                # so the search ends now (a device's fault is the device's: the others go on and are kept)
+                self.baseline_failed = True
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: D102
             self.emit(trials.index(trial), json.loads(result["record"]))
