@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.search_common import machine, now, private_home  # noqa: E402
+from bench.search_common import interleaved_rounds, machine, now, private_home  # noqa: E402
 from examples import own_models as own  # noqa: E402
 
 PROFILE = ROOT / "examples" / "own-model.yaml"
@@ -77,19 +77,14 @@ def search(source: str, samples: Path, settings: dict[str, Any], trials: int | N
 
 def side_by_side(results: dict[str, Any], rounds: int) -> dict[str, Any]:
     """fp32 and the pick measured together: median p50 of interleaved rounds and the 10-90% spread of the ratio."""
-    from orchestrator.devices.local import LocalTransport, local_device
     from orchestrator.paths import cache_dir
     from orchestrator.profile import load_profile
 
     profile = load_profile(Path(results["profile_path"])).profile.model_copy(deep=True)
-    profile.measurement.final_rounds = rounds
-    profile.measurement.final_time_budget_s = 600.0
     profile.measurement.axes.update(_axes(results))
     base, best = results["baseline"], results["best"]
     models = [(cache_dir("models") / f"{c['model_sha256']}.onnx").read_bytes() for c in (base, best)]
-    device = local_device()
-    device.pinned_cpu = 1
-    compared = LocalTransport(device).compare(models, profile)["models"]
+    compared = interleaved_rounds(models, profile, rounds)["models"]
     fp32_rounds, pick_rounds = (m["rounds_ms"]["p50"] for m in compared)
     ratios = sorted(f / p for f, p in zip(fp32_rounds, pick_rounds))
     q = len(ratios) // 10

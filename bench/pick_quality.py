@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.search_common import X86, machine, now, private_home  # noqa: E402
+from bench.search_common import X86, interleaved_rounds, machine, now, private_home  # noqa: E402
 from bench.search_efficiency import SamplerSeed  # noqa: E402
 
 TARGET_SPEEDUP, TARGET_SMALLER, TARGET_DROP, TARGET_NEAR, TARGET_SHARE = 2.5, 3.0, 1.0, 0.10, 0.8
@@ -84,15 +84,9 @@ def grid_models() -> list[tuple[str, bytes, float]]:
 
 def ground_truth(models: list[tuple[str, bytes, float]], rounds: int) -> dict[str, float]:
     """Median p50 (ms) over interleaved rounds of every model, by sha256, all in one agent process."""
-    from orchestrator.devices.local import LocalTransport, local_device
     from orchestrator.profile import load_profile
 
-    profile = load_profile(X86).profile.model_copy(deep=True)
-    profile.measurement.final_rounds = rounds
-    profile.measurement.final_time_budget_s = 60.0 * 10
-    device = local_device()
-    device.pinned_cpu = 1  # the demo's local device: the last core
-    result = LocalTransport(device).compare([m for _, m, _ in models], profile)
+    result = interleaved_rounds([m for _, m, _ in models], load_profile(X86).profile, rounds)
     return {m["sha256"]: statistics.median(m["rounds_ms"]["p50"]) for m in result["models"]}
 
 

@@ -245,3 +245,19 @@ def finish(name: str, result: dict[str, Any], table: Callable[[dict[str, Any]], 
     if docs and update_doc(name, table(result)):
         print("and the figures in docs/scaling.md")
     return 0
+
+
+def interleaved_rounds(models: list[bytes], profile: Any, rounds: int) -> dict[str, Any]:
+    """`models` measured together by one local agent process (the last core pinned), `rounds`
+    interleaved rounds of the profile's protocol (the final round's); the agent's JSON, or SystemExit."""
+    from orchestrator.devices.local import LocalTransport, local_device
+
+    protocol = profile.model_copy(deep=True)
+    protocol.measurement.final_rounds = rounds
+    protocol.measurement.final_time_budget_s = 600.0
+    device = local_device()
+    device.pinned_cpu = (os.cpu_count() or 1) - 1 if (os.cpu_count() or 1) > 1 else None
+    result = LocalTransport(device).compare(models, protocol)
+    if "error" in result:
+        raise SystemExit(f"measuring {len(models)} models side by side failed: {result['error']}")
+    return result

@@ -58,7 +58,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.search_common import (  # noqa: E402
-    caption, check, finish, machine, median, now, private_home, profile_variant, space_size, timed_run,
+    caption, check, finish, interleaved_rounds, machine, median, now, private_home, profile_variant, space_size,
+    timed_run,
 )
 
 TARGET_SHARE = 0.25
@@ -254,7 +255,6 @@ def confirm(profile: Any, feasible: list[dict[str, Any]], baseline: dict[str, An
     the profile's rule to those rounds: the fastest median leads, a contender whose 95% interval
     reaches `tie_within` ties, ties go to the more accurate, then the smaller.
     """
-    from orchestrator.devices.local import LocalTransport, local_device
     from orchestrator.paths import cache_dir
     from orchestrator.search.final_round import decide
     from orchestrator.search.selection import metric_value
@@ -263,17 +263,10 @@ def confirm(profile: Any, feasible: list[dict[str, Any]], baseline: dict[str, An
     near = sorted((c for c in feasible if metric_value(c, metric) <= fastest * (1 + args.confirm_within)
                    and c["id"] != baseline["id"]), key=lambda c: metric_value(c, metric))[:args.confirm_max]
     contenders = [*near, baseline]
-    protocol = profile.model_copy(deep=True)
-    protocol.measurement.final_rounds = args.confirm_rounds
-    protocol.measurement.final_time_budget_s = 600.0
-    device = local_device()
-    device.pinned_cpu = 1 if (os.cpu_count() or 1) > 1 else None
     models = [(cache_dir("models") / f"{c['model_sha256']}.onnx").read_bytes() for c in contenders]
     print(f"[{metric}] confirming: {len(near)} candidates within {args.confirm_within:.0%} of the fastest and the "
           f"baseline, {args.confirm_rounds} interleaved rounds ...", file=sys.stderr, flush=True)
-    result = LocalTransport(device).compare(models, protocol)
-    if "error" in result:
-        raise SystemExit(f"the confirmation rounds failed: {result['error']}")
+    result = interleaved_rounds(models, profile, args.confirm_rounds)
     percentile = metric.split("_")[1]
     rounds = {c["id"]: m["rounds_ms"][percentile] for c, m in zip(contenders, result["models"])}
     block = decide(contenders, rounds, baseline["id"], profile.objective.tie_within)

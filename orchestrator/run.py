@@ -125,7 +125,6 @@ def execute_run(
         store.start_run(run_id, profile.name, str(loaded.path.resolve()), task.name, str(out),
                         options={"task": task.name, "trials": trials, **model_options(task), "fresh": options.fresh,
                                  "ray_address": options.ray_address, "num_cpus": options.num_cpus,
-                                 "profile_sha256": hashlib.sha256(loaded.text.encode()).hexdigest(),
                                  "profile_text": loaded.text})
     else:
         run_id, out = resume["id"], Path(resume["out_dir"])
@@ -322,10 +321,11 @@ def resume_run(run_id: str, registry: PluginRegistry,
     profile_path = Path(run["profile_path"])
     if opts.get("profile_text") is not None:  # the copy the run started with
         loaded = profile_from_text(opts["profile_text"], profile_path)
-        if not profile_path.is_file() or file_sha256(profile_path) != opts.get("profile_sha256"):
+        if not profile_path.is_file() or file_sha256(profile_path) != hashlib.sha256(
+                opts["profile_text"].encode()).hexdigest():
             log.warning("run %s: %s %s; resuming with the profile as it was when the run started", run["id"],
                         profile_path, "changed since the run started" if profile_path.is_file() else "is gone")
-    else:  # a run stored before profiles were kept in the store: only its file, unchanged
+    else:  # a run stored before profiles were kept in the store (its file's sha256 only): the file, unchanged
         if not profile_path.is_file():
             raise RunNotResumable(f"run {run['id']}: its profile {profile_path} is gone")
         if opts.get("profile_sha256") and file_sha256(profile_path) != opts["profile_sha256"]:

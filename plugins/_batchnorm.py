@@ -8,12 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 
-def recalibrate_batch_norm(model: Any, inputs: Any, batch: int = 64, order: list[str] | None = None) -> Any:
-    """Re-estimate every BatchNorm's running statistics on `inputs`, weights untouched.
+def recalibrate_batch_norm(model: Any, task: Any, data: Any, batch: int = 64) -> Any:
+    """Re-estimate every BatchNorm's running statistics on `data` (a Dataset of `task`), weights untouched.
 
-    `inputs` is a `Dataset.inputs`: one numpy array, or {input name: array} for a model with
-    several inputs (a model brought with --model), passed positionally in `order` (the task's
-    input names; default: the dict's order).
+    The rows go in as the task feeds them (`Task.feeds`), in the order of its inputs: one
+    array, or several named ones (a model brought with --model).
 
     Pruning changes what each BatchNorm sees, and a short fine-tune leaves running
     statistics that lag behind the weights; on the digits ResNet this alone is the
@@ -33,16 +32,13 @@ def recalibrate_batch_norm(model: Any, inputs: Any, batch: int = 64, order: list
     model.train()
     try:
         with torch.no_grad():
-            arrays = [inputs[name] for name in (order or list(inputs))] if isinstance(inputs, dict) else [inputs]
-            for i in range(0, len(arrays[0]), batch):
-                model(*(torch.from_numpy(a[i : i + batch]) for a in arrays))
+            names = [spec.name for spec in task.input_specs()]
+            for i in range(0, len(data), batch):
+                feeds = task.feeds(data.rows(i, i + batch))
+                model(*(torch.from_numpy(feeds[name]) for name in names))
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
         model.eval()
     return model
 
-
-def input_names(ctx: Any) -> list[str]:
-    """The task's input names, in the order its torch model takes them."""
-    return [spec.name for spec in ctx.task.input_specs()]

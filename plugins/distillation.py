@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator import Technique, choice, hookimpl
-from plugins._batchnorm import input_names, recalibrate_batch_norm
+from plugins._batchnorm import recalibrate_batch_norm
 
 
 class Distill(Technique):
@@ -63,7 +63,7 @@ class Distill(Technique):
         ctx.fine_tune(student, params["epochs"], teacher=ctx.teacher,
                       temperature=float(params["temperature"]), alpha=float(params["alpha"]))
         if params["recalibrate_bn"]:
-            recalibrate_batch_norm(student, ctx.data["train"].inputs, order=input_names(ctx))
+            recalibrate_batch_norm(student, ctx.task, ctx.data["train"])
         return student.eval()
 
 

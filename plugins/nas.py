@@ -54,13 +54,13 @@ class ArchitectureSearch(Technique):
         """Build the architecture and train it with `ctx.teacher` (the base model) as teacher."""
         import torch
 
-        from plugins._batchnorm import input_names, recalibrate_batch_norm
+        from plugins._batchnorm import recalibrate_batch_norm
 
         torch.manual_seed(ctx.seed)
         student = self.architecture(params, ctx)
         ctx.fine_tune(student, params["epochs"], teacher=ctx.teacher,
                       temperature=float(params["temperature"]), alpha=float(params["alpha"]))
-        recalibrate_batch_norm(student, ctx.data["train"].inputs, order=input_names(ctx))
+        recalibrate_batch_norm(student, ctx.task, ctx.data["train"])
         return student.eval()
 
 

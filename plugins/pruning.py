@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator import Technique, choice, hookimpl
-from plugins._batchnorm import input_names, recalibrate_batch_norm
+from plugins._batchnorm import recalibrate_batch_norm
 
 
 def _weight_layer_types() -> tuple[type, ...]:
@@ -144,7 +144,7 @@ class PruneStructured(Technique):
         if params["epochs"]:
             ctx.fine_tune(model, params["epochs"])
         if params["recalibrate_bn"]:
-            recalibrate_batch_norm(model, ctx.data["train"].inputs, order=input_names(ctx))
+            recalibrate_batch_norm(model, ctx.task, ctx.data["train"])
         return model.eval()
 
 
@@ -190,7 +190,7 @@ class PruneMagnitude(Technique):
         for module, attr in targets:
             prune.remove(module, attr)
         if params["recalibrate_bn"]:
-            recalibrate_batch_norm(model, ctx.data["train"].inputs, order=input_names(ctx))
+            recalibrate_batch_norm(model, ctx.task, ctx.data["train"])
         return model.eval()
 
 

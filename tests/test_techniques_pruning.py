@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch
 
+from orchestrator import Dataset
 from orchestrator.errors import TechniqueParamsError
 from orchestrator.plugins import get_plugin_manager
 from orchestrator.search.pipeline import compressed_size, export_onnx
@@ -65,7 +66,7 @@ def test_structured_pruning_refuses_to_do_nothing(registry, tmp_path):
 
 def test_batch_norm_recalibration_matches_the_data(tiny_resnet):
     x = np.random.default_rng(1).standard_normal((32, 1, 32, 32)).astype(np.float32) * 3 + 1
-    recalibrate_batch_norm(tiny_resnet, x, batch=8)
+    recalibrate_batch_norm(tiny_resnet, DigitsTask(), Dataset(x, None), batch=8)
     stem_conv, stem_bn = tiny_resnet.stem[0], tiny_resnet.stem[1]
     with torch.no_grad():
         out = stem_conv(torch.from_numpy(x))

@@ -73,6 +73,7 @@ class TerminalReporter:
         self.total = 0
         self.best_text = ""
         self.best_lat = 0.0
+        self.own_model = False  # a model brought with --model: used as given, never trained
         self.started = time.monotonic()
 
     def log(self, text: str) -> None:
@@ -98,13 +99,12 @@ class TerminalReporter:
 
     @hookimpl
     def base_model_started(self, task: str) -> None:
-        self._own_model = task == "own-model"
+        self.own_model = task == "own-model"
         self.log(f"loading the {task} base model" + ("" if task == "own-model" else " (trained on first use, then cached)"))
 
     @hookimpl
     def base_model_ready(self, accuracy: float, trained_now: bool) -> None:
-        how = "as given, not trained" if getattr(self, "_own_model", False) else \
-            "trained now" if trained_now else "from cache"
+        how = "as given, not trained" if self.own_model else "trained now" if trained_now else "from cache"
         self.log(f"base model ready ({how}), held-out quality {accuracy:.4f}; starting Ray")
         self._start_bar()
 

@@ -253,9 +253,9 @@ def recording_callback(on_candidate: Callable[[CandidateRecord], None], target: 
             self.sink(CandidateRecord.from_json({"id": f"c{first_id + self.new:03d}", **record}))
             self.new += 1
             if (not crashed and not record["pipeline"] and record.get("status") == "failed"
-                    and not (record.get("error") or "").startswith("measurement failed")):
-                # the base model itself cannot be built or scored: every candidate would fail alike,
-                # so the search ends now (a device's fault is the device's: the others go on and are kept)
+                    and (record.get("metrics") or {}).get("accuracy") is None):
+                # the base model itself could not be built or scored: every candidate would fail alike,
+                # so the search ends now (scored but not measured is a device's fault: the others go on)
                 self.baseline_failed = True
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: D102
