@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import json
+import platform
 import time
 from enum import IntEnum
 
@@ -280,17 +283,83 @@ GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 def create_session(path: str, threads: int, inter_op_threads: int, providers: list, warnings: list):
     """An InferenceSession with these threads, the available ones of `providers` (see choose_providers)
     and full graph optimisation, unless the model carries its own session settings (SESSION_METADATA:
-    graph optimisation level, execution mode, threads), which then win: a device runs a model as it
-    was measured. The settings applied are the session's `eo_settings` ({} when none). MODEL_INVALID
-    if the model does not load."""
+    graph optimisation level, execution mode, threads, denormals flushed), which then win: a device
+    runs a model as it was measured. The settings applied are the session's `eo_settings` ({} when
+    none). MODEL_INVALID if the model does not load."""
     chosen = choose_providers(providers, warnings)
     session = _session(path, chosen, {"intra_op_threads": threads, "inter_op_threads": inter_op_threads})
     settings = model_session_settings(session, warnings)
+    if settings.get("denormal_as_zero") and not denormals_supported():
+        warnings.append("the model's session setting denormal_as_zero is not supported on %s: ignored"
+                        % (platform.machine() or "this CPU"))
+        del settings["denormal_as_zero"]
     if settings:
         session = _session(path, chosen, {"intra_op_threads": threads, "inter_op_threads": inter_op_threads,
                                           **settings})
+    if settings.get("denormal_as_zero"):
+        session.run = with_denormals_flushed(session.run)
     session.eo_settings = settings
     return session
+
+
+# Flush-to-zero and denormals-are-zero, per thread: onnxruntime's `session.set_denormal_as_zero`
+# sets them on its pool threads, but on the calling thread (where a 1-thread session computes) only
+# for the first session a process creates. So the agent sets them itself around each run of a
+# session that asks for them, through the C library's fenv (the bits fenv.h has no name for):
+# x86-64 MXCSR FTZ|DAZ, AArch64 FPCR.FZ, 32-bit ARM FPSCR.FZ. Why it matters: exp() of a masked
+# attention score underflows through denormals, 10x slower (docs/own_models.md).
+_FENV = {  # machine: (fenv_t size, offset of the control word in it, the bits)
+    "x86_64": (32, 28, 0x8040), "AMD64": (32, 28, 0x8040),
+    "aarch64": (8, 0, 1 << 24), "arm64": (8, 0, 1 << 24),
+    "armv7l": (4, 0, 1 << 24), "armv6l": (4, 0, 1 << 24),
+}
+_libm = None
+
+
+def denormals_supported() -> bool:
+    """Whether this agent can flush denormals on this machine (Linux glibc/musl fenv on x86-64 or ARM)."""
+    global _libm
+    if platform.machine() not in _FENV or not platform.system() == "Linux":
+        return False
+    if _libm is None:
+        try:
+            _libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+            _libm.fegetenv, _libm.fesetenv  # noqa: B018 - both must exist
+        except (OSError, AttributeError):
+            _libm = False
+    return bool(_libm)
+
+
+def _fenv_word(env, offset: int, value=None) -> int:
+    word = ctypes.c_uint32.from_buffer(env, offset)
+    if value is not None:
+        word.value = value
+    return word.value
+
+
+def set_denormals_flushed(on: bool) -> bool:
+    """Turn flush-to-zero/denormals-are-zero on or off for the calling thread; returns the previous state."""
+    size, offset, bits = _FENV[platform.machine()]
+    env = ctypes.create_string_buffer(size)
+    if _libm.fegetenv(env) != 0:
+        raise OSError("fegetenv failed")
+    old = _fenv_word(env, offset)
+    _fenv_word(env, offset, (old | bits) if on else (old & ~bits))
+    if _libm.fesetenv(env) != 0:
+        raise OSError("fesetenv failed")
+    return bool(old & bits)
+
+
+def with_denormals_flushed(run):
+    """`run` with denormals flushed on the calling thread while it runs (the thread's state restored after)."""
+    def flushed_run(*args, **kwargs):
+        was = set_denormals_flushed(True)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            if not was:
+                set_denormals_flushed(False)
+    return flushed_run
 
 
 def _session(path: str, providers: list, settings: dict):
@@ -304,6 +373,8 @@ def _session(path: str, providers: list, settings: dict):
     }[level]
     if settings.get("execution_mode") == "parallel":
         options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+    if settings.get("denormal_as_zero"):
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")  # its pool threads
     try:
         return ort.InferenceSession(path, sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types
@@ -331,6 +402,8 @@ def model_session_settings(session, warnings: list) -> dict:
         elif key == "graph_optimization_level" and value in GRAPH_LEVELS:
             out[key] = value
         elif key == "execution_mode" and value in ("sequential", "parallel"):
+            out[key] = value
+        elif key == "denormal_as_zero" and isinstance(value, bool):
             out[key] = value
         elif value is not None:
             warnings.append("the model's session setting %s=%r is not one the agent knows: ignored" % (key, value))

@@ -18,8 +18,8 @@ from orchestrator.devices.local import local_device
 from orchestrator.fleet.lease import DeviceLease
 from orchestrator.profile import Profile
 from orchestrator.search.final_round import choose_finalists, decide, run_final_round
-from orchestrator.search.searcher import make_searcher, point_config
 from orchestrator.search.record import CandidateRecord
+from orchestrator.search.searcher import make_searcher, point_config
 from orchestrator.search.selection import select
 from orchestrator.search.starting import starting_points
 from orchestrator.search.trial import accuracy_rejection, trial_values
@@ -73,6 +73,27 @@ def test_starting_points_are_the_recommendations_alone_then_combined() -> None:
     assert points == [[], [q8c], [p50], [p50, q8c]]
     plain = starting_points([Quant(), Prune()], _space(), DeviceFacts("x86_64"), max_pipeline_length=1)
     assert plain == [[], [{"technique": "q", "params": {"bits": 8, "mode": "b"}}], [p50]]  # the device decides
+
+
+class Settings(Technique):
+    """A graph step that comes last (as ort-session does), recommended at x=2."""
+
+    name, stage = "s", "graph"
+    search_space: ClassVar = {"x": choice([1, 2])}
+
+    def recommended(self, device: DeviceFacts) -> list[dict[str, Any]]:
+        return [{"x": 2}]
+
+
+def test_two_graph_recommendations_combine_last_in_the_order_the_space_allows() -> None:
+    q8b = {"technique": "q", "params": {"bits": 8, "mode": "b"}}
+    s2 = {"technique": "s", "params": {"x": 2}}
+    space = _space() + [[q8b, s2], [{"technique": "q", "params": {"bits": 4, "mode": "a"}}, s2]]
+    points = starting_points([Settings(), Quant()], space, DeviceFacts("x86_64"), max_pipeline_length=2)
+    # singles first, then q -> s (in the space); s -> q is not in the space, so never proposed
+    assert points == [[], [s2], [q8b], [q8b, s2]]
+    assert starting_points([Settings(), Quant()], space, DeviceFacts("x86_64"), max_pipeline_length=1) == \
+        [[], [s2], [q8b]]
 
 
 def test_recommended_configurations_are_evaluated_first_then_the_sampler_explores() -> None:

@@ -7,10 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from orchestrator.plugins import get_plugin_manager
+from agents.kernel import create_session, denormals_supported
 from orchestrator.modelfacts import session_settings as _session_settings
+from orchestrator.plugins import get_plugin_manager
 from orchestrator.search.space import order_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +34,11 @@ def test_the_settings_travel_in_the_model_and_the_agent_applies_them(tmp_path, e
     model = technique.apply(eo_tiny_onnx(), params, eo_technique_context)
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    assert _session_settings(path) == {"graph_optimization_level": "basic", "execution_mode": "parallel",
-                                       "intra_op_threads": 2}
+    expected = {"graph_optimization_level": "basic", "execution_mode": "parallel", "denormal_as_zero": False,
+                "intra_op_threads": 2}
+    assert _session_settings(path) == expected
     result = _bench(path)
-    assert result["session_settings"] == {"graph_optimization_level": "basic", "execution_mode": "parallel",
-                                          "intra_op_threads": 2}
+    assert result["session_settings"] == expected
     assert result["threads"]["intra_op"] == 2  # the model's setting wins over --threads 1
     plain = tmp_path / "plain.onnx"
     onnx.save(eo_tiny_onnx(), str(plain))
@@ -64,3 +68,56 @@ def test_bad_thread_counts_are_refused():
     assert technique.invalid({"intra_op_threads": -1, "inter_op_threads": None})
     assert technique.invalid({"intra_op_threads": True, "inter_op_threads": None})
     assert technique.invalid({"intra_op_threads": None, "inter_op_threads": 4}) is None
+
+
+def _tiny_product(flush: bool | None) -> onnx.ModelProto:
+    """y = x * 1e-20: for x = 1e-20 a denormal (1e-40), or 0 where denormals are flushed."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "c"], ["y"])], "denormal",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.full(4, 1e-20, np.float32), "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if flush is not None:
+        technique = get_plugin_manager().technique("ort-session")
+        model = technique.apply(model, technique.check_params({"denormal_as_zero": flush}), None)
+    return model
+
+
+@pytest.mark.skipif(not denormals_supported(), reason="the agent cannot flush denormals on this CPU")
+def test_denormals_are_flushed_for_the_run_of_a_model_that_asks_and_only_for_it(tmp_path):
+    x = np.full(4, 1e-20, np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "x.npz", x=x)
+    for flush in (True, False, None):
+        path = tmp_path / f"m-{flush}.onnx"
+        onnx.save(_tiny_product(flush), str(path))
+        out = subprocess.run([sys.executable, "-m", "agents", "run", "--model", str(path), "--inputs",
+                              str(tmp_path / "x.npz"), "--outputs", str(tmp_path / "y.npy")],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stderr
+        y = np.load(tmp_path / "y.npy")
+        assert (y == 0).all() if flush else (y > 0).all(), (flush, y)
+    # in one process (as `compare` interleaves models): each run gets its model's setting, and the
+    # thread's state is restored after a flushed run
+    sessions = {}
+    for flush in (True, False):
+        path = tmp_path / f"m-{flush}.onnx"
+        sessions[flush] = create_session(str(path), 1, 1, ["CPUExecutionProvider"], [])
+    for _ in range(2):
+        assert (sessions[True].run(None, {"x": x})[0] == 0).all()
+        assert (sessions[False].run(None, {"x": x})[0] > 0).all()
+    assert (np.float32(1e-20) * np.float32(1e-20)) > 0  # numpy on this thread too
+
+
+def test_ort_session_recommends_flushing_for_a_transformer_on_a_cpu():
+    from orchestrator import DeviceFacts
+
+    technique = get_plugin_manager().technique("ort-session")
+    transformer = DeviceFacts("x86_64", model_ops=frozenset({"MatMul", "Softmax"}))
+    assert technique.recommended(transformer) == [{"graph_optimization_level": "all", "execution_mode": "sequential",
+                                                   "denormal_as_zero": True}]
+    assert technique.recommended(DeviceFacts("x86_64", model_ops=frozenset({"Conv", "MatMul"}))) == []
+    assert technique.recommended(DeviceFacts("x86_64", providers=("CUDAExecutionProvider",),
+                                             model_ops=frozenset({"MatMul"}))) == []

@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from agents.kernel import denormals_supported, model_session_settings, with_denormals_flushed
 from orchestrator.api import Task, TechniqueContext
 from orchestrator.errors import OrchestratorError
 from orchestrator.paths import scratch_dir
@@ -69,6 +70,9 @@ def onnx_outputs(model_bytes: bytes, task: Task, data: Any, batch: int = 64) -> 
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    run = session.run
+    if model_session_settings(session, []).get("denormal_as_zero") and denormals_supported():
+        run = with_denormals_flushed(session.run)  # scored as the device runs it (plugins/session.py)
     wanted = [i.name for i in session.get_inputs()]
     parts: list[list[Any]] = []
     for start in range(0, len(data), batch):
@@ -76,7 +80,7 @@ def onnx_outputs(model_bytes: bytes, task: Task, data: Any, batch: int = 64) -> 
         missing = [n for n in wanted if n not in feeds]
         if missing:
             raise ValueError(f"the model wants input(s) {', '.join(missing)}; the data has {', '.join(feeds)}")
-        result = session.run(None, {n: feeds[n] for n in wanted})
+        result = run(None, {n: feeds[n] for n in wanted})
         parts = parts or [[] for _ in result]
         for i, array in enumerate(result):
             parts[i].append(array)

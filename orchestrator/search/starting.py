@@ -4,7 +4,8 @@ In order: the baseline; each allowed graph-stage technique alone at each of its
 recommendations for the device (cheap: seconds each); each architecture/training technique
 alone at its first recommendation; then the canonical combinations, every such model-changing
 recommendation followed by each graph-stage recommendation (structured pruning + int8,
-distillation + int8). Combinations reuse the trained prefix from the stage cache, so they
+distillation + int8); then every graph-stage recommendation followed by another technique's
+(int8 + session settings, fusion + int8), where the space allows the pair. Combinations reuse the trained prefix from the stage cache, so they
 cost a quantization each. The sampler (Optuna's TPE) is then told all of them, through its
 own warm start (`points_to_evaluate` -> `Study.enqueue_trial`), and explores from there.
 
@@ -54,6 +55,7 @@ def starting_points(techniques: list[Technique], space: list[PipelineSpec], devi
     points += [[s] for s in model]
     if max_pipeline_length >= 2:
         points += [[m, g] for m in model for g in graph]
+        points += [[a, b] for a in graph for b in graph if a["technique"] != b["technique"]]
     out, seen = [], set()
     for pipeline in points:
         key = _key(pipeline)
