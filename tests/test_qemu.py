@@ -192,6 +192,17 @@ def test_bench_inside_returns_latency_percentiles_labelled_emulated(emulated_rpi
     assert result["energy"]["source"] == "estimated"  # the profile's power model, never the host's sensor
 
 
+@pytest.mark.slow
+def test_denormals_are_flushed_inside_for_a_model_that_asks(emulated_rpi4):
+    """On the aarch64 agent (FPCR.FZ through the C library's fenv), under QEMU, which honours it."""
+    from tests.test_session_settings import _tiny_product
+
+    x = np.full(4, 1e-20, np.float32)
+    flushed = emulated_rpi4.run_model(_tiny_product(True).SerializeToString(), {"x": x})["y"]
+    plain = emulated_rpi4.run_model(_tiny_product(False).SerializeToString(), {"x": x})["y"]
+    assert (flushed == 0).all() and (plain > 0).all(), (flushed, plain)
+
+
 def _parity(transport: QemuUserTransport, model, data) -> tuple[np.ndarray, np.ndarray]:
     import onnxruntime as ort
 
