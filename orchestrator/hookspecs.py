@@ -78,12 +78,15 @@ def base_model_started(run_id: str, task: str) -> None:
 
 
 @hookspec
-def base_model_ready(run_id: str, accuracy: float, trained_now: bool) -> None:
+def base_model_ready(run_id: str, accuracy: float, trained_now: bool, quality_metric: str) -> None:
     """Called when the base model is ready, before the search starts.
 
     :param run_id: the run.
-    :param accuracy: its accuracy on the held-out split.
+    :param accuracy: its accuracy (quality) on the held-out split.
     :param trained_now: True when it was trained for this run, False when it came from the cache.
+    :param quality_metric: what `accuracy` measures, here and in every candidate's metrics:
+        "accuracy" (a task's), or for a model brought with --model "labels", "top1", "cosine",
+        "relative_error" (docs/own_models.md). Added in 0.3; a hook may leave it out.
     :returns: nothing. An exception here is logged and does not stop the run.
 
     Added in 0.2.

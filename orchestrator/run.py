@@ -173,7 +173,8 @@ def execute_run(
             plan.first = starting_points(techniques, candidates, facts, profile.search.max_pipeline_length)
             extras["starting_points"]["pipelines"] = [_step_text(p) for p in plan.first]
         registry.notify("base_model_ready", run_id=run_id, trained_now=base.trained_now,
-                        accuracy=plan.baseline_accuracy if task.pretrained else base.accuracy)
+                        accuracy=plan.baseline_accuracy if task.pretrained else base.accuracy,
+                        quality_metric=task.quality_metric)
         if trials_left > 0:
             _search(options, profile, task, base, techniques, plan, on_candidate, run_id, extras, registry)
         status = "finished"

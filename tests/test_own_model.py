@@ -414,3 +414,24 @@ def test_a_brought_torch_model_is_fine_tuned(tmp_path, quality):
                                                          "epochs": epochs, "recalibrate_bn": False}}], ctx)
         scores[epochs] = evaluate_onnx(task, model, data["eval"])
     assert scores[4] > scores[0], scores
+
+
+def test_the_terminal_names_the_quality_metric_of_a_brought_model(capsys):
+    from orchestrator.cli.console import TerminalReporter
+
+    reporter = TerminalReporter()
+    reporter.base_model_started(task="own-model")
+    reporter.base_model_ready(accuracy=1.0, trained_now=False, quality_metric="cosine")
+    reporter.total = 2
+    reporter.candidate_measured(candidate={
+        "id": "c001", "status": "ok", "pipeline": [{"technique": "int8-dynamic", "params": {}}],
+        "metrics": {"accuracy": 0.9939, "size_bytes": 2048, "latency_ms": {"p50": 17.1}}})
+    reporter.candidate_measured(candidate={
+        "id": "c002", "status": "rejected", "pipeline": [{"technique": "int8-static", "params": {}}],
+        "metrics": {"accuracy": 0.8572}, "error": "rejected before measuring"})
+    err = capsys.readouterr().err
+    assert "as given, not trained), held-out cosine 1.0000" in err
+    assert "c001 int8-dynamic: cosine 0.9939, p50 17.100 ms" in err and "c002 int8-static: cosine 0.8572" in err
+    task_reporter = TerminalReporter()
+    task_reporter.base_model_ready(accuracy=0.99, trained_now=True, quality_metric="accuracy")
+    assert "held-out acc 0.9900" in capsys.readouterr().err

@@ -126,6 +126,8 @@ def test_a_candidate_over_the_accuracy_limit_is_rejected_before_measuring() -> N
     assert accuracy_rejection(0.985, 0.99, prof) is None  # 0.5 points: allowed
     reason = accuracy_rejection(0.95, 0.99, prof)
     assert reason and "rejected before measuring: accuracy drop 4.00 points > 1.00" in reason
+    assert "quality drop 4.00 points > 1.00 (cosine 0.9500, baseline 0.9900)" in accuracy_rejection(0.95, 0.99, prof,
+                                                                                                    "cosine")
     assert accuracy_rejection(0.5, 0.99, profile()) is None  # no limit, nothing to refuse
     rejected = {"id": "c001", "pipeline": [{"technique": "p", "params": {}}], "status": "rejected", "error": reason,
                 "metrics": {"accuracy": 0.95, "size_bytes": 10}}

@@ -74,6 +74,7 @@ class TerminalReporter:
         self.best_text = ""
         self.best_lat = 0.0
         self.own_model = False  # a model brought with --model: used as given, never trained
+        self.quality = "acc"  # what a candidate's quality is called (cosine, top1, ... for a model brought with --model)
         self.started = time.monotonic()
 
     def log(self, text: str) -> None:
@@ -103,9 +104,10 @@ class TerminalReporter:
         self.log(f"loading the {task} base model" + ("" if task == "own-model" else " (trained on first use, then cached)"))
 
     @hookimpl
-    def base_model_ready(self, accuracy: float, trained_now: bool) -> None:
+    def base_model_ready(self, accuracy: float, trained_now: bool, quality_metric: str) -> None:
         how = "as given, not trained" if self.own_model else "trained now" if trained_now else "from cache"
-        self.log(f"base model ready ({how}), held-out quality {accuracy:.4f}; starting Ray")
+        self.quality = "acc" if quality_metric in ("accuracy", "labels") else quality_metric
+        self.log(f"base model ready ({how}), held-out {self.quality} {accuracy:.4f}; starting Ray")
         self._start_bar()
 
     @hookimpl
@@ -115,7 +117,7 @@ class TerminalReporter:
         m = data.get("metrics") or {}
         if data["status"] == "ok":
             lat = (m.get("latency_ms") or {}).get("p50")
-            text = f"acc {m.get('accuracy', 0):.4f}, p50 {lat:.3f} ms, {m.get('size_bytes', 0) / 1024:.0f} KiB"
+            text = f"{self.quality} {m.get('accuracy', 0):.4f}, p50 {lat:.3f} ms, {m.get('size_bytes', 0) / 1024:.0f} KiB"
             if (data.get("cached") or {}).get("measurement"):
                 text += " (measurement from cache)"
             emu = data.get("measurement") or {}
@@ -127,7 +129,7 @@ class TerminalReporter:
             if lat is not None and (not self.best_text or lat < self.best_lat):
                 self.best_lat, self.best_text = lat, f"fastest so far {data['id']} {lat:.3f} ms"
         elif data["status"] == "rejected":
-            text = f"acc {m.get('accuracy', 0):.4f}: {data.get('error')}"
+            text = f"{self.quality} {m.get('accuracy', 0):.4f}: {data.get('error')}"
         else:
             text = f"FAILED: {data.get('error')}"
         self.log(printable(f"candidate {self.done}/{self.total} {data['id']} {pipeline_label(data)}: {text}"))

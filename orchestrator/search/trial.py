@@ -89,16 +89,21 @@ def trial_values(record: Any, profile: Any) -> dict[str, Any]:
     return out
 
 
-def accuracy_rejection(accuracy: float, baseline: float | None, profile: Any) -> str | None:
-    """Why a scored candidate breaks the profile's accuracy-drop limit (so is not measured), or None."""
+def accuracy_rejection(accuracy: float, baseline: float | None, profile: Any, metric: str = "accuracy") -> str | None:
+    """Why a scored candidate breaks the profile's accuracy-drop limit (so is not measured), or None.
+
+    `metric` names the quality in the message (a task's accuracy, or cosine, top1, ... for a model
+    brought with --model)."""
     limit = profile.constraints.max_accuracy_drop
     if baseline is None or limit is None:
         return None
     drop = round((baseline - accuracy) * 100.0, 9)  # as the selection computes it
     if drop <= limit:
         return None
-    return (f"rejected before measuring: accuracy drop {drop:.2f} points > {limit:.2f} "
-            f"(accuracy {accuracy:.4f}, baseline {baseline:.4f})")
+    name = "accuracy" if metric in ("accuracy", "labels") else metric
+    what = "accuracy" if name == "accuracy" else "quality"
+    return (f"rejected before measuring: {what} drop {drop:.2f} points > {limit:.2f} "
+            f"({name} {accuracy:.4f}, baseline {baseline:.4f})")
 
 
 def config_to_pipeline(config: dict[str, Any], payload: TrialPayload, labels: dict[str, list[str]]) -> PipelineSpec:
@@ -197,7 +202,8 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
         record["metrics"] = {"accuracy": accuracy, "size_bytes": len(model_bytes),
                              "compressed_size_bytes": info.get("compressed_size_bytes")}
         # the baseline is the reference: it is always measured
-        rejection = accuracy_rejection(accuracy, payload.baseline_accuracy, payload.profile) if pipeline else None
+        rejection = (accuracy_rejection(accuracy, payload.baseline_accuracy, payload.profile, task.quality_metric)
+                     if pipeline else None)
         if rejection:  # cheap before expensive: the device is never asked about a model the profile refuses
             record["status"], record["error"] = "rejected", rejection
             timing["trial_s"] = time.perf_counter() - started
