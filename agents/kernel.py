@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import base64
 import ctypes
-import ctypes.util
 import hashlib
 import io
 import json
@@ -322,11 +321,17 @@ def denormals_supported() -> bool:
     if platform.machine() not in _FENV or not platform.system() == "Linux":
         return False
     if _libm is None:
-        try:
-            _libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-            _libm.fegetenv, _libm.fesetenv  # noqa: B018 - both must exist
-        except (OSError, AttributeError):
-            _libm = False
+        _libm = False
+        # the symbols the process has already loaded (Python links the C maths library), else glibc's
+        # libm by name: no ctypes.util.find_library, which runs ldconfig/gcc (the agent starts no process)
+        for name in (None, "libm.so.6"):
+            try:
+                lib = ctypes.CDLL(name)
+                lib.fegetenv, lib.fesetenv  # noqa: B018 - both must exist
+            except (OSError, AttributeError):
+                continue
+            _libm = lib
+            break
     return bool(_libm)
 
 
