@@ -11,7 +11,9 @@ through `orchestrate` exactly as a user's model would (`--model`, `--inputs`, th
 examples/own-model.yaml: graph-stage techniques, label-free quality). Then fp32 and the
 pick are re-measured together in ONE agent process on the local device (pinned core, 1 thread,
 interleaved rounds: `python -m agents compare`), at the model's sequence length. Prints the size
-ratio, the latency ratio (median of rounds, with the rounds' 10-90% spread), the pick's quality
+ratio, the latency ratio (median of rounds, with the rounds' 10-90% spread; for a pick with
+`ort-session` settings also against fp32 run with those same settings, measured in the same
+rounds: what the rest of the pipeline adds), the pick's quality
 against fp32 and whether any measured candidate collapsed; writes bench/results/own_models.json
 and the table in docs/own_models.md. Targets (issue 15, the transformer): >= 3.5x smaller,
 >= 2x faster, cosine >= 0.99, never a collapsed candidate measured.
@@ -75,8 +77,30 @@ def search(source: str, samples: Path, settings: dict[str, Any], trials: int | N
     return results
 
 
+def _with_session_settings(model: bytes, pipeline: list[dict[str, Any]]) -> bytes | None:
+    """The fp32 model with the pick's `ort-session` settings (None when the pick has none): how much of the
+    speed-up the settings alone give."""
+    import onnx
+
+    from orchestrator.plugins import get_plugin_manager
+
+    steps = [s for s in pipeline if s["technique"] == "ort-session"]
+    if not steps:
+        return None
+    technique = get_plugin_manager().technique("ort-session")
+    return technique.apply(onnx.load_from_string(model), steps[-1]["params"], None).SerializeToString()
+
+
+def _ratio(num: list[float], den: list[float]) -> tuple[float, list[float]]:
+    """Ratio of the medians, and the 10-90% spread of the per-round ratios."""
+    ratios = sorted(n / d for n, d in zip(num, den))
+    q = len(ratios) // 10
+    return statistics.median(num) / statistics.median(den), [ratios[q], ratios[-1 - q]]
+
+
 def side_by_side(results: dict[str, Any], rounds: int) -> dict[str, Any]:
-    """fp32 and the pick measured together: median p50 of interleaved rounds and the 10-90% spread of the ratio."""
+    """fp32 and the pick measured together (and, for a pick with session settings, fp32 with those
+    settings too): median p50 of interleaved rounds and the 10-90% spread of the ratios."""
     from orchestrator.paths import cache_dir
     from orchestrator.profile import load_profile
 
@@ -84,15 +108,19 @@ def side_by_side(results: dict[str, Any], rounds: int) -> dict[str, Any]:
     profile.measurement.axes.update(_axes(results))
     base, best = results["baseline"], results["best"]
     models = [(cache_dir("models") / f"{c['model_sha256']}.onnx").read_bytes() for c in (base, best)]
-    compared = interleaved_rounds(models, profile, rounds)["models"]
-    fp32_rounds, pick_rounds = (m["rounds_ms"]["p50"] for m in compared)
-    ratios = sorted(f / p for f, p in zip(fp32_rounds, pick_rounds))
-    q = len(ratios) // 10
-    return {"fp32_p50_ms": statistics.median(fp32_rounds), "pick_p50_ms": statistics.median(pick_rounds),
-            "faster": statistics.median(fp32_rounds) / statistics.median(pick_rounds),
-            "faster_spread": [ratios[q], ratios[-1 - q]], "rounds": len(ratios),
-            "smaller": base["metrics"]["size_bytes"] / best["metrics"]["size_bytes"],
-            "fp32_kib": base["metrics"]["size_bytes"] / 1024, "pick_kib": best["metrics"]["size_bytes"] / 1024}
+    settings_only = _with_session_settings(models[0], best["pipeline"])
+    compared = interleaved_rounds(models + ([settings_only] if settings_only else []), profile, rounds)["models"]
+    fp32_rounds, pick_rounds = (m["rounds_ms"]["p50"] for m in compared[:2])
+    faster, spread = _ratio(fp32_rounds, pick_rounds)
+    out = {"fp32_p50_ms": statistics.median(fp32_rounds), "pick_p50_ms": statistics.median(pick_rounds),
+           "faster": faster, "faster_spread": spread, "rounds": len(fp32_rounds),
+           "smaller": base["metrics"]["size_bytes"] / best["metrics"]["size_bytes"],
+           "fp32_kib": base["metrics"]["size_bytes"] / 1024, "pick_kib": best["metrics"]["size_bytes"] / 1024}
+    if settings_only:
+        same = compared[2]["rounds_ms"]["p50"]
+        out["fp32_with_settings_p50_ms"] = statistics.median(same)
+        out["faster_than_fp32_with_settings"], out["faster_than_fp32_with_settings_spread"] = _ratio(same, pick_rounds)
+    return out
 
 
 def _axes(results: dict[str, Any]) -> dict[str, int]:
@@ -133,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                      "decision": (results.get("decision") or {}).get("sentence"), **figures}
             report["models"][key] = entry
             steps = " + ".join(s["technique"] for s in pick["pipeline"]) or "baseline"
+            same = figures.get("faster_than_fp32_with_settings")
+            same_text = (f"{same:.2f}x ({figures['faster_than_fp32_with_settings_spread'][0]:.2f}-"
+                         f"{figures['faster_than_fp32_with_settings_spread'][1]:.2f})" if same else "(no settings)")
             rows.append(f"| {title} | {steps} | {figures['smaller']:.2f}x | {figures['faster']:.2f}x "
-                        f"({figures['faster_spread'][0]:.2f}-{figures['faster_spread'][1]:.2f}) | "
+                        f"({figures['faster_spread'][0]:.2f}-{figures['faster_spread'][1]:.2f}) | {same_text} | "
                         f"{results['quality_metric']} {pick['metrics']['accuracy']:.4f} | "
                         f"{entry['measured']} measured, {entry['rejected']} rejected, "
                         f"{len(collapsed)} collapsed |")
@@ -144,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     m = report["machine"]
     lines = [f"Measured {report['at']} on {m['cpu']} ({m['cores']} cores, load {m['load_average_at_start']}), "
              f"onnxruntime {m['onnxruntime']}, torch {m['torch']}; 1 thread, pinned core, interleaved rounds.", "",
-             "| model | pick | smaller | faster (10-90% of rounds) | quality vs fp32 | candidates |",
-             "|---|---|---|---|---|---|", *rows]
+             "| model | pick | smaller | faster (10-90% of rounds) | faster than fp32 with the pick's session settings "
+             "| quality vs fp32 | candidates |",
+             "|---|---|---|---|---|---|---|", *rows]
     mini = report["models"].get("minilm") or {}
     if mini.get("faster"):
         ok = (mini["smaller"] >= TARGETS["smaller"], mini["faster"] >= TARGETS["faster"],
