@@ -236,6 +236,8 @@ def test_a_tie_goes_to_the_more_accurate() -> None:
     block = decide(contenders, rounds, "c000", tie_within=0.02)
     assert set(block["tied_with_leader"]) | {block["leader"]} == {"c001", "c002"}
     assert block["pick"] == "c002"  # within the noise of the fastest, and more accurate
+    if block["leader"] == "c001":
+        assert block["tie_broken_by"] == "accuracy" and "within the noise and is more accurate" in block["sentence"]
     rounds["c001"] = [x * 0.5 for x in rounds["c001"]]  # now really twice as fast: accuracy no longer decides
     assert decide(contenders, rounds, "c000", tie_within=0.02)["pick"] == "c001"
 
@@ -255,6 +257,10 @@ def test_a_negligible_quality_or_size_difference_does_not_decide_a_tie() -> None
     assert block["pick"] == "c002"
     contenders[2]["metrics"]["accuracy"] = 0.9955  # 0.14 points more accurate: that decides the tie
     assert decide(contenders, rounds, "c000", tie_within=0.03)["pick"] == "c010"
+    contenders[2]["metrics"].update(accuracy=0.9939, size_bytes=11_000_000)  # as accurate, half the size
+    block = decide(contenders, rounds, "c000", tie_within=0.03)
+    assert block["pick"] == "c010" and block["tie_broken_by"] == "size"
+    assert "it ties with the fastest, c002, within the noise and is as accurate and smaller" in block["sentence"]
 
 
 def test_finalists_are_the_best_feasible_on_the_objective_plus_the_baseline() -> None:

@@ -109,6 +109,9 @@ def decide(contenders: list[Candidate], rounds: dict[str, list[float]], baseline
         "tied_with_leader": [i for i in tied if i != leader],
         "pick": pick,
     }
+    if pick and pick != leader:  # what broke the tie: the rule's first key on which the pick beats the leader
+        mine, theirs = tie_break(pick), tie_break(leader)
+        block["tie_broken_by"] = "accuracy" if mine[0] != theirs[0] else "size"
     if shown != baseline_id and baseline_id in arrays:
         block["vs_baseline"] = _compare(shown, baseline_id, arrays, idx)
     others = [i for i in order if i not in (shown, baseline_id)]
@@ -149,7 +152,9 @@ def sentence(block: dict[str, Any], baseline_id: str) -> str:
         how, interval = _x(ru)
         text += f" and {how} {ru['other']} ({interval})"
     if block["pick"] and block["pick"] != block["leader"]:
-        text += f"; it ties with the fastest, {block['leader']}, within the noise and is more accurate or smaller"
+        why = {"accuracy": "is more accurate", "size": "is as accurate and smaller"}.get(
+            block.get("tie_broken_by"), "is more accurate or smaller")
+        text += f"; it ties with the fastest, {block['leader']}, within the noise and {why}"
     text += f" ({block['rounds']} interleaved rounds)"
     return text
 
