@@ -47,23 +47,36 @@ def store_path() -> Path:
 _swept: set[str] = set()
 
 
+def _pid_namespace() -> str:
+    """This process's pid namespace (Linux: the number in /proc/self/ns/pid), "0" where unknown."""
+    try:
+        return os.readlink("/proc/self/ns/pid").rsplit("[", 1)[-1].rstrip("]") or "0"
+    except OSError:
+        return "0"
+
+
 def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:
-    """A temporary folder named `{prefix}{pid}-…` in the system's temp folder, removed when the block ends.
+    """A temporary folder named `{prefix}{pid namespace}.{pid}-…` in the system's temp folder, removed
+    when the block ends.
 
     A process killed while building (a trial cancelled at the run's end, `kill -9`, a crash) cannot
     remove its folder, and a transformer's copies are hundreds of MB: so the first call of each
-    process removes this user's `{prefix}*` folders whose process is gone (a live or unknown pid is left).
+    process removes this user's `{prefix}*` folders whose process is gone: named with this process's
+    pid namespace (a container sharing the temp folder has another, and its pids mean nothing
+    here) and a pid no process has. A live pid, another namespace, or another name is left alone.
     """
+    namespace = _pid_namespace()
     if prefix not in _swept:
         _swept.add(prefix)
         for path in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-            pid = path.name[len(prefix):].split("-", 1)[0]
+            owner = path.name[len(prefix):].split("-", 1)[0]
+            space, _, pid = owner.partition(".")
             try:
-                if not pid.isdigit() or path.is_symlink() or path.stat().st_uid != os.getuid():
+                if space != namespace or not pid.isdigit() or path.is_symlink() or path.stat().st_uid != os.getuid():
                     continue
                 os.kill(int(pid), 0)
             except ProcessLookupError:  # its process is gone
                 shutil.rmtree(path, ignore_errors=True)
             except OSError:  # no permission to ask (another user's pid), or the folder went meanwhile
                 continue
-    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{namespace}.{os.getpid()}-")

@@ -341,9 +341,12 @@ def test_two_processes_never_measure_on_the_same_local_core_at_once(tmp_path, eo
 def test_a_build_folder_left_by_a_killed_process_is_removed_by_the_next_one():
     """A trial killed mid-build (kill -9) leaves its scratch folder; the next process's first build removes it.
 
-    A folder whose process still runs, and one not named with a pid, are left alone.
+    A folder whose process still runs, one not named with a pid, and one of another pid namespace
+    (a container sharing /tmp: its pid means nothing here) are left alone.
     """
-    from orchestrator.paths import scratch_dir
+    from orchestrator.paths import _pid_namespace, scratch_dir
+
+    ns = _pid_namespace()
 
     prefix = f"eo-test-scratch-{os.getpid()}x-"  # a prefix of this test alone (the sweep is once per process)
     code = ("import sys, time; from orchestrator.paths import scratch_dir\n"
@@ -351,18 +354,18 @@ def test_a_build_folder_left_by_a_killed_process_is_removed_by_the_next_one():
             "open(d + '/model.onnx', 'wb').write(b'x' * 1000); print(d, flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     left = Path(proc.stdout.readline().strip())
-    assert (left / "model.onnx").is_file() and left.name.startswith(f"{prefix}{proc.pid}-")
+    assert (left / "model.onnx").is_file() and left.name.startswith(f"{prefix}{ns}.{proc.pid}-")
     proc.kill()
     proc.wait(timeout=30)
     assert left.is_dir()  # what a kill -9 leaves
-    live = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    live = Path(tempfile.mkdtemp(prefix=f"{prefix}{ns}.{os.getpid()}-"))
     unnamed = Path(tempfile.mkdtemp(prefix=f"{prefix}notapid-"))
+    elsewhere = Path(tempfile.mkdtemp(prefix=f"{prefix}{ns}0.{proc.pid}-"))  # the dead pid, in another namespace
     try:
         with scratch_dir(prefix) as mine:
-            assert Path(mine).name.startswith(f"{prefix}{os.getpid()}-")
-            assert not left.exists() and live.is_dir() and unnamed.is_dir()
+            assert Path(mine).name.startswith(f"{prefix}{ns}.{os.getpid()}-")
+            assert not left.exists() and live.is_dir() and unnamed.is_dir() and elsewhere.is_dir()
         assert not Path(mine).exists()
     finally:
-        shutil.rmtree(live, ignore_errors=True)
-        shutil.rmtree(unnamed, ignore_errors=True)
-        shutil.rmtree(left, ignore_errors=True)
+        for path in (live, unnamed, left, elsewhere):
+            shutil.rmtree(path, ignore_errors=True)
