@@ -1,10 +1,10 @@
 """Built-in `ort-session` (stage `graph`): onnxruntime session settings, searched and carried by the model.
 
 The settings (graph optimisation level, execution mode, denormals flushed to zero, and
-optionally thread counts) are written into the model's metadata (`edge_orchestrator.session`); the agent reads them when it
-creates its session (agents/kernel.py create_session), so the device measures the candidate with
-them, and the picked `best.onnx` carries them to every device it is rolled out to (the run also
-writes them next to it, as `best.session.json`). The graph itself is untouched. It runs after
+optionally thread counts) are written into the model's metadata (`edge_orchestrator.session`);
+the agent reads them when it creates its session (agents/kernel.py create_session), so the
+device measures the candidate with them, and the picked `best.onnx` carries them to every
+device it is rolled out to (the run also writes them next to it, as `best.session.json`). The graph itself is untouched. It runs after
 every other graph technique of its pipeline.
 """
 

@@ -5,9 +5,10 @@ recommendations for the device (cheap: seconds each); each architecture/training
 alone at its first recommendation; then the canonical combinations, every such model-changing
 recommendation followed by each graph-stage recommendation (structured pruning + int8,
 distillation + int8); then every graph-stage recommendation followed by another technique's
-(int8 + session settings, fusion + int8), where the space allows the pair. Combinations reuse the trained prefix from the stage cache, so they
-cost a quantization each. The sampler (Optuna's TPE) is then told all of them, through its
-own warm start (`points_to_evaluate` -> `Study.enqueue_trial`), and explores from there.
+(int8 + session settings, fusion + int8), where the space allows the pair. Combinations reuse
+the trained prefix from the stage cache, so they cost a quantization each. The sampler
+(Optuna's TPE) is then told all of them, through its own warm start (`points_to_evaluate` ->
+`Study.enqueue_trial`), and explores from there.
 
 Only points inside the profile's space are used; a recommendation outside it is skipped. A
 parameter the profile fixes (`search.params`: its search space is one value) overrides what a
