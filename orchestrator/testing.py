@@ -205,6 +205,11 @@ RECOMMENDATION_DEVICES = {
     "Jetson TensorRT": DeviceFacts("aarch64", frozenset({"asimd", "asimddp"}),
                                    ("TensorrtExecutionProvider", "CUDAExecutionProvider")),
     "Jetson CUDA": DeviceFacts("aarch64", frozenset({"asimd"}), ("CUDAExecutionProvider",)),
+    # a transformer's graph (MatMul, no Conv): some techniques recommend differently for one
+    "x86-64 AVX-512 VNNI, transformer": DeviceFacts("x86_64", frozenset({"avx2", "avx512f", "avx512_vnni"}),
+                                                    model_ops=frozenset({"MatMul", "Softmax", "Gather"})),
+    "Cortex-A76 (rpi5), transformer": DeviceFacts("aarch64", frozenset({"asimd", "asimddp", "asimdhp", "fphp"}),
+                                                  model_ops=frozenset({"MatMul", "Softmax", "Gather"})),
 }
 
 

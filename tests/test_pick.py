@@ -285,6 +285,11 @@ def test_builtin_recommendations_are_valid_and_follow_the_device(eo_recommendati
     assert eo_recommendations(registry.technique("int8-dynamic"))["x86-64 AVX2"] == []
     prune = eo_recommendations(registry.technique("prune-structured"))
     assert all(p and p[0]["epochs"] >= 1 for p in prune.values())  # never pruning without fine-tuning
+    session = eo_recommendations(registry.technique("ort-session"))
+    assert session["x86-64 AVX2"] == [] and session["Jetson CUDA"] == []  # model unknown, or a GPU
+    for label in ("x86-64 AVX-512 VNNI, transformer", "Cortex-A76 (rpi5), transformer"):
+        assert [p["denormal_as_zero"] for p in session[label]] == [True]
+        assert eo_recommendations(registry.technique("int8-dynamic"))[label][0]["per_channel"] is True
 
 
 def test_a_slower_comparison_reads_as_a_slowdown_with_its_interval_inverted() -> None:
