@@ -178,7 +178,7 @@ def test_real_minilm_from_its_wheel_int8_dynamic_keeps_cosine(tmp_path):
 @pytest.mark.slow
 def test_a_torch_factory_with_int64_inputs_end_to_end(ray_local, tmp_path):
     samples = token_samples(tmp_path / "tokens.npz")
-    profile = load_profile(_profile(tmp_path, ["int8-dynamic", "int8-static", "fp16"], 4))
+    profile = load_profile(_profile(tmp_path, ["int8-dynamic", "int8-static", "fp16", "ort-session"], 5))
     outcome = execute_run(profile, get_plugin_manager(), RunOptions(
         model="tests.helpers.own_models:tiny_bert", inputs=str(samples), out_dir=tmp_path / "runs"))
     results = outcome.results
@@ -194,6 +194,10 @@ def test_a_torch_factory_with_int64_inputs_end_to_end(ray_local, tmp_path):
     assert "The accuracy columns below are its quality: <b>cosine</b>" in (outcome.out_dir / "report.html").read_text()
     assert results.get("measurement_axes") is None  # fixed-size samples: nothing dynamic but the batch
     assert all(c["measurement"]["inputs_source"] == "sample" for c in measured)  # timed on a real held-out row
+    # ort-session's recommendation for a transformer (a starting point): the device applied it, and says so
+    flushed = [c for c in measured if c["pipeline"] and c["pipeline"][-1]["technique"] == "ort-session"]
+    assert flushed and flushed[0]["measurement"]["session_settings"]["denormal_as_zero"] is True
+    assert results["baseline"]["measurement"]["session_settings"] == {}
 
 
 @pytest.mark.slow

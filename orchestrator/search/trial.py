@@ -228,9 +228,11 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
         record["measurement"] = {
             k: bench.get(k) for k in ("runs", "warmup_runs", "noisy", "execution_provider", "threads", "pinned_cpu",
                                       "niceness", "per_device", "started_at", "finished_at", "inputs",
-                                      "inputs_source", *EMULATION_KEYS)
-            if k in bench or k not in EMULATION_KEYS
+                                      "inputs_source", "session_settings", *EMULATION_KEYS)
+            if k in bench or k not in (*EMULATION_KEYS, "session_settings")
         }
+        if bench.get("warnings"):  # what the device could not do as asked (a session setting it ignored, ...)
+            record["measurement"]["warnings"] = [str(w)[:300] for w in bench["warnings"][:10]]
         record["cached"]["measurement"] = bool(bench.get("cached"))
         if bench.get("flags"):
             record["flags"] = bench["flags"]
