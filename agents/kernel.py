@@ -295,10 +295,20 @@ def create_session(path: str, threads: int, inter_op_threads: int, providers: li
     if settings:
         session = _session(path, chosen, {"intra_op_threads": threads, "inter_op_threads": inter_op_threads,
                                           **settings})
-    if settings.get("denormal_as_zero"):
-        session.run = with_denormals_flushed(session.run)
+    session.run = run_as_configured(session, settings)
     session.eo_settings = settings
     return session
+
+
+def run_as_configured(session, settings: dict | None = None):
+    """The session's `run`, with denormals flushed on the calling thread when the model's settings
+    (`settings`, else read from the session's model) ask for it and this machine can: how the agent
+    runs a model, and how the host scores it."""
+    if settings is None:
+        settings = model_session_settings(session, [])
+    if settings.get("denormal_as_zero") and denormals_supported():
+        return with_denormals_flushed(session.run)
+    return session.run
 
 
 # Flush-to-zero and denormals-are-zero, per thread: onnxruntime's `session.set_denormal_as_zero`

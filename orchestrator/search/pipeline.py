@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from agents.kernel import denormals_supported, model_session_settings, with_denormals_flushed
+from agents.kernel import run_as_configured
 from orchestrator.api import Task, TechniqueContext
 from orchestrator.errors import OrchestratorError
 from orchestrator.paths import scratch_dir
@@ -70,9 +70,7 @@ def onnx_outputs(model_bytes: bytes, task: Task, data: Any, batch: int = 64) -> 
     opts.intra_op_num_threads = 1
     opts.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-    run = session.run
-    if model_session_settings(session, []).get("denormal_as_zero") and denormals_supported():
-        run = with_denormals_flushed(session.run)  # scored as the device runs it (plugins/session.py)
+    run = run_as_configured(session)  # denormals flushed where the model asks: scored as the device runs it
     wanted = [i.name for i in session.get_inputs()]
     parts: list[list[Any]] = []
     for start in range(0, len(data), batch):
