@@ -31,6 +31,13 @@ measured again together in `--confirm-rounds` (30) interleaved rounds, and the p
 (`final_round.decide`) picks among them. The target counts evaluations to that confirmed pick;
 the grid's own pick is printed too.
 
+Siblings (latency, `--sibling-rounds`, 60): every feasible candidate is measured again in
+interleaved rounds in one agent process, and the eval set's images are classified by each. A
+sibling of the confirmed pick runs within `tie_within` of the pick's median and its accuracy
+cannot be told from the pick's (exact McNemar test on the images one gets right and the other
+wrong, p >= 0.05). Printed with the evaluations to the first sibling: when the pick differs from
+its siblings only by a few images, this is what the search can be asked to find.
+
 Also printed: evaluations until a candidate that is as good as the pick within the
 measurement's noise (feasible, objective within `--tolerance` of the pick's), and what
 uniform random sampling would need on average to find the pick ((N + 1) / 2).
@@ -129,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--confirm-within", type=float, default=0.30,
                         help="confirm the feasible candidates within this share of the grid's fastest")
     parser.add_argument("--confirm-max", type=int, default=8, help="confirm at most this many candidates")
+    parser.add_argument("--sibling-rounds", type=int, default=60,
+                        help="latency objective: measure every feasible candidate in this many interleaved rounds, "
+                             "and count the evaluations to one as fast as the confirmed pick whose accuracy the "
+                             "eval set cannot tell from the pick's (0: skip)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the figures in docs/scaling.md")
     parser.add_argument("--out", type=Path, help="results file (default bench/results/search_efficiency.json)")
     args = parser.parse_args(argv)
@@ -187,6 +198,10 @@ def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[
               f"(leader {confirmed['leader']}, tied with it: {', '.join(confirmed['tied_with_leader']) or 'none'})",
               file=sys.stderr, flush=True)
     confirmed_key = key(next(c for c in feasible_records if c["id"] == confirmed["pick"])) if confirmed else None
+    sibling = None
+    if confirmed and args.sibling_rounds:
+        sibling = siblings(loaded, feasible_records, confirmed["pick"], metric, args)
+    sibling_keys = {key(c) for c in feasible_records if sibling and c["id"] in sibling["same"]}
 
     searches = []
     with SamplerSeed() as sampler:
@@ -198,11 +213,13 @@ def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[
             found_strict = keys.index(key(strict)) + 1 if key(strict) in keys else None
             as_good = next((i + 1 for i, k in enumerate(keys) if k in good), None)
             found_confirmed = keys.index(confirmed_key) + 1 if confirmed_key in keys else None
+            found_sibling = next((i + 1 for i, k in enumerate(keys) if k in sibling_keys), None)
             uncached = [r["id"] for r in run.records if r.get("status") == "ok"
                         and not (r.get("cached") or {}).get("measurement")]
             searches.append({"seed": seed, "status": run.status, "evaluations": len(run.records),
                              "found_pick_at": found, "found_strict_pick_at": found_strict,
                              "found_as_good_at": as_good, "found_confirmed_pick_at": found_confirmed,
+                             "found_sibling_at": found_sibling,
                              "duplicates": run.results.get("duplicate_trials", 0), "not_from_cache": uncached,
                              "order": [label(r) for r in run.records], "wall_s": round(run.wall_s, 1)})
             print(f"[{metric}] seed {seed}: pick found at evaluation "
@@ -231,6 +248,8 @@ def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[
                  "feasible": len(feasible), "as_good_as_pick": len(good), "wall_s": round(grid.wall_s, 1),
                  "from_cache": sum(1 for r in grid.records if (r.get("cached") or {}).get("measurement"))},
         "noise": noise,
+        "siblings": sibling,
+        "median_share_to_sibling": share([s["found_sibling_at"] for s in searches]) if sibling else None,
         "confirmed": confirmed,
         "searches": searches,
         "median_share_to_pick": grid_share,
@@ -275,6 +294,56 @@ def confirm(profile: Any, feasible: list[dict[str, Any]], baseline: dict[str, An
             "finalists": [{"id": f["id"], "pipeline": f["pipeline"], "median_ms": f["median_ms"],
                            "grid_ms": metric_value(next(c for c in contenders if c["id"] == f["id"]), metric),
                            "vs_leader": f["vs_leader"]} for f in block["finalists"]]}
+
+
+def siblings(loaded: Any, feasible: list[dict[str, Any]], pick: str, metric: str,
+             args: argparse.Namespace) -> dict[str, Any]:
+    """Which candidates a user could not tell from the confirmed pick: as fast, and as accurate within the eval set.
+
+    Every feasible candidate is measured in `--sibling-rounds` interleaved rounds in one agent
+    process (more rounds, and more models, than the confirmation: its medians order candidates
+    that the grid's single measurements cannot). A sibling's median is within the profile's
+    `tie_within` of the pick's, and an exact two-sided McNemar test on the eval set's images
+    (those one model classifies right and the other wrong) gives p >= 0.05 against the pick.
+    """
+    import numpy as np
+
+    from orchestrator.paths import cache_dir
+    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.search.pipeline import onnx_outputs
+    from orchestrator.tasks import resolve_task
+
+    profile = loaded.profile
+    task = resolve_task(loaded, get_plugin_manager())
+    data = task.load_data(profile.search.seed)["eval"]
+    models = [(cache_dir("models") / f"{c['model_sha256']}.onnx").read_bytes() for c in feasible]
+    print(f"[{metric}] siblings: {len(models)} feasible candidates, {args.sibling_rounds} interleaved rounds ...",
+          file=sys.stderr, flush=True)
+    percentile = metric.split("_")[1]
+    result = interleaved_rounds(models, profile, args.sibling_rounds)
+    medians = {c["id"]: median(m["rounds_ms"][percentile]) for c, m in zip(feasible, result["models"])}
+    right = {c["id"]: np.argmax(onnx_outputs(model, task, data)[0], axis=1) == data.labels
+             for c, model in zip(feasible, models)}
+    rows = []
+    for c in sorted(feasible, key=lambda c: medians[c["id"]]):
+        only_pick = int((right[pick] & ~right[c["id"]]).sum())
+        only_other = int((~right[pick] & right[c["id"]]).sum())
+        rows.append({"id": c["id"], "label": label(c), "median_ms": medians[c["id"]],
+                     "vs_pick": medians[c["id"]] / medians[pick], "accuracy": float(right[c["id"]].mean()),
+                     "only_pick_right": only_pick, "only_other_right": only_other,
+                     "mcnemar_p": mcnemar_p(only_pick, only_other)})
+    tie = profile.objective.tie_within
+    same = [r["id"] for r in rows if r["vs_pick"] <= 1 + tie and r["mcnemar_p"] >= 0.05]
+    return {"rounds": args.sibling_rounds, "tie_within": tie, "images": len(data.labels), "pick": pick,
+            "same": same, "candidates": rows}
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar test: the binomial probability of a split of b + c discordant pairs this uneven."""
+    n = b + c
+    if not n:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n)
 
 
 def remeasure(profile: Any, candidates: list[dict[str, Any]], metric: str, times: int) -> dict[str, Any]:
@@ -351,6 +420,20 @@ def objective_table(metric: str, result: dict[str, Any]) -> list[str]:
                   f"without ties: {pct(result['median_share_to_strict_pick'])}; "
                   f"to one as good: {pct(result['median_share_to_as_good'])}; "
                   f"uniform random sampling needs {pct(result['random_expected_share'])} on average"]
+    sib = result.get("siblings")
+    if sib:
+        near = [r for r in sib["candidates"] if r["vs_pick"] <= 1 + 2 * sib["tie_within"]] or sib["candidates"][:3]
+        shown = "; ".join(f"{r['id']} {r['median_ms']:.3f} ms ({r['vs_pick']:.2f}x the pick's), "
+                          f"{100 * r['accuracy']:.2f}%, images only the pick gets right {r['only_pick_right']}, "
+                          f"only it {r['only_other_right']}, McNemar p {r['mcnemar_p']:.2g}" for r in near)
+        lines += ["", f"siblings of the confirmed pick {sib['pick']}: every feasible candidate measured in "
+                      f"{sib['rounds']} interleaved rounds, accuracy compared image by image on the "
+                      f"{sib['images']} eval images; those within {sib['tie_within']:.0%} of the pick's median "
+                      f"and McNemar p >= 0.05: {', '.join(sib['same'])}. The candidates within "
+                      f"{2 * sib['tie_within']:.0%}: {shown}",
+                  "", f"median share of the grid to one of them: {pct(result['median_share_to_sibling'])} "
+                      f"(evaluations per seed: "
+                      f"{', '.join(str(s.get('found_sibling_at') or '-') for s in result['searches'])})"]
     noise = result.get("noise")
     if noise:
         shown = "; ".join(f"{r['id']} {r['grid']:.3f} ms in the grid, then "
