@@ -339,11 +339,10 @@ def siblings(loaded: Any, feasible: list[dict[str, Any]], pick: str, metric: str
 
 
 def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar test: the binomial probability of a split of b + c discordant pairs this uneven."""
-    n = b + c
-    if not n:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n)
+    """Exact two-sided McNemar test on b + c discordant pairs: scipy's binomial test of b against p = 1/2."""
+    from scipy.stats import binomtest  # scikit-learn's dependency
+
+    return float(binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0
 
 
 def remeasure(profile: Any, candidates: list[dict[str, Any]], metric: str, times: int) -> dict[str, Any]:
