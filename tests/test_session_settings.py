@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -121,3 +122,20 @@ def test_ort_session_recommends_flushing_for_a_transformer_on_a_cpu():
     assert technique.recommended(DeviceFacts("x86_64", model_ops=frozenset({"Conv", "MatMul"}))) == []
     assert technique.recommended(DeviceFacts("x86_64", providers=("CUDAExecutionProvider",),
                                              model_ops=frozenset({"MatMul"}))) == []
+
+
+@pytest.mark.skipif(not denormals_supported(), reason="the agent cannot flush denormals on this CPU")
+def test_the_hosts_reference_outputs_run_the_model_as_the_device_does():
+    # the rollout's health check and the emulator's parity check compare a device's outputs with the
+    # host's: the host runs a model that asks for denormals flushed with them flushed too
+    from orchestrator.emulation.rule import host_outputs
+    from orchestrator.rollout.healthcheck import reference_data
+
+    x = {"x": np.full(4, 1e-20, np.float32)}
+    for flush in (True, False):
+        model = _tiny_product(flush).SerializeToString()
+        y = host_outputs(model, x)["y"]
+        assert (y == 0).all() if flush else (y > 0).all(), (flush, y)
+        with np.load(io.BytesIO(reference_data(model, sample=x))) as ref:
+            assert np.array_equal(ref["inputs/x"], x["x"])  # the sample fits: the check runs on it
+            assert (ref["outputs/y"] == 0).all() if flush else (ref["outputs/y"] > 0).all(), (flush, ref["outputs/y"])

@@ -57,14 +57,17 @@ def parity_inputs(model_bytes: bytes, samples: int = PARITY_SAMPLES, seed: int =
 
 
 def host_outputs(model_bytes: bytes, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The model's outputs by name, from this host's onnxruntime (one thread)."""
+    """The model's outputs by name, from this host's onnxruntime (one thread), denormals flushed where
+    the model's session settings ask (as the emulated agent runs it)."""
     import onnxruntime as ort
+
+    from agents.kernel import run_as_configured
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, inputs)))
+    return dict(zip(names, run_as_configured(session)(None, inputs)))
 
 
 def compare_outputs(host: dict[str, np.ndarray], emulated: dict[str, np.ndarray], precision: str) -> dict[str, Any]:

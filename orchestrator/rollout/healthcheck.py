@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.kernel import reference_inputs
+from agents.kernel import reference_inputs, run_as_configured
 
 # precision -> (rtol, atol): |device - host| <= atol * max(1, max|host|) + rtol * |host|
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -45,7 +45,7 @@ def reference_data(model_bytes: bytes, threads: int = 1, sample: dict[str, np.nd
     session = ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
     feeds = reference_inputs(session, sample=sample)
     names = [o.name for o in session.get_outputs()]
-    outputs = dict(zip(names, session.run(None, feeds)))
+    outputs = dict(zip(names, run_as_configured(session)(None, feeds)))  # as the device runs it (settings)
     buf = io.BytesIO()
     np.savez(buf, **{f"inputs/{k}": v for k, v in feeds.items()}, **{f"outputs/{k}": v for k, v in outputs.items()})
     return buf.getvalue()
