@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the figures in docs/scaling.md")
     parser.add_argument("--out", type=Path, help="results file (default bench/results/search_efficiency.json)")
     args = parser.parse_args(argv)
+    for flag in ("confirm_rounds", "sibling_rounds"):
+        if getattr(args, flag) and getattr(args, flag) < 3:  # the final round's own minimum
+            parser.error(f"--{flag.replace('_', '-')} must be 0 (skip) or at least 3")
     seeds = list(range(1, 1 + (args.seeds or (2 if args.quick else 5))))
     private_home()
 

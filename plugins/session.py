@@ -4,8 +4,8 @@ The settings (graph optimisation level, execution mode, denormals flushed to zer
 optionally thread counts) are written into the model's metadata (`edge_orchestrator.session`);
 the agent reads them when it creates its session (agents/kernel.py create_session), so the
 device measures the candidate with them, and the picked `best.onnx` carries them to every
-device it is rolled out to (the run also writes them next to it, as `best.session.json`). The graph itself is untouched. It runs after
-every other graph technique of its pipeline.
+device it is rolled out to (the run also writes them next to it, as `best.session.json`). The
+graph itself is untouched. It runs after every other graph technique of its pipeline.
 """
 
 from __future__ import annotations
