@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 
 from orchestrator.profile import Profile
-from orchestrator.search.trial import WORST, trial_values
 from orchestrator.search.ray_runtime import Interrupts
 from orchestrator.search.searcher import make_searcher
-from orchestrator.search.trial import search_limits, search_objectives
+from orchestrator.search.trial import WORST, search_limits, search_objectives, trial_values
 
 
 def profile(metric: str = "latency_p50", **constraints: Any) -> Profile:
@@ -89,7 +88,8 @@ def test_warm_start_tells_optuna_the_finished_trials_with_their_constraints() ->
              record(status="failed", pipeline=[{"technique": "q", "params": {"bits": 4, "mode": "a"}}])]
     searcher, _, _, _ = make_searcher(CANDIDATES[3:], 3, 1, prior=prior, profile=prof)
     searcher.suggest("t0")  # the study is created on first use
-    done = [t for t in searcher._ot_study.trials if t.state.name == "COMPLETE"]
+    done = searcher._ot_study.trials[:2]  # what the run had (repeats proposed after them are told as copies)
+    assert all(t.state.name == "COMPLETE" for t in done)
     # the baseline is not in what is left to try (a resumed run has it): Optuna is not told about it
     assert [t.params["pipeline"] for t in done] == ["p", "q"]
     assert [t.constraints for t in done] == [{"max_latency_ms": 0.0}, {"max_latency_ms": WORST}]
@@ -107,9 +107,33 @@ def test_a_repeated_proposal_is_asked_again_not_run() -> None:
         searcher.on_trial_complete(f"t{i}", {**trial_values(record(acc=0.9 + i / 100), profile()),
                                              "record": "{}"})
     assert len(set(configs)) == 4, configs
-    states = [t.state.name for t in searcher._ot_study.trials]
-    assert states.count("COMPLETE") == 4
-    assert states.count("PRUNED") > 0  # Optuna did propose repeats on the way, and was told "pruned"
+    trials = searcher._ot_study.trials
+    assert len(trials) > 4  # Optuna did propose repeats on the way
+    first = {}
+    for t in trials:  # each repeat was told what its configuration got the first time
+        assert t.state.name == "COMPLETE"
+        assert t.values == first.setdefault(json.dumps(t.params, sort_keys=True), t.values)
+
+
+def test_a_repeat_is_told_the_values_of_its_finished_twin_and_nothing_while_that_runs() -> None:
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from orchestrator.search.searcher import tell_repeat
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    space = {"pipeline": CategoricalDistribution(["p", "q"])}
+    running = study.ask(space)
+    study.enqueue_trial(running.params)
+    tell_repeat(study, study.ask(space))
+    assert study.trials[1].state.name == "FAIL"  # its twin still runs: nothing is known yet
+    running.set_constraint("max_latency_ms", 0.5)
+    study.tell(running, [0.9, 3.0])
+    study.enqueue_trial(running.params)
+    tell_repeat(study, study.ask(space))
+    told = study.trials[2]
+    assert told.state.name == "COMPLETE" and told.values == [0.9, 3.0]
+    assert told.constraints == {"max_latency_ms": 0.5}
 
 
 def test_a_resumed_search_does_not_propose_what_the_run_already_has() -> None:
