@@ -110,7 +110,7 @@ def tell_repeat(study: Any, trial: Any) -> None:
 
     Told as pruned instead (TPE puts pruned trials among the worse ones), each repeat of a good
     configuration counted against it: on bench/search_efficiency.py (102 candidates, seeds
-    1-15, budget 51) the size pick was then missed in 8 of 15 searches, and found in all 15 at
+    1-15, budget 51) the size pick was then missed in 7 of 15 searches, and found in all 15 at
     a median 22 evaluations with the FAQ's way (docs/scaling.md).
     """
     import optuna
