@@ -284,8 +284,10 @@ def confirm(loaded: Any, feasible: list[dict[str, Any]], baseline: dict[str, Any
     from orchestrator.tasks import resolve_task
 
     profile = loaded.profile
+    if all(c["id"] != baseline["id"] for c in feasible):  # an infeasible baseline is still the reference
+        feasible = [*feasible, baseline]
     models = [(cache_dir("models") / f"{c['model_sha256']}.onnx").read_bytes() for c in feasible]
-    print(f"[{metric}] confirming: {len(feasible)} feasible candidates (the baseline among them), "
+    print(f"[{metric}] confirming: {len(feasible)} models (the feasible candidates and the baseline), "
           f"{args.confirm_rounds} interleaved rounds ...", file=sys.stderr, flush=True)
     result = interleaved_rounds(models, profile, args.confirm_rounds)
     percentile = metric.split("_")[1]
