@@ -123,18 +123,23 @@ def _pick_section(results: dict[str, Any]) -> str:
     if decision.get("sentence"):
         rows = "".join(
             f"<tr><td class=l>{html.escape(f['id'])}</td><td class=l>{html.escape(f['pipeline'])}</td>"
-            f"<td>{f['median_ms']:.3f}</td><td>{f['vs_leader']['ratio']:.3f} "
+            f"<td>{f['median_ms']:.3f}</td><td>{_percent(f.get('cv'))}</td><td>{f['vs_leader']['ratio']:.3f} "
             f"({f['vs_leader']['low']:.3f}–{f['vs_leader']['high']:.3f})</td></tr>"
             for f in decision.get("finalists", []))
         final = (f"<p><b>Final round:</b> {html.escape(decision['sentence'])}. "
                  f"Decided by: {html.escape(decision['decided_by'])}; rule: {html.escape(decision['rule'])}.</p>"
                  f"<table><tr><th>id</th><th>pipeline</th><th>median {html.escape(decision.get('percentile', ''))} ms"
-                 f"</th><th>vs the fastest (95%)</th></tr>{rows}</table>")
+                 f"</th><th>CV across rounds</th><th>vs the fastest (95%)</th></tr>{rows}</table>")
     elif decision.get("error"):
         final = f"<p><b>Final round failed</b> ({html.escape(decision['error'])}): the pick rests on the search.</p>"
     return (f"<h2>The pick: {html.escape(best['id'])} ({html.escape(pipeline_label(best))})</h2>"
             f"<p>Chosen on the Pareto front of the feasible candidates by <b>{html.escape(obj['metric'])}</b> "
             f"({html.escape(obj['goal'])}){ties}. Pipeline:</p><ol>{steps}</ol>{ratios}{final}")
+
+
+def _percent(share: float | None) -> str:
+    """0.034 as '3.4%'; '-' where a results.json from before the figure existed has none."""
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def _constraints_section(results: dict[str, Any]) -> str:

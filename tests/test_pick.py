@@ -255,6 +255,8 @@ def test_a_negligible_quality_or_size_difference_does_not_decide_a_tie() -> None
     block = decide(contenders, rounds, "c000", tie_within=0.03)
     assert block["leader"] == "c002" and block["tied_with_leader"] == ["c010"]
     assert block["pick"] == "c002"
+    cv = {f["id"]: f["cv"] for f in block["finalists"]}  # round to round, what the report shows per finalist
+    assert cv["c002"] == 0.0 and cv["c010"] == round(float(np.std(rounds["c010"]) / np.mean(rounds["c010"])), 4) > 0.1
     contenders[2]["metrics"]["accuracy"] = 0.9955  # 0.14 points more accurate: that decides the tie
     assert decide(contenders, rounds, "c000", tie_within=0.03)["pick"] == "c010"
     contenders[2]["metrics"].update(accuracy=0.9939, size_bytes=11_000_000)  # as accurate, half the size

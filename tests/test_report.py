@@ -79,3 +79,19 @@ def test_report_renders_in_chromium(results, tmp_path):
     assert check["ids"] == ["c000", "c001", "c002", "c003", "c004"]
     assert check["sorted_by_accuracy"][:4] == ["c002", "c003", "c001", "c000"]
     assert check["external"] == 0
+
+
+def test_report_shows_the_final_round_with_each_finalists_noise(results, tmp_path):
+    """The decision's table: median, round-to-round CV and interval per finalist; a block from before the CV says '-'."""
+    from orchestrator.search.final_round import decide
+
+    rounds = {"c000": [1.00, 1.10, 0.90, 1.00], "c001": [0.60, 0.60, 0.60, 0.60], "c002": [0.70, 0.77, 0.63, 0.70]}
+    results = copy.deepcopy(results)
+    results["decision"] = decide(results["candidates"][:3], rounds, "c000", tie_within=0.03)
+    write_report(results, tmp_path / "final.html")
+    text = (tmp_path / "final.html").read_text()
+    assert "CV across rounds" in text and "<td>0.0%</td>" in text and "<td>7.1%</td>" in text  # std / mean: 0 for c001, 7.1% for c000 and c002
+    for finalist in results["decision"]["finalists"]:
+        del finalist["cv"]
+    write_report(results, tmp_path / "older.html")
+    assert "<td>-</td>" in (tmp_path / "older.html").read_text()

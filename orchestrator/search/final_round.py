@@ -80,7 +80,9 @@ def decide(contenders: list[Candidate], rounds: dict[str, list[float]], baseline
     per: dict[str, dict[str, Any]] = {}
     for i in ids:
         point, low, high = ratio_interval(arrays[leader], arrays[i], idx) if i != leader else (1.0, 1.0, 1.0)
-        per[i] = {"median_ms": round(medians[i], 6), "rounds_ms": [round(x, 6) for x in arrays[i].tolist()],
+        cv = float(np.std(arrays[i]) / np.mean(arrays[i])) if np.mean(arrays[i]) > 0 else 0.0
+        per[i] = {"median_ms": round(medians[i], 6), "cv": round(cv, 4),  # round to round: how quiet the device was
+                  "rounds_ms": [round(x, 6) for x in arrays[i].tolist()],
                   "vs_leader": {"ratio": round(point, 4), "low": round(low, 4), "high": round(high, 4)}}
         if i != leader and low <= 1.0 + tie_within:
             tied.append(i)
