@@ -4,7 +4,10 @@ calibration feeds and parameter checks (plugins/quantization.py).
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+import threading
+from typing import Any, Iterator
 
 #: A node without inputs makes a constant only if it is one of these (RandomNormal has no input either).
 _CONSTANT_SOURCES = ("Constant",)
@@ -78,8 +81,27 @@ def _prepared(model: Any, work: Any, stem: str) -> tuple[Any, Any]:
     fused = _uses_contrib_ops(model)
     # auto_merge: a fused BERT's position ids are Min(512, sequence) long, which symbolic inference
     # must merge with `sequence` to go on
-    quant_pre_process(str(src), str(prep), skip_symbolic_shape=not fused, auto_merge=fused)
+    with _working_directory(work):
+        quant_pre_process(str(src.resolve()), str(prep.resolve()), skip_symbolic_shape=not fused, auto_merge=fused)
     return prep, out
+
+
+_CWD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _working_directory(folder: Any) -> Iterator[None]:
+    """Run in `folder`: onnxruntime's symbolic shape inference, when it cannot finish, dumps the model
+    (with its weights as a side file) as `sym_shape_infer_temp.onnx` into the current directory,
+    which would be the user's checkout. The lock keeps two threads of one process from moving it
+    under each other."""
+    with _CWD_LOCK:
+        before = os.getcwd()
+        os.chdir(folder)
+        try:
+            yield
+        finally:
+            os.chdir(before)
 
 
 def _at_least_opset_13(model: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -54,3 +56,27 @@ def test_int8_static_quantizes_and_keeps_contract(tiny_model_and_ctx, per_channe
     b = got.run(None, {"input": x})[0]
     assert b.shape == a.shape == (64, 4)
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max() + 1e-3
+
+
+def test_failed_symbolic_shape_inference_leaves_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    """onnxruntime dumps a graph its symbolic shape inference cannot finish into the current directory
+    (once, 90 MB of it were committed from a checkout): pre-processing runs in the candidate's scratch folder."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from plugins._onnxgraph import _prepared
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("NoSuchOp", ["h"], ["y"], domain="com.microsoft")]  # unknown to shape inference
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    user, work = tmp_path / "checkout", tmp_path / "scratch"
+    user.mkdir(), work.mkdir()
+    monkeypatch.chdir(user)
+    with pytest.raises(Exception, match="symbolic shape inference"):
+        _prepared(model, work, "static")
+    assert list(user.iterdir()) == []
+    assert Path.cwd() == user
+    assert (work / "sym_shape_infer_temp.onnx").exists()
