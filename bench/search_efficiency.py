@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--confirm-rounds", type=int, default=60,
                         help="latency objective: interleaved rounds of every feasible candidate that confirm the "
                              "grid's pick and show its siblings (0: the grid's single measurements decide the pick)")
+    parser.add_argument("--sampler-alone", action="store_true",
+                        help="also run every seed's search without the refinement around the starting points "
+                             "(searcher.REFINE_EVERY = 0), side by side")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the figures in docs/scaling.md")
     parser.add_argument("--out", type=Path, help="results file (default bench/results/search_efficiency.json)")
     args = parser.parse_args(argv)
@@ -198,11 +201,19 @@ def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[
     confirmed_key = key(next(c for c in feasible_records if c["id"] == confirmed["pick"])) if confirmed else None
     sibling_keys = {key(c) for c in feasible_records if sibling and c["id"] in sibling["same"]}
 
-    searches = []
+    import orchestrator.search.searcher as searcher
+
+    searches, alone = [], []
+    refine_every = searcher.REFINE_EVERY
+    variants = [refine_every] + ([0] if args.sampler_alone and refine_every else [])
     with SamplerSeed() as sampler:
-        for seed in seeds:
+        for seed, variant in [(seed, v) for v in variants for seed in seeds]:
             sampler.seed = seed
-            run = timed_run(loaded, trials=budget, num_cpus=2)
+            searcher.REFINE_EVERY = variant
+            try:
+                run = timed_run(loaded, trials=budget, num_cpus=2)
+            finally:
+                searcher.REFINE_EVERY = refine_every
             keys = [key(r) for r in run.records]
             found = keys.index(key(pick)) + 1 if key(pick) in keys else None
             found_strict = keys.index(key(strict)) + 1 if key(strict) in keys else None
@@ -211,16 +222,17 @@ def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[
             found_sibling = next((i + 1 for i, k in enumerate(keys) if k in sibling_keys), None)
             uncached = [r["id"] for r in run.records if r.get("status") == "ok"
                         and not (r.get("cached") or {}).get("measurement")]
-            searches.append({"seed": seed, "status": run.status, "evaluations": len(run.records),
+            (searches if variant == refine_every else alone).append({"seed": seed, "refine_every": variant,
+                                                                    "status": run.status, "evaluations": len(run.records),
                              "found_pick_at": found, "found_strict_pick_at": found_strict,
                              "found_as_good_at": as_good, "found_confirmed_pick_at": found_confirmed,
                              "found_sibling_at": found_sibling,
                              "duplicates": run.results.get("duplicate_trials", 0), "not_from_cache": uncached,
                              "order": [label(r) for r in run.records], "wall_s": round(run.wall_s, 1)})
-            print(f"[{metric}] seed {seed}: pick found at evaluation "
+            print(f"[{metric}] seed {seed} (REFINE_EVERY {variant}): pick found at evaluation "
                   f"{found or f'> {len(run.records)} (not found)'}, as good at {as_good}", file=sys.stderr,
                   flush=True)
-        if sampler.used != seeds:
+        if sampler.used != seeds * len(variants):
             raise SystemExit(f"the sampler seed was not applied ({sampler.used} != {seeds}): "
                              "does orchestrator.run still call make_searcher?")
 
@@ -247,6 +259,12 @@ def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[
         "median_share_to_sibling": share([s["found_sibling_at"] for s in searches]) if sibling else None,
         "confirmed": confirmed,
         "searches": searches,
+        "refine_every": refine_every,
+        "sampler_alone": {"searches": alone,
+                          "median_share_to_pick": share([s["found_pick_at"] for s in alone]),
+                          "median_share_to_confirmed_pick":
+                              share([s["found_confirmed_pick_at"] for s in alone]) if confirmed else None}
+        if alone else None,
         "median_share_to_pick": grid_share,
         "median_share_to_confirmed_pick": share([s["found_confirmed_pick_at"] for s in searches]) if confirmed else None,
         "target_measured_against": "confirmed pick" if confirmed else "grid pick",
@@ -400,6 +418,14 @@ def objective_table(metric: str, result: dict[str, Any]) -> list[str]:
                   f"without ties: {pct(result['median_share_to_strict_pick'])}; "
                   f"to one as good: {pct(result['median_share_to_as_good'])}; "
                   f"uniform random sampling needs {pct(result['random_expected_share'])} on average"]
+    alone = result.get("sampler_alone")
+    if alone:
+        target = "found_confirmed_pick_at" if c else "found_pick_at"
+        share = alone["median_share_to_confirmed_pick"] if c else alone["median_share_to_pick"]
+        lines += ["", f"the same seeds with the sampler alone (no refinement around the starting points; with it, "
+                      f"one proposal in {result['refine_every']} is a neighbour): evaluations to the "
+                      f"{result.get('target_measured_against', 'grid pick')} "
+                      f"{', '.join(str(s.get(target) or '-') for s in alone['searches'])}; median {pct(share)}"]
     sib = result.get("siblings")
     if sib:
         near = [r for r in sib["candidates"] if r["vs_pick"] <= 1 + 2 * sib["tie_within"]] or sib["candidates"][:3]

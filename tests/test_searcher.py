@@ -146,6 +146,74 @@ def test_a_resumed_search_does_not_propose_what_the_run_already_has() -> None:
         assert searcher.suggest("t0") == {"pipeline": "p", "p.ratio": 0.75}
 
 
+def q(bits: int, mode: str) -> list[dict[str, Any]]:
+    return [{"technique": "q", "params": {"bits": bits, "mode": mode}}]
+
+
+def p(ratio: float) -> list[dict[str, Any]]:
+    return [{"technique": "p", "params": {"ratio": ratio}}]
+
+
+def test_the_feasible_starting_points_neighbours_come_every_other_proposal() -> None:
+    prof = profile(max_accuracy_drop=1.0)
+    first = [[], q(8, "a"), p(0.5)]
+    searcher, _, _, _ = make_searcher(CANDIDATES, 8, 5, profile=prof, first=first)
+    results = {json.dumps(q(8, "a")): record(acc=0.99, p50=1.0, pipeline=q(8, "a")),
+               json.dumps(p(0.5)): {**record(pipeline=p(0.5), status="rejected"), "metrics": {"accuracy": 0.5}}}
+    got = []
+    for i in range(8):
+        config = searcher.suggest(f"t{i}")
+        steps = [] if config["pipeline"] == "baseline" else \
+            [{"technique": config["pipeline"], "params": {k.split(".", 1)[1]: v for k, v in config.items()
+                                                           if k != "pipeline"}}]
+        got.append(steps)
+        rec = results.get(json.dumps(steps), record(acc=0.99 if steps else 0.995, p50=2.0, pipeline=steps))
+        searcher.on_trial_complete(f"t{i}", {**trial_values(rec, prof), "record": "{}"})
+    assert got[:3] == first  # the starting points first, in order
+    # then every other proposal is a neighbour of the feasible starting point (one parameter changed);
+    # the pruning point was rejected for accuracy: its neighbours are left to the sampler
+    neighbours = [q(4, "a"), q(8, "b"), q(8, "c")]
+    assert got[3] == neighbours[0] and got[5] in neighbours[1:]
+    assert all(n in got for n in neighbours)  # the last one by refinement or by the sampler before it
+    assert searcher.refined in (2, 3) and len({json.dumps(g) for g in got}) == 8
+
+
+def test_refinement_takes_the_feasible_starting_points_in_turn() -> None:
+    from orchestrator.search.refine import Refinement, neighbours
+    from orchestrator.search.searcher import point_config
+
+    space = [point_config(c) for c in CANDIDATES]
+    starts = [point_config(c) for c in ([], q(8, "a"), p(0.5))]
+    assert neighbours(starts[2], space) == [point_config(p(0.25)), point_config(p(0.75))]
+    assert neighbours(starts[0], space) == []  # the baseline has no parameter to change
+    refinement = Refinement(space, starts)
+    assert refinement.next(set()) is None  # nothing finished yet
+    refinement.finished(starts[2], feasible=True)
+    refinement.finished(starts[1], feasible=True)
+    refinement.finished(point_config(q(4, "b")), feasible=True)  # not a starting point: no parent
+    proposed = {json.dumps(point_config(q(4, "a")), sort_keys=True)}  # the sampler had proposed this one
+    order = []
+    while (config := refinement.next(proposed)) is not None:
+        order.append(config)
+        proposed.add(json.dumps(config, sort_keys=True))
+    assert order == [point_config(c) for c in (q(8, "b"), p(0.25), q(8, "c"), p(0.75))]
+
+
+def test_neighbours_vary_each_parameter_once_before_any_twice() -> None:
+    from orchestrator.search.refine import neighbours
+    from orchestrator.search.searcher import point_config
+
+    def r(ratio: float, importance: str, epochs: int) -> dict[str, Any]:
+        return point_config([{"technique": "r", "params": {"ratio": ratio, "importance": importance,
+                                                           "epochs": epochs}}])
+
+    space = [r(a, b, c) for a in (0.25, 0.5, 0.75) for b in ("l1", "l2") for c in (0, 1, 2, 4)]
+    assert neighbours(r(0.5, "l1", 4), space) == [
+        r(0.25, "l1", 4), r(0.5, "l2", 4), r(0.5, "l1", 2),  # one other value of each parameter
+        r(0.75, "l1", 4), r(0.5, "l1", 1),  # then a second one (numbers: the nearest first)
+        r(0.5, "l1", 0)]
+
+
 class SigintInFinalizer:
     """Sends this process a real SIGINT from inside `__del__`: Python runs the handler there, and drops
     the KeyboardInterrupt it raises ("Exception ignored in ...")."""

@@ -14,8 +14,9 @@ from typing import Any, Callable, Iterator
 
 from orchestrator.search.ray_runtime import Interrupts
 from orchestrator.search.record import CandidateRecord, Pipeline, as_record
+from orchestrator.search.refine import Refinement
 from orchestrator.search.space import PipelineSpec
-from orchestrator.search.trial import search_limits, search_objectives, trial_values
+from orchestrator.search.trial import WORST, search_limits, search_objectives, trial_values
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ def _warm_storage(prior: list[Any], labels: dict[str, list[str]], choices: dict[
 
 
 STUDY_NAME = "edge-orchestrator"
+#: After the starting points, one proposal in REFINE_EVERY is a starting point's neighbour (refine.py);
+#: 1 would make every proposal one while any is left, 0 turns refinement off.
+REFINE_EVERY = 2
 REPEAT_ASKS = 100  # how often Optuna is asked again when it proposes a configuration it already has
 
 
@@ -152,7 +156,9 @@ def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profil
 
     `first` (orchestrator/search/starting.py) are evaluated before anything else, in order:
     as the head of the grid, or enqueued in Optuna's study (`points_to_evaluate`), whose
-    sampler then learns from them like from any finished trial.
+    sampler then learns from them like from any finished trial. After them, every
+    REFINE_EVERY-th proposal is a one-parameter neighbour of a feasible starting point
+    (orchestrator/search/refine.py), enqueued the same way; the sampler proposes the rest.
     """
     from ray import tune
 
@@ -160,7 +166,8 @@ def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profil
     for cand in candidates:
         labels.setdefault(Pipeline.from_json(cand).label, [s["technique"] for s in cand])
     keys = {pipeline_key(c) for c in candidates}
-    first = [p for p in (first if first is not None else [[]]) if pipeline_key(p) in keys]
+    every_first = first if first is not None else [[]]  # a resumed run's finished ones too (refinement's parents)
+    first = [p for p in every_first if pipeline_key(p) in keys]
     if len(candidates) <= trials:
         head = {pipeline_key(p) for p in first}
         ordered = first + [c for c in candidates if pipeline_key(c) not in head]
@@ -191,11 +198,22 @@ def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profil
         """
 
         proposed: set[str] | None = None
+        suggested = 0  # proposals handed to Tune (repeats asked again do not count)
+        refined = 0  # of which refinement's
 
         def suggest(self, trial_id: str) -> dict | None:
             if self.proposed is None:  # a resumed run's finished trials count as proposed
                 done = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                 self.proposed = {json.dumps(unflatten_dict(t.params), sort_keys=True) for t in done}
+                for t in done:  # a resumed run's finished starting points are parents already
+                    refinement.finished(t.params, _feasible(t.values, t.constraints.values()))
+            self.suggested += 1
+            if REFINE_EVERY and self.suggested > len(starts) and \
+                    self.refined * REFINE_EVERY < self.suggested - len(starts):
+                config = refinement.next(self.proposed)
+                if config is not None:  # Optuna's own warm start: the next ask() returns it
+                    self.refined += 1
+                    self._ot_study.enqueue_trial(config, skip_if_exists=False)
             for attempt in range(REPEAT_ASKS):
                 config = super().suggest(trial_id)
                 text = json.dumps(config, sort_keys=True)
@@ -209,11 +227,22 @@ def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profil
             if result and "constraints" in result and trial_id in self._ot_trials:
                 for name, value in zip(limits, result["constraints"]):
                     self._ot_trials[trial_id].set_constraint(name, value)
+            if trial_id in self._ot_trials:
+                values = [result.get(name) for name, _ in objectives] if result and not error else None
+                refinement.finished(self._ot_trials[trial_id].params,
+                                    _feasible(values, (result or {}).get("constraints") or []))
             super().on_trial_complete(trial_id, result, error)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     prior = prior or []
     objectives = search_objectives(profile)
+    starts = [point_config(p) for p in first]
+    refinement = Refinement([point_config(c) for c in candidates], [point_config(p) for p in every_first])
+
+    def _feasible(values: list[Any] | None, constraints: Any) -> bool:
+        """Measured (the objective is known: not failed, not rejected for accuracy) and within every device limit."""
+        return bool(values) and values[1] is not None and values[1] < WORST and all(c <= 0 for c in constraints)
+
     with warnings.catch_warnings():  # multivariate and group are marked experimental; gamma deprecated (pyproject)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -224,7 +253,7 @@ def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profil
         metric=[name for name, _ in objectives],
         mode=[direction for _, direction in objectives],
         sampler=sampler,
-        points_to_evaluate=[point_config(p) for p in first] or None,
+        points_to_evaluate=starts or None,
         storage=_warm_storage(prior, labels, choices, profile) if prior else None,
         study_name=STUDY_NAME,
     )
