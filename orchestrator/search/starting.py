@@ -8,7 +8,8 @@ distillation + int8); then every graph-stage recommendation followed by another 
 (int8 + session settings, fusion + int8), where the space allows the pair. Combinations reuse
 the trained prefix from the stage cache, so they cost a quantization each. The sampler
 (Optuna's TPE) is then told all of them, through its own warm start (`points_to_evaluate` ->
-`Study.enqueue_trial`), and explores from there.
+`Study.enqueue_trial`), and explores from there, every other proposal being a one-parameter
+neighbour of a feasible starting point (orchestrator/search/refine.py).
 
 Only points inside the profile's space are used; a recommendation outside it is skipped. A
 parameter the profile fixes (`search.params`: its search space is one value) overrides what a
