@@ -154,16 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     return finish("search_efficiency", result, table, args.out, docs=not args.no_docs)
 
 
+def objective_profile(folder: Path, metric: str, techniques: list[str], tie: float) -> Any:
+    """The benchmark's profile for `metric` (bench/search_replay.py loads the same one: the caches answer it)."""
+    return profile_variant(
+        folder, f"bench-search-efficiency-{metric.replace('_', '-')}",
+        search={"techniques": techniques, "max_pipeline_length": 1, "time_budget_s": 7200, "seed": 0},
+        measurement={"warmup_runs": 10, "runs": 200, "time_budget_s": 2.0},
+        objective={"metric": metric, "tie_within": tie})
+
+
 def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[int]) -> dict[str, Any]:
     """The grid and the seeded searches for a profile whose objective is `metric`."""
     from orchestrator.search.selection import metric_value, select
 
-    loaded = profile_variant(
-        tmp, f"bench-search-efficiency-{metric.replace('_', '-')}",
-        search={"techniques": QUICK_TECHNIQUES if args.quick else FULL_TECHNIQUES, "max_pipeline_length": 1,
-                "time_budget_s": 7200, "seed": 0},
-        measurement={"warmup_runs": 10, "runs": 200, "time_budget_s": 2.0},
-        objective={"metric": metric, "tie_within": args.tie})
+    loaded = objective_profile(tmp, metric, QUICK_TECHNIQUES if args.quick else FULL_TECHNIQUES, args.tie)
     profile = loaded.profile
     size = space_size(loaded)
     budget = min(size - 1, max(2, math.ceil(args.budget * size)))
@@ -233,7 +237,7 @@ def one_objective(args: argparse.Namespace, tmp: Path, metric: str, seeds: list[
                   f"{found or f'> {len(run.records)} (not found)'}, as good at {as_good}", file=sys.stderr,
                   flush=True)
         if sampler.used != seeds * len(variants):
-            raise SystemExit(f"the sampler seed was not applied ({sampler.used} != {seeds}): "
+            raise SystemExit(f"the sampler seed was not applied ({sampler.used} != {seeds * len(variants)}): "
                              "does orchestrator.run still call make_searcher?")
 
     def share(values: list[int | None]) -> float:

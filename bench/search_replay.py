@@ -33,8 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.search_common import caption, finish, machine, median, now, private_home, profile_variant, timed_run  # noqa: E402
-from bench.search_efficiency import FULL_TECHNIQUES, label  # noqa: E402
+from bench.search_common import caption, finish, machine, median, now, private_home, timed_run  # noqa: E402
+from bench.search_efficiency import FULL_TECHNIQUES, label, objective_profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,11 +45,7 @@ def grid(metric: str, folder: Path, tie: float) -> dict[str, Any]:
     import orchestrator.run as run
     from bench.search_common import space_size
 
-    loaded = profile_variant(
-        folder, f"bench-search-efficiency-{metric.replace('_', '-')}",
-        search={"techniques": FULL_TECHNIQUES, "max_pipeline_length": 1, "time_budget_s": 7200, "seed": 0},
-        measurement={"warmup_runs": 10, "runs": 200, "time_budget_s": 2.0},
-        objective={"metric": metric, "tie_within": tie})
+    loaded = objective_profile(folder, metric, FULL_TECHNIQUES, tie)
     seen: dict[str, Any] = {}
     original = run.make_searcher
 
