@@ -191,7 +191,7 @@ def test_cache_clear_one_kind_or_all(home):
     result = CliRunner().invoke(cli, ["cache", "clear", "--kind", "stages", "--yes"])
     assert result.exit_code == 0 and "removed 1 entries" in result.output
     assert not any(p.exists() for p in stage) and all(p.exists() for p in task)
-    result = CliRunner().invoke(cli, ["cache", "clear"])  # no terminal: no question
+    result = CliRunner().invoke(cli, ["cache", "clear", "--yes"])
     assert result.exit_code == 0 and not any(p.exists() for p in task)
 
 

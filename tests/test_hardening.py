@@ -369,3 +369,41 @@ def test_a_build_folder_left_by_a_killed_process_is_removed_by_the_next_one():
     finally:
         for path in (live, unnamed, left, elsewhere):
             shutil.rmtree(path, ignore_errors=True)
+
+
+# ================================================================== issue 31: hardening, third round
+
+
+def _orchestrate(*args: str, home: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120,
+                 stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+    """`orchestrate ARGS` as a process of its own, stdin not a terminal (a script's, cron's), on a state folder."""
+    env = dict(env or os.environ)
+    if home is not None:
+        env["EDGE_ORCHESTRATOR_HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False, stdin=stdin)
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "internal error" not in err and "Traceback" not in err, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------ item 3: cache clear without a terminal
+
+
+def test_cache_clear_without_a_terminal_or_yes_removes_nothing(tmp_path):
+    home = tmp_path / "home"
+    entry = home / "cache" / "stages" / "s1.json"
+    entry.parent.mkdir(parents=True)
+    entry.write_text("{}")
+    done = _orchestrate("cache", "clear", home=home)
+    assert done.returncode == 2, done.stderr
+    assert _one_line(done.stderr) == ("error: cache clear asks before removing, and stdin is not a terminal: "
+                                      "pass --yes to remove without asking (nothing removed)")
+    assert entry.is_file()
+    done = _orchestrate("cache", "clear", "--yes", home=home)
+    assert done.returncode == 0, done.stderr
+    assert "removed 1 entries" in done.stdout and not entry.exists()

@@ -60,7 +60,11 @@ def cache_clear(ctx: click.Context, kinds: tuple[str, ...], yes: bool) -> None:
         ctx.exit(ExitCode.USAGE)
     chosen = tuple(dict.fromkeys(kinds)) or KINDS
     question = f"remove every {', '.join(chosen)} cache entry under {printable(cache_root())}?"
-    if not yes and _interactive() and not click.confirm(question, default=False, err=True):
+    if not yes and not _interactive():  # a script, a pipe, cron: nobody to ask, so nothing is removed unasked
+        click.echo("error: cache clear asks before removing, and stdin is not a terminal: "
+                   "pass --yes to remove without asking (nothing removed)", err=True)
+        ctx.exit(ExitCode.USAGE)
+    if not yes and not click.confirm(question, default=False, err=True):
         click.echo("nothing removed", err=True)
         return
     removed, freed, left = clear(chosen)
