@@ -7,7 +7,8 @@ import os
 import socket
 import sqlite3
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,70 @@ CREATE TABLE IF NOT EXISTS candidates (
 SAMPLES_FILE = "samples.npz"
 SAMPLE_ROWS = 8
 
-#: What SQLite says when the file is not a database it can open (as opposed to busy or full).
-_NOT_A_DATABASE = ("SQLITE_NOTADB", "SQLITE_CANTOPEN", "SQLITE_CORRUPT")
+#: What SQLite says when the file is not a database at all (as opposed to busy, full, or not ours to write).
+_NOT_A_DATABASE = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a folder above it that cannot be entered
+        return False
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def state_error(path: Path, exc: sqlite3.Error) -> StateFileError | None:
+    """What is really wrong with the SQLite file `path` when SQLite raised `exc`, as one StateFileError; None
+    when `exc` says nothing about the file itself (busy, disk full, a bug of ours).
+
+    Only a file that is not an SQLite database is advised to be moved away: a store this user may not
+    write, or not read, is fine as it is, and moving it would lose every run (or device) in it.
+    """
+    path = Path(path)
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    folder = path.parent
+    if name in _NOT_A_DATABASE:
+        what = "a folder" if _is_dir(path) else "not an SQLite database"
+        return StateFileError(f"{path}: {what} ({exc}); move it away and a new one is made")
+    if name.startswith("SQLITE_READONLY"):
+        if _read_only_fs(folder):
+            why = f"the file system of {folder} is mounted read-only"
+        elif not os.access(folder, os.W_OK):
+            why = f"its folder {folder} is not writable by this user (SQLite writes its journal beside it)"
+        elif path.exists() and not os.access(path, os.W_OK):
+            why = f"the file is not writable by this user (mode {path.stat().st_mode & 0o777:04o})"
+        else:
+            why = str(exc)
+        return StateFileError(f"{path}: read-only: {why}; the file is left as it is (give this user write access)")
+    if name == "SQLITE_CANTOPEN":
+        if _is_dir(path):
+            return StateFileError(f"{path}: a folder ({exc}); move it away and a new one is made")
+        if not os.access(folder, os.X_OK):
+            why = f"its folder {folder} cannot be entered by this user"
+        elif path.exists() and not os.access(path, os.R_OK):
+            why = f"the file is not readable by this user (mode {path.stat().st_mode & 0o777:04o})"
+        elif not os.access(folder, os.W_OK):
+            why = (f"its folder {folder} is not writable by this user"
+                   + (" (SQLite writes its journal beside it)" if path.exists() else ", so the store cannot be made"))
+        elif _read_only_fs(folder):
+            why = f"the file system of {folder} is mounted read-only"
+        else:
+            return StateFileError(f"{path}: cannot be opened ({exc})")
+        return StateFileError(f"{path}: permission denied: {why}; the file is left as it is")
+    return None
 
 
 def connect(path: Path) -> sqlite3.Connection:
     """A connection to one of our SQLite files: WAL (readers never block the writer), rows by name.
 
-    A file that is not an SQLite database (or a folder in its place) is a StateFileError naming it.
+    A file that is not an SQLite database (or a folder in its place), or one this user may not
+    read or write, is a StateFileError naming it and what is wrong (state_error).
     """
     try:
         db = sqlite3.connect(path, timeout=30)
@@ -62,12 +119,25 @@ def connect(path: Path) -> sqlite3.Connection:
             db.close()
             raise
     except sqlite3.DatabaseError as exc:
-        if getattr(exc, "sqlite_errorname", None) not in _NOT_A_DATABASE:
+        error = state_error(path, exc)
+        if error is None:
             raise
-        what = "a folder" if Path(path).is_dir() else "not an SQLite database"
-        raise StateFileError(f"{path}: {what} ({exc}); move it away and a new one is made") from None
+        raise error from None
     db.row_factory = sqlite3.Row
     return db
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[sqlite3.Connection]:
+    """One write transaction on the SQLite file `path`; a store this user cannot write is a StateFileError."""
+    try:
+        with closing(connect(path)) as db, db:
+            yield db
+    except sqlite3.OperationalError as exc:
+        error = state_error(path, exc)
+        if error is None:
+            raise
+        raise error from None
 
 
 def like_prefix(text: str) -> str:
@@ -110,7 +180,7 @@ class RunStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db, db:
+        with writing(self.path) as db:
             db.executescript(SCHEMA)
             have = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
             for column in ("options TEXT", "pid INTEGER", "host TEXT"):  # stores made before --resume
@@ -123,7 +193,7 @@ class RunStore:
     def start_run(self, run_id: str, profile: str, profile_path: str, task: str, out_dir: str,
                   options: dict[str, Any] | None = None) -> None:
         """Record a new run as `running`, owned by this process."""
-        with closing(self._connect()) as db, db:
+        with writing(self.path) as db:
             db.execute(
                 "INSERT INTO runs (id, profile, profile_path, task, status, started_at, out_dir, options, pid, host) "
                 "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?)",
@@ -137,18 +207,18 @@ class RunStore:
         Its start moves to `spent_s` before now, so that the time between its stop and this
         resume does not count against its time budget.
         """
-        with closing(self._connect()) as db, db:
+        with writing(self.path) as db:
             db.execute("UPDATE runs SET status = 'running', finished_at = NULL, message = NULL, pid = ?, host = ?, "
                        "started_at = ? WHERE id = ?", (os.getpid(), socket.gethostname(), time.time() - spent_s, run_id))
 
     def set_device(self, run_id: str, device: dict[str, Any]) -> None:
         """Record the device(s) a run measures on."""
-        with closing(self._connect()) as db, db:
+        with writing(self.path) as db:
             db.execute("UPDATE runs SET device = ? WHERE id = ?", (json.dumps(device), run_id))
 
     def add_candidate(self, run_id: str, candidate: dict[str, Any]) -> None:
         """Insert or replace one candidate record (atomic)."""
-        with closing(self._connect()) as db, db:
+        with writing(self.path) as db:
             db.execute(
                 "INSERT OR REPLACE INTO candidates (run_id, id, record, status, created_at) VALUES (?, ?, ?, ?, ?)",
                 (run_id, candidate["id"], json.dumps(candidate), candidate["status"], time.time()),
@@ -156,7 +226,7 @@ class RunStore:
 
     def finish_run(self, run_id: str, status: str, best_id: str | None = None, message: str | None = None) -> None:
         """Close a run with its final status."""
-        with closing(self._connect()) as db, db:
+        with writing(self.path) as db:
             db.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, best_id = ?, message = ? WHERE id = ?",
                 (status, time.time(), best_id, message, run_id),

@@ -407,3 +407,62 @@ def test_cache_clear_without_a_terminal_or_yes_removes_nothing(tmp_path):
     done = _orchestrate("cache", "clear", "--yes", home=home)
     assert done.returncode == 0, done.stderr
     assert "removed 1 entries" in done.stdout and not entry.exists()
+
+
+# ------------------------------------------------------------------ item 2: a state folder this user may not write
+
+
+def _without_root_powers() -> list[str]:
+    """The prefix that runs a command as this user without root's power to ignore file modes (root: setpriv
+    drops CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH/CAP_FOWNER, so a mode of 0555 binds it as it binds anyone)."""
+    if os.getuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and no setpriv to drop root's file-mode override")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+def _stores(home: Path) -> None:
+    from orchestrator.store import RunStore
+
+    RunStore(home / "runs.sqlite").start_run("20250101-000000-x86-host-aaaaaa", "x86-host", str(X86), "digits",
+                                             str(home / "out"))
+    DeviceRegistry(home / "registry.sqlite")
+
+
+@pytest.mark.parametrize(("name", "command"), [("runs.sqlite", ["runs", "list"]),
+                                               ("registry.sqlite", ["devices", "list"])])
+def test_a_read_only_state_folder_is_said_to_be_read_only_not_damaged(tmp_path, name, command):
+    prefix = _without_root_powers()
+    home = tmp_path / "home"
+    _stores(home)
+    home.chmod(0o555)
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-m", "orchestrator", *command], cwd=ROOT,
+                              env={**os.environ, "EDGE_ORCHESTRATOR_HOME": str(home)}, capture_output=True,
+                              text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+    finally:
+        home.chmod(0o755)
+    assert done.returncode == 2, done.stderr
+    assert _one_line(done.stderr) == (
+        f"error: {home / name}: read-only: its folder {home} is not writable by this user (SQLite writes its "
+        "journal beside it); the file is left as it is (give this user write access)")
+    assert "move it away" not in done.stderr
+    assert sqlite3.connect(home / name).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_an_unreadable_store_is_said_to_be_unreadable_not_damaged(tmp_path):
+    prefix = _without_root_powers()
+    home = tmp_path / "home"
+    _stores(home)
+    (home / "runs.sqlite").chmod(0)
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-m", "orchestrator", "runs", "show", "2025"], cwd=ROOT,
+                              env={**os.environ, "EDGE_ORCHESTRATOR_HOME": str(home)}, capture_output=True,
+                              text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+    finally:
+        (home / "runs.sqlite").chmod(0o644)
+    assert done.returncode == 2, done.stderr
+    assert _one_line(done.stderr) == (f"error: {home / 'runs.sqlite'}: permission denied: the file is not readable "
+                                      "by this user (mode 0000); the file is left as it is")

@@ -23,7 +23,7 @@ from typing import Any
 from orchestrator.devices.base import Device, SshTarget
 from orchestrator.errors import DeviceNotFound, DeviceRefused
 from orchestrator.paths import state_dir
-from orchestrator.store import connect
+from orchestrator.store import connect, writing
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -138,7 +138,7 @@ class DeviceRegistry:
     def __init__(self, path: Path | str | None = None) -> None:
         self.path = Path(path) if path is not None else registry_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db, db:
+        with writing(self.path) as db:  # a registry this user cannot write: one line saying so
             db.executescript(SCHEMA)
             have = {row[1] for row in db.execute("PRAGMA table_info(devices)")}
             for name, declaration in MIGRATIONS:
