@@ -140,8 +140,18 @@ def writing(path: Path) -> Iterator[sqlite3.Connection]:
         raise error from None
 
 
+#: The longest id (of a run, a rollout) looked up by prefix: SQLite refuses a LIKE pattern over 50,000
+#: bytes ("LIKE or GLOB pattern too complex"), and an id is a time stamp, a profile name and 6 hex digits.
+MAX_ID_CHARS = 1000
+
+
 def like_prefix(text: str) -> str:
-    """A LIKE pattern matching what starts with `text`, its own `%` and `_` taken literally (ESCAPE '\\')."""
+    """A LIKE pattern matching what starts with `text`, its own `%` and `_` taken literally (ESCAPE '\\').
+
+    An id longer than MAX_ID_CHARS names nothing: RunNotFound saying so (without echoing it).
+    """
+    if len(text) > MAX_ID_CHARS:
+        raise RunNotFound(f"an id of {len(text)} characters names nothing (ids are at most {MAX_ID_CHARS})")
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 

@@ -466,3 +466,15 @@ def test_an_unreadable_store_is_said_to_be_unreadable_not_damaged(tmp_path):
     assert done.returncode == 2, done.stderr
     assert _one_line(done.stderr) == (f"error: {home / 'runs.sqlite'}: permission denied: the file is not readable "
                                       "by this user (mode 0000); the file is left as it is")
+
+
+# ------------------------------------------------------------------ item 12: a run id of 100,000 characters
+
+
+@pytest.mark.parametrize("command", [["runs", "show", "HUGE"], ["runs", "compare", "HUGE", "2025"]])
+def test_a_huge_run_id_is_one_short_line_and_a_usage_error(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.setenv("EDGE_ORCHESTRATOR_HOME", str(tmp_path / "home"))
+    assert main([("2" * 100_000 if arg == "HUGE" else arg) for arg in command]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "an id of 100000 characters names nothing (ids are at most 1000)" in line, line[:300]
+    assert len(line) < 300
