@@ -318,6 +318,8 @@ def resume_run(run_id: str, registry: PluginRegistry,
         raise RunNotResumable(f"run {run['id']} already finished ({run['status']}): nothing to resume")
     if run["status"] == "running" and _alive(run.get("pid"), run.get("host")):
         raise RunNotResumable(f"run {run['id']} is still running (pid {run['pid']} on {run['host']})")
+    if run["damaged"]:  # what it did or was asked for is not all known: start a new run instead
+        raise RunNotResumable(f"run {run['id']}: damaged in the run store ({run['damaged'][0]}); start a new run")
     opts = run["options"]
     profile_path = Path(run["profile_path"])
     if opts.get("profile_text") is not None:  # the copy the run started with

@@ -264,13 +264,40 @@ class RunStore:
                 raise RunNotFound(f"{what} with id {run_id!r} in {self.path}")
             run = dict(rows[0])
             cands = db.execute(
-                "SELECT record, created_at FROM candidates WHERE run_id = ? ORDER BY id", (run["id"],)
+                "SELECT id, record, status, created_at FROM candidates WHERE run_id = ? ORDER BY id", (run["id"],)
             ).fetchall()
-        run["device"] = json.loads(run["device"]) if run["device"] else None
-        run["options"] = json.loads(run["options"]) if run.get("options") else {}
+        run["damaged"] = damaged = []  # what of the row could not be read: shown as damaged, the rest goes on
+        device = _json_field(run["device"], "device", damaged) if run["device"] else None
+        run["device"] = device if isinstance(device, dict) or device is None else None
+        options = _json_field(run["options"], "options", damaged) if run.get("options") else {}
+        run["options"] = options if isinstance(options, dict) else {}
         run["last_candidate_at"] = max((c["created_at"] for c in cands), default=None)
-        run["candidates"] = [json.loads(c["record"]) for c in cands]
+        run["candidates"] = [_candidate(c, damaged) for c in cands]
         return run
+
+
+def _json_field(text: str, what: str, damaged: list[str]) -> Any:
+    """A stored JSON value; one that does not parse is noted in `damaged` (its value is then None)."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        damaged.append(f"{what}: not valid JSON ({exc})")
+        return None
+
+
+def _candidate(row: sqlite3.Row, damaged: list[str]) -> dict[str, Any]:
+    """A stored candidate record; one that is not a JSON object becomes a `damaged` candidate with its id."""
+    record = _json_field(row["record"], f"candidate {row['id']}", damaged)
+    if isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("status"), str):
+        return record
+    if record is not None:
+        damaged.append(f"candidate {row['id']}: not a candidate record (a JSON {type(record).__name__})")
+    return {"id": row["id"], "status": DAMAGED, "pipeline": None, "metrics": {}, "feasible": None,
+            "error": f"its stored record cannot be read ({damaged[-1].split(': ', 1)[1]})"}
+
+
+#: The status of a candidate whose stored record cannot be read (it is shown as such, never used).
+DAMAGED = "damaged"
 
 
 def process_alive(pid: int | None, host: str | None) -> bool:

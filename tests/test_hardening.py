@@ -478,3 +478,66 @@ def test_a_huge_run_id_is_one_short_line_and_a_usage_error(tmp_path, monkeypatch
     line = _one_line(capsys.readouterr().err)
     assert "an id of 100000 characters names nothing (ids are at most 1000)" in line, line[:300]
     assert len(line) < 300
+
+
+# ------------------------------------------------------------------ item 13: stored rows that are not JSON
+
+
+def _damaged_run(home: Path, run_id: str) -> None:
+    """A run with two candidates in the store, then its device, its options and one candidate overwritten
+    with text that is not JSON (a disk fault, a hand edit, a writer of another version)."""
+    from orchestrator.store import RunStore
+
+    store = RunStore(home / "runs.sqlite")
+    store.start_run(run_id, "x86-host", str(X86), "digits", str(home / "out" / run_id), options={"trials": 2})
+    for cid in ("c000", "c001"):
+        store.add_candidate(run_id, {"id": cid, "status": "ok", "pipeline": [], "feasible": True,
+                                     "metrics": {"accuracy": 0.9, "size_bytes": 2048, "latency_ms": {"p50": 1.0}}})
+    store.finish_run(run_id, "interrupted", best_id="c000")  # stopped: --resume would take it up
+    with sqlite3.connect(home / "runs.sqlite") as db:
+        db.execute("UPDATE runs SET device = '{\"name\": ', options = 'NaN-ish' WHERE id = ?", (run_id,))
+        db.execute("UPDATE candidates SET record = '{truncated' WHERE run_id = ? AND id = 'c001'", (run_id,))
+
+
+def test_a_damaged_run_row_is_shown_as_damaged_and_the_rest_goes_on(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    monkeypatch.setenv("EDGE_ORCHESTRATOR_HOME", str(home))
+    _damaged_run(home, "20250101-000000-x86-host-aaaaaa")
+    _damaged_run(home, "20250101-000000-x86-host-bbbbbb")
+    assert main(["runs", "show", "20250101-000000-x86-host-a"]) == 0
+    out, err = capsys.readouterr()
+    assert "internal error" not in err and "c000" in out and "c001" in out and "(damaged record)" in out
+    assert "warning: run 20250101-000000-x86-host-aaaaaa: damaged in the run store: device: not valid JSON" in err
+    assert "candidate c001: not valid JSON" in err
+    assert main(["runs", "show", "20250101-000000-x86-host-a", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [c["status"] for c in shown["candidates"]] == ["ok", "damaged"] and shown["device"] is None
+    assert main(["runs", "compare", "20250101-000000-x86-host-a", "20250101-000000-x86-host-b"]) == 0
+    out, err = capsys.readouterr()
+    assert "internal error" not in err and "same pick" in out and "damaged in run A" in out
+    assert main(["--resume", "20250101-000000-x86-host-a"]) == 2
+    assert "damaged in the run store" in _one_line(capsys.readouterr().err)
+
+
+def test_a_damaged_registry_row_is_shown_as_damaged_and_the_rest_goes_on(tmp_path, monkeypatch, capsys):
+    from orchestrator.devices.registry import RegisteredDevice
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("EDGE_ORCHESTRATOR_HOME", str(home))
+    registry = DeviceRegistry()
+    for name in ("pi-a", "pi-b"):
+        registry.add(RegisteredDevice(
+            name=name, host="10.0.0.1", port=22, user="pi", key_path=None,
+            host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
+            profile="x86-host", profile_path=str(X86), tags=["lab"], info={"arch": "x86_64"}))
+    with sqlite3.connect(registry.path) as db:
+        db.execute("UPDATE devices SET tags = '[\"lab\"', info = 'not json' WHERE name = 'pi-a'")
+    assert main(["devices", "list"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "pi-a" in out and "damaged" in out and "pi-b" in out and "online" in out
+    assert main(["devices", "list", "--json"]) == 0
+    listed = {d["name"]: d for d in json.loads(capsys.readouterr().out)}
+    assert listed["pi-a"]["status"] == "damaged" and listed["pi-b"]["tags"] == ["lab"]
+    assert main(["devices", "show", "pi-a"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "status:         damaged: its registry row is damaged: tags not valid JSON" in out, out

@@ -8,15 +8,20 @@ from typing import Any
 
 from rich.table import Table
 
-from orchestrator.cli.console import out_console
+from orchestrator.cli.console import candidate_label, out_console
 from orchestrator.cli.format import cell
-from orchestrator.search.selection import metric_value, pipeline_label
+from orchestrator.search.selection import metric_value
+from orchestrator.store import DAMAGED
 
 METRICS = (("accuracy", 4), ("latency_p50", 3), ("size_bytes", 0), ("energy_mj", 4), ("peak_memory_mb", 1))
 
 
 def signature(candidate: dict[str, Any]) -> str:
-    """Candidates are the same across runs when their pipelines (techniques and parameters) are."""
+    """Candidates are the same across runs when their pipelines (techniques and parameters) are.
+
+    A damaged record (its pipeline unknown) is the same as no other candidate."""
+    if candidate.get("status") == DAMAGED:
+        return f"{DAMAGED}:{id(candidate)}"
     return json.dumps(candidate["pipeline"], sort_keys=True)
 
 
@@ -28,7 +33,7 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     shared = []
     for sig in by_sig_a.keys() & by_sig_b.keys():
         ca, cb = by_sig_a[sig], by_sig_b[sig]
-        row = {"pipeline": pipeline_label(ca), "params": ca["pipeline"], "a": ca["id"], "b": cb["id"], "metrics": {}}
+        row = {"pipeline": candidate_label(ca), "params": ca["pipeline"], "a": ca["id"], "b": cb["id"], "metrics": {}}
         for metric, _ in METRICS:
             va, vb = metric_value(ca, metric), metric_value(cb, metric)
             change = None if va in (None, 0) or vb is None else (vb - va) / va
@@ -43,6 +48,7 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         "shared": sorted(shared, key=lambda r: r["a"]),
         "only_in_a": [c["id"] for s, c in by_sig_a.items() if s not in by_sig_b],
         "only_in_b": [c["id"] for s, c in by_sig_b.items() if s not in by_sig_a],
+        "damaged": {"a": a.get("damaged") or [], "b": b.get("damaged") or []},
     }
 
 
@@ -54,9 +60,12 @@ def print_comparison(diff: dict[str, Any]) -> None:
                        f"B {b['id']} ({b['profile']}, {b['task']}, {b['status']})"), highlight=False)
     for side in ("a", "b"):
         pick = diff["best"][side]
-        console.print(cell(f"  pick {side.upper()}: " + (f"{pick['id']} {pipeline_label(pick)}" if pick else "none")),
+        console.print(cell(f"  pick {side.upper()}: " + (f"{pick['id']} {candidate_label(pick)}" if pick else "none")),
                       highlight=False)
     console.print("  same pick" if diff["same_pick"] else "  the pick changed", highlight=False)
+    for side in ("a", "b"):  # what of a stored run cannot be read: said, and left out of the comparison
+        for what in (diff.get("damaged") or {}).get(side, []):
+            console.print(cell(f"  damaged in run {side.upper()} {diff[side]['id']}: {what}"), highlight=False)
     estimated = any(c and (c.get("metrics") or {}).get("energy_source") == "estimated"
                     for c in diff["best"].values())
     names = [f"{m} (estimated)" if m == "energy_mj" and estimated else m for m, _ in METRICS]

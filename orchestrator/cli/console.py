@@ -18,6 +18,7 @@ from orchestrator.errors import ExitCode
 from orchestrator.plugins import get_plugin_manager
 from orchestrator.profile import load_profile
 from orchestrator.search.selection import pipeline_label
+from orchestrator.store import DAMAGED
 
 
 def out_console() -> Console:
@@ -38,12 +39,17 @@ def print_candidates(candidates: list[dict[str, Any]], best_id: str | None, only
         energy = m.get("energy_mj")
         energy_text = "-" if energy is None else f"{energy:.4f}" + (" (est.)" if m.get("energy_source") == "estimated" else "")
         table.add_row(
-            "★" if c["id"] == best_id else "", cell(c["id"]), cell(pipeline_label(c)),
+            "★" if c["id"] == best_id else "", cell(c["id"]), cell(candidate_label(c)),
             _f(m.get("accuracy"), 4), _f(m.get("accuracy_drop"), 2),
             _f(m["size_bytes"] / 1024, 1) if m.get("size_bytes") else "-", _f(lat.get("p50"), 3), _f(lat.get("p90"), 3),
             energy_text, _status_text(c),
         )
     console.print(table)
+
+
+def candidate_label(candidate: dict[str, Any]) -> str:
+    """The pipeline's label, or `(damaged record)` for a candidate whose stored record cannot be read."""
+    return "(damaged record)" if candidate.get("status") == DAMAGED else pipeline_label(candidate)
 
 
 def _status_text(c: dict[str, Any]) -> str:

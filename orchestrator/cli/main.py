@@ -162,6 +162,8 @@ def runs_show(run_id: str, as_json: bool, open_report: bool) -> None:
         click.echo(f"opened {report} in the browser")
         return
     click.echo(f"run {run['id']}: profile {run['profile']}, task {run['task']}, status {run['status']}")
+    for what in run["damaged"]:  # the rest of the run is still shown
+        click.echo(printable(f"warning: run {run['id']}: damaged in the run store: {what}"), err=True)
     if run["message"]:
         click.echo(f"  {run['message']}")
     click.echo(f"  output: {run['out_dir']}")

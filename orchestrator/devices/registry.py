@@ -210,9 +210,27 @@ class DeviceRegistry:
             db.execute("UPDATE devices SET deployed_model = ? WHERE name = ?", (sha256, name))
 
 
+#: The status of a device whose row cannot be read whole (tags, info or extra not JSON): shown as such,
+#: never measured on or deployed to until it is removed and registered again.
+DAMAGED = "damaged"
+
+
 def _from_row(row: sqlite3.Row) -> RegisteredDevice:
     data = dict(row)
-    data["tags"] = json.loads(data["tags"] or "[]")
-    data["info"] = json.loads(data["info"] or "{}")
-    data["extra"] = json.loads(data.get("extra") or "{}")
+    damaged = []
+    for column, empty, kind in (("tags", "[]", list), ("info", "{}", dict), ("extra", "{}", dict)):
+        try:
+            value = json.loads(data.get(column) or empty)
+        except ValueError as exc:
+            damaged.append(f"{column} not valid JSON ({exc})")
+            value = json.loads(empty)
+        else:
+            if not isinstance(value, kind):
+                damaged.append(f"{column} a JSON {type(value).__name__}, not a {kind.__name__}")
+                value = json.loads(empty)
+        data[column] = value
+    if damaged:  # the rest of the row is shown; the device is not used
+        data["status"] = DAMAGED
+        data["status_reason"] = f"its registry row is damaged: {'; '.join(damaged)} " \
+                                f"(orchestrate devices remove {data['name']}, then register it again)"
     return RegisteredDevice(**data)
