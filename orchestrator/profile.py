@@ -7,6 +7,7 @@ other YAML files we read, inventories, share).
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from pathlib import Path
@@ -72,7 +73,37 @@ class _Strict(BaseModel):
         # which YAML 1.1 hands over as a string. So only booleans are refused where no bool belongs.
         if isinstance(value, bool) and not _allows_bool(cls.model_fields[info.field_name].annotation):
             raise ValueError(f"expected a {_kind(cls.model_fields[info.field_name].annotation)}, not {str(value).lower()}")
+        problem = None if _is_section(cls.model_fields[info.field_name].annotation) else _unbounded(value)
+        if problem:  # `.inf`, `.nan` or 1e51 would pass `gt=0` and end up in results.json (Infinity is not JSON)
+            raise ValueError(problem)
         return value
+
+
+#: The largest magnitude a number in a profile may have: no count, size, time or power of a device is near it.
+MAX_NUMBER = 1e12
+
+
+def _is_section(annotation: Any) -> bool:
+    """Whether a field holds a section (a model of its own, maybe optional): its fields check themselves,
+    so that a message names the field, not the section."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return any(isinstance(a, type) and issubclass(a, BaseModel) for a in (annotation, *args))
+
+
+def _unbounded(value: Any, depth: int = 0) -> str | None:
+    """Why `value` (a number, or lists and mappings of them, as in search.params) is no setting: NaN,
+    infinite, or over MAX_NUMBER in magnitude; None when it is fine."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number, not {value}"
+    if isinstance(value, (int, float)) and abs(value) > MAX_NUMBER:
+        return f"expected a number of magnitude at most {MAX_NUMBER:.0e}, not {value:.3g}"
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)) and depth < 20:
+        return next(filter(None, (_unbounded(v, depth + 1) for v in value)), None)
+    return None
 
 
 def _kind(annotation: Any) -> str:

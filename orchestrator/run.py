@@ -41,7 +41,7 @@ from orchestrator.search.selection import select
 from orchestrator.search.space import allowed_techniques, enumerate_candidates
 from orchestrator.search.starting import starting_points
 from orchestrator.search.trial import ModelSink, TrialPayload, run_trial
-from orchestrator.store import SAMPLE_ROWS, SAMPLES_FILE, RunStore, process_alive
+from orchestrator.store import SAMPLE_ROWS, SAMPLES_FILE, RunStore, process_alive, strict_json
 from orchestrator.tasks import model_options, refuse_torch_stages, resolve_task
 
 log = logging.getLogger(__name__)
@@ -389,7 +389,7 @@ def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, devi
         settings = session_settings(out / "best.onnx")
         if settings is not None:  # what the device must run it with (plugins/session.py): also in the model
             (out / "best.session.json").write_text(json.dumps(settings, indent=2))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(strict_json(results, indent=2))  # never NaN/Infinity: not JSON
     write_report(results, out / "report.html")
     store.finish_run(run_id, status, best.id if best else None, str(error) if error else None)
     return RunOutcome(run_id, out, results, status, error, candidates)

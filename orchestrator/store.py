@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -145,6 +146,23 @@ def writing(path: Path) -> Iterator[sqlite3.Connection]:
 MAX_ID_CHARS = 1000
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (at any depth) made None: JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """`value` as strict JSON (RFC 8259): a NaN or an infinity, which Python would write as the invalid
+    `NaN`/`Infinity`, is written as null, so any JSON reader (jq, a browser, another language) reads it."""
+    return json.dumps(_finite(value), indent=indent, allow_nan=False)
+
+
 def like_prefix(text: str) -> str:
     """A LIKE pattern matching what starts with `text`, its own `%` and `_` taken literally (ESCAPE '\\').
 
@@ -207,7 +225,7 @@ class RunStore:
             db.execute(
                 "INSERT INTO runs (id, profile, profile_path, task, status, started_at, out_dir, options, pid, host) "
                 "VALUES (?, ?, ?, ?, 'running', ?, ?, ?, ?, ?)",
-                (run_id, profile, profile_path, task, time.time(), out_dir, json.dumps(options or {}),
+                (run_id, profile, profile_path, task, time.time(), out_dir, strict_json(options or {}),
                  os.getpid(), socket.gethostname()),
             )
 
@@ -224,14 +242,14 @@ class RunStore:
     def set_device(self, run_id: str, device: dict[str, Any]) -> None:
         """Record the device(s) a run measures on."""
         with writing(self.path) as db:
-            db.execute("UPDATE runs SET device = ? WHERE id = ?", (json.dumps(device), run_id))
+            db.execute("UPDATE runs SET device = ? WHERE id = ?", (strict_json(device), run_id))
 
     def add_candidate(self, run_id: str, candidate: dict[str, Any]) -> None:
         """Insert or replace one candidate record (atomic)."""
         with writing(self.path) as db:
             db.execute(
                 "INSERT OR REPLACE INTO candidates (run_id, id, record, status, created_at) VALUES (?, ?, ?, ?, ?)",
-                (run_id, candidate["id"], json.dumps(candidate), candidate["status"], time.time()),
+                (run_id, candidate["id"], strict_json(candidate), candidate["status"], time.time()),
             )
 
     def finish_run(self, run_id: str, status: str, best_id: str | None = None, message: str | None = None) -> None:

@@ -387,3 +387,53 @@ def test_the_ctrl_c_test_passes_with_sigint_ignored():
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert done.returncode == 0, done.stdout[-2000:]
+
+
+# ---------------------------------------------- issue 31 item 11: numbers a profile may hold, strict results.json
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("active_watts", ".inf", "power.active_watts: expected a finite number, not inf"),
+    ("idle_watts", ".nan", "power.idle_watts: expected a finite number, not nan"),
+    ("memory_mb", "1.0e+51", "hardware.memory_mb: expected a number of magnitude at most 1e+12, not 1e+51"),
+    ("max_latency_ms", "-.inf", "constraints.max_latency_ms: expected a finite number, not -inf"),
+])
+def test_a_profile_number_that_is_not_finite_and_bounded_is_refused(home, tmp_path, capsys, field, value, message):
+    text = X86.read_text()
+    if f"  {field}:" not in text:
+        text = text.replace("constraints:\n", f"constraints:\n  {field}: 1\n", 1)
+    lines = [f"  {field}: {value}" if line.startswith(f"  {field}:") else line for line in text.splitlines()]
+    path = _profile(tmp_path, "\n".join(lines) + "\n")
+    assert main(["--profile", str(path)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {path}:{_line(path.read_text(), f'{field}: {value}')}: {message}"), line
+
+
+def test_a_search_param_that_is_infinite_is_refused(tmp_path):
+    data = yaml.safe_load(X86.read_text())
+    data["search"]["params"] = {"pruning": {"amount": [0.5, float("inf")]}}
+    path = _profile(tmp_path, yaml.safe_dump(data))
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    assert "search.params: expected a finite number, not inf" in str(info.value)
+
+
+def test_results_and_stored_records_are_strict_json(home):
+    from orchestrator.store import strict_json
+
+    record = {"id": "c1", "status": "ok", "pipeline": [],
+              "metrics": {"accuracy": float("nan"), "energy_mj": float("inf"), "latency_ms": {"p50": 1.5}}}
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} is not JSON")
+
+    assert json.loads(strict_json({"best": record}, indent=2), parse_constant=refuse)["best"]["metrics"] == \
+        {"accuracy": None, "energy_mj": None, "latency_ms": {"p50": 1.5}}
+    store = RunStore(home / "runs.sqlite")
+    store.start_run(RUN_ID, "x86-host", str(X86), "digits", str(home))
+    store.add_candidate(RUN_ID, record)
+    import sqlite3
+
+    with sqlite3.connect(home / "runs.sqlite") as db:
+        [stored] = db.execute("SELECT record FROM candidates").fetchone()
+    assert json.loads(stored, parse_constant=refuse)["metrics"]["accuracy"] is None
