@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -212,6 +212,150 @@ def test_neighbours_vary_each_parameter_once_before_any_twice() -> None:
         r(0.25, "l1", 4), r(0.5, "l2", 4), r(0.5, "l1", 2),  # one other value of each parameter
         r(0.75, "l1", 4), r(0.5, "l1", 1),  # then a second one (numbers: the nearest first)
         r(0.5, "l1", 0)]
+
+
+def steps_of(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pipeline a one-technique configuration stands for."""
+    if config["pipeline"] == "baseline":
+        return []
+    return [{"technique": config["pipeline"],
+             "params": {k.split(".", 1)[1]: v for k, v in config.items() if k != "pipeline"}}]
+
+
+def drive(searcher: Any, outcome_of: Callable[[list], dict[str, Any]], prof: Profile, limit: int = 40) -> list:
+    """Suggest and complete trials one at a time, as Tune does with one trial at once, until the searcher
+    says it has nothing left (or `limit`); returns the pipelines it ran."""
+    from ray.tune.search import Searcher
+
+    ran = []
+    for i in range(limit):
+        config = searcher.suggest(f"t{i}")
+        if config == Searcher.FINISHED:
+            break
+        steps = steps_of(config)
+        ran.append(steps)
+        rec = outcome_of(steps)
+        searcher.on_trial_complete(f"t{i}", {**trial_values(rec, prof), "record": json.dumps(rec)})
+    return ran
+
+
+def rejected(steps: list, accuracy: float) -> dict[str, Any]:
+    return {"pipeline": steps, "status": "rejected", "metrics": {"accuracy": accuracy},
+            "error": f"rejected before measuring: quality drop {100 * (1 - accuracy):.2f} points > 1.00"}
+
+
+def test_a_technique_whose_candidates_keep_being_rejected_is_ruled_out_after_the_third() -> None:
+    # issue 29: q's candidates all collapse in quality; p's and the baseline are fine
+    prof = profile(max_accuracy_drop=1.0)
+    told: list[dict[str, Any]] = []
+    first = [[], q(8, "a"), q(4, "a"), q(8, "b"), q(4, "b"), p(0.5)]  # a 4th q starting point is queued
+    searcher, _, _, _ = make_searcher(CANDIDATES, 9, 2, profile=prof, first=first, quality="cosine",
+                                      on_ruled_out=told.append)
+    scores = iter([0.84, 0.74, 0.80, 0.5, 0.5, 0.5])
+
+    def outcome_of(steps: list) -> dict[str, Any]:
+        if steps and steps[0]["technique"] == "q":
+            return rejected(steps, next(scores))
+        return record(acc=0.99, pipeline=steps)
+
+    ran = drive(searcher, outcome_of, prof)
+    runs_of_q = [i for i, steps in enumerate(ran) if steps and steps[0]["technique"] == "q"]
+    assert runs_of_q == [1, 2, 3]  # the three first q starting points; after the third, no q trial at all
+    assert ran[:4] == first[:4] and ran[4] == p(0.5)  # the 4th q starting point was not run
+    # what is left, the baseline and p's three ratios, ran; then the searcher said it had nothing more
+    assert len(ran) == 7 and sorted(json.dumps(s) for s in ran[4:]) == sorted(
+        json.dumps(s) for s in (p(0.25), p(0.5), p(0.75)))
+    assert [t["message"] for t in told] == ["q ruled out: rejected for quality in 3 of 3 (cosine 0.74–0.84)"]
+    entry = searcher.ruleout.ruled_out[0]
+    assert entry["family"] == "q" and entry["reason"] == "quality" and entry["after_trials"] == 4
+    assert entry["quality"] == {"metric": "cosine", "min": 0.74, "max": 0.84}
+    assert entry["declined"] >= 1  # the queued q(4, b) at least: proposed, told to Optuna, never run
+    declined = [t for t in searcher._ot_study.trials if t.params.get("pipeline") == "q"][3:]
+    assert len(declined) == entry["declined"]
+    assert all(t.state.name == "COMPLETE" and t.values[0] == 0.80 for t in declined)  # the last rejected's
+
+
+def test_a_parameter_value_that_keeps_failing_alike_is_ruled_out_and_its_technique_is_not() -> None:
+    prof = profile(max_accuracy_drop=1.0)
+    space = [[]] + [q(b, m) for b in (2, 4, 8) for m in ("a", "b", "c")]
+    told: list[dict[str, Any]] = []
+    searcher, _, _, _ = make_searcher(space, 8, 0, profile=prof, first=[[], q(8, "b"), q(8, "a"), q(4, "b"),
+                                                                          q(2, "b"), q(4, "c")],
+                                      on_ruled_out=told.append)
+    tensors = iter(range(100, 200))
+
+    def outcome_of(steps: list) -> dict[str, Any]:
+        if steps and steps[0]["params"]["mode"] == "b":  # the same cause, a different tensor each time
+            return {"pipeline": steps, "status": "failed", "metrics": {},
+                    "error": f"ValueError: entropy calibration cannot bin tensor {next(tensors)} (range 3.4e38)"}
+        return record(acc=0.99, pipeline=steps)
+
+    ran = drive(searcher, outcome_of, prof, limit=8)
+    modes = [s[0]["params"]["mode"] if s else None for s in ran]
+    assert modes[:5] == [None, "b", "a", "b", "b"] and "b" not in modes[5:]  # none after the third failure
+    assert len(ran) == 8  # the budget is spent on what is left
+    assert [t["family"] for t in told] == ["q(mode=b)"]  # q itself had a feasible member: never ruled out
+    assert told[0]["reason"] == "failure" and told[0]["failed"] == 3 and told[0]["after_trials"] == 5
+    assert told[0]["message"] == ("q(mode=b) ruled out: failed in 3 of 3 with the same cause "
+                                  "(ValueError: entropy calibration cannot bin tensor 100 (range 3.4e38))")
+
+
+def test_what_rules_a_family_out_and_what_does_not() -> None:
+    from orchestrator.search.ruleout import RuleOut, outcome
+    from orchestrator.search.searcher import point_config
+
+    space = [point_config(c) for c in CANDIDATES]
+    labels = {"baseline": [], "q": ["q"], "p": ["p"]}
+    bad = rejected(q(4, "a"), 0.5)
+
+    rule = RuleOut(labels, space)  # a feasible member first: q is never ruled out, 4 bits (none feasible) is
+    rule.finished(point_config(q(8, "a")), outcome(record(pipeline=q(8, "a")), feasible=True))
+    for config in (q(4, "a"), q(4, "b")):
+        assert rule.finished(point_config(config), outcome(bad, feasible=False)) == []
+    [entry] = rule.finished(point_config(q(4, "c")), outcome(bad, feasible=False))
+    assert entry["family"] == "q(bits=4)" and entry["params"] == {"bits": 4}
+    assert entry["message"] == "q(bits=4) ruled out: rejected for quality in 3 of 3 (accuracy 0.50)"
+    assert rule.covers(point_config(q(4, "a"))) is entry and rule.covers(point_config(q(8, "c"))) is None
+
+    rule = RuleOut(labels, space)  # failures with different causes, and failed measurements, do not count
+    errors = ["ValueError: entropy calibration cannot bin", "RuntimeError: out of memory",
+              "measurement failed: device offline", "measurement failed: device offline",
+              "measurement failed: device offline"]
+    for config, error in zip([q(4, "a"), q(4, "b"), q(8, "a"), q(8, "b"), q(8, "c")], errors):
+        failed = {"pipeline": config, "status": "failed", "error": error, "metrics": {}}
+        assert rule.finished(point_config(config), outcome(failed, feasible=False)) == []
+    assert rule.ruled_out == []
+
+    rule = RuleOut(labels, space, after=2)  # RULE_OUT_AFTER is a parameter; two crashes are one cause
+    rule.finished(point_config(p(0.25)), outcome(None, feasible=False))
+    assert rule.covers(point_config(p(0.5))) is None
+    [entry] = rule.finished(point_config(p(0.75)), outcome(None, feasible=False))
+    assert entry["family"] == "p" and entry["message"].startswith("p ruled out: failed in 2 of 2 with the same")
+    assert rule.covers(point_config(p(0.5))) is entry and rule.covers(point_config(q(8, "a"))) is None
+
+
+def test_refinement_skips_a_ruled_out_neighbour() -> None:
+    from orchestrator.search.refine import Refinement
+    from orchestrator.search.searcher import point_config
+
+    space = [point_config(c) for c in CANDIDATES]
+    refinement = Refinement(space, [point_config(q(8, "a"))])
+    refinement.finished(point_config(q(8, "a")), feasible=True)
+    out = point_config(q(4, "a"))  # its first neighbour, in a ruled-out family
+    assert refinement.next(set(), allowed=lambda c: c != out) == point_config(q(8, "b"))
+
+
+def test_a_searcher_that_rules_out_pickles_without_its_event_sink() -> None:
+    import ray.cloudpickle as cloudpickle
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise TypeError("the terminal reporter cannot be pickled")
+
+    sink = Unpicklable()
+    searcher, _, _, _ = make_searcher(CANDIDATES, 4, 0, profile=profile(), on_ruled_out=lambda e: sink)
+    copy = cloudpickle.loads(cloudpickle.dumps(searcher))  # as Tune does for its tuner.pkl
+    assert copy.ruleout.notify is None
 
 
 class SigintInFinalizer:

@@ -8,7 +8,9 @@ its accuracy within the profile's limit), its neighbours in the search space are
 feasible starting points taking turns (round-robin in the order they were evaluated), every
 other proposal; the sampler (Optuna's TPE) makes the others and is told every result, these
 included. A starting point that is infeasible (rejected for accuracy, over a device limit,
-failed) gets no neighbours: its region is the sampler's to judge.
+failed) gets no neighbours: its region is the sampler's to judge. A neighbour in a family
+the search has ruled out (a technique, or a parameter value, that keeps being rejected or
+failing: orchestrator/search/ruleout.py) is skipped.
 
 This is the local search around the incumbent that model-based optimisers interleave with
 their model's proposals (SMAC, for instance), here around every known-good point rather than the
@@ -18,7 +20,7 @@ single best one: on a noisy objective the single best is often not the best (doc
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 
 def _text(config: dict[str, Any]) -> str:
@@ -73,12 +75,14 @@ class Refinement:
             self.parents[text] = neighbours(config, self.space)
             self.taken[text] = 0
 
-    def next(self, proposed: set[str]) -> dict[str, Any] | None:
-        """The next neighbour not yet `proposed` (texts of configurations): from the parent that has had
-        the fewest, the earlier starting point first; None when there is none."""
+    def next(self, proposed: set[str],
+             allowed: Callable[[dict[str, Any]], bool] = lambda config: True) -> dict[str, Any] | None:
+        """The next neighbour not yet `proposed` (texts of configurations) and `allowed` (not in a family
+        the search ruled out: orchestrator/search/ruleout.py): from the parent that has had the
+        fewest, the earlier starting point first; None when there is none."""
         for parent in sorted(self.parents, key=lambda p: (self.taken[p], self.starts.index(p))):
             for config in self.parents[parent]:
-                if _text(config) not in proposed:
+                if _text(config) not in proposed and allowed(config):
                     self.taken[parent] += 1
                     return config
         return None

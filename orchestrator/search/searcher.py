@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 from orchestrator.search.ray_runtime import Interrupts
 from orchestrator.search.record import CandidateRecord, Pipeline, as_record
 from orchestrator.search.refine import Refinement
+from orchestrator.search.ruleout import RuleOut, outcome
 from orchestrator.search.space import PipelineSpec
 from orchestrator.search.trial import WORST, search_limits, search_objectives, trial_values
 
@@ -129,6 +130,21 @@ def tell_repeat(study: Any, trial: Any) -> None:
     study.tell(trial, done[-1].values)
 
 
+def tell_ruled_out(study: Any, trial: Any, told: tuple[list[float], list[tuple[str, float]]] | None) -> None:
+    """Tell Optuna a proposal in a ruled-out family (ruleout.py) without running it: the values and
+    constraint values of that family's last rejected or failed member, so the sampler learns the
+    region is bad as if it had run it."""
+    import optuna
+
+    if told is None:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return
+    values, constraints = told
+    for name, value in constraints:
+        trial.set_constraint(name, value)
+    study.tell(trial, values)
+
+
 def point_config(pipeline: PipelineSpec) -> dict[str, Any]:
     """A pipeline as the flat configuration the Optuna space suggests (`pipeline` label, `technique.param`)."""
     config: dict[str, Any] = {"pipeline": Pipeline.from_json(pipeline).label}
@@ -139,7 +155,8 @@ def point_config(pipeline: PipelineSpec) -> dict[str, Any]:
 
 def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profile: Any,
                   prior: list[dict[str, Any]] | None = None,
-                  first: list[PipelineSpec] | None = None) -> tuple[Any, dict, int, dict]:
+                  first: list[PipelineSpec] | None = None, quality: str = "accuracy",
+                  on_ruled_out: Callable[[dict[str, Any]], None] | None = None) -> tuple[Any, dict, int, dict]:
     """(search_alg, param_space, num_samples, labels): grid when the space fits the budget, else Optuna.
 
     `candidates` is what is left to try and `trials` how many more to run; `prior` holds the
@@ -159,6 +176,12 @@ def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profil
     sampler then learns from them like from any finished trial. After them, every
     REFINE_EVERY-th proposal is a one-parameter neighbour of a feasible starting point
     (orchestrator/search/refine.py), enqueued the same way; the sampler proposes the rest.
+
+    A technique, or one value of a technique's parameter, whose candidates keep being rejected
+    for quality or keep failing with the same cause is ruled out (orchestrator/search/ruleout.py):
+    from then on no trial is spent on it (the searcher's `ruleout.ruled_out` lists each, for
+    results.json; `on_ruled_out` is called with each as it happens; `quality` names the
+    accuracy figure in its message). A grid search runs every candidate and rules nothing out.
     """
     from ray import tune
 
@@ -175,6 +198,7 @@ def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profil
         return None, {"index": tune.grid_search(list(range(len(candidates))))}, 1, labels
 
     import optuna
+    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
     from ray.tune.utils.util import unflatten_dict
 
@@ -200,6 +224,7 @@ def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profil
         proposed: set[str] | None = None
         suggested = 0  # proposals handed to Tune (repeats asked again do not count)
         refined = 0  # of which refinement's
+        starts_declined = 0  # starting points not run: in a family ruled out before their turn
 
         def suggest(self, trial_id: str) -> dict | None:
             if self.proposed is None:  # a resumed run's finished trials count as proposed
@@ -207,20 +232,47 @@ def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profil
                 self.proposed = {json.dumps(unflatten_dict(t.params), sort_keys=True) for t in done}
                 for t in done:  # a resumed run's finished starting points are parents already
                     refinement.finished(t.params, _feasible(t.values, t.constraints.values()))
+            if rule_out.ruled_out and next(self._left(), None) is None:
+                return Searcher.FINISHED  # all that is left of the space is ruled out (or was proposed)
             self.suggested += 1
-            if REFINE_EVERY and self.suggested > len(starts) and \
-                    self.refined * REFINE_EVERY < self.suggested - len(starts):
-                config = refinement.next(self.proposed)
+            after_starts = self.suggested + self.starts_declined - len(starts)  # proposals since the last one
+            if REFINE_EVERY and after_starts > 0 and self.refined * REFINE_EVERY < after_starts:
+                config = refinement.next(self.proposed, allowed=lambda c: not rule_out.covers(c))
                 if config is not None:  # Optuna's own warm start: the next ask() returns it
                     self.refined += 1
                     self._ot_study.enqueue_trial(config, skip_if_exists=False)
             for attempt in range(REPEAT_ASKS):
-                config = super().suggest(trial_id)
+                config = self._ask(trial_id)
+                if config is None:  # in a ruled-out family: told, not run
+                    continue
                 text = json.dumps(config, sort_keys=True)
                 if text not in self.proposed or attempt == REPEAT_ASKS - 1:
                     break
                 tell_repeat(self._ot_study, self._ot_trials.pop(trial_id))
+            if config is None:  # Optuna kept proposing ruled-out configurations: the first one left
+                for left in self._left():
+                    self._ot_study.enqueue_trial(left, skip_if_exists=False)
+                    config = self._ask(trial_id)
+                    if config is not None:
+                        break
+                if config is None:
+                    return Searcher.FINISHED
+                text = json.dumps(config, sort_keys=True)
             self.proposed.add(text)
+            return config
+
+        def _left(self) -> Iterator[dict[str, Any]]:
+            """The configurations not yet proposed and not ruled out, in the space's order."""
+            return (c for c, text in zip(refinement.space, space_texts)
+                    if text not in self.proposed and not rule_out.covers(c))
+
+        def _ask(self, trial_id: str) -> dict | None:
+            """Optuna's next proposal, or None when it is in a ruled-out family (then told, not run)."""
+            config = super().suggest(trial_id)
+            if rule_out.covers(config):
+                self.starts_declined += json.dumps(config, sort_keys=True) in starts_texts
+                tell_ruled_out(self._ot_study, self._ot_trials.pop(trial_id), rule_out.decline(config))
+                return None
             return config
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -229,19 +281,36 @@ def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profil
                     self._ot_trials[trial_id].set_constraint(name, value)
             if trial_id in self._ot_trials:
                 values = [result.get(name) for name, _ in objectives] if result and not error else None
-                refinement.finished(self._ot_trials[trial_id].params,
-                                    _feasible(values, (result or {}).get("constraints") or []))
+                constraints = (result or {}).get("constraints") or []
+                params = self._ot_trials[trial_id].params
+                feasible = _feasible(values, constraints)
+                refinement.finished(params, feasible)
+                record = json.loads(result.get("record") or "{}") if result and not error else None
+                rule_out.finished(params, outcome(record, feasible),
+                                  told=(values, list(zip(limits, constraints))) if values else crashed)
             super().on_trial_complete(trial_id, result, error)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     prior = prior or []
     objectives = search_objectives(profile)
     starts = [point_config(p) for p in first]
+    starts_texts = {json.dumps(c, sort_keys=True) for c in starts}
     refinement = Refinement([point_config(c) for c in candidates], [point_config(p) for p in every_first])
+    space_texts = [json.dumps(c, sort_keys=True) for c in refinement.space]
+    rule_out = RuleOut(labels, refinement.space, quality, notify=on_ruled_out)
+    crashed = ([0.0, WORST], [(name, WORST) for name in limits])  # what a crashed trial would have reported
 
     def _feasible(values: list[Any] | None, constraints: Any) -> bool:
         """Measured (the objective is known: not failed, not rejected for accuracy) and within every device limit."""
         return bool(values) and values[1] is not None and values[1] < WORST and all(c <= 0 for c in constraints)
+
+    for record in map(as_record, prior):  # a resumed run's trials count toward ruling out, as they did then
+        if record.label in labels:
+            reported = trial_values(record, profile)
+            values = [reported[name] for name, _ in objectives]
+            feasible = _feasible(values, reported["constraints"])
+            rule_out.finished(point_config(record.pipeline.to_json()), outcome(record.to_json(), feasible),
+                              told=(values, list(zip(limits, reported["constraints"]))))
 
     with warnings.catch_warnings():  # multivariate and group are marked experimental; gamma deprecated (pyproject)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -257,6 +326,7 @@ def make_searcher(candidates: list[PipelineSpec], trials: int, seed: int, profil
         storage=_warm_storage(prior, labels, choices, profile) if prior else None,
         study_name=STUDY_NAME,
     )
+    searcher.ruleout = rule_out  # which families are ruled out, and why (results.json: ruled_out)
     return searcher, {}, 4 * trials + 8, labels
 
 
