@@ -15,6 +15,7 @@ import pluggy
 
 from orchestrator import hookspecs
 from orchestrator.api import PROJECT_NAME, STAGE_ORDER, Task, Technique
+from orchestrator.devices.transport import BUILTIN_KINDS, TransportKind
 from orchestrator.errors import PluginError
 
 log = logging.getLogger(__name__)
@@ -32,19 +33,21 @@ class PluginInfo:
     version: str
     techniques: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
+    transports: list[str] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
     origin: str = ""  # the file (or folder) its code was loaded from: Ray workers must load the same
 
 
 class PluginRegistry:
-    """The plugin manager plus the techniques and tasks the plugins registered."""
+    """The plugin manager plus the techniques, tasks and transport kinds the plugins registered."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.techniques: dict[str, Technique] = {}
         self.tasks: dict[str, Task] = {}
+        self.transports: dict[str, tuple[TransportKind, str]] = {}  # name -> (kind, the plugin that registered it)
         self.plugins: dict[str, PluginInfo] = {}
         self._owner: dict[str, str] = {}
 
@@ -109,6 +112,8 @@ class PluginRegistry:
             self.pm.subset_hook_caller(hook, remove_plugins=others)(register=registrar(self._register_technique))
             hook = "register_tasks"
             self.pm.subset_hook_caller(hook, remove_plugins=others)(register=registrar(self._register_task))
+            hook = "register_transports"
+            self.pm.subset_hook_caller(hook, remove_plugins=others)(register=registrar(self._register_transport))
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - whatever a plugin's hook raises
             self._withdraw(name, info)
             self.pm.unregister(plugin)
@@ -119,9 +124,10 @@ class PluginRegistry:
         if refused:
             info.error = "; ".join(refused)
         elif info.package != "(in-process)" and not (
-                info.techniques or info.tasks or set(info.hooks) - {"register_techniques", "register_tasks"}):
+                info.techniques or info.tasks or info.transports
+                or set(info.hooks) - {"register_techniques", "register_tasks", "register_transports"}):
             where = f" (loaded from {info.origin})" if info.origin else ""
-            info.error = (f"registers nothing: no technique, task or hook{where}; a folder of the same name "
+            info.error = (f"registers nothing: no technique, task, transport or hook{where}; a folder of the same name "
                           "in the working directory may shadow the installed package")
             log.warning("plugin %s: %s", name, info.error)
 
@@ -147,14 +153,16 @@ class PluginRegistry:
                                   "(and mind folders in the working directory that shadow a package)")
 
     def _withdraw(self, plugin: str, info: PluginInfo) -> None:
-        """Take back every technique and task a (now broken) plugin registered."""
+        """Take back every technique, task and transport kind a (now broken) plugin registered."""
         for key, owner in list(self._owner.items()):
             if owner != plugin:
                 continue
             del self._owner[key]
             kind, _, item = key.partition(":")
-            (self.techniques if kind == "technique" else self.tasks).pop(item, None)
-        info.techniques, info.tasks = [], []
+            tables: dict[str, dict[str, Any]] = {"technique": self.techniques, "task": self.tasks,
+                                                 "transport": self.transports}
+            tables[kind].pop(item, None)
+        info.techniques, info.tasks, info.transports = [], [], []
 
     def _register_technique(self, technique: Technique, plugin: str, info: PluginInfo) -> None:
         if not isinstance(technique, Technique) or not technique.name:
@@ -179,6 +187,19 @@ class PluginRegistry:
         self._owner[key] = plugin
         self.tasks[task.name] = task
         info.tasks.append(task.name)
+
+    def _register_transport(self, kind: TransportKind, plugin: str, info: PluginInfo) -> None:
+        if not isinstance(kind, TransportKind) or not kind.name or not callable(kind.transport):
+            raise PluginError(f"plugin {plugin!r} registered {kind!r}, which is not a named TransportKind")
+        if kind.name in BUILTIN_KINDS:
+            raise PluginError(f"transport {kind.name!r} from plugin {plugin!r} is a built-in transport's name")
+        key = f"transport:{kind.name}"
+        if key in self._owner:
+            raise PluginError(
+                f"transport {kind.name!r} from plugin {plugin!r} is already registered by plugin {self._owner[key]!r}")
+        self._owner[key] = plugin
+        self.transports[kind.name] = (kind, plugin)
+        info.transports.append(kind.name)
 
     # -- lookups -----------------------------------------------------------
     def technique(self, name: str) -> Technique:

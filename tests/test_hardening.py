@@ -541,3 +541,20 @@ def test_a_damaged_registry_row_is_shown_as_damaged_and_the_rest_goes_on(tmp_pat
     assert main(["devices", "show", "pi-a"]) == 0
     out, err = capsys.readouterr()
     assert err == "" and "status:         damaged: its registry row is damaged: tags not valid JSON" in out, out
+
+
+# ------------------------------------------------------------------ item 17: one line, whatever its length
+
+
+def test_a_long_error_line_is_one_line_when_stderr_is_not_a_terminal(tmp_path, tiny_env):
+    """A real tiny run in which no candidate meets the profile (a latency limit nothing meets): its error,
+    far over 80 columns, is the last line of stderr, whole, and the exit code is 3."""
+    profile = tmp_path / "strict.yaml"
+    profile.write_text(X86.read_text().replace("max_latency_ms: 20 ", "max_latency_ms: 0.000001 "))
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "--profile", str(profile), "--task", "tiny-digits",
+                           "--trials", "1", "--out", str(tmp_path / "runs")], cwd=ROOT,
+                          env={**tiny_env, "COLUMNS": "80"}, capture_output=True, text=True, timeout=400,
+                          check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 3, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "latency" in last and len(last) > 100, done.stderr[-3000:]

@@ -25,7 +25,7 @@ from orchestrator.rollout.deployments import DeploymentStore
 from orchestrator.rollout.execute import deploy
 from orchestrator.rollout.healthcheck import TOLERANCES
 from orchestrator.rollout.plan import RolloutOptions, canary_count, chosen_models
-from orchestrator.rollout.target import DeployTarget
+from orchestrator.devices.ssh_deploy import DeployTarget
 from tests.helpers.rollout import FAST, PROFILE, agent_processes, cnn_model, deploy_run, sha_of, working_current
 from tests.helpers.rollout import fleet, profile, runs  # noqa: F401  fixtures, found by name
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -23,7 +24,8 @@ from orchestrator.store import DAMAGED
 
 def out_console() -> Console:
     """Console for stdout: the terminal's width, or wide enough for tables when piped."""
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    # piped: lines are never wrapped (a script reads one line per message), tables get 160 columns
+    return Console() if sys.stdout.isatty() else Console(width=160, soft_wrap=True)
 
 
 def print_candidates(candidates: list[dict[str, Any]], best_id: str | None, only_front: bool = False,
@@ -143,6 +145,10 @@ class TerminalReporter:
             self.progress.update(self.bar, completed=self.done, description=self.best_text or "searching")
 
     @hookimpl
+    def family_ruled_out(self, family: dict[str, Any]) -> None:
+        self.log(printable(family["message"]))
+
+    @hookimpl
     def final_round_started(self, finalists: list[str], rounds: int) -> None:
         self.log(f"final round: {', '.join(finalists)} measured again together, up to {rounds} interleaved rounds")
 
@@ -217,11 +223,13 @@ def run_with_progress(profile_path: Path | None, task: str | None, trials: int |
     written = ["results.json", "report.html", *(["best.onnx"] if best else []),
                *[name for name in ("best.session.json", "samples.npz") if (outcome.out_dir / name).is_file()]]
     console.print(f"wrote {outcome.out_dir}/ ({', '.join(written)})")
+    # the last line, as main() writes errors: one line whatever the width (rich would wrap it at 80 columns
+    # when stderr is no terminal), its text escaped, never read as markup
     if outcome.status == "interrupted":
-        reporter.err.print(f"interrupted: {len(outcome.candidates)} candidates kept in run {outcome.run_id}; "
-                           f"go on with: orchestrate --resume {outcome.run_id}")
+        click.echo(f"interrupted: {len(outcome.candidates)} candidates kept in run {outcome.run_id}; "
+                   f"go on with: orchestrate --resume {outcome.run_id}", err=True)
         return ExitCode.INTERRUPTED
     if outcome.error is not None:
-        reporter.err.print(f"error: {outcome.error}", highlight=False)
+        click.echo(f"error: {printable(outcome.error, keep=chr(10))}", err=True)
         return outcome.error.exit_code
     return ExitCode.OK

@@ -12,6 +12,7 @@ from click.core import ParameterSource
 from orchestrator.cli.format import printable
 from orchestrator.devices.registry import DeviceRegistry
 from orchestrator.errors import DeployError, RunNotFound
+from orchestrator.fleet.transports import deployable_reason
 from orchestrator.paths import store_path
 from orchestrator.rollout.deployments import DeploymentStore
 from orchestrator.store import RunStore, read_results
@@ -89,8 +90,8 @@ def _printer(verbose_health: bool = True):
             verb = "resuming" if data["resumed"] else "rollout"
             _say(f"{verb} {data['rollout_id']}: {_model_line(plan)}")
             _say(_check_line(plan, data["options"]))
-            if plan.skipped:
-                _say(f"  not deployed to (emulated): {', '.join(plan.skipped)}")
+            for name, why in plan.not_deployable.items():
+                _say(f"  not deployed to {name}: {why}")
         elif kind == "wave":
             title = f"wave {data['index']}{' (canary)' if data['canary'] else ''}"
             _say(f"{title}: {', '.join(data['devices'])}")
@@ -189,8 +190,8 @@ def deploy(ctx: click.Context, run_id: str | None, profile_name: str | None, can
                 _say(f"{_wave_title(index, plan)}:")
                 for name in wave:
                     _say(f"  {name}: {views[name]}")
-            if plan.skipped:
-                _say(f"not deployed to (emulated): {', '.join(plan.skipped)}")
+            for name, why in plan.not_deployable.items():
+                _say(f"not deployed to {name}: {why}")
             continue
         run_deploy(chosen, options, _printer())
 
@@ -214,7 +215,7 @@ def rollback(profile_name: str | None, device_names: tuple[str, ...], max_parall
         raise click.UsageError("give --profile NAME or --device NAME")
     registry = DeviceRegistry()
     if profile_name:
-        names = [d.name for d in registry.list(profile_name) if d.transport == "ssh"]
+        names = [d.name for d in registry.list(profile_name) if deployable_reason(d.device()) is None]
         if not names:
             raise DeployError(f"profile {profile_name!r} has no registered device")
     else:

@@ -126,6 +126,9 @@ class LocalTransport:
             with measuring(self.device):
                 return self._agent([*args, *compare_args(profile, self.device.pinned_cpu)])
 
+    def close(self) -> None:
+        """Nothing stays open between agent runs."""
+
 
 def local_device() -> Device:
     """This machine, as the fallback device of a profile."""

@@ -169,7 +169,7 @@ class SshTransport:
                 with contextlib.suppress(FileNotFoundError):
                     sftp.remove(path)  # a torn, corrupt or foreign file under our name
                 log.warning("device %s: %s at %s was damaged or foreign; replacing it", self.name, what, path)
-            _makedirs(sftp, posixpath.dirname(path))
+            makedirs(sftp, posixpath.dirname(path))
         tmp = f"{path}.part-{uuid.uuid4().hex[:8]}"
         try:
             with session.sftp(f"uploading {what}") as sftp:
@@ -279,7 +279,7 @@ class SshTransport:
         return "reconnected"
 
 
-def _makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
+def makedirs(sftp: paramiko.SFTPClient, path: str) -> None:
     """mkdir -p over SFTP (mode 0700: only the login user reads the agent's folder)."""
     current = "/" if path.startswith("/") else ""
     for part in [p for p in path.split("/") if p and p != "."]:

@@ -1,4 +1,5 @@
-"""One registered device as the rollout drives it over SSH: upload, install, health, rollback, status.
+"""The `ssh` transport's deploy capability (`Deployable`): one device as the rollout drives it over SSH:
+upload, install, health, rollback, status.
 
 Built on SshTransport (pinned host key, the agent zipapp shipped by hash). Uploads go to
 `<remote dir>/deploy/incoming/` under temporary names; the agent's `install` checks their
@@ -17,8 +18,9 @@ import re
 import uuid
 from typing import Any
 
+from orchestrator.devices.base import Device
 from orchestrator.devices.registry import RegisteredDevice
-from orchestrator.devices.ssh import SshTransport
+from orchestrator.devices.ssh import SshTransport, makedirs
 from orchestrator.devices.ssh_session import SshSession
 from orchestrator.errors import MeasurementError
 
@@ -30,13 +32,12 @@ _TEXT_FIELDS = ("run_id", "candidate", "label", "precision")
 class DeployTarget(SshTransport):
     """The rollout's side of one device. One connection, used by one thread at a time."""
 
-    def __init__(self, device: RegisteredDevice, command_timeout_s: float = 120.0,
+    def __init__(self, device: Device | RegisteredDevice, command_timeout_s: float = 120.0,
                  connect_timeout_s: float | None = None) -> None:
-        target = device.device()
+        target = device.device() if isinstance(device, RegisteredDevice) else device
         if connect_timeout_s is not None and target.ssh is not None:
             target.ssh.connect_timeout_s = connect_timeout_s
         super().__init__(target, reconnect_delays_s=())
-        self.registered = device
         self.command_timeout_s = command_timeout_s
 
     @property
@@ -101,7 +102,7 @@ class DeployTarget(SshTransport):
         ref_tmp = posixpath.join(incoming, f"{sha256}.reference.npz.part-{tag}")
         try:
             with session.sftp("uploading the model") as sftp:
-                _makedirs(sftp, incoming)
+                makedirs(sftp, incoming)
                 self._upload(sftp, model, model_tmp)
                 self._upload(sftp, reference, ref_tmp)
             result = self._run(["install", "--model", model_tmp, "--sha256", sha256, "--reference", ref_tmp,
@@ -180,9 +181,3 @@ def _text(value: Any, limit: int) -> str | None:
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
-
-
-def _makedirs(sftp: Any, path: str) -> None:
-    from orchestrator.devices.ssh import _makedirs as makedirs
-
-    makedirs(sftp, path)

@@ -150,6 +150,9 @@ class EmulatedDeviceTransport:
             self._info = {**self.emulator.info(), "native_arch": platform.machine(), "native_cpu_model": cpu_model()}
         return self._info
 
+    def close(self) -> None:
+        """Nothing stays open between agent runs."""
+
     def run_model(self, model_bytes: bytes, inputs: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
         """Run a model once under emulation (see `QemuUserTransport.run_model`)."""
         return self.emulator.run_model(model_bytes, inputs, threads)

@@ -16,8 +16,7 @@ from orchestrator.errors import (
     MeasurementError,
     OrchestratorError,
 )
-from orchestrator.fleet.probe import _agent_transport
-from orchestrator.fleet.transports import make_transport
+from orchestrator.fleet.transports import check_ready, make_transport
 from orchestrator.profile import Profile
 
 log = logging.getLogger(__name__)
@@ -28,36 +27,25 @@ def reachable_devices(profile_name: str, registry: DeviceRegistry) -> tuple[list
 
     Each device gets one connection attempt, all at once, so this takes at most about
     one connect timeout. Raises DeviceUnreachable, naming every device, if none answers.
-    Registered devices' statuses are updated. An emulated device is ready when its emulator,
-    sysroot and CPU model are there (its agent starts with the first measurement).
+    Registered devices' statuses are updated. Each transport kind says what "answers" means
+    (orchestrator/fleet/transports.py): an SSH device connects and has the agent installed; an
+    emulated device has its emulator, sysroot and CPU model (its agent starts with the first
+    measurement); a plugin's kind answers the agent's `info`, unless it says otherwise.
     """
-    from orchestrator.devices.ssh import SshTransport
-
     registered = registry.list(profile_name)
 
     def check(device: RegisteredDevice) -> str | None:
         if device.emulated_vm:  # its latency is the emulator's: a run would take it for the board's
             return (f"device {device.name!r} is a full-system emulated VM: runs do not measure on it "
                     "(its latency is not the board's; docs/emulation.md)")
-        if device.emulated:
-            try:
-                _agent_transport(device)
-            except MeasurementError as exc:
-                registry.set_status(device.name, "offline", str(exc))
-                return str(exc)
-            registry.set_status(device.name, "online")
-            return None
-        transport = SshTransport(device.device())
         try:
-            transport.ready()
+            check_ready(device.device())
         except HostKeyMismatch as exc:
             registry.set_status(device.name, "host-key-changed", str(exc))
             return str(exc)
         except (DeviceUnreachable, MeasurementError) as exc:
             registry.set_status(device.name, "offline", str(exc))
             return str(exc)
-        finally:
-            transport.close()
         registry.set_status(device.name, "online")
         return None
 
@@ -156,7 +144,6 @@ def device_facts(device: Device, profile: Profile) -> DeviceFacts:
         log.warning("device %s: no info for the recommendations (%s)", device.name, exc)
         info = {"arch": device.arch}
     finally:
-        close = getattr(transport, "close", None)
-        if close is not None:
-            close()
+        if transport is not None:
+            transport.close()
     return DeviceFacts.from_info(info, profile.runtime.execution_providers)

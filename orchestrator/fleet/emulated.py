@@ -19,7 +19,6 @@ from orchestrator.emulation.system_image import (
 )
 from orchestrator.emulation.system_vm import BOOT_TIMEOUT_S, QemuSystemVM
 from orchestrator.emulation.user import (
-    QemuUserTransport,
     emulated_device_for_profile,
     qemu_binary,
     qemu_cpu_models,
@@ -31,6 +30,7 @@ from orchestrator.errors import (
     MeasurementError,
 )
 from orchestrator.fleet.registration import Registration, check_fit, pin_host_key
+from orchestrator.fleet.transports import make_transport
 from orchestrator.paths import state_dir
 from orchestrator.profile import Profile, load_profile
 
@@ -90,7 +90,8 @@ def emulate_device(profile_path: str | Path, name: str | None = None, mode: str 
     shutil.rmtree(view, ignore_errors=True)  # a leftover of a device of this name removed by hand
     device = emulated_device_for_profile(name, profile, root, view)
     try:
-        info = QemuUserTransport.from_device(device).info()
+        transport = make_transport(device)
+        info = transport.info()
         fit, notes = emulated_fit_profile(profile)
         problems = check_fit(info, fit)
         if problems:
@@ -128,8 +129,6 @@ def emulate_system_device(profile_path: str | Path, name: str | None = None, tag
     stops it. Its host key was generated on this host when the image was built, so it is pinned
     by fingerprint, never trusted on first use. Raises EmulationUnavailable or DeviceRefused.
     """
-    from orchestrator.devices.ssh import SshTransport
-
     registry = registry or DeviceRegistry()
     loaded = load_profile(profile_path)
     profile, emu = loaded.profile, loaded.profile.emulation
@@ -178,7 +177,7 @@ def emulate_system_device(profile_path: str | Path, name: str | None = None, tag
         )
         target = device.target()
         target.connect_timeout_s = reg.connect_timeout_s
-        transport = SshTransport(Device(name=name, transport="ssh", arch="aarch64", ssh=target))
+        transport = make_transport(Device(name=name, transport="ssh", arch="aarch64", ssh=target))
         try:
             info = transport.info()
         finally:
@@ -197,7 +196,7 @@ def emulate_system_device(profile_path: str | Path, name: str | None = None, tag
     return device, notes
 
 
-def _stop_vm(device: RegisteredDevice) -> str:
+def stop_vm(device: RegisteredDevice) -> str:
     """Stop a registered full-system VM by its recorded pid (checked to be its qemu); what was done."""
     run_dir = Path(device.extra.get("vm_dir") or emulated_vm_dir(device.name))
     try:

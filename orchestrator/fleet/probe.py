@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
-from orchestrator.emulation.user import QemuUserTransport
 from orchestrator.errors import DeviceUnreachable, HostKeyMismatch, MeasurementError
-from orchestrator.fleet.emulated import _stop_vm, emulated_fit_profile, emulated_view_dir
+from orchestrator.fleet.emulated import emulated_fit_profile, emulated_view_dir, stop_vm
 from orchestrator.fleet.registration import check_fit
+from orchestrator.fleet.transports import make_transport
 from orchestrator.paths import state_dir
 from orchestrator.profile import load_profile
-
-
-def _agent_transport(device: RegisteredDevice) -> Any:
-    """What runs the agent of a registered device: SSH, or the emulator itself for an emulated device."""
-    if device.emulated:
-
-        return QemuUserTransport.from_device(device.device())
-    from orchestrator.devices.ssh import SshTransport
-
-    return SshTransport(device.device())
-
-
-def _close(transport: Any) -> None:
-    close = getattr(transport, "close", None)  # an emulated device keeps nothing open
-    if close is not None:
-        close()
 
 
 def remove_device(name: str, registry: DeviceRegistry | None = None) -> str:
@@ -37,7 +20,7 @@ def remove_device(name: str, registry: DeviceRegistry | None = None) -> str:
     device = registry.get(name)
     registry.remove(name)
     if device.emulated_vm:
-        return f"removed {name}: {_stop_vm(device)} (the cached VM image stays)"
+        return f"removed {name}: {stop_vm(device)} (the cached VM image stays)"
     if not device.emulated:
         return f"removed {name} (its files under {device.remote_dir} on {device.host} are left in place)"
     view = Path(device.extra.get("view") or emulated_view_dir(name))
@@ -54,8 +37,8 @@ def probe_device(name: str, registry: DeviceRegistry | None = None) -> tuple[Reg
     registry = registry or DeviceRegistry()
     device = registry.get(name)
     try:
-        transport = _agent_transport(device)
-    except MeasurementError as exc:  # an emulated device whose emulator or sysroot is gone
+        transport = make_transport(device.device())
+    except MeasurementError as exc:  # an emulated device whose emulator or sysroot is gone, an unknown kind
         registry.set_status(name, "offline", str(exc))
         raise
     try:
@@ -67,7 +50,7 @@ def probe_device(name: str, registry: DeviceRegistry | None = None) -> tuple[Reg
         registry.set_status(name, "offline", str(exc))
         raise
     finally:
-        _close(transport)
+        transport.close()
     registry.set_status(name, "online", info=info)
     problems = []
     if Path(device.profile_path).is_file():

@@ -14,6 +14,7 @@ from orchestrator.errors import (
     DeviceUnreachable,
     HostKeyMismatch,
 )
+from orchestrator.fleet.transports import make_transport
 from orchestrator.profile import Profile, load_profile
 
 ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
@@ -111,8 +112,6 @@ def register_device(reg: Registration, confirm: Callable[[str], bool],
     Returns (the stored device, how its host key was vouched for). Refuses (DeviceRefused)
     a device that does not fit its profile, saying what does not fit.
     """
-    from orchestrator.devices.ssh import SshTransport
-
     registry = registry or DeviceRegistry()
     loaded = load_profile(reg.profile_path)
     if any(d.name == reg.name for d in registry.list()):
@@ -124,7 +123,7 @@ def register_device(reg: Registration, confirm: Callable[[str], bool],
         profile=loaded.profile.name, profile_path=str(Path(reg.profile_path).resolve()), tags=list(reg.tags),
         python=reg.python, remote_dir=reg.remote_dir,
     )
-    transport = SshTransport(device.device())
+    transport = make_transport(device.device())
     try:
         info = transport.info()
     finally:

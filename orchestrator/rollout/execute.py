@@ -18,10 +18,11 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from orchestrator.devices.registry import DeviceRegistry
+from orchestrator.devices.transport import Deployable
 from orchestrator.errors import (
     DeployError,
     DeviceUnreachable,
@@ -30,10 +31,10 @@ from orchestrator.errors import (
     RolloutFailed,
     RolloutIncomplete,
 )
+from orchestrator.fleet.transports import deploy_target
 from orchestrator.rollout.deployments import HEARTBEAT_S, RESUMABLE, DeploymentStore, live_message, owner_alive
 from orchestrator.rollout.healthcheck import read_samples, reference_data
 from orchestrator.rollout.plan import ChosenModel, Plan, RolloutOptions, TargetFactory, make_plan
-from orchestrator.rollout.target import DeployTarget
 
 Event = Callable[[str, dict[str, Any]], None]
 log = logging.getLogger(__name__)
@@ -44,12 +45,13 @@ UNKNOWN = ("installing", "offline")  # an earlier attempt may have installed on 
 
 @dataclass
 class RolloutResult:
-    """How a rollout ended: its status and each device's state."""
+    """How a rollout ended: its status, each device's state, and the devices its transport cannot deploy to."""
 
     rollout_id: str
     status: str
     message: str
     devices: dict[str, dict[str, Any]]
+    not_deployable: dict[str, str] = field(default_factory=dict)  # name -> why (not in the waves)
 
 
 # ------------------------------------------------------------------------------------------ the rollout
@@ -64,7 +66,7 @@ class Rollout:
     """One rollout's execution: waves in order, up to K devices at once within a wave."""
 
     def __init__(self, plan: Plan, options: RolloutOptions, rollout_id: str, store: DeploymentStore,
-                 registry: DeviceRegistry, on_event: Event, target_factory: TargetFactory = DeployTarget) -> None:
+                 registry: DeviceRegistry, on_event: Event, target_factory: TargetFactory = deploy_target) -> None:
         self.plan, self.options, self.rollout_id = plan, options, rollout_id
         self.store, self.registry, self.target_factory = store, registry, target_factory
         lock = threading.Lock()
@@ -85,7 +87,7 @@ class Rollout:
                      "rollout_id": rollout_id, "health": plan.spec}
         self.health_timeout = plan.spec["time_budget_s"] * 2 + 30  # warm-up and timed runs, session start
 
-    def _target(self, name: str) -> DeployTarget:
+    def _target(self, name: str) -> Deployable:
         return self.target_factory(self.plan.devices[name], self.options.command_timeout_s,
                                    self.options.connect_timeout_s)
 
@@ -148,11 +150,11 @@ class Rollout:
         finally:
             target.close()
 
-    def _after_error(self, target: DeployTarget, name: str, exc: MeasurementError) -> str:
+    def _after_error(self, target: Deployable, name: str, exc: MeasurementError) -> str:
         """An install or health check that failed: offline if the device is gone, else roll back what is unverified."""
         target.close()
         try:
-            target.connect()
+            target.open()
         except HostKeyMismatch as again:
             self.registry.set_status(name, "host-key-changed", str(again))
             return self._state(name, "failed", error=f"{exc}; then {again}")
@@ -257,9 +259,12 @@ class Rollout:
                 status, message = "done-with-failures", f"{', '.join(failed)} failed ({self._errors(failed)})"
             else:
                 status, message = "done", f"{len(states)} device(s) healthy"
+        if self.plan.not_deployable:
+            message += "; not deployed to (its transport cannot be): " + "; ".join(
+                f"{n}: {why}" for n, why in self.plan.not_deployable.items())
         self.store.finish_rollout(self.rollout_id, status, message)
         record = self.store.get_rollout(self.rollout_id)
-        return RolloutResult(self.rollout_id, status, message, record["devices"])
+        return RolloutResult(self.rollout_id, status, message, record["devices"], dict(self.plan.not_deployable))
 
     def _errors(self, names: list[str]) -> str:
         """The first device's reason (each device's own line was printed as it happened)."""
@@ -269,7 +274,7 @@ class Rollout:
 
 
 def deploy(chosen: ChosenModel, options: RolloutOptions, on_event: Event = lambda kind, data: None,
-           target_factory: TargetFactory = DeployTarget, resume: dict[str, Any] | None = None,
+           target_factory: TargetFactory = deploy_target, resume: dict[str, Any] | None = None,
            force: bool = False) -> RolloutResult:
     """Roll one chosen model out (or go on with a stored rollout, `resume`); raises when it did not end `done`.
 
@@ -374,7 +379,7 @@ def find_resumable(ident: str | None = None, profile: str | None = None, force: 
 
 
 def rollback_devices(names: list[str], max_parallel: int = 4, on_event: Event = lambda kind, data: None,
-                     target_factory: TargetFactory = DeployTarget) -> dict[str, dict[str, Any]]:
+                     target_factory: TargetFactory = deploy_target) -> dict[str, dict[str, Any]]:
     """`orchestrate rollback`: each device back to the version active before its current one.
 
     Returns {name: {"from", "to"} or {"error"}}; raises RolloutFailed naming every device that
@@ -385,7 +390,13 @@ def rollback_devices(names: list[str], max_parallel: int = 4, on_event: Event = 
     lock = threading.Lock()
 
     def one(device) -> dict[str, Any]:
-        target = target_factory(device)
+        try:
+            target = target_factory(device)
+        except DeployError as exc:  # its transport cannot deploy: nothing to roll back there
+            outcome: dict[str, Any] = {"error": str(exc)}
+            with lock:
+                on_event("rolled_back", {"name": device.name, **outcome})
+            return outcome
         try:
             back = target.rollback()
         except HostKeyMismatch as exc:

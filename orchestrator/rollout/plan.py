@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
+from orchestrator.devices.transport import Deployable
 from orchestrator.errors import DeployError, DeviceUnreachable, HostKeyMismatch, MeasurementError
+from orchestrator.fleet.transports import deploy_target, deployable_reason
 from orchestrator.modelfacts import model_precision
 from orchestrator.paths import cache_dir, store_path
 from orchestrator.profile import load_profile
 from orchestrator.rollout.healthcheck import HEALTH_RUNS, HEALTH_TIME_BUDGET_S, health_spec
-from orchestrator.rollout.target import DeployTarget
 from orchestrator.search.selection import pipeline_label
 from orchestrator.store import SAMPLES_FILE, RunStore
 
-TargetFactory = Callable[..., DeployTarget]
+#: What makes a device's `Deployable`: (registered device, command timeout, connect timeout) -> Deployable.
+TargetFactory = Callable[..., Deployable]
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Plan:
     waves: list[list[str]]
     canaries: int
     spec: dict[str, Any]
-    skipped: list[str] = field(default_factory=list)  # emulated devices: nothing to deploy to
+    not_deployable: dict[str, str] = field(default_factory=dict)  # name -> why its transport cannot be deployed to
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -115,16 +117,23 @@ def canary_count(spec: str, devices: int) -> int:
 
 
 def make_plan(chosen: ChosenModel, options: RolloutOptions, registry: DeviceRegistry | None = None) -> Plan:
-    """The waves for one chosen model: devices tagged `canary` first, then by name; canaries, then K at a time."""
+    """The waves for one chosen model: devices tagged `canary` first, then by name; canaries, then K at a time.
+
+    Only devices whose transport can be deployed to (the `Deployable` capability) are in the waves;
+    the others are in `not_deployable`, each with the reason, which the rollout reports.
+    """
     canary_count(options.canary, 1)  # a bad --canary is refused before any device is looked at
     if options.on_failure not in ("stop", "continue"):
         raise DeployError(f"on_failure must be 'stop' or 'continue', not {options.on_failure!r}")
     registry = registry or DeviceRegistry()
     registered = registry.list(chosen.profile)
-    devices = [d for d in registered if d.transport == "ssh"]
+    reasons = {d.name: deployable_reason(d.device()) for d in registered}
+    not_deployable = {name: why for name, why in reasons.items() if why is not None}
+    devices = [d for d in registered if reasons[d.name] is None]
     if not devices:
+        cannot = "".join(f"; {name}: {why}" for name, why in not_deployable.items())
         raise DeviceUnreachable(f"profile {chosen.profile!r} has no registered device to deploy to "
-                                f"(orchestrate devices register NAME ... --profile <{chosen.profile}.yaml>)")
+                                f"(orchestrate devices register NAME ... --profile <{chosen.profile}.yaml>){cannot}")
     devices.sort(key=lambda d: ("canary" not in d.tags, d.name))
     names = [d.name for d in devices]
     canaries = canary_count(options.canary, len(names))
@@ -138,11 +147,10 @@ def make_plan(chosen: ChosenModel, options: RolloutOptions, registry: DeviceRegi
         chosen.constraints = chosen.constraints or profile.constraints.model_dump()
     spec = health_spec(chosen.precision, chosen.constraints, runtime, batch, options.health_runs,
                        options.health_time_budget_s)
-    return Plan(chosen, {d.name: d for d in devices}, waves, canaries, spec,
-                [d.name for d in registered if d.transport != "ssh"])
+    return Plan(chosen, {d.name: d for d in devices}, waves, canaries, spec, not_deployable)
 
 
-def device_views(plan: Plan, options: RolloutOptions, target_factory: TargetFactory = DeployTarget) -> dict[str, str]:
+def device_views(plan: Plan, options: RolloutOptions, target_factory: TargetFactory = deploy_target) -> dict[str, str]:
     """What each device of a plan has now, one line each, asked of the devices at once (for --dry-run)."""
     def view(name: str) -> str:
         target = target_factory(plan.devices[name], options.command_timeout_s, options.connect_timeout_s)
