@@ -24,12 +24,18 @@ def _folder(path: Path, what: str) -> Path:
 
 
 def state_dir() -> Path:
-    """`$EDGE_ORCHESTRATOR_HOME`, else `$XDG_DATA_HOME/edge-orchestrator`, else `~/.local/share/edge-orchestrator`."""
+    """`$EDGE_ORCHESTRATOR_HOME`, else `$XDG_DATA_HOME/edge-orchestrator`, else `~/.local/share/edge-orchestrator`.
+
+    A relative `$XDG_DATA_HOME` is ignored, as the XDG Base Directory spec says (it would make a store
+    per working folder).
+    """
     explicit = os.environ.get(HOME_ENV)
     if explicit:
         root, what = Path(explicit), f"the state folder (${HOME_ENV})"
     else:
-        xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        xdg = os.environ.get("XDG_DATA_HOME", "")
+        if not os.path.isabs(xdg):
+            xdg = str(Path.home() / ".local" / "share")
         root, what = Path(xdg) / "edge-orchestrator", "the state folder"
     return _folder(root, what).resolve()
 

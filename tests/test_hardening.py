@@ -558,3 +558,23 @@ def test_a_long_error_line_is_one_line_when_stderr_is_not_a_terminal(tmp_path, t
     assert done.returncode == 3, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "latency" in last and len(last) > 100, done.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ item 18: a relative $XDG_DATA_HOME
+
+
+@pytest.mark.parametrize("xdg", ["rel/data", "", None])
+def test_a_relative_xdg_data_home_is_ignored(tmp_path, monkeypatch, xdg):
+    from orchestrator.paths import state_dir, store_path
+
+    monkeypatch.delenv("EDGE_ORCHESTRATOR_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    if xdg is None:
+        monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_DATA_HOME", xdg)
+    monkeypatch.chdir(tmp_path)
+    assert state_dir() == tmp_path / "user" / ".local" / "share" / "edge-orchestrator"
+    assert store_path().parent == state_dir() and not (tmp_path / "rel").exists()
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "abs"))
+    assert state_dir() == tmp_path / "abs" / "edge-orchestrator"
