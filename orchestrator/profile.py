@@ -167,8 +167,22 @@ class Objective(_Strict):
     tie_within: float = Field(
         default=0.0, ge=0, lt=1,
         description="objective values within this share of the best count as a tie (e.g. 0.03 for a "
-                    "measurement's noise); ties go to higher accuracy, then smaller size",
+                    "measurement's noise); ties go by `tie_break`",
     )
+    tie_break: list[Literal["size", "accuracy"]] = Field(
+        default_factory=lambda: ["size", "accuracy"], min_length=1, max_length=2,
+        description="the order in which a tie on the objective is broken among feasible candidates: "
+                    "size (the smaller model wins, by 1% or more), accuracy (the more accurate, by 0.1 points "
+                    "or more); then the better objective value. Default: size, then accuracy (within the "
+                    "profile's accuracy budget an edge fleet pays for every megabyte)",
+    )
+
+    @field_validator("tie_break")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"tie_break names a rule twice: {value}")
+        return value
 
     @model_validator(mode="after")
     def _goal_matches_metric(self) -> Objective:

@@ -116,8 +116,12 @@ def _pick_section(results: dict[str, Any]) -> str:
                   f"accuracy {pm['accuracy']:.4f} vs {bm['accuracy']:.4f} ({change}).</p>")
     obj = results["objective"]
     tie = obj.get("tie_within") or 0.0
-    ties = (f"; values within {100 * tie:.3g}% of the best count as a tie, which goes to the more accurate "
-            "candidate" if tie else "")
+    order = obj.get("tie_break") or ["size", "accuracy"]
+    words = {"size": "the smaller", "accuracy": "the more accurate"}
+    ties = (f"; values within {100 * tie:.3g}% of the best count as a tie, which goes to "
+            + ", then ".join(words.get(r, r) for r in order) + " candidate" if tie else "")
+    if decision_rule := (results.get("decision") or {}).get("tie_broken_by"):
+        ties += f" (this pick: a tie broken by {html.escape(decision_rule)})"
     decision = results.get("decision") or {}
     final = ""
     if decision.get("sentence"):

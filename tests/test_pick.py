@@ -237,7 +237,7 @@ def test_a_tie_goes_to_the_more_accurate() -> None:
     assert set(block["tied_with_leader"]) | {block["leader"]} == {"c001", "c002"}
     assert block["pick"] == "c002"  # within the noise of the fastest, and more accurate
     if block["leader"] == "c001":
-        assert block["tie_broken_by"] == "accuracy" and "within the noise and is more accurate" in block["sentence"]
+        assert block["tie_broken_by"] == "accuracy" and "1.50 points more accurate" in block["sentence"]
     rounds["c001"] = [x * 0.5 for x in rounds["c001"]]  # now really twice as fast: accuracy no longer decides
     assert decide(contenders, rounds, "c000", tie_within=0.02)["pick"] == "c001"
 
@@ -262,7 +262,63 @@ def test_a_negligible_quality_or_size_difference_does_not_decide_a_tie() -> None
     contenders[2]["metrics"].update(accuracy=0.9939, size_bytes=11_000_000)  # as accurate, half the size
     block = decide(contenders, rounds, "c000", tie_within=0.03)
     assert block["pick"] == "c010" and block["tie_broken_by"] == "size"
-    assert "it ties with the fastest, c002, within the noise and is as accurate and smaller" in block["sentence"]
+    assert "it ties on latency with the fastest, c002, within the noise" in block["sentence"]
+    assert "and is 2.08x smaller (as accurate; rule: size first)" in block["sentence"], block["sentence"]
+
+
+def _baseline_tie() -> tuple[list[dict], dict[str, list[float]]]:
+    """The issue's case: fp32 and an int8 model 3.9x smaller, at the same speed within the noise."""
+    rng = np.random.default_rng(1)
+    contenders = [
+        {"id": "c000", "pipeline": [], "metrics": {"accuracy": 1.0, "size_bytes": 88_300_000}},
+        {"id": "c010", "pipeline": [{"technique": "int8-dynamic"}], "metrics": {"accuracy": 0.9916,
+                                                                               "size_bytes": 22_400_000}},
+    ]
+    base = 23.0 + rng.normal(0, 1.0, 20)
+    rounds = {"c000": list(base), "c010": list(base * 1.03 + rng.normal(0, 1.0, 20))}
+    return contenders, rounds
+
+
+def test_a_tie_with_the_baseline_goes_to_the_smaller_candidate() -> None:
+    contenders, rounds = _baseline_tie()
+    block = decide(contenders, rounds, "c000", tie_within=0.02)
+    assert block["leader"] == "c000" and block["tied_with_leader"] == ["c010"], block
+    assert block["pick"] == "c010" and block["tie_broken_by"] == "size"
+    assert block["tie"]["size_ratio"] == round(88.3 / 22.4, 4) and block["tie"]["accuracy_points"] == -0.84
+    assert block["sentence"].startswith("c010 ties on latency with the baseline c000 within the noise"), block
+    assert "and is 3.94x smaller (0.84 points less accurate; rule: size first)" in block["sentence"], block["sentence"]
+    assert block["tie_break"] == ["size", "accuracy"] and "the smaller (by 1% or more), then" in block["rule"]
+
+
+def test_a_profile_that_orders_accuracy_first_keeps_the_more_accurate() -> None:
+    contenders, rounds = _baseline_tie()
+    block = decide(contenders, rounds, "c000", tie_within=0.02, tie_break=["accuracy", "size"])
+    assert block["pick"] == "c000" and "tie_broken_by" not in block
+    assert "c000 (the baseline) was not measurably beaten" in block["sentence"]
+    assert block["rule"].index("more accurate") < block["rule"].index("smaller")
+    # and through a profile: the field is validated and reaches the selection's own tie rule
+    raw = profile().model_dump()
+    prof = Profile.model_validate({**raw, "objective": {**raw["objective"], "tie_break": ["accuracy"]}})
+    assert prof.objective.tie_break == ["accuracy"] and profile().objective.tie_break == ["size", "accuracy"]
+    for bad in (["size", "size"], ["speed"], []):
+        with pytest.raises(ValueError, match="tie_break"):
+            Profile.model_validate({**raw, "objective": {**raw["objective"], "tie_break": bad}})
+
+
+def test_a_baseline_outside_the_profile_is_a_reference_and_the_sentence_says_so() -> None:
+    """The baseline over the size cap is fastest, but cannot lead: the pick is the fastest feasible one."""
+    contenders = [
+        {"id": "c000", "pipeline": [], "metrics": {"accuracy": 1.0, "size_bytes": 88_300_000}},
+        {"id": "c015", "pipeline": [{"technique": "fp16"}], "metrics": {"accuracy": 0.999, "size_bytes": 44_000_000}},
+        {"id": "c016", "pipeline": [{"technique": "x"}], "metrics": {"accuracy": 0.999, "size_bytes": 40_000_000}},
+    ]
+    rounds = {"c000": [10.0] * 12, "c015": [18.5] * 12, "c016": [30.0] * 12}
+    block = decide(contenders, rounds, "c000", tie_within=0.02,
+                   outside={"c000": "model size 88.30 MB > 50.00 MB"})
+    assert block["leader"] == "c015" and block["pick"] == "c015"
+    assert "the baseline is outside the profile (model size 88.30 MB > 50.00 MB), a reference only" in block["sentence"]
+    assert "c015 is 1.85x slower than the baseline c000" in block["sentence"]
+    assert "was not measurably beaten" not in block["sentence"]
 
 
 def test_finalists_are_the_best_feasible_on_the_objective_plus_the_baseline() -> None:

@@ -304,21 +304,27 @@ def test_objective_outside_default_objectives_is_honoured() -> None:
 
 
 @pytest.mark.parametrize(
-    ("x", "y", "expected"),
+    ("x", "y", "expected", "order"),
     [
-        # equal latency: higher accuracy wins (x is bigger, so both stay on the front)
-        ({"acc": 0.985, "size": 3_000_000, "energy": 2.0}, {"acc": 0.98, "size": 2_000_000, "energy": 1.0}, "x"),
-        # equal latency and accuracy: smaller size wins (y uses more energy, so both stay on the front)
-        ({"acc": 0.98, "size": 3_000_000, "energy": 1.0}, {"acc": 0.98, "size": 2_000_000, "energy": 2.0}, "y"),
+        # equal latency: the smaller wins, though less accurate (x is more accurate, so both stay on the front)
+        ({"acc": 0.985, "size": 3_000_000, "energy": 2.0}, {"acc": 0.98, "size": 2_000_000, "energy": 1.0}, "y", None),
+        # equal latency and size (within 1%): the more accurate wins (y uses more energy, so both stay on the front)
+        ({"acc": 0.985, "size": 2_010_000, "energy": 1.0}, {"acc": 0.98, "size": 2_000_000, "energy": 2.0}, "x", None),
         # identical: lower id wins
-        ({}, {}, "c05"),
+        ({}, {}, "c05", None),
+        # a profile that orders accuracy first: the more accurate wins, though larger
+        ({"acc": 0.985, "size": 3_000_000, "energy": 2.0}, {"acc": 0.98, "size": 2_000_000, "energy": 1.0}, "x",
+         ["accuracy", "size"]),
     ],
-    ids=["accuracy", "size", "id"],
+    ids=["size", "accuracy", "id", "accuracy-first"],
 )
-def test_tie_break_order(x: dict[str, Any], y: dict[str, Any], expected: str) -> None:
+def test_tie_break_order(x: dict[str, Any], y: dict[str, Any], expected: str, order: list[str] | None) -> None:
     cx, cy = cand("c09", "t", p50=3.0, **x), cand("c05", "t", p50=3.0, **y)
     expected_id = {"x": "c09", "y": "c05"}.get(expected, expected)
-    sel = select([cand("b", **BASE), cx, cy], profile("latency_p50"))
+    prof = profile("latency_p50")
+    if order:
+        prof = Profile.model_validate({**prof.model_dump(), "objective": {"metric": "latency_p50", "tie_break": order}})
+    sel = select([cand("b", **BASE), cx, cy], prof)
     assert {"c09", "c05"} <= set(ids(sel.front))
     assert sel.best is not None and sel.best.id == expected_id
 

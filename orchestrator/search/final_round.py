@@ -13,10 +13,14 @@ The decision (`decide`):
   profile's objective percentile). Ratios between two contenders come with a 95% interval
   from a paired bootstrap over rounds (rounds are resampled, so both models of a pair keep
   the conditions they shared).
-- The fastest contender leads. A contender whose interval of "how much slower than the
-  leader" reaches down to `objective.tie_within` (or below) ties with it: its disadvantage is
-  inside the noise. Among the tied, the more accurate wins (by 0.1 quality points or more), then the
-  smaller (by 1% or more), then the faster.
+- The fastest contender within the profile leads (a baseline over the profile's limits is
+  measured as a reference only, and the sentence says so). A contender whose interval of "how
+  much slower than the leader" reaches down to `objective.tie_within` (or below) ties with it:
+  its disadvantage is inside the noise. Among the tied, `objective.tie_break` decides: by default
+  the smaller wins (by 1% or more), then the more accurate (by 0.1 quality points or more), then
+  the faster. Size comes first because the profile's accuracy budget already says how much quality
+  the user trades, and on a brought model fp32 is by definition "the most accurate": accuracy
+  first would hand every tie to the unchanged model.
 - For an objective other than latency the rounds are information only (speed-ups shown);
   the pick stays the selection's, decided on deterministic metrics.
 """
@@ -32,13 +36,10 @@ import numpy as np
 
 from orchestrator.errors import NoFeasibleCandidate
 from orchestrator.search.record import CandidateRecord, as_record
-from orchestrator.search.selection import Candidate, select
+from orchestrator.search.selection import DEFAULT_TIE_BREAK, Candidate, select, smallest_size, tie_break_key
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
-RULE = ("fastest median over interleaved rounds; a contender whose 95% interval of (its latency / the leader's) "
-        "reaches 1 + tie_within or below ties; ties go to the more accurate (by 0.1 points or more), then the "
-        "smaller (by 1% or more), then the faster")
 
 
 def choose_finalists(feasible: list[CandidateRecord], baseline: CandidateRecord, metric: str, maximize: bool,
@@ -61,21 +62,28 @@ def ratio_interval(faster: np.ndarray, slower: np.ndarray, idx: np.ndarray) -> t
 
 
 def decide(contenders: list[Candidate], rounds: dict[str, list[float]], baseline_id: str, tie_within: float,
-           decides: bool = True, seed: int = 0) -> dict[str, Any]:
+           decides: bool = True, seed: int = 0, tie_break: Any = None,
+           outside: dict[str, str] | None = None) -> dict[str, Any]:
     """The decision block of results.json from the rounds' latencies (ms per contender id, one per round).
 
     `contenders` are candidate records (id, metrics with accuracy and size_bytes, pipeline);
-    the baseline is among them. With `decides` False (an objective other than latency) the
-    pick is not chosen here: the block reports the rounds and the leader only.
+    the baseline is among them. `tie_break` is the profile's order of tie rules (default: size,
+    then accuracy). `outside` names contenders measured only as a reference, with the reason (a
+    baseline over the profile's limits): they can neither lead nor be picked. With `decides` False
+    (an objective other than latency) the pick is not chosen here: the block reports the rounds and
+    the leader only.
     """
     by_id = {c.id: c for c in map(as_record, contenders)}
+    outside = dict(outside or {})
+    order_rules = list(tie_break or DEFAULT_TIE_BREAK)
     ids = [i for i in by_id if len(rounds.get(i, [])) > 0]
     n = min(len(rounds[i]) for i in ids)
     arrays = {i: np.asarray(rounds[i][:n], dtype=float) for i in ids}
     idx = np.random.default_rng(seed).integers(0, n, size=(RESAMPLES, n))
     medians = {i: float(np.median(arrays[i])) for i in ids}
     order = sorted(ids, key=lambda i: medians[i])
-    leader = order[0]
+    eligible = [i for i in order if i not in outside] or order
+    leader = eligible[0]
     tied = [leader]
     per: dict[str, dict[str, Any]] = {}
     for i in ids:
@@ -83,27 +91,23 @@ def decide(contenders: list[Candidate], rounds: dict[str, list[float]], baseline
         cv = float(np.std(arrays[i]) / np.mean(arrays[i])) if np.mean(arrays[i]) > 0 else 0.0
         per[i] = {"median_ms": round(medians[i], 6), "cv": round(cv, 4),  # round to round: how quiet the device was
                   "rounds_ms": [round(x, 6) for x in arrays[i].tolist()],
-                  "vs_leader": {"ratio": round(point, 4), "low": round(low, 4), "high": round(high, 4)}}
-        if i != leader and low <= 1.0 + tie_within:
+                  "vs_leader": {"ratio": round(point, 4), "low": round(low, 4), "high": round(high, 4)},
+                  **({"outside_profile": outside[i]} if i in outside else {})}
+        if i != leader and i in eligible and low <= 1.0 + tie_within:
             tied.append(i)
 
-    sizes = [by_id[i].value("size_bytes") for i in tied]
-    smallest = min((s for s in sizes if s), default=None)
+    smallest = smallest_size([by_id[i] for i in tied])
 
-    def tie_break(i: str) -> tuple[float, float, float]:
-        # differences below 0.1 quality points or 1% of size are no better than the latency's noise:
-        # they fall through to the next key (a cosine of 0.9941 does not beat 0.9939 and a 10% speed-up)
-        acc = by_id[i].value("accuracy")
-        size = by_id[i].value("size_bytes")
-        return (-(round(acc, 3) if acc is not None else -math.inf),
-                round(100 * size / smallest) if size is not None and smallest else math.inf, medians[i])
+    def key(i: str) -> tuple[float, ...]:
+        return (*tie_break_key(by_id[i], order_rules, smallest), medians[i])
 
-    pick = min(tied, key=tie_break) if decides else None
+    pick = min(tied, key=key) if decides else None
     shown = pick or leader
     block: dict[str, Any] = {
         "decided_by": "final round" if decides else "search measurements (objective is not latency)",
-        "rule": RULE if decides else "the selection's rule; the rounds are shown for information",
+        "rule": rule_text(order_rules) if decides else "the selection's rule; the rounds are shown for information",
         "tie_within": tie_within,
+        "tie_break": order_rules,
         "confidence": CONFIDENCE,
         "rounds": n,
         "finalists": [{"id": i, "pipeline": by_id[i].label, **per[i]} for i in order],
@@ -111,16 +115,40 @@ def decide(contenders: list[Candidate], rounds: dict[str, list[float]], baseline
         "tied_with_leader": [i for i in tied if i != leader],
         "pick": pick,
     }
-    if pick and pick != leader:  # what broke the tie: the rule's first key on which the pick beats the leader
-        mine, theirs = tie_break(pick), tie_break(leader)
-        block["tie_broken_by"] = "accuracy" if mine[0] != theirs[0] else "size"
+    if outside:
+        block["outside_profile"] = outside
+    if pick and pick != leader:  # what broke the tie: the first rule on which the pick beats the leader
+        mine, theirs = key(pick), key(leader)
+        rule = next((r for r, a, b in zip(order_rules, mine, theirs) if a != b), None)
+        block["tie_broken_by"] = rule
+        block["tie"] = _tie_facts(by_id[pick], by_id[leader], per[pick]["vs_leader"])
     if shown != baseline_id and baseline_id in arrays:
         block["vs_baseline"] = _compare(shown, baseline_id, arrays, idx)
-    others = [i for i in order if i not in (shown, baseline_id)]
+    others = [i for i in order if i not in (shown, baseline_id, leader if pick != leader else None)]
     if others:
         block["vs_runner_up"] = _compare(shown, others[0], arrays, idx)
     block["sentence"] = sentence(block, baseline_id)
     return block
+
+
+def rule_text(order: list[str]) -> str:
+    """The final round's rule in words, with the profile's tie-break order."""
+    words = {"size": "the smaller (by 1% or more)", "accuracy": "the more accurate (by 0.1 points or more)"}
+    return ("fastest median over interleaved rounds among the candidates within the profile; a contender whose "
+            "95% interval of (its latency / the leader's) reaches 1 + tie_within or below ties; ties go to "
+            + ", then ".join(words[r] for r in order) + ", then the faster")
+
+
+def _tie_facts(pick: CandidateRecord, leader: CandidateRecord, vs_leader: dict[str, float]) -> dict[str, Any]:
+    """What the sentence says of a broken tie: the pick's latency against the leader's, its size and accuracy."""
+    facts: dict[str, Any] = {"with": leader.id, "latency_ratio": vs_leader}
+    ps, ls = pick.value("size_bytes"), leader.value("size_bytes")
+    if ps and ls:
+        facts["size_ratio"] = round(ls / ps, 4)  # how many times smaller the pick is (below 1: larger)
+    pa, la = pick.value("accuracy"), leader.value("accuracy")
+    if pa is not None and la is not None:
+        facts["accuracy_points"] = round(100 * (pa - la), 4)  # the pick's quality minus the leader's
+    return facts
 
 
 def _compare(a: str, b: str, arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, Any]:
@@ -137,11 +165,17 @@ def _x(cmp: dict[str, Any], pct: int | None = None) -> tuple[str, str]:
 
 
 def sentence(block: dict[str, Any], baseline_id: str) -> str:
-    """One line for the terminal and the report: who won the final round, by how much, how sure."""
+    """One line for the terminal and the report: who won the final round, by how much, how sure, which rule."""
     who = block["pick"] or block["leader"]
     pct = int(round(block["confidence"] * 100))
+    tie = block.get("tie")
+    tied_with_baseline = bool(tie) and block["pick"] != block["leader"] == baseline_id
     if who == baseline_id:
         text = f"{who} (the baseline) was not measurably beaten in {block['rounds']} interleaved rounds"
+    elif tied_with_baseline:  # the baseline led, within the noise: the tie rule picked the candidate
+        lr = tie["latency_ratio"]
+        text = (f"{who} ties on latency with the baseline {baseline_id} within the noise ({lr['ratio']:.2f}x its "
+                f"time, {lr['low']:.2f}–{lr['high']:.2f}, {pct}%) and {_tie_reason(block)}")
     else:
         vb = block.get("vs_baseline")
         if vb:
@@ -153,12 +187,28 @@ def sentence(block: dict[str, Any], baseline_id: str) -> str:
     if ru:
         how, interval = _x(ru)
         text += f" and {how} {ru['other']} ({interval})"
-    if block["pick"] and block["pick"] != block["leader"]:
-        why = {"accuracy": "is more accurate", "size": "is as accurate and smaller"}.get(
-            block.get("tie_broken_by"), "is more accurate or smaller")
-        text += f"; it ties with the fastest, {block['leader']}, within the noise and {why}"
+    if block["pick"] and block["pick"] != block["leader"] and tie and not tied_with_baseline:
+        lr = tie["latency_ratio"]
+        text += (f"; it ties on latency with the fastest, {block['leader']}, within the noise "
+                 f"({lr['ratio']:.2f}x its time, {lr['low']:.2f}–{lr['high']:.2f}), and {_tie_reason(block)}")
+    if block.get("outside_profile", {}).get(baseline_id):
+        text += f"; the baseline is outside the profile ({block['outside_profile'][baseline_id]}), a reference only"
     text += f" ({block['rounds']} interleaved rounds)"
     return text
+
+
+def _tie_reason(block: dict[str, Any]) -> str:
+    """'is 3.94x smaller (rule: size first)' or 'is 0.42 points more accurate (rule: accuracy first)'."""
+    tie, rule = block["tie"], block.get("tie_broken_by")
+    size, points = tie.get("size_ratio"), tie.get("accuracy_points")
+    size_text = (f"is {size:.2f}x smaller" if size and size >= 1.005 else
+                 "is as small" if size and size > 0.995 else f"is {1 / size:.2f}x larger" if size else "")
+    acc_text = ("" if points is None else f"{points:.2f} points more accurate" if points >= 0.005
+                else f"{-points:.2f} points less accurate" if points <= -0.005 else "as accurate")
+    first = rule or "objective"
+    if rule == "accuracy":
+        return f"{'is ' + acc_text if acc_text else 'is more accurate'} ({size_text or 'size aside'}; rule: accuracy first)"
+    return f"{size_text or 'is smaller'} ({acc_text or 'quality within the budget'}; rule: {first} first)"
 
 
 def objective_percentile(profile: Any) -> str:
@@ -200,8 +250,11 @@ def run_final_round(records: list[CandidateRecord], profile: Any, lease: Any, mo
                 "device": result.get("device"), "pick": None}
     pct = objective_percentile(profile)
     rounds = {c.id: m["rounds_ms"][pct] for c, m in zip(finalists, result["models"])}
-    block = decide(finalists, rounds, selection.baseline.id, profile.objective.tie_within,
-                   decides=metric.startswith("latency_"))
+    base = selection.baseline
+    outside = {} if base.verdict is None or base.verdict.feasible else {
+        base.id: "; ".join(v["message"] for v in base.verdict.violations) or "infeasible"}
+    block = decide(finalists, rounds, base.id, profile.objective.tie_within,
+                   decides=metric.startswith("latency_"), tie_break=profile.objective.tie_break, outside=outside)
     if result.get("emulated"):  # the rounds were timed natively and scaled: say so wherever the sentence goes
         block["sentence"] += f" [EMULATED device: latency {result.get('latency_source')}]"
     block.update(device=result.get("device"), percentile=pct, seconds=round(time.perf_counter() - started, 2),

@@ -209,16 +209,43 @@ class Selection:
         return [c.to_json() for c in self.candidates]
 
 
-def _rank_key(candidate: CandidateRecord, metric: str, maximize: bool) -> tuple[Any, ...]:
-    """Sort key, smallest first: objective (unmeasured last), then higher accuracy, smaller size, id."""
+#: How a tie on the objective is broken when the profile does not say (`objective.tie_break`).
+DEFAULT_TIE_BREAK: tuple[str, ...] = ("size", "accuracy")
+
+
+def tie_break_key(candidate: CandidateRecord, order: Any, smallest: float | None) -> tuple[float, ...]:
+    """Sort key (smallest first) among candidates tied on the objective, in the profile's `order`.
+
+    "size": the smaller wins, by 1% of the smallest tied size or more; "accuracy": the more accurate
+    wins, by 0.1 quality points (0.001) or more. Smaller differences are no better than the noise of
+    the objective and fall through to the next rule (a cosine of 0.9941 does not beat 0.9939).
+    """
+    key: list[float] = []
+    for rule in order or DEFAULT_TIE_BREAK:
+        if rule == "size":
+            size = candidate.value("size_bytes")
+            key.append(round(100 * size / smallest) if size is not None and smallest else math.inf)
+        elif rule == "accuracy":
+            acc = candidate.value("accuracy")
+            key.append(-round(acc, 3) if acc is not None else math.inf)
+        else:
+            raise ValueError(f"unknown tie-break rule {rule!r}")
+    return tuple(key)
+
+
+def smallest_size(candidates: list[CandidateRecord]) -> float | None:
+    """The smallest measured model size among `candidates` (the unit of the size rule), or None."""
+    return min((s for s in (c.value("size_bytes") for c in candidates) if s), default=None)
+
+
+def _rank_key(candidate: CandidateRecord, metric: str, maximize: bool, order: Any = None,
+              smallest: float | None = None) -> tuple[Any, ...]:
+    """Sort key, smallest first: objective (unmeasured last), then the tie-break rules, then id."""
     value = candidate.value(metric)
-    acc = candidate.value("accuracy")
-    size = candidate.value("size_bytes")
     return (
         value is None,
         0.0 if value is None else (-value if maximize else value),
-        math.inf if acc is None else -acc,
-        math.inf if size is None else size,
+        *tie_break_key(candidate, order, smallest),
         candidate.id,
     )
 
@@ -285,8 +312,9 @@ def select(candidates: list[Candidate], profile: Profile) -> Selection:
       profile's objective metric (when it is not one of them), so the best value of the objective is
       always on the front; with a front, each verdict says whether its candidate is on it.
     - The best is the front candidate with the best objective value in its goal's direction; ties go
-      to higher accuracy, then smaller size, then id. With ``objective.tie_within`` above 0, every
-      front candidate whose value is within that share of the best value ties with it.
+      by ``objective.tie_break`` (default: the smaller, then the more accurate; `tie_break_key`), then
+      id. With ``objective.tie_within`` above 0, every front candidate whose value is within that share
+      of the best value ties with it.
 
     Raises NoFeasibleCandidate when no candidate is feasible; its message names the closest ok
     candidate and the constraint it broke by most, and its ``.selection`` holds the judged
@@ -307,16 +335,19 @@ def select(candidates: list[Candidate], profile: Profile) -> Selection:
     if metric not in {name for name, _ in objectives}:
         objectives = (*objectives, (metric, "max" if maximize else "min"))
     front = pareto_front(feasible, objectives)
-    best = min(front, key=lambda c: _rank_key(c, metric, maximize)) if front else None
+    order = profile.objective.tie_break
+    smallest = smallest_size(front)
+    best = min(front, key=lambda c: _rank_key(c, metric, maximize, order, smallest)) if front else None
     tie = profile.objective.tie_within
-    if best is not None and tie > 0:  # within the noise of the best value: the more accurate one wins
+    if best is not None and tie > 0:  # within the noise of the best value: the tie-break rules decide
         top = best.value(metric)
         tied = [c for c in front if (c.value(metric) >= top * (1 - tie) if maximize  # type: ignore[operator]
                                      else c.value(metric) <= top * (1 + tie))]  # type: ignore[operator]
+        smallest = smallest_size(tied)
 
         def tie_break(cand: CandidateRecord) -> tuple[Any, ...]:
-            _, value, neg_accuracy, size, cid = _rank_key(cand, metric, maximize)
-            return neg_accuracy, size, value, cid
+            value = _rank_key(cand, metric, maximize)[1]
+            return (*tie_break_key(cand, order, smallest), value, cand.id)
 
         best = min(tied, key=tie_break)
 
