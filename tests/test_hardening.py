@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import shutil
+import shlex
 import signal
 import socket
 import sqlite3
@@ -578,3 +579,20 @@ def test_a_relative_xdg_data_home_is_ignored(tmp_path, monkeypatch, xdg):
     assert store_path().parent == state_dir() and not (tmp_path / "rel").exists()
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "abs"))
     assert state_dir() == tmp_path / "abs" / "edge-orchestrator"
+
+
+# ------------------------------------------------------------------ item 19: a device Python with a space in its path
+
+
+def test_a_device_python_whose_path_has_a_space_runs(sshd_server, device_profile, register_device, tmp_path):
+    """`--python "/opt/my py/bin/python"`: one path, quoted where the remote command is built (it was split
+    at the space: `/bin/sh: /opt/my: not found`). The interpreter is a real one behind a path with a space."""
+    folder = tmp_path / "my py" / "bin"
+    folder.mkdir(parents=True)
+    python = folder / "python"
+    python.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    python.chmod(0o755)
+    out = register_device(sshd_server, "loop-space", device_profile(), "--python", str(python), "--yes")
+    assert "registered loop-space" in out  # the last --python given wins (click)
+    assert DeviceRegistry().get("loop-space").python == str(python)
+    assert _info("loop-space")["arch"] == os.uname().machine

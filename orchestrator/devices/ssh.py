@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import posixpath
-import shlex
 import time
 import uuid
 import zipfile
@@ -134,7 +133,7 @@ class SshTransport:
     # agent and uploads ------------------------------------------------------------------------------
 
     def _agent(self, session: SshSession, agent: str, args: list[str], timeout: float) -> dict[str, Any]:
-        argv = [*shlex.split(self.target.python), agent, *args]
+        argv = [self.target.python, agent, *args]  # --python is a path, spaces and all: quoted by session.run
         code, out, err = session.run(argv, timeout, what=f"the agent's {args[0]}")
         try:
             result = json.loads(out.decode(errors="replace").strip().splitlines()[-1])
@@ -194,7 +193,7 @@ class SshTransport:
         Python alone (a corrupt agent cannot check itself). Not by the archive's own sha256: zip entries
         carry file times, so two hosts build different bytes for the same agent."""
         try:
-            code, out, _ = session.run([*shlex.split(self.target.python), "-c", ZIP_CONTENT_SHA256, path],
+            code, out, _ = session.run([self.target.python, "-c", ZIP_CONTENT_SHA256, path],
                                        COMMAND_TIMEOUT_S, what="the agent's check")
         except MeasurementError as exc:
             if isinstance(exc, ConnectionLost):
