@@ -437,3 +437,41 @@ def test_results_and_stored_records_are_strict_json(home):
     with sqlite3.connect(home / "runs.sqlite") as db:
         [stored] = db.execute("SELECT record FROM candidates").fetchone()
     assert json.loads(stored, parse_constant=refuse)["metrics"]["accuracy"] is None
+
+
+# ---------------------------------------------- issue 31 item 20: an inventory's line numbers in linear time
+
+
+class _CountingEntries(list):
+    """A mapping node's entries that count how many of them are looked at (iterated, forwards or back)."""
+
+    looked_at = 0
+
+    def __iter__(self):
+        for item in super().__iter__():
+            type(self).looked_at += 1
+            yield item
+
+    def __reversed__(self):
+        for item in super().__reversed__():
+            type(self).looked_at += 1
+            yield item
+
+
+@pytest.mark.parametrize("hosts", [1_000, 4_000])
+def test_finding_every_hosts_line_looks_at_each_entry_a_bounded_number_of_times(tmp_path, hosts):
+    """`devices import` finds each host's line: scanning the hosts mapping for each was quadratic
+    (60,000 one-line hosts took minutes). Counted, not timed: each entry is looked at O(1) times."""
+    from orchestrator.errors import InventoryError
+    from orchestrator.yamlfile import line_of, read_yaml
+
+    path = tmp_path / "inventory.yaml"
+    path.write_text("all:\n  hosts:\n" + "".join(f"    pi-{i:05d}: {{ansible_host: 10.0.0.1}}\n" for i in range(hosts)))
+    _, node, data = read_yaml(path, "inventory", InventoryError, 10 * 1024 * 1024)
+    [(_, top)] = node.value
+    [(_, mapping)] = top.value
+    mapping.value = _CountingEntries(mapping.value)
+    _CountingEntries.looked_at = 0
+    lines = [line_of(node, ("all", "hosts", name)) for name in data["all"]["hosts"]]
+    assert lines == list(range(3, hosts + 3))
+    assert _CountingEntries.looked_at <= 2 * hosts, _CountingEntries.looked_at
