@@ -475,3 +475,33 @@ def test_finding_every_hosts_line_looks_at_each_entry_a_bounded_number_of_times(
     lines = [line_of(node, ("all", "hosts", name)) for name in data["all"]["hosts"]]
     assert lines == list(range(3, hosts + 3))
     assert _CountingEntries.looked_at <= 2 * hosts, _CountingEntries.looked_at
+
+
+# ---------------------------------------------- issue 31 item 10: --out that cannot hold a run's folder
+
+
+@pytest.mark.parametrize(("make", "why"), [
+    ("file", "not a folder (a file is in the way)"),
+    ("under-a-file", "not a folder (a file is in the way)"),
+])
+def test_an_out_that_cannot_hold_runs_is_refused_before_anything_loads(home, tmp_path, capsys, make, why):
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-file" if make == "file" else tmp_path / "a-file" / "runs"
+    started = time.monotonic()
+    assert main(["--profile", str(X86), "--trials", "1", "--out", str(out)]) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"error: --out {out}: {why}"
+    assert time.monotonic() - started < 5  # no plugin, base model or Ray was loaded
+    assert not (home / "runs.sqlite").exists() or RunStore(home / "runs.sqlite").list_runs() == []
+
+
+def test_an_out_this_user_cannot_write_is_refused(home, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    prefix = []
+    if os.getuid() == 0:  # root ignores modes: drop its override, as a user has none
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    done = subprocess.run([*prefix, sys.executable, "-m", "orchestrator", "--profile", str(X86), "--trials", "1",
+                           "--out", str(locked / "runs")], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "EDGE_ORCHESTRATOR_HOME": str(home)}, check=False)
+    assert done.returncode == 2, done.stderr
+    assert _one_error_line(done.stderr) == f"error: --out {locked / 'runs'}: cannot be made: Permission denied"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import traceback
@@ -99,8 +100,25 @@ def cli(ctx: click.Context, profile_path: Path | None, task: str | None, model: 
         raise click.UsageError("--inputs goes with --model (a task plugin brings its own data)")
     if model is not None and task is not None:
         raise click.UsageError("give --model or --task, not both")
+    problem = _out_problem(out_dir)
+    if problem:  # found now, not after the base model was trained
+        click.echo(f"error: --out {printable(out_dir)}: {problem}", err=True)
+        ctx.exit(ExitCode.USAGE)
     ctx.exit(run_with_progress(profile_path, task, trials, out_dir, ray_address, fresh=fresh,
                                model=model, inputs=str(inputs) if inputs else None))
+
+
+def _out_problem(out_dir: Path) -> str | None:
+    """Why a run could not write its folder under `out_dir` (made now if missing), or None when it can."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        return "not a folder (a file is in the way)"
+    except OSError as exc:
+        return f"cannot be made: {exc.strerror or exc}"
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        return "not writable by this user"
+    return None
 
 
 @cli.command()
