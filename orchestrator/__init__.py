@@ -17,7 +17,9 @@ from orchestrator.api import (
     distillation_loss,
     hookimpl,
 )
-from orchestrator.errors import TechniqueParamsError
+from orchestrator.devices.base import Device, bench_args, compare_args
+from orchestrator.devices.transport import Deployable, Transport, TransportKind
+from orchestrator.errors import DeviceUnreachable, MeasurementError, TechniqueParamsError
 from orchestrator.search.record import CandidateRecord
 
 try:
@@ -25,5 +27,6 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["CandidateRecord", "Choice", "Dataset", "DeviceFacts", "Task", "Technique", "TechniqueContext", "TechniqueParamsError", "TensorSpec",
-           "choice", "distillation_loss", "hookimpl", "__version__"]
+__all__ = ["CandidateRecord", "Choice", "Dataset", "Deployable", "Device", "DeviceFacts", "DeviceUnreachable",
+           "MeasurementError", "Task", "Technique", "TechniqueContext", "TechniqueParamsError", "TensorSpec", "Transport",
+           "TransportKind", "bench_args", "choice", "compare_args", "distillation_loss", "hookimpl", "__version__"]

@@ -53,6 +53,20 @@ def register_transports(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
+def register_transports(register: Callable[[Any], None]) -> None:
+    """Register device transport kinds: a new way to reach a device (a serial board, a container, a device farm).
+
+    :param register: call it once per kind with a ``TransportKind`` instance. A name already
+        registered (a built-in's: local, ssh, qemu, or another plugin's) is refused, naming both.
+    :returns: nothing.
+
+    A device whose ``transport`` is the kind's name is measured through ``kind.transport(device)``
+    and, when the kind has ``deploy``, rolled out to through ``kind.deploy(device, ...)``.
+    Called once when the plugin manager is built. Added in 0.4.
+    """
+
+
+@hookspec
 def run_started(run_id: str, run: dict) -> None:
     """Called on the host when a run (or a resumed run) starts, before the base model is loaded.
 

@@ -124,6 +124,8 @@ class RegisteredDevice:
         if self.emulated:
             return Device(name=self.name, transport="qemu", arch=self.arch or "aarch64", emulated=True,
                           extra=dict(self.extra))
+        if self.transport != "ssh":  # a plugin's kind: what it needs is in `extra`
+            return Device(name=self.name, transport=self.transport, arch=self.arch or "unknown", extra=dict(self.extra))
         return Device(name=self.name, transport=self.transport, arch=self.arch or "unknown", ssh=self.target())
 
     def as_dict(self) -> dict[str, Any]:
