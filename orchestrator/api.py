@@ -98,6 +98,11 @@ class Technique:
         """Return why this combination of parameters is invalid, or None. Checked before the search."""
         return None
 
+    #: Searched parameter values that need labelled training data (a loss to take gradients of), as
+    #: {parameter: (values, ...)}. For a model brought without labels the run leaves them out of the
+    #: search, and refuses them with one line when the profile fixes them. Added in 0.4.
+    needs_labels: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
     def param_grid(self) -> list[dict[str, Any]]:
         """Every valid parameter combination in the search space (used for grid search)."""
         keys = sorted(self.search_space)

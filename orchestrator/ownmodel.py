@@ -20,6 +20,7 @@ names them, rows along axis 0 (and optionally `labels`). Without it, inputs are 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -29,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from orchestrator.agreement import (DetectionSettings, channel_scales, detection_f1, detection_layout,
+                                    per_output_cosine, pixel_agreement, segmentation_shaped)
 from orchestrator.api import Dataset, Task, TensorSpec
 from orchestrator.errors import ModelSourceError
 from orchestrator.modelfacts import onnx_specs, spec_json
@@ -39,10 +42,16 @@ from orchestrator.search.pipeline import onnx_outputs
 #: How a model brought without labels is scored against the fp32 model's own outputs (1.0 = identical).
 QUALITY_METRICS = {
     "top1": "share of samples whose arg-max class is the fp32 model's",
-    "cosine": "mean cosine similarity of each sample's outputs to the fp32 model's",
+    "cosine": "each output's mean per-sample cosine to the fp32 model's, in its own scale (channels of different "
+              "scales standardised by fp32's); the worst output",
+    "detection": "F1 of the detections (score threshold, class-agnostic NMS) against the fp32 model's, matched by "
+                 "class and IoU",
+    "segmentation": "share of pixels whose arg-max class is the fp32 model's",
     "relative_error": "1 - mean |output - fp32| / mean |fp32|",
     "labels": "the task metric (top-1 accuracy) against the samples' labels",
 }
+#: Rows of the samples the fp32 model runs on to confirm an output is detector-shaped (auto quality).
+DETECTION_PROBE_ROWS = 8
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 RANDOM_SAMPLES = 64
 DEFAULT_SEQUENCE = 128
@@ -145,7 +154,8 @@ class OwnModelTask(Task):
     pretrained = True
 
     def __init__(self, source: str, samples: str | None = None, quality: str = "auto",
-                 axes: dict[str, int] | None = None, search_dir: str | None = None) -> None:
+                 axes: dict[str, int] | None = None, search_dir: str | None = None,
+                 detection: dict[str, Any] | None = None) -> None:
         self.kind = source_kind(str(source))
         # absolute: Ray workers rebuild the task from its spec in another working folder
         self.source = str(source) if self.kind == "torch" else str(Path(source).resolve())
@@ -155,6 +165,9 @@ class OwnModelTask(Task):
         if quality not in ("auto", *QUALITY_METRICS):
             raise ModelSourceError(f"model quality {quality!r}: use auto or one of {', '.join(QUALITY_METRICS)}")
         self.requested_quality = quality
+        self.detection = DetectionSettings(**(detection or {}))
+        self._layout: str | None = None  # a detector's output layout (quality "detection")
+        self._compared: list[str] = []  # which parts the last score compared, for results.json
         self.search_dir = search_dir or os.getcwd()
         self.axes = dict(axes or {})
         self._model: Any = None
@@ -168,8 +181,10 @@ class OwnModelTask(Task):
     # ------------------------------------------------------------------ what workers rebuild it from
     def spec(self) -> dict[str, Any]:
         """What a Ray worker needs to rebuild this task (`from_spec`)."""
-        return {"source": self.source, "samples": self.samples_path, "quality": self.requested_quality,
-                "axes": self.axes, "search_dir": self.search_dir, "fingerprint": self.fingerprint()}
+        # the quality as resolved here: a worker does not run the fp32 model again to detect it
+        return {"source": self.source, "samples": self.samples_path, "quality": self.quality_metric,
+                "axes": self.axes, "search_dir": self.search_dir, "fingerprint": self.fingerprint(),
+                "detection": dataclasses.asdict(self.detection)}
 
     def check_same_model(self, spec: dict[str, Any], where: str) -> None:
         """Refuse to go on when `where` (a Ray worker) built other weights than the driver did (`spec`'s fingerprint).
@@ -185,13 +200,14 @@ class OwnModelTask(Task):
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> OwnModelTask:
         return cls(spec["source"], spec.get("samples"), spec.get("quality", "auto"), spec.get("axes"),
-                   spec.get("search_dir"))
+                   spec.get("search_dir"), spec.get("detection"))
 
     def describe(self) -> dict[str, Any]:
         """What results.json says of the model."""
         return {"source": self.source, "kind": self.kind,
                 "samples": self.samples_path or f"random ({RANDOM_SAMPLES} rows: no --inputs given)",
                 "quality_metric": self.quality_metric, "quality_means": QUALITY_METRICS[self.quality_metric],
+                "quality_compares": self.quality_compares(),
                 "inputs": [spec_json(s) for s in self.inputs], "outputs": [spec_json(s) for s in self.outputs]}
 
     # ------------------------------------------------------------------------------- the model
@@ -300,7 +316,38 @@ class OwnModelTask(Task):
         out = self.outputs[0]
         classifier = any(word in out.name.lower() for word in ("logit", "prob", "softmax", "class")) or \
             (len(out.shape) == 2 and out.shape[1] == "classes")
-        return "top1" if classifier and len(out.shape) == 2 else "cosine"
+        if classifier and len(out.shape) == 2:
+            return "top1"
+        if len(self.outputs) == 1 and segmentation_shaped(out.shape, out.name):
+            return "segmentation"
+        if len(self.outputs) == 1 and detection_layout(out.shape) and self._fp32_says_detections():
+            return "detection"
+        return "cosine"
+
+    def _fp32_says_detections(self) -> bool:
+        """Whether the fp32 model's output on a few sample rows looks like boxes + class scores."""
+        feeds = self.sample_inputs(0)
+        rows = Dataset({k: v[:DETECTION_PROBE_ROWS] for k, v in feeds.items()}, None)
+        try:
+            values = self._reference(rows)[0]
+        except Exception:  # noqa: BLE001 - a model that cannot run here fails later with its own message
+            return False
+        return detection_layout(values.shape, values) is not None
+
+    def quality_compares(self) -> str:
+        """Which parts of the outputs the quality compares, in words (results.json, the terminal)."""
+        names = [o.name for o in self.outputs]
+        if self.quality_metric == "detection":
+            d = self.detection
+            return (f"{names[0]} decoded as detections ({self._layout or detection_layout(self.outputs[0].shape)}: "
+                    f"4 box coordinates + class scores; score >= {d.score_threshold}, NMS IoU {d.nms_iou}), matched "
+                    f"to fp32's by class at IoU >= {d.match_iou}")
+        if self.quality_metric in ("top1", "segmentation"):
+            return f"{names[0]}: arg-max class" + (" per pixel" if self.quality_metric == "segmentation" else "")
+        if self.quality_metric == "cosine":
+            return ("each output in its own scale, the worst counts: " +
+                    ("; ".join(self._compared) if self._compared else ", ".join(names)))
+        return ", ".join(names)
 
     def sample_inputs(self, seed: int) -> dict[str, Any]:
         """{input name: array (N, ...)}: the given samples, or random ones at the profile's axis sizes."""
@@ -360,7 +407,14 @@ class OwnModelTask(Task):
             eval_labels = labels[cut:] if cut < n else labels[:cut]
             return {"train": Dataset(calibration, labels[:cut]), "calibration": Dataset(calibration, labels[:cut]),
                     "eval": Dataset(evaluation, eval_labels)}
+        import numpy as np
+
         reference = self._reference(Dataset(evaluation, None))
+        if self.quality_metric == "detection":
+            self._layout = detection_layout(reference[0].shape)
+        self._compared = [f"{o.name} ({ref.shape[1]} channels, each standardised by fp32's mean and spread)"
+                          if channel_scales(np.asarray(ref)) is not None else f"{o.name} (as it is)"
+                          for o, ref in zip(self.outputs, reference)]
         return {"train": Dataset(calibration, None), "calibration": Dataset(calibration, None),
                 "eval": Dataset(evaluation, reference)}
 
@@ -382,14 +436,18 @@ class OwnModelTask(Task):
         if self.quality_metric == "top1":
             got, ref = np.asarray(outputs[0]), np.asarray(labels[0])
             return float((got.argmax(axis=-1) == ref.argmax(axis=-1)).mean())
+        if self.quality_metric == "segmentation":
+            return pixel_agreement(outputs[0], labels[0])
+        if self.quality_metric == "detection":
+            layout = self._layout or detection_layout(np.asarray(labels[0]).shape) or "channels-first"
+            return detection_f1(outputs[0], labels[0], layout, self.detection)[0]
+        if self.quality_metric == "cosine":
+            return per_output_cosine(outputs, labels, [o.name for o in self.outputs])[0]
         got = np.concatenate([np.asarray(o, dtype=np.float64).reshape(len(o), -1) for o in outputs], axis=1)
         ref = np.concatenate([np.asarray(o, dtype=np.float64).reshape(len(o), -1) for o in labels], axis=1)
         if not np.all(np.isfinite(got)):
             return 0.0
-        if self.quality_metric == "relative_error":
-            return float(max(0.0, 1.0 - np.abs(got - ref).mean() / max(np.abs(ref).mean(), 1e-12)))
-        norms = np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1)
-        return float(np.mean((got * ref).sum(axis=1) / np.maximum(norms, 1e-12)))
+        return float(max(0.0, 1.0 - np.abs(got - ref).mean() / max(np.abs(ref).mean(), 1e-12)))
 
 
 def _call_factory(source: str, search_dir: str | None = None) -> Any:

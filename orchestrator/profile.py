@@ -238,6 +238,15 @@ class Measurement(_Strict):
                     "model's samples when absent")
 
 
+class DetectionQuality(_Strict):
+    """How a detector's outputs are decoded and matched to the fp32 model's (quality `detection`)."""
+
+    score_threshold: float = Field(default=0.25, gt=0, lt=1, description="a detection's least class score")
+    nms_iou: float = Field(default=0.45, gt=0, le=1, description="class-agnostic NMS: overlap that suppresses")
+    match_iou: float = Field(default=0.5, gt=0, le=1, description="overlap at which a detection matches fp32's")
+    max_detections: int = Field(default=300, gt=0, le=100_000, description="detections kept per sample after NMS")
+
+
 class ModelSection(_Strict):
     """The model to optimise when it is not a task plugin's: the same as `--model`/`--inputs` (docs: README)."""
 
@@ -245,9 +254,13 @@ class ModelSection(_Strict):
                                description="an .onnx file, a Hugging Face model folder, or package.module:factory; "
                                            "a relative path is read from the profile's folder (--model wins)")
     inputs: str | None = Field(default=None, description="an .npz of representative inputs (and optionally labels)")
-    quality: Literal["auto", "top1", "cosine", "relative_error", "labels"] = Field(
+    quality: Literal["auto", "top1", "cosine", "detection", "segmentation", "relative_error", "labels"] = Field(
         default="auto", description="how quality is scored: the task metric on `labels`, or agreement with the fp32 "
-                                    "model's outputs (auto: labels if given, top1 for classifier logits, else cosine)")
+                                    "model's outputs (auto: labels if given, top1 for classifier logits, detection "
+                                    "for a YOLO-style head, segmentation for a segmentation map, else cosine per "
+                                    "output; docs/own_models.md)")
+    detection: DetectionQuality = Field(default_factory=lambda: DetectionQuality(),
+                                        description="how detections are decoded and matched (quality: detection)")
     axes: dict[str, int] = Field(default_factory=dict,
                                  description="sizes of named dynamic axes to measure at, e.g. {sequence: 128}")
 

@@ -42,7 +42,7 @@ from orchestrator.search.space import allowed_techniques, enumerate_candidates
 from orchestrator.search.starting import starting_points
 from orchestrator.search.trial import ModelSink, TrialPayload, run_trial
 from orchestrator.store import SAMPLE_ROWS, SAMPLES_FILE, RunStore, process_alive, strict_json
-from orchestrator.tasks import model_options, refuse_torch_stages, resolve_task
+from orchestrator.tasks import fit_to_labels, model_options, refuse_torch_stages, resolve_task
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ def execute_run(
     techniques = allowed_techniques(loaded, registry)
     task = resolve_task(loaded, registry, options.task, options.model, options.inputs)
     refuse_torch_stages(loaded, techniques, task)
+    techniques = fit_to_labels(loaded, techniques, task)
     candidates = enumerate_candidates(techniques, profile.search.max_pipeline_length)
     trials = options.trials or profile.search.trials
     cpus = options.num_cpus or os.cpu_count() or 1
@@ -174,7 +175,8 @@ def execute_run(
             extras["starting_points"]["pipelines"] = [_step_text(p) for p in plan.first]
         registry.notify("base_model_ready", run_id=run_id, trained_now=base.trained_now,
                         accuracy=plan.baseline_accuracy if task.pretrained else base.accuracy,
-                        quality_metric=task.quality_metric)
+                        quality_metric=task.quality_metric,
+                        quality_compares=task.quality_compares() if hasattr(task, "quality_compares") else "")
         if trials_left > 0:
             _search(options, profile, task, base, techniques, plan, on_candidate, run_id, extras, registry)
         status = "finished"

@@ -9,6 +9,7 @@ from typing import Any
 from orchestrator.ownmodel import OwnModelTask
 from orchestrator.plugins import PluginRegistry
 from orchestrator.profile import LoadedProfile
+from orchestrator.search.space import configured_technique
 
 
 def resolve_task(loaded: LoadedProfile, registry: PluginRegistry, task: str | None = None, model: str | None = None,
@@ -16,8 +17,9 @@ def resolve_task(loaded: LoadedProfile, registry: PluginRegistry, task: str | No
     """The task of a run: `--model` (or the profile's `model:`) as an OwnModelTask, else a task plugin."""
     section = loaded.profile.model
     quality, axes = (section.quality, section.axes) if section else ("auto", {})
+    detection = section.detection.model_dump() if section else None
     if model is not None:
-        return OwnModelTask(model, inputs, quality, axes)
+        return OwnModelTask(model, inputs, quality, axes, detection=detection)
     if section is not None and section.source and task is None:
         here = loaded.path.parent
 
@@ -26,7 +28,7 @@ def resolve_task(loaded: LoadedProfile, registry: PluginRegistry, task: str | No
             return str(path if path.is_absolute() or not (here / path).exists() else here / path)
 
         return OwnModelTask(near(section.source), near(section.inputs) if section.inputs else inputs,
-                            quality, axes)
+                            quality, axes, detection=detection)
     return registry.task(task or loaded.profile.task or "digits")
 
 
@@ -40,6 +42,30 @@ def refuse_torch_stages(loaded: LoadedProfile, techniques: list[Any], task: Any)
             raise loaded.error(("search", "techniques", i),
                                f"{name} is a {technique.stage}-stage technique: it changes a PyTorch model, and "
                                f"{task.source} is an ONNX file (only graph-stage techniques apply to it)")
+
+
+def fit_to_labels(loaded: LoadedProfile, techniques: list[Any], task: Any) -> list[Any]:
+    """The techniques, with the parameter values that need labels (`Technique.needs_labels`) left out of
+    the search when the task's samples have none; a profile that fixes such a value gets one line."""
+    if getattr(task, "quality_metric", "accuracy") in ("accuracy", "labels"):
+        return techniques
+    fitted = []
+    for technique in techniques:
+        overrides: dict[str, Any] = {}
+        for param, needing in (getattr(technique, "needs_labels", None) or {}).items():
+            domain = technique.search_space.get(param)
+            if domain is None:
+                continue
+            kept = [v for v in domain.values if v not in needing]
+            if not kept:
+                raise loaded.error(("search", "params", technique.name, param),
+                                   f"{'/'.join(map(str, needing))} needs labelled samples (a loss to rank by) and "
+                                   f"{task.source}'s samples have none: add `labels` to --inputs or choose another "
+                                   f"{param}")
+            if len(kept) < len(domain.values):
+                overrides[param] = kept
+        fitted.append(configured_technique(technique, overrides) if overrides else technique)
+    return fitted
 
 
 def model_options(task: Any) -> dict[str, Any]:

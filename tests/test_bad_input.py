@@ -505,3 +505,43 @@ def test_an_out_this_user_cannot_write_is_refused(home, tmp_path):
                           env={**os.environ, "EDGE_ORCHESTRATOR_HOME": str(home)}, check=False)
     assert done.returncode == 2, done.stderr
     assert _one_error_line(done.stderr) == f"error: --out {locked / 'runs'}: cannot be made: Permission denied"
+
+
+# ---------------------------------------------- issue 31 item 16: one exit-code table for every command
+
+
+def test_the_readme_exit_code_table_is_the_cli_s():
+    """README's table lists exactly the codes `ExitCode` has, each once."""
+    import re
+
+    from orchestrator.errors import ExitCode
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("Exit codes, the same for every command"):]
+    table = table[:table.index("\n\n", table.index("| code |"))]
+    codes = [int(m) for m in re.findall(r"^\| (\d+) \|", table, re.MULTILINE)]
+    assert codes == sorted(int(c) for c in ExitCode)
+
+
+EXIT_CASES = {  # command -> the code README's table gives it
+    "rollback, a profile with no device": (["rollback", "--profile", "nope"], 4),
+    "rollback, an unknown device": (["rollback", "--device", "nope"], 2),
+    "devices show, an unknown device": (["devices", "show", "nope"], 2),
+    "devices remove, an unknown device": (["devices", "remove", "nope"], 2),
+    "runs show, an unknown run": (["runs", "show", "nope"], 2),
+    "runs compare, an unknown run": (["runs", "compare", "nope", "nada"], 2),
+    "deploy, an unknown run": (["deploy", "nope", "--dry-run"], 2),
+    "resume, an unknown run": (["--resume", "nope"], 2),
+    "an unknown option": (["runs", "list", "--bogus"], 2),
+    "an unknown command": (["bogus"], 2),
+    "a missing profile": (["--profile", "no-such.yaml"], 2),
+    "cache clear, an unknown kind": (["cache", "clear", "--kind", "bogus", "--yes"], 2),
+}
+
+
+@pytest.mark.parametrize("case", list(EXIT_CASES))
+def test_commands_exit_with_the_code_the_readme_gives(home, capsys, case):
+    args, code = EXIT_CASES[case]
+    assert main(args) == code
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "Traceback" not in err, err

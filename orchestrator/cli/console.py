@@ -112,9 +112,12 @@ class TerminalReporter:
         self.log(f"loading the {task} base model" + ("" if task == "own-model" else " (trained on first use, then cached)"))
 
     @hookimpl
-    def base_model_ready(self, accuracy: float, trained_now: bool, quality_metric: str) -> None:
+    def base_model_ready(self, accuracy: float, trained_now: bool, quality_metric: str,
+                         quality_compares: str = "") -> None:
         how = "as given, not trained" if self.own_model else "trained now" if trained_now else "from cache"
         self.quality = "acc" if quality_metric in ("accuracy", "labels") else quality_metric
+        if quality_compares:
+            self.log(f"quality: {quality_metric} to fp32, comparing {quality_compares}")
         self.log(f"base model ready ({how}), held-out {self.quality} {accuracy:.4f}; starting Ray")
         self._start_bar()
 
@@ -176,7 +179,7 @@ def quality_name(results: dict[str, Any]) -> str:
     """What the `accuracy` figures of a run measure: the task's accuracy, or agreement with the fp32 model."""
     metric = results.get("quality_metric") or "accuracy"
     return "accuracy" if metric == "labels" else f"quality ({metric} to fp32)" if metric in (
-        "top1", "cosine", "relative_error") else metric
+        "top1", "cosine", "detection", "segmentation", "relative_error") else metric
 
 
 def run_with_progress(profile_path: Path | None, task: str | None, trials: int | None, out_dir: Path,

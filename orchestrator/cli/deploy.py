@@ -11,7 +11,7 @@ from click.core import ParameterSource
 
 from orchestrator.cli.format import printable
 from orchestrator.devices.registry import DeviceRegistry
-from orchestrator.errors import DeployError, RunNotFound
+from orchestrator.errors import DeployError, DeviceUnreachable, RunNotFound
 from orchestrator.fleet.transports import deployable_reason
 from orchestrator.paths import store_path
 from orchestrator.rollout.deployments import DeploymentStore
@@ -217,7 +217,8 @@ def rollback(profile_name: str | None, device_names: tuple[str, ...], max_parall
     if profile_name:
         names = [d.name for d in registry.list(profile_name) if deployable_reason(d.device()) is None]
         if not names:
-            raise DeployError(f"profile {profile_name!r} has no registered device")
+            # as `deploy` says it (exit 4, README "Exit codes"): not a usage error, the fleet lacks the devices
+            raise DeviceUnreachable(f"profile {profile_name!r} has no registered device to roll back")
     else:
         names = [registry.get(n).name for n in device_names]
     _say(f"rolling back {len(names)} device(s): {', '.join(names)}")
