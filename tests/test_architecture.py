@@ -167,3 +167,80 @@ def test_no_module_is_over_450_lines():
             for p in (ROOT / package).rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES]
     assert not long, "split these modules: " + ", ".join(long)
+
+
+# ------------------------------------------------------------------ devices, fleet, rollout: one transport interface
+
+TRANSPORT_WINGS = ("orchestrator/devices", "orchestrator/fleet", "orchestrator/rollout")
+#: The transport classes and the module each is defined in.
+TRANSPORT_CLASSES = {
+    "LocalTransport": "orchestrator.devices.local",
+    "SshTransport": "orchestrator.devices.ssh",
+    "DeployTarget": "orchestrator.devices.ssh_deploy",
+    "QemuUserTransport": "orchestrator.emulation.user",
+    "EmulatedDeviceTransport": "orchestrator.emulation.rule",
+}
+#: Where a transport class may be made besides its own module: the table of kinds, and what is built of others.
+MAKES_TRANSPORTS = {
+    "orchestrator.fleet.transports": "the one table of transport kinds",
+    "orchestrator.devices.ssh_deploy": "the ssh kind's Deployable is an SshTransport",
+    "orchestrator.emulation.rule": "the qemu kind: QEMU user mode for the check, this host for the time",
+    "orchestrator.testing": "the eo_local_device fixture: plugin authors' measurement on this machine",
+}
+
+
+def _trees() -> dict[str, ast.Module]:
+    return {mod: ast.parse(path.read_text()) for mod, path in _modules("orchestrator").items()}
+
+
+def test_no_private_name_is_imported_across_modules_in_devices_fleet_rollout():
+    wrong = []
+    for mod, tree in _trees().items():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("orchestrator"):
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and (wing(mod) in TRANSPORT_WINGS or wing(node.module) in TRANSPORT_WINGS):
+                    wrong.append(f"{mod} imports {node.module}.{alias.name}")
+    assert not wrong, "private names imported across modules (make them public, or move the code):\n" + "\n".join(wrong)
+
+
+def test_a_transport_kind_is_chosen_in_one_place():
+    """Only fleet/transports.py picks a transport class for a device; nothing compares a device's kind to choose."""
+    made, compared = [], []
+    for mod, tree in _trees().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                func = node.func.value if isinstance(node.func, ast.Attribute) else node.func  # X(...), X.from_device(...)
+                name = func.id if isinstance(func, ast.Name) else None
+                if name in TRANSPORT_CLASSES and mod != TRANSPORT_CLASSES[name] and mod not in MAKES_TRANSPORTS:
+                    made.append(f"{mod}:{node.lineno} makes {name}")
+            if isinstance(node, ast.ClassDef) and mod not in MAKES_TRANSPORTS:
+                bases = {b.id for b in node.bases if isinstance(b, ast.Name)} & set(TRANSPORT_CLASSES)
+                if bases and mod not in TRANSPORT_CLASSES.values():
+                    made.append(f"{mod}:{node.lineno} subclasses {', '.join(sorted(bases))}")
+            if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Attribute) and node.left.attr == "transport"
+                    and wing(mod) in ("orchestrator/fleet", "orchestrator/rollout", "orchestrator/cli", "orchestrator/search")
+                    and mod != "orchestrator.fleet.transports"):
+                compared.append(f"{mod}:{node.lineno}: {ast.unparse(node)}")
+    assert not made, "make transports through orchestrator/fleet/transports.py (make_transport, deploy_target):\n" + \
+        "\n".join(made)
+    assert not compared, "ask the transport kind's table (fleet/transports.py), not the kind's name:\n" + \
+        "\n".join(compared)
+
+
+def test_every_builtin_transport_kind_is_in_the_table_and_the_protocols_are_met():
+    from orchestrator.devices.transport import BUILTIN_KINDS, Deployable, Transport
+    from orchestrator.fleet.transports import BUILTIN
+
+    assert tuple(k.name for k in BUILTIN) == BUILTIN_KINDS
+    import orchestrator.devices.local as local
+    import orchestrator.devices.ssh as ssh
+    import orchestrator.devices.ssh_deploy as ssh_deploy
+    import orchestrator.emulation.rule as rule
+
+    for cls in (local.LocalTransport, ssh.SshTransport, ssh_deploy.DeployTarget, rule.EmulatedDeviceTransport):
+        assert all(callable(getattr(cls, m, None)) for m in ("info", "bench", "compare", "close")), cls
+    assert all(callable(getattr(ssh_deploy.DeployTarget, m, None))
+               for m in ("open", "install", "health", "rollback", "status", "close"))
+    assert Transport is not Deployable
