@@ -135,6 +135,23 @@ def final_round_started(run_id: str, finalists: list, rounds: int) -> None:
 
 
 @hookspec
+def family_ruled_out(run_id: str, family: dict) -> None:
+    """Called when the search stops proposing a technique, or one value of a technique's parameter, whose
+    candidates keep being rejected for quality or failing with the same cause (docs/scaling.md).
+
+    :param run_id: the run.
+    :param family: the entry results.json lists under ``ruled_out``: ``family`` (its name:
+        ``int8-static``, ``int8-static(calibration=entropy)``), ``technique``, ``params``,
+        ``reason`` (``quality`` or ``failure``), ``message`` (one line saying so), the counts
+        (``finished``, ``rejected`` or ``failed``, ``after_trials``) and ``quality`` (the rejected
+        members' lowest and highest figure) or ``cause`` (the failure's first line).
+    :returns: nothing. An exception here is logged and does not stop the run.
+
+    Added in 0.4.
+    """
+
+
+@hookspec
 def candidate_measured(run_id: str, candidate: dict) -> None:
     """Called on the host after each candidate has been evaluated and measured (or has failed).
 

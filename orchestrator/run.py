@@ -40,6 +40,7 @@ from orchestrator.search.searcher import make_searcher, pipeline_key, recording_
 from orchestrator.search.selection import select
 from orchestrator.search.space import allowed_techniques, enumerate_candidates
 from orchestrator.search.starting import starting_points
+from orchestrator.signals import retake_sigterm
 from orchestrator.search.trial import ModelSink, TrialPayload, run_trial
 from orchestrator.store import SAMPLE_ROWS, SAMPLES_FILE, RunStore, process_alive, strict_json
 from orchestrator.tasks import fit_to_labels, model_options, refuse_torch_stages, resolve_task
@@ -240,10 +241,12 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
     """The Ray Tune part of a run: leases, pool, sink, trials; every finished trial goes to `on_candidate` at once."""
     from orchestrator.search.final_round import run_final_round
 
-    searcher, space, samples, labels = make_searcher(plan.remaining, plan.trials_left, profile.search.seed, profile,
-                                                      plan.prior, plan.first)
+    searcher, space, samples, labels = make_searcher(
+        plan.remaining, plan.trials_left, profile.search.seed, profile, plan.prior, plan.first, task.quality_metric,
+        lambda family: registry.notify("family_ruled_out", run_id=run_id, family=family))
     interrupts = Interrupts()
     with interrupts.installed(), ray_session(options.ray_address, plan.cpus) as ray:
+        retake_sigterm()  # ray.init put its SIGTERM handler (sys.exit) over ours: a SIGTERM is a Ctrl-C again
         interrupts.check()
         from ray import tune
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -300,6 +303,8 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
             if recorder.duplicates:
                 extras["duplicate_trials"] = recorder.duplicates
         finally:
+            if searcher is not None:  # what the search ruled out (an interrupted one too), and why
+                extras["ruled_out"] = searcher.ruleout.ruled_out
             for actor in (pool, *leases, sink, *([predictor] if predictor is not None else [])):  # SSH closes with them
                 ray.kill(actor)
 

@@ -129,7 +129,7 @@ class RuleOut:
                 self.out[key] = entry
                 now.append(entry)
                 if self.notify is not None:
-                    self.notify(entry)
+                    self.notify(dict(entry))  # the listener's own copy
         return now
 
     def _verdict(self, family: Family) -> dict[str, Any] | None:
