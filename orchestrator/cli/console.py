@@ -152,10 +152,6 @@ class TerminalReporter:
         self.log(printable(family["message"]))
 
     @hookimpl
-    def family_ruled_out(self, family: dict[str, Any]) -> None:
-        self.log(printable(family["message"]))
-
-    @hookimpl
     def final_round_started(self, finalists: list[str], rounds: int) -> None:
         self.log(f"final round: {', '.join(finalists)} measured again together, up to {rounds} interleaved rounds")
 
