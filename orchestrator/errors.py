@@ -14,6 +14,7 @@ class ExitCode(IntEnum):
     NO_FEASIBLE_CANDIDATE = 3
     NO_DEVICE_REACHABLE = 4
     INTERRUPTED = 130
+    TERMINATED = 143  # SIGTERM (128 + 15), handled as Ctrl-C is
 
 
 class OrchestratorError(Exception):

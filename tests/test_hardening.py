@@ -596,3 +596,73 @@ def test_a_device_python_whose_path_has_a_space_runs(sshd_server, device_profile
     assert "registered loop-space" in out  # the last --python given wins (click)
     assert DeviceRegistry().get("loop-space").python == str(python)
     assert _info("loop-space")["arch"] == os.uname().machine
+
+
+# ------------------------------------------------------------------ item 4: SIGTERM to a run, and runs whose process is gone
+
+
+def test_a_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, tiny_env):
+    """A real run (tiny task, real local Ray) sent SIGTERM once it has stored a candidate: it keeps its
+    candidates, is marked interrupted (so --resume takes it up), and exits 143 with one line saying so; no
+    Ray core dump, never left `running`."""
+    from orchestrator.paths import store_path
+    from orchestrator.store import RunStore
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="eo-ray-", dir="/tmp"))
+    out = tmp_path / "runs"
+    log = (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "--profile", str(X86), "--task", "tiny-digits",
+                             "--trials", "13", "--out", str(out)], cwd=ROOT, env={**tiny_env, "RAY_TMPDIR": str(ray_tmp)},
+                            stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        store = RunStore(store_path())
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            with sqlite3.connect(store.path) as db:
+                row = db.execute("SELECT r.id, COUNT(c.id) FROM runs r JOIN candidates c ON c.run_id = r.id "
+                                 "WHERE r.out_dir LIKE ? GROUP BY r.id", (str(out) + "%",)).fetchone()
+            if row and row[1] >= 1:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the run never stored a candidate: {(tmp_path / 'stderr.txt').read_text()[-2000:]}")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    err = (tmp_path / "stderr.txt").read_text()
+    run = store.get_run(row[0])
+    assert code == 143, err[-3000:]
+    assert run["status"] == "interrupted" and len(run["candidates"]) >= 1, (run["status"], err[-3000:])
+    assert err.strip().splitlines()[-1] == (f"terminated (SIGTERM): {len(run['candidates'])} candidates kept in run "
+                                            f"{run['id']}; go on with: orchestrate --resume {run['id']}")
+    assert "SIGTERM received" not in err and "Traceback" not in err, err[-3000:]
+    assert json.loads((out / run["id"] / "results.json").read_text())["status"] == "interrupted"
+
+
+def test_a_run_whose_process_is_gone_is_never_shown_running(tmp_path, monkeypatch, capsys):
+    from orchestrator.store import RunStore
+
+    monkeypatch.setenv("EDGE_ORCHESTRATOR_HOME", str(tmp_path / "home"))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid whose process has ended (what kill -9 or a crash leaves in the store)
+    store = RunStore(tmp_path / "home" / "runs.sqlite")
+    store.start_run("20250101-000000-x86-host-dead00", "x86-host", str(X86), "digits", str(tmp_path / "out"))
+    store.start_run("20250101-000000-x86-host-live00", "x86-host", str(X86), "digits", str(tmp_path / "out"))
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE runs SET pid = ? WHERE id LIKE '%dead00'", (gone.pid,))
+    host = socket.gethostname()
+    assert main(["runs", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert "stopped" in listed and listed.count("running") == 1, listed  # the live one only
+    assert main(["runs", "show", "20250101-000000-x86-host-dead"]) == 0
+    assert (f"status stopped: its process (pid {gone.pid} on {host}) is gone; orchestrate --resume "
+            "20250101-000000-x86-host-dead00 goes on") in capsys.readouterr().out
+    assert main(["runs", "show", "20250101-000000-x86-host-live"]) == 0  # this process: alive
+    assert f"status running (pid {os.getpid()} on {host})" in capsys.readouterr().out
+    assert main(["runs", "show", "20250101-000000-x86-host-dead", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["owner_alive"] is False

@@ -19,6 +19,7 @@ from orchestrator.errors import ExitCode
 from orchestrator.plugins import get_plugin_manager
 from orchestrator.profile import load_profile
 from orchestrator.search.selection import pipeline_label
+from orchestrator.signals import terminated
 from orchestrator.store import DAMAGED
 
 
@@ -229,9 +230,10 @@ def run_with_progress(profile_path: Path | None, task: str | None, trials: int |
     # the last line, as main() writes errors: one line whatever the width (rich would wrap it at 80 columns
     # when stderr is no terminal), its text escaped, never read as markup
     if outcome.status == "interrupted":
-        click.echo(f"interrupted: {len(outcome.candidates)} candidates kept in run {outcome.run_id}; "
+        how = "terminated (SIGTERM)" if terminated() else "interrupted"
+        click.echo(f"{how}: {len(outcome.candidates)} candidates kept in run {outcome.run_id}; "
                    f"go on with: orchestrate --resume {outcome.run_id}", err=True)
-        return ExitCode.INTERRUPTED
+        return ExitCode.TERMINATED if terminated() else ExitCode.INTERRUPTED
     if outcome.error is not None:
         click.echo(f"error: {printable(outcome.error, keep=chr(10))}", err=True)
         return outcome.error.exit_code

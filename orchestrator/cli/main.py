@@ -25,7 +25,8 @@ from orchestrator.cli.format import cell, printable
 from orchestrator.errors import ExitCode, OrchestratorError
 from orchestrator.paths import store_path
 from orchestrator.plugins import get_plugin_manager
-from orchestrator.store import RunStore
+from orchestrator.signals import sigterm_as_interrupt, terminated
+from orchestrator.store import RunStore, process_alive
 
 _SHOW_TRACEBACK = False
 
@@ -153,8 +154,21 @@ def runs_list(limit: int) -> None:
     table = Table("run", "profile", "task", "status", "candidates", "best", "started")
     for r in RunStore(store_path()).list_runs(limit):
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"]))
-        table.add_row(r["id"], r["profile"], r["task"], r["status"], str(r["n_candidates"]), r["best_id"] or "-", started)
+        table.add_row(cell(r["id"]), cell(r["profile"]), cell(r["task"]), cell(run_status(r, short=True)),
+                      str(r["n_candidates"]), cell(r["best_id"] or "-"), started)
     out_console().print(table)
+
+
+def run_status(run: dict, short: bool = False) -> str:
+    """A run's status as stored, except a `running` run whose process is gone (kill -9, a crash, a reboot):
+    that one is said to be stopped, with the process it had, never `running`."""
+    if run["status"] != "running":
+        return run["status"]
+    owner = f"pid {run.get('pid')} on {run.get('host') or 'an unknown host'}"
+    if not process_alive(run.get("pid"), run.get("host")):
+        return f"stopped ({owner} gone)" if short else \
+            f"stopped: its process ({owner}) is gone; orchestrate --resume {run['id']} goes on"
+    return f"running ({owner})"
 
 
 @runs.command("show")
@@ -165,7 +179,8 @@ def runs_show(run_id: str, as_json: bool, open_report: bool) -> None:
     """One run: status, where its files are, and its candidates."""
     run = RunStore(store_path()).get_run(run_id)
     if as_json:
-        click.echo(json.dumps(run, indent=2))
+        owner_alive = process_alive(run.get("pid"), run.get("host")) if run["status"] == "running" else None
+        click.echo(json.dumps({**run, "owner_alive": owner_alive}, indent=2))
         return
     if open_report:
 
@@ -179,7 +194,7 @@ def runs_show(run_id: str, as_json: bool, open_report: bool) -> None:
             raise OrchestratorError(f"no browser could be started (set $BROWSER): open {report} yourself")
         click.echo(f"opened {report} in the browser")
         return
-    click.echo(f"run {run['id']}: profile {run['profile']}, task {run['task']}, status {run['status']}")
+    click.echo(printable(f"run {run['id']}: profile {run['profile']}, task {run['task']}, status {run_status(run)}"))
     for what in run["damaged"]:  # the rest of the run is still shown
         click.echo(printable(f"warning: run {run['id']}: damaged in the run store: {what}"), err=True)
     if run["message"]:
@@ -212,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turn errors into one line and an exit code."""
     try:
         # standalone_mode=False: click returns ctx.exit()'s code instead of calling sys.exit
-        code = cli.main(args=argv, prog_name="orchestrate", standalone_mode=False)
+        with sigterm_as_interrupt():  # `kill PID` stops a run as Ctrl-C does: candidates kept, resumable
+            code = cli.main(args=argv, prog_name="orchestrate", standalone_mode=False)
         return code if isinstance(code, int) else ExitCode.OK
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -220,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         exc.show()
         return ExitCode.USAGE if isinstance(exc, click.UsageError) else ExitCode.ERROR
     except (KeyboardInterrupt, click.Abort):
+        if terminated():
+            click.echo("terminated (SIGTERM)", err=True)
+            return ExitCode.TERMINATED
         click.echo("interrupted", err=True)
         return ExitCode.INTERRUPTED
     except OrchestratorError as exc:
