@@ -292,17 +292,30 @@ class OwnModelTask(Task):
 
             try:
                 with np.load(self.samples_path, allow_pickle=False) as npz:
-                    self._samples = {k: npz[k] for k in npz.files}
+                    samples = {k: npz[k] for k in npz.files}
             except Exception as exc:  # noqa: BLE001
                 raise ModelSourceError(f"--inputs {self.samples_path}: not a readable .npz "
                                        f"({type(exc).__name__})") from None
-            arrays = {k: v for k, v in self._samples.items() if k != "labels"}
+            for name, value in samples.items():  # a zip member that is no .npy comes back as its bytes
+                if not isinstance(value, np.ndarray):
+                    raise ModelSourceError(f"--inputs {self.samples_path}: member {name!r} is not an array "
+                                           "(an .npz holds .npy arrays only)")
+            arrays = {k: v for k, v in samples.items() if k != "labels"}
             if not arrays:
                 raise ModelSourceError(f"--inputs {self.samples_path}: holds no input array")
-            rows = {len(v) for v in self._samples.values() if v.ndim > 0}
-            if len(rows) != 1 or any(v.ndim == 0 for v in self._samples.values()):
+            rows = {len(v) for v in samples.values() if v.ndim > 0}
+            if len(rows) != 1 or any(v.ndim == 0 for v in samples.values()):
                 raise ModelSourceError(f"--inputs {self.samples_path}: every array needs the same number of rows "
                                        "along axis 0")
+            if rows == {0}:
+                raise ModelSourceError(f"--inputs {self.samples_path}: holds 0 rows (at least 1 is needed)")
+            for name, value in samples.items():  # quality, calibration and timing on NaN mean nothing
+                if np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value)):
+                    bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)
+                    raise ModelSourceError(f"--inputs {self.samples_path}: {name} holds NaN or infinite values "
+                                           f"({int(bad.sum())} of {len(value)} rows, the first row {int(bad.argmax())})"
+                                           "; inputs must be finite")
+            self._samples = samples
         return self._samples
 
     def _quality(self) -> str:
@@ -366,6 +379,12 @@ class OwnModelTask(Task):
                 if str(array.dtype) != spec.dtype:
                     raise ModelSourceError(f"--inputs {self.samples_path}: {spec.name} is {array.dtype}, "
                                            f"the model wants {spec.dtype}")
+                wrong = len(array.shape) != len(spec.shape) or any(
+                    isinstance(d, int) and d != got for d, got in zip(spec.shape[1:], array.shape[1:]))
+                if wrong:  # found now, in one line, not by onnxruntime halfway through the base model
+                    want = "(" + ", ".join(map(str, spec.shape)) + ")"
+                    raise ModelSourceError(f"--inputs {self.samples_path}: {spec.name} has shape "
+                                           f"{tuple(array.shape)}, the model wants {want} (rows first)")
                 out[spec.name] = array
             return out
         rng = np.random.default_rng(seed)

@@ -545,3 +545,66 @@ def test_commands_exit_with_the_code_the_readme_gives(home, capsys, case):
     assert main(args) == code
     err = capsys.readouterr().err
     assert "internal error" not in err and "Traceback" not in err, err
+
+
+# ---------------------------------------------- issue 31 items 6-8: --inputs that cannot stand for the model's inputs
+
+
+def _ocr_classifier() -> Path:
+    from examples import own_models
+
+    return own_models.ocr_classifier_file()  # a real pretrained ONNX CNN: x float32 (batch, 3, H, W)
+
+
+def _bad_samples(tmp_path: Path, case: str) -> Path:
+    import zipfile
+
+    import numpy as np
+
+    good = np.zeros((4, 3, 48, 192), np.float32)
+    arrays = {
+        "rank": {"x": np.zeros((4, 3, 48), np.float32)},
+        "channels": {"x": np.zeros((4, 1, 48, 192), np.float32)},
+        "no rows": {"x": np.zeros((0, 3, 48, 192), np.float32)},
+        "nan": {"x": np.where(np.arange(4)[:, None, None, None] == 2, np.nan, good).astype(np.float32)},
+        "inf": {"x": np.full((4, 3, 48, 192), np.inf, np.float32)},
+        "a member that is no array": {"x": good},
+    }[case]
+    path = tmp_path / "samples.npz"
+    np.savez(path, **arrays)
+    if case == "a member that is no array":
+        with zipfile.ZipFile(path, "a") as npz:
+            npz.writestr("README.txt", "these are the OCR samples")
+    return path
+
+
+SAMPLE_PROBLEMS = {
+    "rank": "x has shape (4, 3, 48), the model wants (batch, 3, x:2, x:3) (rows first)",
+    "channels": "x has shape (4, 1, 48, 192), the model wants (batch, 3, x:2, x:3) (rows first)",
+    "no rows": "holds 0 rows (at least 1 is needed)",
+    "nan": "x holds NaN or infinite values (1 of 4 rows, the first row 2); inputs must be finite",
+    "inf": "x holds NaN or infinite values (4 of 4 rows, the first row 0); inputs must be finite",
+    "a member that is no array": "member 'README.txt' is not an array (an .npz holds .npy arrays only)",
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLE_PROBLEMS))
+def test_inputs_that_cannot_stand_for_the_models_inputs_are_one_line(tmp_path, case):
+    from orchestrator.errors import ExitCode
+    from orchestrator.ownmodel import ModelSourceError, OwnModelTask
+
+    path = _bad_samples(tmp_path, case)
+    with pytest.raises(ModelSourceError) as info:
+        OwnModelTask(str(_ocr_classifier()), str(path)).load_data(0)
+    assert str(info.value) == f"--inputs {path}: {SAMPLE_PROBLEMS[case]}"
+    assert info.value.exit_code == ExitCode.USAGE
+
+
+def test_a_wrong_input_shape_ends_the_command_with_one_line_and_exit_2(home, tmp_path, capsys):
+    path = _bad_samples(tmp_path, "channels")
+    code = main(["--profile", str(ROOT / "examples" / "own-model.yaml"), "--model", str(_ocr_classifier()),
+                 "--inputs", str(path), "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip().splitlines()[-1] == f"error: --inputs {path}: {SAMPLE_PROBLEMS['channels']}"
+    assert "internal error" not in err and "Traceback" not in err and "ONNXRuntimeError" not in err
