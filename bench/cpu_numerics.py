@@ -1,4 +1,4 @@
-"""What int8 gives on this CPU: the cosines to fp32 that tests/test_graph_params.py checks, for every setting.
+r"""What int8 gives on this CPU: the cosines to fp32 that tests/test_graph_params.py checks, for every setting.
 
 onnxruntime's int8 kernels differ by CPU: on x86-64 without VNNI (AVX2, AVX-512BW) U8S8 adds
 pairs of u8 x s8 products in 16 bits (vpmaddubsw), which saturates with full-range int8 weights;
@@ -14,8 +14,12 @@ To see another CPU's kernels on this machine, run it under QEMU user mode with t
 CPUID, and a /proc/cpuinfo without the flags that CPU lacks so that the agent reports the same
 (root; flags such as avx512_vnni removed with sed first):
 
+    sed -E 's/ (avx512[a-z0-9_]*|avx_vnni|amx_[a-z0-9]*)\b//g' /proc/cpuinfo > /tmp/cpuinfo-avx2
     unshare --mount sh -c 'mount --bind /tmp/cpuinfo-avx2 /proc/cpuinfo &&
         qemu-x86_64-static -cpu EPYC-Rome .venv/bin/python bench/cpu_numerics.py'
+
+(about 3 minutes under QEMU 7.2 on a 2-vCPU AMD EPYC, 30 s natively). bench/results/cpu_numerics.json:
+AMD EPYC with AVX-512 VNNI; cpu_numerics_epyc-rome-qemu.json: the same machine under QEMU -cpu EPYC-Rome.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--note", default="", help="how the CPU was provided (e.g. 'QEMU -cpu EPYC-Rome'), in the JSON")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # onnxruntime's quantizer warns about every int64 tensor
 
@@ -88,7 +93,7 @@ def main() -> None:
     print(f"\n{time.time() - started:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "cpu_model": info["cpu_model"], "isa": info["isa"], "onnxruntime": ort.__version__,
+            "cpu_model": info["cpu_model"], "isa": info["isa"], "note": args.note, "onnxruntime": ort.__version__,
             "torch": torch.__version__, "saturating_u8s8": SATURATING_U8S8, "case": CPU_CASE, "rows": rows,
         }, indent=1) + "\n")
 

@@ -171,6 +171,7 @@ def test_real_minilm_from_its_wheel_int8_dynamic_keeps_cosine(tmp_path):
     int8, _ = build_candidate(registry, task, base.load(task),
                               [{"technique": "int8-dynamic", "params": {"operators": "matmul+gather", "per_channel": True}}], ctx)
     assert evaluate_onnx(task, fp32, data["eval"]) > 0.9999
+    # 0.994 on x86 with VNNI, 0.992 without (AVX2's U8S8 sums saturate with int8 weights): docs/techniques.md
     assert evaluate_onnx(task, int8, data["eval"]) > 0.98
     assert len(int8) < 0.3 * len(fp32)  # the embedding table (Gather) is quantized too
 
