@@ -7,7 +7,10 @@ whose quality is the task metric when the samples carry `labels`, else agreement
 model's own outputs on the samples (`QUALITY_METRICS`).
 
 SOURCE is one of:
-  path/to/model.onnx       an ONNX file: graph-stage techniques only (nothing to prune or train)
+  path/to/model.onnx       an ONNX file: graph-stage techniques on the file itself; training-stage ones
+                           (pruning, fine-tuning) on its onnx2torch conversion where that converts and
+                           agrees with the file on the samples (orchestrator/onnxconvert.py), else left
+                           out with one line saying why
   package.module:factory   a Python callable returning a torch.nn.Module with its weights loaded
   path/to/hf-folder        a Hugging Face model folder on disk (config.json + weights), loaded offline
                            with `transformers` (the `hf` extra); never downloads
@@ -171,6 +174,7 @@ class OwnModelTask(Task):
         self.search_dir = search_dir or os.getcwd()
         self.axes = dict(axes or {})
         self._model: Any = None
+        self._convert_why: str | None = None  # an ONNX file: "" once converted and checked, else why not
         self._samples: dict[str, Any] | None = None
         self._vocab = 0
         self._hf_output = ""
@@ -212,7 +216,9 @@ class OwnModelTask(Task):
 
     # ------------------------------------------------------------------------------- the model
     def build(self, arch: dict[str, Any] | None = None) -> Any:
-        """The pretrained model: onnx.ModelProto for an ONNX file, else a torch module in eval mode."""
+        """The pretrained model: onnx.ModelProto for an ONNX file (the file itself: the baseline and every
+        graph-stage technique start from it; see `torch_form` for the training stage), else a torch module
+        in eval mode."""
         if self.kind == "onnx":
             import onnx
 
@@ -224,7 +230,31 @@ class OwnModelTask(Task):
 
         return copy.deepcopy(self._torch_model())
 
+    def torch_form(self) -> Any:
+        """A fresh torch module of the model, for training-stage techniques: for an ONNX file its checked
+        onnx2torch conversion, or ModelSourceError saying in one line why there is none (`not_trainable`)."""
+        return copy.deepcopy(self._torch_model())
+
+    def not_trainable(self) -> str:
+        """Why training-stage techniques cannot change this model ("" when they can): an ONNX file that
+        onnx2torch does not convert, or whose conversion disagrees with it on the samples."""
+        if self.kind != "onnx":
+            return ""
+        if self._convert_why is None:
+            from orchestrator.onnxconvert import CHECK_ROWS, convert
+
+            feeds = {k: v[:CHECK_ROWS] for k, v in self.sample_inputs(0).items()}
+            reference = onnx_outputs(Path(self.source).read_bytes(), self, Dataset(feeds, None))
+            self._model, self._convert_why = convert(self.source, feeds, [s.name for s in self.inputs],
+                                                     [s.name for s in self.outputs], reference)
+        return self._convert_why
+
     def _torch_model(self) -> Any:
+        if self.kind == "onnx":
+            why = self.not_trainable()
+            if why:
+                raise ModelSourceError(f"--model {self.source}: no PyTorch form for training-stage techniques: {why}")
+            return self._model
         if self._model is None:
             if self.kind == "hf":
                 self._model, (self._hf_output, self._vocab) = _HFModule.load(self.source)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ from orchestrator.ownmodel import OwnModelTask
 from orchestrator.plugins import PluginRegistry
 from orchestrator.profile import LoadedProfile
 from orchestrator.search.space import configured_technique
+
+log = logging.getLogger(__name__)
 
 
 def resolve_task(loaded: LoadedProfile, registry: PluginRegistry, task: str | None = None, model: str | None = None,
@@ -32,16 +35,29 @@ def resolve_task(loaded: LoadedProfile, registry: PluginRegistry, task: str | No
     return registry.task(task or loaded.profile.task or "digits")
 
 
-def refuse_torch_stages(loaded: LoadedProfile, techniques: list[Any], task: Any) -> None:
-    """An ONNX base model takes graph-stage techniques only: a training/architecture one is refused up front."""
+def refuse_torch_stages(loaded: LoadedProfile, techniques: list[Any], task: Any) -> list[Any]:
+    """An ONNX base model takes training-stage techniques on its torch form where onnx2torch converts it
+    and the conversion agrees with the file on the samples (`OwnModelTask.not_trainable`). Where it does
+    not, the run goes on with graph-stage techniques only: the others are left out of `techniques` (in
+    place; the list is also returned) with one warning line saying why, and a profile with no graph-stage
+    technique left is refused with that line."""
     if getattr(task, "kind", None) != "onnx":
-        return
-    for i, name in enumerate(loaded.profile.search.techniques):
-        technique = next((t for t in techniques if t.name == name), None)
-        if technique is not None and technique.stage != "graph":
-            raise loaded.error(("search", "techniques", i),
-                               f"{name} is a {technique.stage}-stage technique: it changes a PyTorch model, and "
-                               f"{task.source} is an ONNX file (only graph-stage techniques apply to it)")
+        return techniques
+    torch_stage = [t for t in techniques if t.stage != "graph"]
+    if not torch_stage:
+        return techniques
+    why = task.not_trainable()
+    if not why:
+        return techniques
+    names = ", ".join(t.name for t in torch_stage)
+    if len(torch_stage) == len(techniques):
+        i = loaded.profile.search.techniques.index(torch_stage[0].name)
+        raise loaded.error(("search", "techniques", i),
+                           f"{names} change a PyTorch model, and {task.source} has none: {why}; only graph-stage "
+                           "techniques apply to it")
+    log.warning("%s left out: %s has no PyTorch form (%s); graph-stage techniques only", names, task.source, why)
+    techniques[:] = [t for t in techniques if t.stage == "graph"]
+    return techniques
 
 
 def fit_to_labels(loaded: LoadedProfile, techniques: list[Any], task: Any) -> list[Any]:

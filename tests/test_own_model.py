@@ -73,11 +73,27 @@ def test_onnx_file_inputs_and_outputs_are_read_from_the_graph():
 
 
 def test_a_torch_stage_technique_is_refused_for_an_onnx_model(tmp_path, capsys):
-    profile = _profile(tmp_path, ["int8-static", "prune-structured"], 2)
+    """Training-stage techniques apply to an ONNX file that onnx2torch converts (tests/test_onnx_convert.py);
+    the OCR classifier does not convert (its weights are not where onnx2torch looks): one line, exit 2
+    when no graph-stage technique is left."""
+    from orchestrator.search.space import allowed_techniques
+    from orchestrator.tasks import refuse_torch_stages
+    from tests.helpers.own_models import image_samples, small_cnn
+
+    import torch
+
+    torch.onnx.export(small_cnn(), (torch.zeros(1, 3, 16, 16),), str(tmp_path / "cnn.onnx"), dynamo=False,
+                      input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}})
+    loaded = load_profile(_profile(tmp_path, ["int8-static", "prune-structured"], 2))
+    converts = OwnModelTask(str(tmp_path / "cnn.onnx"), str(image_samples(tmp_path / "img.npz")))
+    kept = refuse_torch_stages(loaded, allowed_techniques(loaded, get_plugin_manager()), converts)
+    assert [t.name for t in kept] == ["int8-static", "prune-structured"]
+
+    profile = _profile(tmp_path, ["prune-structured"], 2)
     assert main(["--profile", str(profile), "--model", str(OCR_CLS), "--out", str(tmp_path / "runs")]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "search.techniques[1]: prune-structured is a training-stage technique" in line
-    assert "ONNX file" in line and not (tmp_path / "runs").exists()
+    assert "search.techniques[0]: prune-structured change a PyTorch model" in line
+    assert "onnx2torch cannot convert it (KeyError: 'conv1_weights')" in line
 
 
 @pytest.mark.parametrize("args, message", [

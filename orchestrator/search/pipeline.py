@@ -152,8 +152,14 @@ def build_candidate(
                     model = _timed(timings, "export", lambda: export_onnx(task, model, ctx.data.get("calibration")))
             else:
                 if technique.stage != "graph" and is_onnx(model):
-                    raise CandidateBuildError(f"{name}: a {technique.stage}-stage technique needs a PyTorch model; "
-                                              "the base model is an ONNX graph")
+                    # a brought ONNX file (`--model file.onnx`) has a checked torch form where it converts
+                    if not hasattr(task, "torch_form"):
+                        raise CandidateBuildError(f"{name}: a {technique.stage}-stage technique needs a PyTorch "
+                                                  "model; the base model is an ONNX graph")
+                    try:
+                        model = task.torch_form()
+                    except Exception as exc:
+                        raise CandidateBuildError(f"{name}: {exc}") from exc
                 if technique.stage == "graph" and isinstance(model, (bytes, bytearray)):
                     model = onnx.load_from_string(model)
                 tuned_before = ctx.fine_tune_seconds
