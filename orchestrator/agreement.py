@@ -18,7 +18,7 @@ loses half its detections still scores 0.998. So (pure numpy, no torch):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -208,3 +208,63 @@ def pixel_agreement(output: Any, reference: Any) -> float:
     if got.shape != ref.shape or not np.all(np.isfinite(got)):
         return 0.0
     return float((got.argmax(axis=1) == ref.argmax(axis=1)).mean())
+
+
+# ------------------------------------------------------------------------- choosing and scoring
+
+
+def auto_quality(outputs: Sequence[Any], fp32_probe: Callable[[], Any]) -> str:
+    """The label-free metric for a model's output specs (name, shape): top1 for classifier logits, segmentation
+    for a segmentation map, detection for a YOLO-style head whose fp32 values (`fp32_probe()`) agree, else cosine."""
+    out = outputs[0]
+    classifier = any(word in out.name.lower() for word in ("logit", "prob", "softmax", "class")) or \
+        (len(out.shape) == 2 and out.shape[1] == "classes")
+    if classifier and len(out.shape) == 2:
+        return "top1"
+    if len(outputs) == 1 and segmentation_shaped(out.shape, out.name):
+        return "segmentation"
+    if len(outputs) == 1 and detection_layout(out.shape):
+        try:
+            values = np.asarray(fp32_probe())
+        except Exception:  # noqa: BLE001 - a model that cannot run here fails later with its own message
+            return "cosine"
+        if detection_layout(values.shape, values) is not None:
+            return "detection"
+    return "cosine"
+
+
+def agreement_score(metric: str, outputs: Sequence[Any], reference: Sequence[Any], names: Sequence[str],
+                    layout: str | None = None, settings: DetectionSettings | None = None) -> float:
+    """The label-free quality `metric` of `outputs` against fp32's `reference` (1.0 = the same)."""
+    if metric == "top1":
+        return float((np.asarray(outputs[0]).argmax(axis=-1) == np.asarray(reference[0]).argmax(axis=-1)).mean())
+    if metric == "segmentation":
+        return pixel_agreement(outputs[0], reference[0])
+    if metric == "detection":
+        layout = layout or detection_layout(np.asarray(reference[0]).shape) or "channels-first"
+        return detection_f1(outputs[0], reference[0], layout, settings)[0]
+    if metric == "cosine":
+        return per_output_cosine(outputs, reference, names)[0]
+    if metric != "relative_error":
+        raise ValueError(f"unknown quality metric {metric!r}")
+    got = np.concatenate([_rows(o).reshape(len(o), -1) for o in outputs], axis=1)
+    ref = np.concatenate([_rows(o).reshape(len(o), -1) for o in reference], axis=1)
+    if not np.all(np.isfinite(got)):
+        return 0.0
+    return float(max(0.0, 1.0 - np.abs(got - ref).mean() / max(np.abs(ref).mean(), 1e-12)))
+
+
+def compares_text(metric: str, outputs: Sequence[Any], layout: str | None, settings: DetectionSettings,
+                  parts: Sequence[str]) -> str:
+    """Which parts of the outputs `metric` compares, in words (results.json, the terminal)."""
+    names = [o.name for o in outputs]
+    if metric == "detection":
+        d = settings
+        return (f"{names[0]} decoded as detections ({layout or detection_layout(outputs[0].shape)}: 4 box "
+                f"coordinates + class scores; score >= {d.score_threshold}, NMS IoU {d.nms_iou}), matched to fp32's "
+                f"by class at IoU >= {d.match_iou}")
+    if metric in ("top1", "segmentation"):
+        return f"{names[0]}: arg-max class" + (" per pixel" if metric == "segmentation" else "")
+    if metric == "cosine":
+        return "each output in its own scale, the worst counts: " + ("; ".join(parts) if parts else ", ".join(names))
+    return ", ".join(names)

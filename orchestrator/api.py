@@ -252,6 +252,37 @@ class Task:
     default_arch: ClassVar[dict[str, Any]] = {}
     train_epochs: ClassVar[int] = 1
 
+    # ------------------------------------------------------------- every model is a Task (added in 0.4)
+    def spec(self) -> dict[str, Any]:
+        """What a Ray worker rebuilds this task from: JSON-able, "task" its name.
+
+        A registered task plugin needs nothing more (the worker loads the same plugins). A task
+        made with arguments (a model brought with --model) adds "class" ("module:QualName" of its
+        Task subclass) and what `from_spec` needs, including what the driver established once
+        (the source's kind, the resolved quality, a fingerprint), so a worker does not derive it again.
+        """
+        return {"task": self.name}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Task:
+        """The task `spec()` described, rebuilt in a worker (the default: the class takes no arguments)."""
+        return cls()
+
+    def check_rebuilt(self, spec: dict[str, Any], where: str) -> None:
+        """Refuse (raise an OrchestratorError) when the task rebuilt in `where` differs from the driver's `spec`."""
+
+    def measure_axes(self, seed: int) -> dict[str, int]:
+        """Sizes of the model's named dynamic axes (batch aside) the device should time it at; {}: the profile's."""
+        return {}
+
+    def describe(self) -> dict[str, Any] | None:
+        """What results.json says of the model (its `model` block), or None for a task plugin's own."""
+        return None
+
+    def resume_options(self) -> dict[str, Any]:
+        """What a resumed run needs to make this task again (absolute paths), beyond the task's name."""
+        return {}
+
     def input_specs(self) -> tuple[TensorSpec, ...]:
         """The model's inputs, in the order its forward() takes them."""
         return self.inputs or (TensorSpec(self.input_name, "float32", ("batch", *self.input_shape)),)

@@ -53,20 +53,6 @@ def register_transports(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
-def register_transports(register: Callable[[Any], None]) -> None:
-    """Register device transport kinds: a new way to reach a device (a serial board, a container, a device farm).
-
-    :param register: call it once per kind with a ``TransportKind`` instance. A name already
-        registered (a built-in's: local, ssh, qemu, or another plugin's) is refused, naming both.
-    :returns: nothing.
-
-    A device whose ``transport`` is the kind's name is measured through ``kind.transport(device)``
-    and, when the kind has ``deploy``, rolled out to through ``kind.deploy(device, ...)``.
-    Called once when the plugin manager is built. Added in 0.4.
-    """
-
-
-@hookspec
 def run_started(run_id: str, run: dict) -> None:
     """Called on the host when a run (or a resumed run) starts, before the base model is loaded.
 
@@ -106,7 +92,8 @@ def base_model_started(run_id: str, task: str) -> None:
 
 
 @hookspec
-def base_model_ready(run_id: str, accuracy: float, trained_now: bool, quality_metric: str) -> None:
+def base_model_ready(run_id: str, accuracy: float, trained_now: bool, quality_metric: str,
+                     quality_compares: str) -> None:
     """Called when the base model is ready, before the search starts.
 
     :param run_id: the run.
@@ -114,7 +101,10 @@ def base_model_ready(run_id: str, accuracy: float, trained_now: bool, quality_me
     :param trained_now: True when it was trained for this run, False when it came from the cache.
     :param quality_metric: what `accuracy` measures, here and in every candidate's metrics:
         "accuracy" (a task's), or for a model brought with --model "labels", "top1", "cosine",
-        "relative_error" (docs/own_models.md). Added in 0.3; a hook may leave it out.
+        "detection", "segmentation", "relative_error" (docs/own_models.md). Added in 0.3; a hook may leave it out.
+    :param quality_compares: which parts of the outputs the quality compares, in words (e.g. "output0
+        (22 channels, each standardised by fp32's mean and spread)"); "" for a task's own metric.
+        Added in 0.4; a hook may leave it out.
     :returns: nothing. An exception here is logged and does not stop the run.
 
     Added in 0.2.

@@ -26,17 +26,17 @@ import copy
 import dataclasses
 import hashlib
 import importlib
-import json
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from orchestrator.agreement import (DetectionSettings, channel_scales, detection_f1, detection_layout,
-                                    per_output_cosine, pixel_agreement, segmentation_shaped)
+from orchestrator.agreement import (DetectionSettings, agreement_score, auto_quality, channel_scales, compares_text,
+                                    detection_layout)
 from orchestrator.api import Dataset, Task, TensorSpec
 from orchestrator.errors import ModelSourceError
+from orchestrator.hfmodel import load_hf_folder
 from orchestrator.modelfacts import onnx_specs, spec_json
 from orchestrator.owntrain import fine_tune
 from orchestrator.search.basemodel import torch_outputs
@@ -87,67 +87,6 @@ def _file_digest(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-class _HFModule:
-    """Builds the torch wrapper of a Hugging Face model: positional (input_ids, attention_mask) -> tensors."""
-
-    @staticmethod
-    def load(folder: str) -> tuple[Any, list[str]]:
-        try:
-            import transformers
-        except ImportError:
-            raise ModelSourceError(f"--model {folder}: a Hugging Face folder needs transformers: "
-                                   "pip install 'edge-orchestrator[hf]'") from None
-        import torch
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a folder on disk; never the hub
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        archs = config.architectures or []
-        classifier = any(a.endswith("ForSequenceClassification") for a in archs)
-        auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
-        try:
-            inner = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager")
-        except (OSError, ValueError) as exc:
-            raise ModelSourceError(f"--model {folder}: {str(exc).splitlines()[0]}") from None
-        pooling, normalize = _sentence_transformers_head(Path(folder))
-        name = "logits" if classifier else "sentence_embedding" if pooling else "last_hidden_state"
-
-        class HFWrapper(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, input_ids, attention_mask):
-                out = self.inner(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
-                if classifier or not pooling:
-                    return out["logits" if classifier else "last_hidden_state"]
-                hidden = out["last_hidden_state"]
-                if pooling == "cls":
-                    pooled = hidden[:, 0]
-                else:  # the attention-masked mean over tokens, as sentence-transformers pools
-                    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
-
-        return HFWrapper().eval(), [name, int(getattr(config, "vocab_size", 0) or 0)]
-
-
-def _sentence_transformers_head(folder: Path) -> tuple[str | None, bool]:
-    """(pooling "mean" | "cls" | None, normalize) of a sentence-transformers folder: what its embedding is."""
-    config = folder / "1_Pooling" / "config.json"
-    if not config.is_file():
-        return None, False
-    try:
-        pooling = json.loads(config.read_text())
-        modules = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").is_file() else []
-    except (OSError, ValueError):
-        return None, False
-    mode = "cls" if pooling.get("pooling_mode_cls_token") else "mean" if pooling.get("pooling_mode_mean_tokens") \
-        else None
-    return mode, any(str(m.get("type", "")).endswith("Normalize") for m in modules if isinstance(m, dict))
-
-
 class OwnModelTask(Task):
     """A pretrained model brought by the user (see the module docstring), used as it is."""
 
@@ -186,11 +125,12 @@ class OwnModelTask(Task):
     def spec(self) -> dict[str, Any]:
         """What a Ray worker needs to rebuild this task (`from_spec`)."""
         # the quality as resolved here: a worker does not run the fp32 model again to detect it
-        return {"source": self.source, "samples": self.samples_path, "quality": self.quality_metric,
+        return {"task": self.name, "class": f"{OwnModelTask.__module__}:{OwnModelTask.__qualname__}",
+                "source": self.source, "samples": self.samples_path, "quality": self.quality_metric,
                 "axes": self.axes, "search_dir": self.search_dir, "fingerprint": self.fingerprint(),
                 "detection": dataclasses.asdict(self.detection)}
 
-    def check_same_model(self, spec: dict[str, Any], where: str) -> None:
+    def check_rebuilt(self, spec: dict[str, Any], where: str) -> None:
         """Refuse to go on when `where` (a Ray worker) built other weights than the driver did (`spec`'s fingerprint).
 
         A factory that trains, or initialises anything randomly, returns another model on each
@@ -205,6 +145,11 @@ class OwnModelTask(Task):
     def from_spec(cls, spec: dict[str, Any]) -> OwnModelTask:
         return cls(spec["source"], spec.get("samples"), spec.get("quality", "auto"), spec.get("axes"),
                    spec.get("search_dir"), spec.get("detection"))
+
+    def resume_options(self) -> dict[str, Any]:
+        """What a resumed run needs to rebuild this model: absolute paths (a factory stays as it is)."""
+        absolute = (lambda v: str(Path(v).resolve()) if v and Path(v).exists() else v)  # noqa: E731
+        return {"model": absolute(self.source), "inputs": absolute(self.samples_path)}
 
     def describe(self) -> dict[str, Any]:
         """What results.json says of the model."""
@@ -257,7 +202,7 @@ class OwnModelTask(Task):
             return self._model
         if self._model is None:
             if self.kind == "hf":
-                self._model, (self._hf_output, self._vocab) = _HFModule.load(self.source)
+                self._model, (self._hf_output, self._vocab) = load_hf_folder(self.source)
             else:
                 self._model = _call_factory(self.source, self.search_dir)
         return self._model
@@ -356,41 +301,16 @@ class OwnModelTask(Task):
             return self.requested_quality
         if samples is not None and "labels" in samples:
             return "labels"
-        out = self.outputs[0]
-        classifier = any(word in out.name.lower() for word in ("logit", "prob", "softmax", "class")) or \
-            (len(out.shape) == 2 and out.shape[1] == "classes")
-        if classifier and len(out.shape) == 2:
-            return "top1"
-        if len(self.outputs) == 1 and segmentation_shaped(out.shape, out.name):
-            return "segmentation"
-        if len(self.outputs) == 1 and detection_layout(out.shape) and self._fp32_says_detections():
-            return "detection"
-        return "cosine"
+        return auto_quality(self.outputs, self._fp32_probe)
 
-    def _fp32_says_detections(self) -> bool:
-        """Whether the fp32 model's output on a few sample rows looks like boxes + class scores."""
+    def _fp32_probe(self) -> Any:
+        """The fp32 model's first output on a few sample rows (auto quality looks at its values)."""
         feeds = self.sample_inputs(0)
-        rows = Dataset({k: v[:DETECTION_PROBE_ROWS] for k, v in feeds.items()}, None)
-        try:
-            values = self._reference(rows)[0]
-        except Exception:  # noqa: BLE001 - a model that cannot run here fails later with its own message
-            return False
-        return detection_layout(values.shape, values) is not None
+        return self._reference(Dataset({k: v[:DETECTION_PROBE_ROWS] for k, v in feeds.items()}, None))[0]
 
     def quality_compares(self) -> str:
         """Which parts of the outputs the quality compares, in words (results.json, the terminal)."""
-        names = [o.name for o in self.outputs]
-        if self.quality_metric == "detection":
-            d = self.detection
-            return (f"{names[0]} decoded as detections ({self._layout or detection_layout(self.outputs[0].shape)}: "
-                    f"4 box coordinates + class scores; score >= {d.score_threshold}, NMS IoU {d.nms_iou}), matched "
-                    f"to fp32's by class at IoU >= {d.match_iou}")
-        if self.quality_metric in ("top1", "segmentation"):
-            return f"{names[0]}: arg-max class" + (" per pixel" if self.quality_metric == "segmentation" else "")
-        if self.quality_metric == "cosine":
-            return ("each output in its own scale, the worst counts: " +
-                    ("; ".join(self._compared) if self._compared else ", ".join(names)))
-        return ", ".join(names)
+        return compares_text(self.quality_metric, self.outputs, self._layout, self.detection, self._compared)
 
     def sample_inputs(self, seed: int) -> dict[str, Any]:
         """{input name: array (N, ...)}: the given samples, or random ones at the profile's axis sizes."""
@@ -478,25 +398,10 @@ class OwnModelTask(Task):
     # ------------------------------------------------------------------------------- quality
     def score(self, outputs: list[Any], labels: Any) -> float:
         """The quality named by `quality_metric` (1.0 = the fp32 model's own outputs)."""
-        import numpy as np
-
         if self.quality_metric == "labels":
             return self.metric(outputs[0], labels)
-        if self.quality_metric == "top1":
-            got, ref = np.asarray(outputs[0]), np.asarray(labels[0])
-            return float((got.argmax(axis=-1) == ref.argmax(axis=-1)).mean())
-        if self.quality_metric == "segmentation":
-            return pixel_agreement(outputs[0], labels[0])
-        if self.quality_metric == "detection":
-            layout = self._layout or detection_layout(np.asarray(labels[0]).shape) or "channels-first"
-            return detection_f1(outputs[0], labels[0], layout, self.detection)[0]
-        if self.quality_metric == "cosine":
-            return per_output_cosine(outputs, labels, [o.name for o in self.outputs])[0]
-        got = np.concatenate([np.asarray(o, dtype=np.float64).reshape(len(o), -1) for o in outputs], axis=1)
-        ref = np.concatenate([np.asarray(o, dtype=np.float64).reshape(len(o), -1) for o in labels], axis=1)
-        if not np.all(np.isfinite(got)):
-            return 0.0
-        return float(max(0.0, 1.0 - np.abs(got - ref).mean() / max(np.abs(ref).mean(), 1e-12)))
+        return agreement_score(self.quality_metric, outputs, labels, [o.name for o in self.outputs], self._layout,
+                               self.detection)
 
 
 def _call_factory(source: str, search_dir: str | None = None) -> Any:

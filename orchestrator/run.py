@@ -25,7 +25,6 @@ from orchestrator.fleet.choice import choose_devices, describe_devices, device_f
 from orchestrator.fleet.lease import DeviceLease, LeasePool
 from orchestrator.fleet.measurements import measurements_path
 from orchestrator.modelfacts import model_ops, samples_npz, session_settings
-from orchestrator.ownmodel import OwnModelTask
 from orchestrator.paths import cache_dir, store_path
 from orchestrator.plugins import PluginRegistry
 from orchestrator.profile import LoadedProfile, Profile, load_profile, profile_from_text
@@ -97,7 +96,7 @@ def execute_run(
     are kept, only the trials it still lacks are run (see `resume_run`).
     """
     cache_limit()  # a bad EDGE_ORCHESTRATOR_CACHE_MAX is refused now, not at the run's end
-    profile = loaded.profile
+    profile = loaded.profile.model_copy(deep=True)  # the run may add measurement axes: never to the loaded one
     techniques = allowed_techniques(loaded, registry)
     task = resolve_task(loaded, registry, options.task, options.model, options.inputs)
     refuse_torch_stages(loaded, techniques, task)
@@ -161,9 +160,9 @@ def execute_run(
     status, error = "failed", None
     try:
         data = task.load_data(profile.search.seed)
-        if isinstance(task, OwnModelTask):  # time the model at its samples' sequence length (etc.), not 1
-            for axis, size in task.measure_axes(profile.search.seed).items():
-                profile.measurement.axes.setdefault(axis, size)
+        # time the model at its samples' sequence length (etc.), not 1: on the run's own copy of the profile
+        for axis, size in task.measure_axes(profile.search.seed).items():
+            profile.measurement.axes.setdefault(axis, size)
         registry.notify("base_model_started", run_id=run_id, task=task.name)
         base = get_base_model(task, data, profile.search.seed)
         plan.baseline_accuracy, baseline_onnx = _baseline_accuracy(task, base, data, prior)
@@ -189,8 +188,8 @@ def execute_run(
         extras["quality_metric"] = task.quality_metric
         if profile.measurement.axes:
             extras["measurement_axes"] = dict(profile.measurement.axes)
-        if isinstance(task, OwnModelTask):
-            extras["model"] = task.describe()
+        if (described := task.describe()) is not None:
+            extras["model"] = described
         outcome = _finish(store, run_id, loaded, task.name, device_info, records, out, status, error, extras)
         registry.notify("run_finished", run_id=run_id, results=outcome.results)
         _trim_caches()
@@ -269,10 +268,10 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
 
             seed = [] if options.fresh else past_points(plan.devices, profile, profile.constraints.latency_percentile)
             predictor = ray.remote(PredictorService).options(num_cpus=0, scheduling_strategy=here).remote(seed)
-        payload = TrialPayload(task.name, base.state_dict_bytes, base.arch, profile, profile.search.seed,
+        payload = TrialPayload(task.spec(), base.state_dict_bytes, base.arch, profile, profile.search.seed,
                                pool, sink, plan.remaining if searcher is None else None, plan.avoid_cpu, predictor,
                                fresh=options.fresh, baseline_accuracy=plan.baseline_accuracy,
-                               task_spec=task.spec() if isinstance(task, OwnModelTask) else None, plugins=registry.origins(),
+                               plugins=registry.origins(),
                                sample=plan.sample)
 
         recorder, enough = recording_callback(on_candidate, target=plan.trials_left, known=plan.done,

@@ -85,9 +85,5 @@ def fit_to_labels(loaded: LoadedProfile, techniques: list[Any], task: Any) -> li
 
 
 def model_options(task: Any) -> dict[str, Any]:
-    """What a resumed run needs to rebuild a model brought with --model: absolute paths."""
-    if not isinstance(task, OwnModelTask):
-        return {}
-    spec = task.spec()
-    absolute = (lambda v: str(Path(v).resolve()) if v and Path(v).exists() else v)
-    return {"model": absolute(spec["source"]), "inputs": absolute(spec["samples"])}
+    """What a resumed run needs to rebuild the run's task (`Task.resume_options`)."""
+    return task.resume_options()

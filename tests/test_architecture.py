@@ -244,3 +244,16 @@ def test_every_builtin_transport_kind_is_in_the_table_and_the_protocols_are_met(
     assert all(callable(getattr(ssh_deploy.DeployTarget, m, None))
                for m in ("open", "install", "health", "rollback", "status", "close"))
     assert Transport is not Deployable
+
+
+def test_every_model_is_a_task_the_search_does_not_know_brought_models():
+    """Issue 28: search/ never imports the brought-model task (search <-> ownmodel circle gone), and no module
+    but the task's own asks whether a task is one (`isinstance(task, OwnModelTask)`): workers rebuild any task
+    from `Task.spec()` (search/trial.py `rebuild_task`)."""
+    graph = import_graph()
+    leaks = sorted(m for m, targets in graph.items() if m.startswith("orchestrator.search") and
+                   "orchestrator.ownmodel" in targets)
+    assert not leaks, f"search modules import orchestrator.ownmodel: {leaks}"
+    asks = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "orchestrator").rglob("*.py")
+                  if p.name != "ownmodel.py" and re.search(r"isinstance\([^)]*OwnModelTask", p.read_text()))
+    assert not asks, f"isinstance on the brought-model task outside its module: {asks}"

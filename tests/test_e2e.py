@@ -234,7 +234,9 @@ def test_ctrl_c_keeps_what_was_measured_and_leaves_nothing_running(small_run, tm
     run = RunStore(db).get_run(run_id)
     assert run["status"] == "interrupted"
     assert 2 <= len(run["candidates"]) < 13
-    assert all(c["status"] in ("ok", "failed") and "metrics" in c for c in run["candidates"])
+    # rejected: scored and refused on accuracy before the device (which starting point is, depends on the CPU)
+    assert all(c["status"] in ("ok", "failed", "rejected") and "metrics" in c for c in run["candidates"]), \
+        [(c["id"], c["status"]) for c in run["candidates"]]
     results = json.loads((Path(run["out_dir"]) / "results.json").read_text())
     assert results["status"] == "interrupted" and len(results["candidates"]) == len(run["candidates"])
     time.sleep(2)

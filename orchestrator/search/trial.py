@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import socket
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import MeasurementError
-from orchestrator.ownmodel import OwnModelTask
+from orchestrator.api import Task
+from orchestrator.errors import MeasurementError, PluginError
 from orchestrator.plugins import get_plugin_manager
 from orchestrator.profile import OBJECTIVE_METRICS
 from orchestrator.search.basemodel import TrainedModel
@@ -51,7 +52,7 @@ class ModelSink:
 class TrialPayload:
     """What every trial needs, shipped once through the object store."""
 
-    task_name: str
+    task_spec: dict[str, Any]  # Task.spec(): what a worker rebuilds the task from (`rebuild_task`), any kind of task
     base_state: bytes
     base_arch: dict[str, Any]
     profile: Any
@@ -63,7 +64,6 @@ class TrialPayload:
     predictor: Any = None  # PredictorService actor: the device's latency predictor (orchestrator/search/predictor.py)
     fresh: bool = False  # read no cache (stages, accuracy); still write them
     baseline_accuracy: float | None = None  # the exported base model's, on the same held-out data
-    task_spec: dict[str, Any] | None = None  # a model brought with --model (orchestrator/ownmodel.py), not a plugin's
     plugins: dict[str, str] | None = None  # the driver's plugins and their files: every worker must load the same
     sample: dict[str, Any] | None = None  # real held-out input rows, which the device times (modelfacts.with_sample)
 
@@ -117,18 +117,36 @@ def config_to_pipeline(config: dict[str, Any], payload: TrialPayload, labels: di
     ]
 
 
+def rebuild_task(registry: Any, spec: dict[str, Any], where: str) -> Any:
+    """The task `spec` (`Task.spec()`) describes, rebuilt in `where` (a Ray worker), any kind alike.
+
+    A spec with a "class" (module:qualname of a Task subclass, e.g. a model brought with --model)
+    is rebuilt by that class's `from_spec`; otherwise it names a task plugin. The rebuilt task
+    checks itself against the driver's (`Task.check_rebuilt`).
+    """
+    if spec.get("class"):
+        module, _, qualname = str(spec["class"]).partition(":")
+        target: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+        if not (isinstance(target, type) and issubclass(target, Task)):
+            raise PluginError(f"task spec class {spec['class']!r} is not a Task")
+        task = target.from_spec(spec)
+    else:
+        task = registry.task(spec["task"])
+    task.check_rebuilt(spec, where)
+    return task
+
+
 def _worker_state(payload: TrialPayload) -> tuple[Any, Any, Any, Any]:
     """(registry, task, data, base model), built once per worker process (Tune reuses trial actors)."""
-    key = (payload.task_name, payload.seed, hash(payload.base_state), repr(payload.task_spec))
+    key = (payload.seed, hash(payload.base_state), repr(payload.task_spec))
     if key not in _WORKER_STATE:
         registry = get_plugin_manager()
+        where = f"the Ray worker (pid {os.getpid()} on {socket.gethostname()})"
         if payload.plugins is not None:
-            registry.check_same_plugins(payload.plugins, f"the Ray worker (pid {os.getpid()} on {socket.gethostname()})")
-        if payload.task_spec is not None:
-            task = OwnModelTask.from_spec(payload.task_spec)
-            task.check_same_model(payload.task_spec, f"the Ray worker (pid {os.getpid()} on {socket.gethostname()})")
-        else:
-            task = registry.task(payload.task_name)
+            registry.check_same_plugins(payload.plugins, where)
+        task = rebuild_task(registry, payload.task_spec, where)
         data = task.load_data(payload.seed)
         base = TrainedModel(task.name, "", payload.base_arch, payload.base_state, 0.0, False).load(task)
         _WORKER_STATE.clear()
