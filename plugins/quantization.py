@@ -228,7 +228,7 @@ class Int8Dynamic(Technique):
         return out
 
     def recommended(self, device: Any) -> list[dict[str, Any]]:
-        """For a MatMul model without convolutions (a transformer) on a CPU: per-channel int8 weights.
+        """For a MatMul model without convolutions (a transformer) on a CPU: per-channel int8 weights (uint8 on x86 without VNNI).
 
         Per-channel keeps a pretrained transformer's embedding within ~0.01 cosine of fp32 where
         per-tensor loses 2-3x more (docs/own_models.md); a CNN's convolutions become ConvInteger,
@@ -236,7 +236,11 @@ class Int8Dynamic(Technique):
         """
         if device.gpu or not device.matmul_model:
             return []
-        return [{"per_channel": True, "weight_type": "int8"}]
+        # x86-64 without VNNI: int8 weights with uint8 activations (U8S8) sum pairs in 16 bits that can
+        # saturate; uint8 weights (U8U8) do not (onnxruntime's quantization docs). Measured on a tiny BERT
+        # under an emulated AVX2 EPYC: cosine 0.977 with int8 weights, 0.999 with uint8 (docs/techniques.md)
+        exact = not device.x86 or device.has("avx512_vnni", "avx_vnni", "amx_int8")
+        return [{"per_channel": True, "weight_type": "int8" if exact else "uint8"}]
 
     def apply(self, model: Any, params: dict[str, Any], ctx: Any) -> Any:
         """Quantize an onnx.ModelProto; refuses a model with nothing of the chosen operators to quantize."""

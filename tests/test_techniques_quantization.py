@@ -156,3 +156,19 @@ def test_quantization_search_space_sizes(registry):
     assert registry.technique("int8-static").param_grid()[0]["quant_format"] == "QDQ"  # QDQ first: the grid's head
     assert len(registry.technique("int8-dynamic").param_grid()) == 2 * 2
     assert registry.technique("fp16").param_grid() == [{"keep_io_types": True}]
+
+
+def test_int8_dynamic_recommends_weights_whose_integer_sums_are_exact_on_the_cpu(registry):
+    """x86 without VNNI: U8S8 pair sums saturate in 16 bits, so uint8 weights; with VNNI, and on ARM, int8."""
+    from orchestrator import DeviceFacts
+
+    technique = registry.techniques["int8-dynamic"]
+    transformer = frozenset({"MatMul", "Gather", "Softmax"})
+    avx2 = DeviceFacts(arch="x86_64", isa=frozenset({"avx2", "fma"}), model_ops=transformer)
+    vnni = DeviceFacts(arch="x86_64", isa=frozenset({"avx2", "avx512_vnni"}), model_ops=transformer)
+    arm = DeviceFacts(arch="aarch64", isa=frozenset({"asimd"}), model_ops=transformer)
+    assert technique.recommended(avx2) == [{"per_channel": True, "weight_type": "uint8"}]
+    assert technique.recommended(vnni) == [{"per_channel": True, "weight_type": "int8"}]
+    assert technique.recommended(arm) == [{"per_channel": True, "weight_type": "int8"}]
+    cnn = DeviceFacts(arch="x86_64", isa=frozenset({"avx2"}), model_ops=frozenset({"Conv", "MatMul"}))
+    assert technique.recommended(cnn) == []
