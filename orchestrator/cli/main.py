@@ -110,15 +110,28 @@ def cli(ctx: click.Context, profile_path: Path | None, task: str | None, model: 
 
 
 def _out_problem(out_dir: Path) -> str | None:
-    """Why a run could not write its folder under `out_dir` (made now if missing), or None when it can."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
+    """Why a run could not write its folder under `out_dir`, or None when it can.
+
+    Creates nothing: a refused run leaves no folder behind; the run makes `out_dir` when it starts.
+    The nearest existing ancestor must be a folder this user can write (and enter)."""
+    path = Path(os.path.abspath(out_dir))
+    while True:
+        try:
+            is_dir = path.is_dir()
+            exists = is_dir or path.exists() or path.is_symlink()
+        except OSError as exc:
+            return f"cannot be made: {exc.strerror or exc}"
+        if exists:
+            break
+        if path.parent == path:
+            return "cannot be made: no such file or directory"
+        path = path.parent
+    if not is_dir:
         return "not a folder (a file is in the way)"
-    except OSError as exc:
-        return f"cannot be made: {exc.strerror or exc}"
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        return "not writable by this user"
+    if not os.access(path, os.W_OK | os.X_OK):
+        if path == Path(os.path.abspath(out_dir)):
+            return "not writable by this user"
+        return "cannot be made: Permission denied"
     return None
 
 
