@@ -125,6 +125,36 @@ def test_a_live_rollout_is_locked_and_a_host_killed_mid_install_is_recorded_righ
     assert all(working_current(f.disk(n)) == b for n in f.servers)
 
 
+def test_a_rollback_is_refused_while_a_rollout_of_its_profile_is_live(fleet, runs, capsys):
+    """Issue 31 item 1: `rollback --profile P` (or `--device D` of P) while `deploy` of P runs is refused, naming the
+    live rollout's pid and host, and moves no device; the rollout then records the right previous version (A)."""
+    f = fleet(2)
+    a, b = sha_of(runs["a"]), sha_of(runs["b"])
+    deploy_run(runs["a"], max_parallel=2)
+    before = DeploymentStore().latest()
+    host = _deploy_process(runs["b"], "--canary", "1")
+    try:
+        y = _wait(lambda: _new_rollout_of(runs["b"], before), 60, "rollout B to start", host)
+        canary = y["waves"][0][0]
+        _wait(lambda: agent_processes(f.disk(canary), "install"), 60, "the canary's install", host)
+        for args in (["--profile", y["profile"]], ["--device", canary]):
+            assert main(["rollback", *args]) == 1
+            captured = capsys.readouterr()
+            err = captured.err.strip()
+            assert err.startswith(f"error: rollout {y['id']} is still running (pid {host.pid} on "), err
+            assert "not rolled back" in err and len(err.splitlines()) == 1
+            assert "rolled back" not in captured.out
+        assert host.wait(timeout=180) == 0, host.communicate()[1][-2000:]
+    finally:
+        if host.poll() is None:
+            host.kill()
+        host.communicate()
+    done = DeploymentStore().get_rollout(y["id"])
+    assert done["status"] == "done"
+    assert {n: d["previous_version"] for n, d in done["devices"].items()} == {n: a for n in f.servers}
+    assert all(working_current(f.disk(n)) == b for n in f.servers)
+
+
 # ------------------------------------------------------------------------------------- network namespaces
 
 

@@ -173,6 +173,20 @@ class DeploymentStore:
                            [(rollout_id, name, i, now) for i, wave in enumerate(waves) for name in wave])
         return [r["id"] for r in older]
 
+    def refuse_if_live(self, profiles: set[str], doing: str) -> None:
+        """DeployError when a live rollout drives one of `profiles`: `doing` (a rollback) would move its devices
+        under it, and it would then record the wrong version as each device's previous one."""
+        if not profiles:
+            return
+        now = time.time()
+        rows = self._read(f"SELECT * FROM rollouts WHERE status = 'running' AND profile IN "
+                          f"({', '.join('?' * len(profiles))}) ORDER BY id", tuple(sorted(profiles)))
+        for row in rows:
+            rollout = dict(row)
+            if owner_alive(rollout, now):
+                raise DeployError(f"{live_message(rollout)} for profile {rollout['profile']!r}; not {doing} "
+                                  "(it would move devices under a live rollout); wait for it to end")
+
     def claim(self, rollout_id: str) -> None:
         """Take a stored rollout over to resume it (`running`, owned by this process); DeployError if it is live."""
         now = time.time()

@@ -387,6 +387,7 @@ def rollback_devices(names: list[str], max_parallel: int = 4, on_event: Event = 
     """
     registry, store = DeviceRegistry(), DeploymentStore()
     devices = [registry.get(n) for n in names]
+    store.refuse_if_live({d.profile for d in devices}, "rolled back")  # the lock a rollout holds on its profile
     lock = threading.Lock()
 
     def one(device) -> dict[str, Any]:
