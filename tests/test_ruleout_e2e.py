@@ -64,6 +64,6 @@ def test_a_technique_whose_candidates_all_collapse_is_ruled_out_and_the_run_says
     scores = [c["metrics"]["accuracy"] for c in pruned]
     low, high = min(scores), max(scores)
     assert entry["quality"] == {"metric": "accuracy", "min": low, "max": high}
-    assert entry["message"].startswith(f"prune-structured ruled out: rejected for quality in 3 of 3 (accuracy {low:.2f}")
+    assert entry["message"].startswith(f"prune-structured ruled out: rejected for quality in 3 of 3 (accuracy {low:.4f}")
     assert [e["message"] for e in events.families] == [entry["message"]]  # the event, as it happened
     assert entry["message"] in capsys.readouterr().err  # the terminal reporter's line

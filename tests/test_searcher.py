@@ -265,7 +265,7 @@ def test_a_technique_whose_candidates_keep_being_rejected_is_ruled_out_after_the
     # what is left, the baseline and p's three ratios, ran; then the searcher said it had nothing more
     assert len(ran) == 7 and sorted(json.dumps(s) for s in ran[4:]) == sorted(
         json.dumps(s) for s in (p(0.25), p(0.5), p(0.75)))
-    assert [t["message"] for t in told] == ["q ruled out: rejected for quality in 3 of 3 (cosine 0.74–0.84)"]
+    assert [t["message"] for t in told] == ["q ruled out: rejected for quality in 3 of 3 (cosine 0.7400–0.8400)"]
     entry = searcher.ruleout.ruled_out[0]
     assert entry["family"] == "q" and entry["reason"] == "quality" and entry["after_trials"] == 4
     assert entry["quality"] == {"metric": "cosine", "min": 0.74, "max": 0.84}
@@ -314,7 +314,7 @@ def test_what_rules_a_family_out_and_what_does_not() -> None:
         assert rule.finished(point_config(config), outcome(bad, feasible=False)) == []
     [entry] = rule.finished(point_config(q(4, "c")), outcome(bad, feasible=False))
     assert entry["family"] == "q(bits=4)" and entry["params"] == {"bits": 4}
-    assert entry["message"] == "q(bits=4) ruled out: rejected for quality in 3 of 3 (accuracy 0.50)"
+    assert entry["message"] == "q(bits=4) ruled out: rejected for quality in 3 of 3 (accuracy 0.5000)"
     assert rule.covers(point_config(q(4, "a"))) is entry and rule.covers(point_config(q(8, "c"))) is None
 
     rule = RuleOut(labels, space)  # failures with different causes, and failed measurements, do not count

@@ -143,7 +143,7 @@ class RuleOut:
             span = ""
             if scores:
                 low, high = min(scores), max(scores)
-                span = f" ({self.quality} {low:.2f}" + (f"–{high:.2f})" if f"{high:.2f}" != f"{low:.2f}" else ")")
+                span = f" ({self.quality} {low:.4f}" + (f"–{high:.4f})" if f"{high:.4f}" != f"{low:.4f}" else ")")
             entry.update(reason="quality", rejected=len(family.rejected),
                          quality={"metric": self.quality, "min": min(scores, default=None),
                                   "max": max(scores, default=None)},
