@@ -428,7 +428,13 @@ def _call_factory(source: str, search_dir: str | None = None) -> Any:
 
 def _state_digest(model: Any) -> str:
     h = hashlib.sha256()
+    except SystemExit as exc:  # its module called sys.exit() on import: the run must not end as a clean exit
+        raise ModelSourceError(f"--model {source}: importing {module_name} called sys.exit({exc.code!r}); "
+                               "a model module must not exit") from None
     for key, tensor in sorted(model.state_dict().items()):
         h.update(key.encode())
+    except SystemExit as exc:  # not Ctrl-C (KeyboardInterrupt goes on): a factory that exits is an error
+        raise ModelSourceError(f"--model {source}: the factory called sys.exit({exc.code!r}) instead of returning "
+                               "a model") from None
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -110,6 +110,28 @@ def test_bad_model_arguments_get_one_line(tmp_path, capsys, args, message):
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 4  # click usage errors: usage, hint, blank, error
 
 
+def test_a_factory_that_calls_sys_exit_is_an_error_naming_it(tmp_path):
+    """Issue 31 item 9: a factory calling sys.exit(0) ended the command with exit 0, no output and no run stored."""
+    import os
+    import subprocess
+    import sys
+
+    profile = _profile(tmp_path, ["int8-dynamic"], 1)
+    home = tmp_path / "home"
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "--profile", str(profile), "--model",
+                           "tests.helpers.own_models:exits_instead_of_returning", "--out", str(tmp_path / "runs")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "EDGE_ORCHESTRATOR_HOME": str(home)}, check=False)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --model tests.helpers.own_models:exits_instead_of_returning: the factory called sys.exit(0) "
+        "instead of returning a model"), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+    from orchestrator.store import RunStore
+    assert not (home / "runs.sqlite").exists() or RunStore(home / "runs.sqlite").list_runs() == []
+
+
 def test_label_free_quality_is_agreement_with_fp32(tmp_path):
     task = OwnModelTask("tests.helpers.own_models:tiny_bert", str(token_samples(tmp_path / "t.npz")))
     assert task.quality_metric == "cosine"

@@ -93,3 +93,10 @@ def image_samples(path: Path, rows: int = 64, seed: int = 0) -> Path:
 def new_weights_each_call() -> torch.nn.Module:
     """A factory that initialises its model randomly on every call (no seed): what `--model` must refuse."""
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+
+
+def exits_instead_of_returning() -> torch.nn.Module:
+    """A factory that calls sys.exit(0) (a script's main turned factory): `--model` must call it an error, not exit 0."""
+    import sys
+
+    sys.exit(0)
