@@ -416,8 +416,14 @@ def _call_factory(source: str, search_dir: str | None = None) -> Any:
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
         raise ModelSourceError(f"--model {source}: {type(exc).__name__}: {exc}") from None
+    except SystemExit as exc:  # its module called sys.exit() on import: the run must not end as a clean exit
+        raise ModelSourceError(f"--model {source}: importing {module_name} called sys.exit({exc.code!r}); "
+                               "a model module must not exit") from None
     try:
         model = target()
+    except SystemExit as exc:  # not Ctrl-C (KeyboardInterrupt goes on): a factory that exits is an error
+        raise ModelSourceError(f"--model {source}: the factory called sys.exit({exc.code!r}) instead of returning "
+                               "a model") from None
     except Exception as exc:  # noqa: BLE001 - the user's factory: its error, in one line
         raise ModelSourceError(f"--model {source}: the factory raised {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -428,13 +434,7 @@ def _call_factory(source: str, search_dir: str | None = None) -> Any:
 
 def _state_digest(model: Any) -> str:
     h = hashlib.sha256()
-    except SystemExit as exc:  # its module called sys.exit() on import: the run must not end as a clean exit
-        raise ModelSourceError(f"--model {source}: importing {module_name} called sys.exit({exc.code!r}); "
-                               "a model module must not exit") from None
     for key, tensor in sorted(model.state_dict().items()):
         h.update(key.encode())
-    except SystemExit as exc:  # not Ctrl-C (KeyboardInterrupt goes on): a factory that exits is an error
-        raise ModelSourceError(f"--model {source}: the factory called sys.exit({exc.code!r}) instead of returning "
-                               "a model") from None
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
