@@ -17,7 +17,8 @@ SOURCE is one of:
 
 SAMPLES is an `.npz` of representative inputs, one array per model input, named as the model
 names them, rows along axis 0 (and optionally `labels`). Without it, inputs are random
-(the quality then says so).
+(the quality then says so). `--train PATH` (`model.train`): a training set of any size, read lazily, that
+fine-tuning distils on label-free (orchestrator/trainset.py); it must hold no held-out row of SAMPLES.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from orchestrator.api import Dataset, Task, TensorSpec
 from orchestrator.errors import ModelSourceError
 from orchestrator.hfmodel import load_hf_folder
 from orchestrator.modelfacts import onnx_specs, spec_json
-from orchestrator.owntrain import fine_tune
+from orchestrator.owntrain import fine_tune, train_set_of
 from orchestrator.search.basemodel import torch_outputs
 from orchestrator.search.pipeline import onnx_outputs
 
@@ -97,7 +98,8 @@ class OwnModelTask(Task):
 
     def __init__(self, source: str, samples: str | None = None, quality: str = "auto",
                  axes: dict[str, int] | None = None, search_dir: str | None = None,
-                 detection: dict[str, Any] | None = None) -> None:
+                 detection: dict[str, Any] | None = None, train: str | None = None,
+                 train_time_budget_s: float | None = None) -> None:
         self.kind = source_kind(str(source))
         # absolute: Ray workers rebuild the task from its spec in another working folder
         self.source = str(source) if self.kind == "torch" else str(Path(source).resolve())
@@ -107,6 +109,8 @@ class OwnModelTask(Task):
         if quality not in ("auto", *QUALITY_METRICS):
             raise ModelSourceError(f"model quality {quality!r}: use auto or one of {', '.join(QUALITY_METRICS)}")
         self.requested_quality = quality
+        self.train_path, self.train_time_budget_s = (str(Path(train).resolve()) if train else None), train_time_budget_s
+        self.training_log: list[dict[str, Any]] = []  # what each fine-tuning in this process used (owntrain.py)
         self.detection = DetectionSettings(**(detection or {}))
         self._layout: str | None = None  # a detector's output layout (quality "detection")
         self._compared: list[str] = []  # which parts the last score compared, for results.json
@@ -120,6 +124,8 @@ class OwnModelTask(Task):
         self.inputs, self.outputs = self._specs()
         self.quality_metric = self._quality()
         self._digest: str | None = None
+        if self.train_path:
+            train_set_of(self).check_inputs(self.inputs)
 
     # ------------------------------------------------------------------ what workers rebuild it from
     def spec(self) -> dict[str, Any]:
@@ -128,7 +134,8 @@ class OwnModelTask(Task):
         return {"task": self.name, "class": f"{OwnModelTask.__module__}:{OwnModelTask.__qualname__}",
                 "source": self.source, "samples": self.samples_path, "quality": self.quality_metric,
                 "axes": self.axes, "search_dir": self.search_dir, "fingerprint": self.fingerprint(),
-                "detection": dataclasses.asdict(self.detection)}
+                "detection": dataclasses.asdict(self.detection), "train": self.train_path,
+                "train_time_budget_s": self.train_time_budget_s}
 
     def check_rebuilt(self, spec: dict[str, Any], where: str) -> None:
         """Refuse to go on when `where` (a Ray worker) built other weights than the driver did (`spec`'s fingerprint).
@@ -144,12 +151,13 @@ class OwnModelTask(Task):
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> OwnModelTask:
         return cls(spec["source"], spec.get("samples"), spec.get("quality", "auto"), spec.get("axes"),
-                   spec.get("search_dir"), spec.get("detection"))
+                   spec.get("search_dir"), spec.get("detection"), spec.get("train"), spec.get("train_time_budget_s"))
 
     def resume_options(self) -> dict[str, Any]:
         """What a resumed run needs to rebuild this model: absolute paths (a factory stays as it is)."""
         absolute = (lambda v: str(Path(v).resolve()) if v and Path(v).exists() else v)  # noqa: E731
-        return {"model": absolute(self.source), "inputs": absolute(self.samples_path)}
+        return {"model": absolute(self.source), "inputs": absolute(self.samples_path),
+                **({"train": self.train_path} if self.train_path else {})}
 
     def describe(self) -> dict[str, Any]:
         """What results.json says of the model."""
@@ -157,6 +165,7 @@ class OwnModelTask(Task):
                 "samples": self.samples_path or f"random ({RANDOM_SAMPLES} rows: no --inputs given)",
                 "quality_metric": self.quality_metric, "quality_means": QUALITY_METRICS[self.quality_metric],
                 "quality_compares": self.quality_compares(),
+                **({"train": train_set_of(self).describe(self.train_time_budget_s)} if self.train_path else {}),
                 "inputs": [spec_json(s) for s in self.inputs], "outputs": [spec_json(s) for s in self.outputs]}
 
     # ------------------------------------------------------------------------------- the model
@@ -219,15 +228,16 @@ class OwnModelTask(Task):
                 files = []
             model_part = _file_digest(files) if files else _state_digest(self._torch_model())
             samples_part = _file_digest([Path(self.samples_path)]) if self.samples_path else "random"
-            self._digest = f"{model_part}:{samples_part}"
+            self._digest = f"{model_part}:{samples_part}" + (f":{train_set_of(self).key(self.train_time_budget_s)}"
+                                                              if self.train_path else "")
         return f"own-model:{self.version}:{self.kind}:{self._digest}:{self.quality_metric}:{sorted(self.axes.items())}"
 
     def train(self, model: Any, data: Dataset, epochs: int, seed: int,
               teacher: Any = None, temperature: float = 4.0, alpha: float = 0.5) -> Any:
-        """Fine-tune (orchestrator/owntrain.py): on the samples' labels, else toward the fp32 model's outputs."""
-        if epochs <= 0:
-            return model
-        return fine_tune(self, model, self._torch_model(), data, epochs, seed, teacher, temperature, alpha)
+        """Fine-tune (orchestrator/owntrain.py): label-free on `--train` when given, else on the samples' labels, else
+        toward the fp32 model's outputs on the calibration rows; what it used is appended to `training_log`."""
+        return fine_tune(self, model, self._torch_model(), data, epochs, seed, teacher, temperature, alpha) \
+            if epochs > 0 else model
 
     # -------------------------------------------------------------------------------- inputs
     def _specs(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
@@ -371,6 +381,8 @@ class OwnModelTask(Task):
         calibration = {k: v[:cut] for k, v in feeds.items()}
         evaluation = {k: v[cut:] for k, v in feeds.items()} if cut < n else calibration
         samples = self._load_samples()
+        if self.train_path and cut < n:  # quality is measured on rows no training saw
+            train_set_of(self).refuse_overlap(evaluation, [s.name for s in self.inputs])
         if self.quality_metric == "labels":
             labels = samples["labels"]
             eval_labels = labels[cut:] if cut < n else labels[:cut]

@@ -1,20 +1,29 @@
-"""Fine-tuning a model brought with `--model` (a PyTorch factory or a Hugging Face folder).
+"""Fine-tuning a model brought with `--model` (a PyTorch factory, a Hugging Face folder, a converted ONNX file).
 
-A technique that fine-tunes (prune-structured's and prune-magnitude's `epochs`) calls
-`Task.train`. A brought model has no training loop of its own, so it gets the plain one:
+A technique that fine-tunes (prune-structured's and prune-magnitude's `epochs`, drop-layers)
+calls `Task.train`. A brought model has no training loop of its own, so it gets this one:
 
-- samples with `labels`: cross-entropy on them (with a teacher, the distillation loss);
-- without: label-free distillation. The changed model is trained to reproduce the fp32 model's
-  outputs on the calibration rows (mean squared error on every output, each divided by the
-  reference's variance so no output dominates), the same outputs its quality is then measured
-  against on the held-out rows.
+- with a training set (`--train PATH`, the profile's `model.train`; `orchestrator/trainset.py`):
+  label-free distillation on it. The teacher (the technique's, else the fp32 model) runs on each
+  batch, augmented (image-like inputs only: small shifts and brightness) and read from the set
+  only then, and its outputs are the targets. The held-out rows of `--inputs` are never trained
+  on (the task refuses a training set that holds any of them);
+- else, samples with `labels`: cross-entropy on them (with a teacher, the distillation loss);
+- else label-free distillation on the calibration rows of `--inputs`, toward the fp32 model's
+  outputs on them, the same outputs its quality is then measured against on the held-out rows.
 
-Adam at a learning rate gentle enough for pretrained weights, batches of 8, the order fixed by
-`seed`, the model in eval mode throughout (batch-norm statistics and dropout as they came).
+Label-free, the loss is the mean squared error on every output, each divided by the teacher's
+variance on the first rows so no output dominates. Adam at a learning rate gentle enough for
+pretrained weights, the order fixed by `seed`, the model in eval mode throughout (batch-norm
+statistics and dropout as they came). Training stops after `epochs` passes or once
+`time_budget_s` (the profile's `search.train_time_budget_s`) is spent, whichever comes first; what
+it used (rows, seconds, passes, why it stopped) is returned as a record the task keeps and the
+candidate's build info lists under `training`.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -24,45 +33,124 @@ from orchestrator.search.basemodel import torch_outputs
 
 LEARNING_RATE = 1e-4
 BATCH = 8
+#: Batches of a training set (`--train`): larger, it is many rows.
+TRAIN_SET_BATCH = 16
+#: Rows of the training set the teacher's output variances (the loss's scales) are taken on.
+SCALE_ROWS = 64
+
+
+def _as_list(out: Any) -> list[Any]:
+    import torch
+
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def train_set_of(task: Any) -> Any:
+    """The task's training set (`task.train_path`, `--train`), opened once (lazily: orchestrator/trainset.py)."""
+    if getattr(task, "_train_set", None) is None:
+        from orchestrator.trainset import TrainSet
+
+        task._train_set = TrainSet(task.train_path)
+    return task._train_set
 
 
 def fine_tune(task: Any, model: Any, reference: Any, data: Dataset, epochs: int, seed: int, teacher: Any = None,
               temperature: float = 4.0, alpha: float = 0.5) -> Any:
-    """Train `model` for `epochs` on `data` (labels, or `reference`'s outputs when it has none); returns it in eval mode."""
+    """`fit` with the task's training set (`train_path`) and time budget (`train_time_budget_s`); the record of
+    what it used is appended to `task.training_log`. Returns the model in eval mode."""
+    train_set = train_set_of(task) if getattr(task, "train_path", None) else None
+    model, record = fit(task, model, reference, data, epochs, seed, teacher, temperature, alpha, train_set,
+                        getattr(task, "train_time_budget_s", None))
+    task.training_log.append(record)
+    return model
+
+
+def fit(task: Any, model: Any, reference: Any, data: Dataset, epochs: int, seed: int, teacher: Any = None,
+        temperature: float = 4.0, alpha: float = 0.5, train_set: Any = None,
+        time_budget_s: float | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train `model` for `epochs` (at most `time_budget_s` seconds) on `train_set` when given (label-free,
+    toward `teacher` or `reference`), else on `data` (labels, or `reference`'s outputs when it has none);
+    returns (the model in eval mode, what training used)."""
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
     names = [spec.name for spec in task.input_specs()]
-    n = len(data)
-    feeds = task.feeds(data.rows(0, n))
-    inputs = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in names]
-    labelled = data.labels is not None
-    if labelled:
-        labels = torch.from_numpy(np.asarray(data.labels)).long()
-        soft = torch.from_numpy(torch_outputs(task, teacher, data, batch=16)[0]) if teacher is not None else None
-    else:
-        targets = [torch.from_numpy(np.asarray(t, dtype=np.float32))
-                   for t in torch_outputs(task, teacher if teacher is not None else reference, data, batch=16)]
-        scales = [max(float(t.var()), 1e-12) for t in targets]
+    start = time.perf_counter()
+    deadline = start + time_budget_s if time_budget_s else float("inf")
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
     order = np.random.default_rng(seed)
     # In eval mode: a few hundred rows in batches of 8 would only corrupt the batch-norm statistics
     # the pretrained model came with, and dropout would make it chase a noisy copy of its teacher.
     model.eval()
-    for _ in range(epochs):
-        shuffled = order.permutation(n)
-        for start in range(0, n, BATCH):
-            idx = torch.from_numpy(shuffled[start:start + BATCH])
-            out = model(*(x[idx] for x in inputs))
-            out = [out] if isinstance(out, torch.Tensor) else list(out)
-            if labelled and soft is not None:
-                loss = distillation_loss(out[0], soft[idx], labels[idx], temperature, alpha)
-            elif labelled:
-                loss = F.cross_entropy(out[0], labels[idx])
+    rows_seen, passes, stopped = 0, 0, "epochs"
+
+    def step(loss: Any) -> None:
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    if train_set is not None:
+        from orchestrator.trainset import augment
+
+        target_model = teacher if teacher is not None else reference
+        n = len(train_set)
+        first = train_set.batch(np.arange(min(n, SCALE_ROWS)), names)
+        with torch.no_grad():
+            probe = _as_list(target_model(*(torch.from_numpy(first[k]) for k in names)))
+        scales = [max(float(t.float().var()), 1e-12) for t in probe]
+        for _ in range(epochs):
+            shuffled = order.permutation(n)
+            for begin in range(0, n, TRAIN_SET_BATCH):
+                if time.perf_counter() >= deadline:
+                    stopped = "time budget"
+                    break
+                feeds = augment(train_set.batch(shuffled[begin:begin + TRAIN_SET_BATCH], names), order)
+                x = [torch.from_numpy(feeds[k]) for k in names]
+                with torch.no_grad():
+                    targets = _as_list(target_model(*x))
+                out = _as_list(model(*x))
+                step(sum(F.mse_loss(o.float(), t.float()) / s for o, t, s in zip(out, targets, scales)))
+                rows_seen += len(x[0])
             else:
-                loss = sum(F.mse_loss(o.float(), t[idx]) / s for o, t, s in zip(out, targets, scales))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+                passes += 1
+                continue
+            break
+        record = {"data": f"--train {train_set.path} ({train_set.how})", "set_rows": n}
+    else:
+        n = len(data)
+        feeds = task.feeds(data.rows(0, n))
+        inputs = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in names]
+        labelled = data.labels is not None
+        if labelled:
+            labels = torch.from_numpy(np.asarray(data.labels)).long()
+            soft = torch.from_numpy(torch_outputs(task, teacher, data, batch=16)[0]) if teacher is not None else None
+        else:
+            targets = [torch.from_numpy(np.asarray(t, dtype=np.float32))
+                       for t in torch_outputs(task, teacher if teacher is not None else reference, data, batch=16)]
+            scales = [max(float(t.var()), 1e-12) for t in targets]
+        for _ in range(epochs):
+            shuffled = order.permutation(n)
+            for begin in range(0, n, BATCH):
+                if time.perf_counter() >= deadline:
+                    stopped = "time budget"
+                    break
+                idx = torch.from_numpy(shuffled[begin:begin + BATCH])
+                out = _as_list(model(*(x[idx] for x in inputs)))
+                if labelled and soft is not None:
+                    loss = distillation_loss(out[0], soft[idx], labels[idx], temperature, alpha)
+                elif labelled:
+                    loss = F.cross_entropy(out[0], labels[idx])
+                else:
+                    loss = sum(F.mse_loss(o.float(), t[idx]) / s for o, t, s in zip(out, targets, scales))
+                step(loss)
+                rows_seen += len(idx)
+            else:
+                passes += 1
+                continue
+            break
+        record = {"data": "the calibration rows of --inputs" + (" (labels)" if labelled else " (label-free)"),
+                  "set_rows": n}
+    record.update(rows=rows_seen, epochs_done=passes, epochs_asked=epochs,
+                  seconds=round(time.perf_counter() - start, 3), time_budget_s=time_budget_s, stopped_by=stopped)
+    return model.eval(), record

@@ -201,6 +201,10 @@ class Search(_Strict):
     max_pipeline_length: int = Field(default=3, ge=1)
     trials: int = Field(default=12, gt=0)
     time_budget_s: float | None = Field(default=None, gt=0)
+    train_time_budget_s: float = Field(
+        default=60.0, gt=0,
+        description="a brought model's fine-tuning (orchestrator/owntrain.py) stops after this long, per technique "
+                    "of a candidate that trains, even with epochs left; its build info says what it used")
     seed: int = 0
     devices_per_candidate: int = Field(
         default=1, ge=1,
@@ -254,6 +258,10 @@ class ModelSection(_Strict):
                                description="an .onnx file, a Hugging Face model folder, or package.module:factory; "
                                            "a relative path is read from the profile's folder (--model wins)")
     inputs: str | None = Field(default=None, description="an .npz of representative inputs (and optionally labels)")
+    train: str | None = Field(default=None,
+                              description="a training set for label-free distillation, separate from `inputs` (no "
+                                          "held-out row of it): a folder of .npy files or an uncompressed .npz, read "
+                                          "lazily (--train wins; docs/own_models.md)")
     quality: Literal["auto", "top1", "cosine", "detection", "segmentation", "relative_error", "labels"] = Field(
         default="auto", description="how quality is scored: the task metric on `labels`, or agreement with the fp32 "
                                     "model's outputs (auto: labels if given, top1 for classifier logits, detection "

@@ -54,6 +54,7 @@ class RunOptions:
     task: str | None = None  # a task plugin's name; None: the profile's `task`, else "digits"
     model: str | None = None  # a model of your own (orchestrator/ownmodel.py); None: the profile's `model`
     inputs: str | None = None  # its samples (.npz)
+    train: str | None = None  # its training set (--train: label-free distillation; orchestrator/trainset.py)
     trials: int | None = None
     out_dir: Path = Path("runs")
     ray_address: str | None = None
@@ -98,7 +99,7 @@ def execute_run(
     cache_limit()  # a bad EDGE_ORCHESTRATOR_CACHE_MAX is refused now, not at the run's end
     profile = loaded.profile.model_copy(deep=True)  # the run may add measurement axes: never to the loaded one
     techniques = allowed_techniques(loaded, registry)
-    task = resolve_task(loaded, registry, options.task, options.model, options.inputs)
+    task = resolve_task(loaded, registry, options.task, options.model, options.inputs, options.train)
     refuse_torch_stages(loaded, techniques, task)
     techniques = fit_to_labels(loaded, techniques, task)
     candidates = enumerate_candidates(techniques, profile.search.max_pipeline_length)
@@ -341,7 +342,7 @@ def resume_run(run_id: str, registry: PluginRegistry,
             raise RunNotResumable(f"run {run['id']}: {profile_path} changed since the run started; "
                                   "start a new run instead")
         loaded = load_profile(profile_path)
-    options = RunOptions(task=run["task"], model=opts.get("model"), inputs=opts.get("inputs"), trials=opts.get("trials"), out_dir=Path(run["out_dir"]).parent,
+    options = RunOptions(task=run["task"], model=opts.get("model"), inputs=opts.get("inputs"), train=opts.get("train"), trials=opts.get("trials"), out_dir=Path(run["out_dir"]).parent,
                          ray_address=opts.get("ray_address"), num_cpus=opts.get("num_cpus"),
                          fresh=fresh)
     return execute_run(loaded, registry, options, resume=run)

@@ -185,7 +185,7 @@ def quality_name(results: dict[str, Any]) -> str:
 
 def run_with_progress(profile_path: Path | None, task: str | None, trials: int | None, out_dir: Path,
                       ray_address: str | None, fresh: bool = False, resume_id: str | None = None,
-                      model: str | None = None, inputs: str | None = None) -> int:
+                      model: str | None = None, inputs: str | None = None, train: str | None = None) -> int:
     """Load the profile and plugins, run (or resume a run), print the front and the pick; returns the exit code."""
     from orchestrator.run import RunOptions, execute_run, resume_run
 
@@ -197,7 +197,7 @@ def run_with_progress(profile_path: Path | None, task: str | None, trials: int |
             outcome = resume_run(resume_id, registry, fresh=fresh)
         else:
             loaded = load_profile(profile_path)
-            outcome = execute_run(loaded, registry, RunOptions(task=task, model=model, inputs=inputs, trials=trials, out_dir=out_dir,
+            outcome = execute_run(loaded, registry, RunOptions(task=task, model=model, inputs=inputs, train=train, trials=trials, out_dir=out_dir,
                                                                ray_address=ray_address, fresh=fresh))
     finally:
         reporter.close()

@@ -53,6 +53,9 @@ def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) 
               help="Your own model instead of a task: an .onnx file, a Hugging Face folder, or package.module:factory.")
 @click.option("--inputs", "inputs", type=click.Path(path_type=Path, dir_okay=False), metavar="SAMPLES.npz",
               help="Representative inputs for --model: one array per model input (optionally `labels`).")
+@click.option("--train", "train", type=click.Path(path_type=Path, exists=True), metavar="TRAIN",
+              help="A training set for --model, separate from --inputs: a folder of .npy files or an uncompressed .npz, "
+                   "read lazily; fine-tuning distils the model on it toward the fp32 model's outputs (no labels needed).")
 @click.option("--trials", type=click.IntRange(min=1), help="Trial budget (default: the profile's search.trials).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="Folder for OUT/<run-id>/ (best.onnx, results.json, report.html).")
@@ -66,13 +69,14 @@ def _ray_address(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.version_option(package_name="edge-orchestrator")
 @click.pass_context
 def cli(ctx: click.Context, profile_path: Path | None, task: str | None, model: str | None, inputs: Path | None,
-        trials: int | None, out_dir: Path,
+        train: Path | None, trials: int | None, out_dir: Path,
         ray_address: str | None, fresh: bool, resume_id: str | None, show_traceback: bool, verbose: bool) -> None:
     """Find, measure and pick the best compressed model for a device profile.
 
     \b
     orchestrate --profile device_profiles/x86-host.yaml
     orchestrate --profile examples/own-model.yaml --model model.onnx --inputs samples.npz
+    orchestrate --profile P --model pkg.mod:factory --inputs samples.npz --train train.npz
     orchestrate --resume RUN_ID
     orchestrate plugins | runs list | runs show RUN_ID | cache info
     """
@@ -91,7 +95,7 @@ def cli(ctx: click.Context, profile_path: Path | None, task: str | None, model: 
         ctx.exit(run_with_progress(None, task, None, out_dir, ray_address, fresh=fresh, resume_id=resume_id))
     if profile_path is None:
         given = [name for name, value in (("--model", model), ("--task", task), ("--inputs", inputs),
-                                          ("--trials", trials)) if value is not None]
+                                          ("--train", train), ("--trials", trials)) if value is not None]
         if given:  # a search was asked for, without saying for which device profile
             hint = " (examples/own-model.yaml is one for this machine)" if model is not None else ""
             raise click.UsageError(f"{given[0]} needs --profile PROFILE.yaml: the device profile to search for{hint}")
@@ -99,6 +103,8 @@ def cli(ctx: click.Context, profile_path: Path | None, task: str | None, model: 
         ctx.exit(ExitCode.USAGE)
     if inputs is not None and model is None:
         raise click.UsageError("--inputs goes with --model (a task plugin brings its own data)")
+    if train is not None and model is None:
+        raise click.UsageError("--train goes with --model (a task plugin brings its own data)")
     if model is not None and task is not None:
         raise click.UsageError("give --model or --task, not both")
     problem = _out_problem(out_dir)
@@ -106,7 +112,8 @@ def cli(ctx: click.Context, profile_path: Path | None, task: str | None, model: 
         click.echo(f"error: --out {printable(out_dir)}: {problem}", err=True)
         ctx.exit(ExitCode.USAGE)
     ctx.exit(run_with_progress(profile_path, task, trials, out_dir, ray_address, fresh=fresh,
-                               model=model, inputs=str(inputs) if inputs else None))
+                               model=model, inputs=str(inputs) if inputs else None,
+                               train=str(train) if train else None))
 
 
 def _out_problem(out_dir: Path) -> str | None:

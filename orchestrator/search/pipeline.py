@@ -107,7 +107,8 @@ def build_candidate(
     and over the network, which the raw size hides; and `cached_steps`, the steps whose output
     came from `cache` (an `orchestrator.search.cache.StageCache`, keyed from `root_key`, the key of the
     base model) instead of being built now. Their `build_seconds` are those of the build that
-    made them.
+    made them. `training` (a model brought with `--model` only): {technique: [what each fine-tuning
+    used: rows, seconds, passes, the data, why it stopped]} (orchestrator/owntrain.py).
     """
     import onnx
 
@@ -133,6 +134,7 @@ def build_candidate(
 
     use_cache = cache is not None and root_key is not None
     timings: dict[str, float] = {}
+    training: dict[str, list[dict[str, Any]]] = {}  # what each technique's fine-tuning used, where the task says
     model, done = None, 0
     if use_cache:
         for i in range(len(actions) - 1, -1, -1):
@@ -140,6 +142,7 @@ def build_candidate(
             if hit is not None:
                 model, meta = hit
                 timings.update(meta.get("timings", {}))
+                training.update(meta.get("training", {}))
                 done = i + 1
                 break
     if model is None:
@@ -163,20 +166,25 @@ def build_candidate(
                 if technique.stage == "graph" and isinstance(model, (bytes, bytearray)):
                     model = onnx.load_from_string(model)
                 tuned_before = ctx.fine_tune_seconds
+                trained_before = len(getattr(task, "training_log", ()))
                 try:
                     model = _timed(timings, name, lambda: technique.apply(model, params, ctx))
                 except Exception as exc:
                     raise CandidateBuildError(f"{name}: {type(exc).__name__}: {exc}") from exc
                 if ctx.fine_tune_seconds > tuned_before:
                     timings[f"{name}.fine_tune"] = round(ctx.fine_tune_seconds - tuned_before, 3)
+                for record in getattr(task, "training_log", [])[trained_before:]:  # a brought model's (owntrain.py)
+                    training.setdefault(name, []).append(record)
             if use_cache:
-                cache.put(key, model, {"timings": dict(timings), "steps": [a[0] for a in actions[: position + 1]]})
+                cache.put(key, model, {"timings": dict(timings), "training": dict(training),
+                                       "steps": [a[0] for a in actions[: position + 1]]})
     onnx_bytes = as_onnx_bytes(model)
     info = {
         "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "build_seconds": timings,
         "compressed_size_bytes": compressed_size(onnx_bytes),
         "cached_steps": [a[0] for a in actions[:done]],
+        **({"training": training} if training else {}),
     }
     return bytes(onnx_bytes), info
 

@@ -210,6 +210,8 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
         record["model_sha256"] = ray.get(payload.sink.put.remote(model_bytes))
         record["build"] = info["build_seconds"]
         record["cached"] = {"steps": info["cached_steps"]}
+        if info.get("training"):  # a brought model's fine-tuning: rows, seconds, passes per technique (owntrain.py)
+            record["training"] = info["training"]
         accuracy = accuracies.get(info["sha256"], task.fingerprint(), payload.seed)
         record["cached"]["accuracy"] = accuracy is not None
         if accuracy is None:
