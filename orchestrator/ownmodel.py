@@ -17,8 +17,7 @@ SOURCE is one of:
 
 SAMPLES is an `.npz` of representative inputs, one array per model input, named as the model
 names them, rows along axis 0 (and optionally `labels`). Without it, inputs are random
-(the quality then says so). `--train PATH` (`model.train`): a training set of any size, read lazily, that
-fine-tuning distils on label-free (orchestrator/trainset.py); it must hold no held-out row of SAMPLES.
+(the quality then says so). `--train PATH`: a training set, no held-out row of SAMPLES (orchestrator/trainset.py).
 """
 
 from __future__ import annotations
@@ -234,8 +233,7 @@ class OwnModelTask(Task):
 
     def train(self, model: Any, data: Dataset, epochs: int, seed: int,
               teacher: Any = None, temperature: float = 4.0, alpha: float = 0.5) -> Any:
-        """Fine-tune (orchestrator/owntrain.py): label-free on `--train` when given, else on the samples' labels, else
-        toward the fp32 model's outputs on the calibration rows; what it used is appended to `training_log`."""
+        """Fine-tune (owntrain.py: label-free on --train, else labels, else fp32's outputs); see `training_log`."""
         return fine_tune(self, model, self._torch_model(), data, epochs, seed, teacher, temperature, alpha) \
             if epochs > 0 else model
 
