@@ -66,9 +66,17 @@ class PluginRegistry:
             dist = ep.dist
             info = PluginInfo(ep.name, dist.name if dist else "?", dist.version if dist else "?")
             self.plugins[ep.name] = info
+            if not is_builtin(ep):  # a third party's import that hangs or ends the process is found in a child
+                problem = probe_import(ep)
+                if problem:
+                    info.error = f"failed to import {ep.value}: {problem}"
+                    log.warning("plugin %s: %s", ep.name, info.error)
+                    continue
             try:
                 module = ep.load()
-            except (Exception, SystemExit) as exc:  # noqa: BLE001 - a third party's import must not stop the others
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - a third party's import must not stop the others
                 info.error = f"failed to import {ep.value}: {_describe(exc)}"
                 log.warning("plugin %s: %s", ep.name, info.error)
                 continue
@@ -88,7 +96,9 @@ class PluginRegistry:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
             info.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - pluggy's, or the plugin's own
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - pluggy's, or the plugin's own
             info.error = _describe(exc)
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
@@ -114,7 +124,9 @@ class PluginRegistry:
             self.pm.subset_hook_caller(hook, remove_plugins=others)(register=registrar(self._register_task))
             hook = "register_transports"
             self.pm.subset_hook_caller(hook, remove_plugins=others)(register=registrar(self._register_transport))
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - whatever a plugin's hook raises
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - whatever a plugin's hook raises
             self._withdraw(name, info)
             self.pm.unregister(plugin)
             info.error = f"{hook} failed: {_describe(exc)}"
@@ -252,6 +264,111 @@ def is_builtin(ep: importlib.metadata.EntryPoint) -> bool:
     dist = ep.dist
     return (ep.value == "plugins" or ep.value.startswith(("plugins.", "plugins:"))) and \
         (dist is None or dist.name.replace("_", "-").lower() == "edge-orchestrator")
+
+
+#: Seconds an outside plugin's import may take in the probe (a child process) before it is called hanging.
+IMPORT_TIMEOUT_ENV = "EDGE_ORCHESTRATOR_PLUGIN_IMPORT_TIMEOUT_S"
+IMPORT_TIMEOUT_S = 60.0
+_PROBE_DONE = "edge-orchestrator-probe-done"
+_PROBE = f"""
+import importlib.metadata, os, sys
+name, value = sys.argv[1], sys.argv[2]
+ep = [e for e in importlib.metadata.entry_points(group={PROJECT_NAME!r}) if (e.name, e.value) == (name, value)][0]
+try:
+    ep.load()
+except BaseException:  # an exception is the in-process import's to report, with its own words
+    pass
+sys.stdout.write({_PROBE_DONE!r}); sys.stdout.flush()
+os._exit(0)  # threads the plugin started must not keep the probe alive
+"""
+
+
+def _import_timeout() -> float:
+    try:
+        value = float(os.environ.get(IMPORT_TIMEOUT_ENV, IMPORT_TIMEOUT_S))
+    except ValueError:
+        return IMPORT_TIMEOUT_S
+    return value if value > 0 else IMPORT_TIMEOUT_S
+
+
+def _probe_key(ep: importlib.metadata.EntryPoint) -> str | None:
+    """What the probe's verdict depends on: the entry point and the size and mtime of every file of its module
+    (a package: every .py under it) and of its distribution's entry_points.txt; None when its code is not found."""
+    import importlib.util
+    from pathlib import Path
+
+    top = ep.value.split(":")[0].split(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    files: list[Path] = []
+    if spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            files += sorted(Path(folder).rglob("*.py"))[:2000]
+    elif spec.origin and spec.origin not in ("built-in", "frozen"):
+        files.append(Path(spec.origin))
+    dist = ep.dist
+    if dist is not None and hasattr(dist, "_path"):
+        files.append(Path(dist._path) / "entry_points.txt")  # noqa: SLF001 - its metadata folder
+    h = hashlib.sha256(f"{sys.executable}\0{ep.name}\0{ep.value}\0{dist.version if dist else ''}".encode())
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def probe_import(ep: importlib.metadata.EntryPoint) -> str | None:
+    """Import an outside plugin in a child process first, within a bounded time: why it is broken (it hangs, or its
+    import ends the process, as os._exit does), or None. The verdict is cached until the plugin's files change."""
+    import json
+    import subprocess
+
+    from orchestrator.paths import cache_dir
+
+    key = _probe_key(ep)
+    cache = None
+    if key is not None:
+        try:
+            cache = cache_dir("plugins") / "import-probes.json"
+            known = json.loads(cache.read_text()) if cache.exists() else {}
+        except Exception:  # noqa: BLE001 - a cache only: probe again
+            cache, known = None, {}
+        if isinstance(known, dict) and key in known:
+            return known[key] or None
+    timeout = _import_timeout()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, ep.name, ep.value], capture_output=True, text=True,
+                              timeout=timeout, env=env, stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        problem = (f"its import did not finish within {timeout:g} s (it hangs?; "
+                   f"${IMPORT_TIMEOUT_ENV} gives it longer)")
+    except OSError:
+        return None  # no child process here: import it in-process as before
+    else:
+        if _PROBE_DONE in done.stdout:
+            problem = ""
+        else:
+            how = (f"killed by signal {-done.returncode}" if done.returncode < 0
+                   else f"exit code {done.returncode}")
+            problem = f"its import ended the process ({how}; os._exit or a crash)"
+    if cache is not None:
+        try:
+            known = json.loads(cache.read_text()) if cache.exists() else {}
+            known = known if isinstance(known, dict) else {}
+            known[key] = problem
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache)
+        except (OSError, ValueError):
+            pass
+    return problem or None
 
 
 def _describe(exc: BaseException) -> str:

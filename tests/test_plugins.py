@@ -176,6 +176,58 @@ def test_a_plugin_that_calls_sys_exit_on_import_is_broken_and_the_cli_goes_on(tm
     assert "aaa-exits" in table and "broken" in table and "sys.exit(3)" in table
 
 
+HANGS = '''
+import time
+time.sleep(3600)
+'''
+
+EXITS_HARD = '''
+import os
+os._exit(0)
+'''
+
+RAISES_BASE = '''
+class Stop(BaseException):
+    pass
+
+raise Stop("not an Exception")
+'''
+
+
+def test_plugins_that_hang_end_the_process_or_raise_a_base_exception_on_import_are_broken(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """Issue 31 item 21: a plugin whose import hangs made `orchestrate plugins` print nothing, for ever; one that
+    calls os._exit(0) ended it with exit 0 and no output; one raising a BaseException subclass, a traceback.
+    Each is now listed as broken and the others load; the probe's verdict is cached until the plugin changes."""
+    import time
+
+    monkeypatch.setenv("EDGE_ORCHESTRATOR_PLUGIN_IMPORT_TIMEOUT_S", "5")
+    (tmp_path / "h").mkdir()
+    _install(tmp_path / "h", monkeypatch, "eo_test_hangs", "aaa-hangs", HANGS)
+    (tmp_path / "x").mkdir()
+    _install(tmp_path / "x", monkeypatch, "eo_test_exits_hard", "aaa-exits-hard", EXITS_HARD)
+    (tmp_path / "b").mkdir()
+    _install(tmp_path / "b", monkeypatch, "eo_test_base", "aaa-base", RAISES_BASE)
+    started = time.monotonic()
+    assert main(["plugins", "--json"]) == 0
+    assert time.monotonic() - started < 60
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    assert listed["aaa-hangs"]["error"] == (
+        "failed to import eo_test_hangs: its import did not finish within 5 s (it hangs?; "
+        "$EDGE_ORCHESTRATOR_PLUGIN_IMPORT_TIMEOUT_S gives it longer)")
+    assert listed["aaa-exits-hard"]["error"] == (
+        "failed to import eo_test_exits_hard: its import ended the process (exit code 0; os._exit or a crash)")
+    assert listed["aaa-base"]["error"] == "failed to import eo_test_base: Stop: not an Exception"
+    assert listed["quantization"]["techniques"] == ["int8-static", "int8-dynamic", "fp16"]
+    assert listed["digits"]["error"] is None
+
+    started = time.monotonic()  # the verdicts are cached: no 5 s wait again
+    assert main(["plugins"]) == 0
+    assert time.monotonic() - started < 5
+    table = capsys.readouterr().out
+    assert "aaa-hangs" in table and "hangs?" in table and "broken" in table
+
+
 def test_builtins_register_first_and_only_the_duplicate_is_refused(tmp_path, monkeypatch):
     """An outside plugin sorted before the built-ins claims `fp16` and registers one name twice."""
     _install(tmp_path, monkeypatch, "eo_test_greedy", "aaa-greedy", GREEDY)
