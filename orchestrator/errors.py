@@ -130,6 +130,10 @@ class StateFileError(OrchestratorError):
     exit_code = ExitCode.USAGE
 
 
+class StoreLocked(OrchestratorError):
+    """`runs.sqlite` or `registry.sqlite` stayed locked by another process for longer than the busy timeout."""
+
+
 class ModelSourceError(OrchestratorError):
     """A model given with --model (or the profile's `model:`) cannot be used: one line saying why."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,7 +14,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import RunNotFound, StateFileError
+from orchestrator.errors import RunNotFound, StateFileError, StoreLocked
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -49,6 +50,65 @@ SAMPLE_ROWS = 8
 
 #: What SQLite says when the file is not a database at all (as opposed to busy, full, or not ours to write).
 _NOT_A_DATABASE = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
+_LOCKED = ("SQLITE_BUSY", "SQLITE_LOCKED")
+#: Seconds a command waits for another process's write to the store to end ($EDGE_ORCHESTRATOR_BUSY_TIMEOUT_S).
+BUSY_TIMEOUT_ENV = "EDGE_ORCHESTRATOR_BUSY_TIMEOUT_S"
+BUSY_TIMEOUT_S = 30.0
+
+
+def busy_timeout() -> float:
+    """How long to wait for a lock another process holds on a store."""
+    try:
+        value = float(os.environ.get(BUSY_TIMEOUT_ENV, BUSY_TIMEOUT_S))
+    except ValueError:
+        return BUSY_TIMEOUT_S
+    return value if value > 0 and math.isfinite(value) else BUSY_TIMEOUT_S
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether SQLite gave up waiting for another connection's lock."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    return name.startswith(_LOCKED) or "database is locked" in str(exc) or "database table is locked" in str(exc)
+
+
+def _holders(paths: list[Path]) -> list[str]:
+    """Other processes of this host that have one of `paths` (or its -wal/-journal) open: 'pid N (command)'."""
+    wanted = set()
+    for path in paths:
+        for suffix in ("", "-wal", "-journal", "-shm"):
+            with contextlib.suppress(OSError):
+                wanted.add(os.path.realpath(f"{path}{suffix}"))
+    found = []
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if not any(os.readlink(f"/proc/{pid}/fd/{fd}") in wanted for fd in fds if fd.isdigit()):
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                words = [w.decode(errors="replace") for w in fh.read().split(b"\0") if w]
+        except OSError:
+            continue
+        command = " ".join(" ".join(os.path.basename(w) if i == 0 else w for i, w in enumerate(words)).split())
+        found.append(f"pid {pid} ({command[:80]}{'…' if len(command) > 80 else ''})")
+    return found
+
+
+def locked_error(paths: list[Path]) -> StoreLocked:
+    """A store held locked by another process past the busy timeout, in one line naming the holder where known."""
+    paths = [Path(p) for p in paths]
+    holders = _holders(paths)
+    who = f" ({', '.join(holders[:3])}{' …' if len(holders) > 3 else ''})" if holders else ""
+    names = " or ".join(str(p) for p in paths)
+    return StoreLocked(f"{names}: locked by another process{who} for more than {busy_timeout():g} s; "
+                       f"try again when it is done")
 
 
 def _is_dir(path: Path) -> bool:
@@ -65,9 +125,10 @@ def _read_only_fs(path: Path) -> bool:
         return False
 
 
-def state_error(path: Path, exc: sqlite3.Error) -> StateFileError | None:
-    """What is really wrong with the SQLite file `path` when SQLite raised `exc`, as one StateFileError; None
-    when `exc` says nothing about the file itself (busy, disk full, a bug of ours).
+def state_error(path: Path, exc: sqlite3.Error) -> StateFileError | StoreLocked | None:
+    """What is really wrong with the SQLite file `path` when SQLite raised `exc`, as one StateFileError (or
+    StoreLocked: another process held it past the busy timeout); None when `exc` says nothing about the file
+    itself (disk full, a bug of ours).
 
     Only a file that is not an SQLite database is advised to be moved away: a store this user may not
     write, or not read, is fine as it is, and moving it would lose every run (or device) in it.
@@ -75,6 +136,8 @@ def state_error(path: Path, exc: sqlite3.Error) -> StateFileError | None:
     path = Path(path)
     name = getattr(exc, "sqlite_errorname", None) or ""
     folder = path.parent
+    if is_locked(exc):
+        return locked_error([path])
     if name in _NOT_A_DATABASE:
         what = "a folder" if _is_dir(path) else "not an SQLite database"
         return StateFileError(f"{path}: {what} ({exc}); move it away and a new one is made")
@@ -113,7 +176,7 @@ def connect(path: Path) -> sqlite3.Connection:
     read or write, is a StateFileError naming it and what is wrong (state_error).
     """
     try:
-        db = sqlite3.connect(path, timeout=30)
+        db = sqlite3.connect(path, timeout=busy_timeout())
         try:
             db.execute("PRAGMA journal_mode=WAL")
         except BaseException:

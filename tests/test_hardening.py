@@ -666,3 +666,43 @@ def test_a_run_whose_process_is_gone_is_never_shown_running(tmp_path, monkeypatc
     assert f"status running (pid {os.getpid()} on {host})" in capsys.readouterr().out
     assert main(["runs", "show", "20250101-000000-x86-host-dead", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["owner_alive"] is False
+
+
+# ------------------------------------------------------------------ item 14: a store locked by another process
+
+
+HOLD_LOCK = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA locking_mode=EXCLUSIVE")
+db.execute("BEGIN EXCLUSIVE")
+db.execute("UPDATE runs SET status = status")
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("command", [["runs", "list"], ["runs", "show", "2025"]])
+def test_a_store_locked_by_another_process_is_one_line_naming_it(tmp_path, command):
+    """Issue 31 item 14: a runs.sqlite another process holds locked past the busy timeout was
+    `internal error: OperationalError: database is locked`; it is one line naming the file and the holder, exit 1."""
+    home = tmp_path / "home"
+    _stores(home)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(home / "runs.sqlite")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "orchestrator", *command], cwd=ROOT,
+                              env={**os.environ, "EDGE_ORCHESTRATOR_HOME": str(home),
+                                   "EDGE_ORCHESTRATOR_BUSY_TIMEOUT_S": "2"},
+                              capture_output=True, text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+        took = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 1, done.stderr
+    line = _one_line(done.stderr)
+    assert line.startswith(f"error: {home / 'runs.sqlite'}") and f"locked by another process (pid {holder.pid} (python" in line
+    assert line.endswith("for more than 2 s; try again when it is done"), line
+    assert took < 60

@@ -26,7 +26,7 @@ from orchestrator.errors import ExitCode, OrchestratorError
 from orchestrator.paths import store_path
 from orchestrator.plugins import get_plugin_manager
 from orchestrator.signals import sigterm_as_interrupt, terminated
-from orchestrator.store import RunStore, process_alive
+from orchestrator.store import RunStore, is_locked, locked_error, process_alive
 
 _SHOW_TRACEBACK = False
 
@@ -269,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line unless asked for the stack
         if _SHOW_TRACEBACK:
             traceback.print_exc()
+        if is_locked(exc):  # another process held a store past the busy timeout: not a bug of ours
+            from orchestrator.devices.registry import registry_path
+
+            locked = locked_error([store_path(), registry_path()])
+            click.echo(f"error: {printable(locked)}", err=True)
+            return locked.exit_code
         click.echo(printable(f"internal error: {type(exc).__name__}: {exc} (run with --traceback for details)"),
                    err=True)
         return ExitCode.ERROR
