@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.report_plots import AXES, pareto_svg
+from orchestrator.metrics import REPORT, Metric, shown_in
+from orchestrator.report_plots import axes, pareto_svg
 from orchestrator.search.selection import pipeline_label
 
 STYLE = """
@@ -62,23 +63,23 @@ def _num(value: Any, digits: int = 3, tag: str | None = None) -> str:
     return f"<td{sort}>{text}</td>"
 
 
-def _row(c: dict[str, Any], best_id: str | None, latency_tag: str | None) -> str:
+def _cell(row: Metric, metrics: dict[str, Any], latency_tag: str | None) -> str:
+    """A metric's cell as the table of metrics says, tagged (estimated energy, an emulated device's latency)."""
+    tag = latency_tag if row.percentile is not None else row.tag(metrics)
+    return _num(row.shown_value(metrics), row.digits, tag)
+
+
+def _row(c: dict[str, Any], best_id: str | None, latency_tag: str | None, columns: list[Metric]) -> str:
     m = c.get("metrics") or {}
-    lat = m.get("latency_ms") or {}
     cls = "best" if c["id"] == best_id else ("failed" if c["status"] != "ok" else "")
     notes = "; ".join(v["message"] for v in c.get("violations") or []) or (c.get("error") or "")
     params = "; ".join(f"{s['technique']}: {json.dumps(s['params'])}" for s in c["pipeline"]) or "exported unchanged"
     build = sum((c.get("build") or {}).values()) if c.get("build") else None
-    size_kib = m["size_bytes"] / 1024 if m.get("size_bytes") else None
-    emu = latency_tag
     return (
         f'<tr class="{cls}" data-id="{html.escape(c["id"])}"><td class="l{" front" if c.get("on_front") else ""}">'
         f'{html.escape(c["id"])}</td><td class="l">{html.escape(pipeline_label(c))}</td>'
         f'<td class="l"><code>{html.escape(params)}</code></td>'
-        f"{_num(m.get('accuracy'), 4)}{_num(m.get('accuracy_drop'), 2)}{_num(size_kib, 1)}"
-        f"{_num(lat.get('p50'), 3, emu)}{_num(lat.get('p90'), 3, emu)}{_num(lat.get('p99'), 3, emu)}"
-        f"{_num(m.get('peak_memory_mb'), 1)}"
-        f"{_num(m.get('energy_mj'), 4, 'estimated' if m.get('energy_source') == 'estimated' else None)}"
+        f"{''.join(_cell(row, m, latency_tag) for row in columns)}"
         f"{_num(build, 1)}<td class=\"l\">{html.escape(str(c.get('device') or ''))}</td>"
         f"<td class=\"l\">{'yes' if c.get('feasible') else 'no'}</td><td class=\"l\">{html.escape(notes)}</td></tr>"
     )
@@ -199,8 +200,11 @@ def render_report(results: dict[str, Any]) -> str:
     emulated = bool(device.get("emulated"))
     # an emulated device's latencies are native ones, scaled (docs/emulation.md); an older run's were emulated
     latency_tag = (device.get("latency_source") or "emulated") if emulated else None
-    rows = "\n".join(_row(c, best["id"] if best else None, latency_tag) for c in results["candidates"])
-    plots = [pareto_svg(results, *axis) for axis in AXES]
+    objective = (results.get("objective") or {}).get("metric")
+    columns = shown_in(REPORT, objective)  # the table of metrics' report rows, and the profile's objective
+    rows = "\n".join(_row(c, best["id"] if best else None, latency_tag, columns) for c in results["candidates"])
+    plots = [pareto_svg(results, axis.name) for axis in axes(objective)]
+    headers = "".join(f"<th>{html.escape(m.column('report'))}</th>" for m in columns)
     figures = "".join(f'<figure class="plot">{svg}</figure>' for svg in plots if svg)
     devices = results.get("devices") or [device]
     device_items = "".join(
@@ -217,7 +221,7 @@ task <b>{html.escape(results['task'])}</b>, status <b>{html.escape(results['stat
 {_model_line(results)}<p>Measured on:</p><ul>{device_items}</ul>
 {_pick_section(results)}
 <h2>Pareto front</h2>
-<p class="muted">Accuracy on held-out data against latency, energy and size. Orange: the front of the feasible
+<p class="muted">Accuracy on held-out data against {html.escape(", ".join(a.label for a in axes(objective)))}. Orange: the front of the feasible
 candidates; black square: the baseline; green star: the pick; grey crosses broke a constraint.
 Values marked <span class="tag">estimated</span> come from the profile's power model, not a sensor;
 <span class="tag">emulated</span> latencies were measured under QEMU; <span class="tag">native-scaled</span> ones
@@ -228,9 +232,8 @@ were measured natively on the orchestrator host and multiplied by the profile's 
 <h2>All candidates</h2>
 <p class="muted">Click a column to sort. Bold ids are on the Pareto front. Build time is the cost of making the
 candidate (training, fine-tuning, export, quantization) in seconds.</p>
-<table class="sortable" id="candidates"><thead><tr><th>id</th><th>pipeline</th><th>parameters</th><th>accuracy</th>
-<th>drop (pts)</th><th>size (KiB)</th><th>p50 (ms)</th><th>p90 (ms)</th><th>p99 (ms)</th><th>peak mem (MB)</th>
-<th>energy (mJ)</th><th>build (s)</th><th>device</th><th>feasible</th><th>violations / error</th></tr></thead>
+<table class="sortable" id="candidates"><thead><tr><th>id</th><th>pipeline</th><th>parameters</th>{headers}
+<th>build (s)</th><th>device</th><th>feasible</th><th>violations / error</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>

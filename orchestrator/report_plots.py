@@ -5,24 +5,26 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from orchestrator.search.selection import metric_value
+from orchestrator.metrics import PLOT, Metric, shown_in
+from orchestrator.metrics import metric as metric_row
 
-#: (metric, axis label, unit) for the x axes; accuracy is always the y axis.
-AXES = (("latency_p50", "latency p50", "ms"), ("energy_mj", "energy per inference", "mJ"), ("size_bytes", "size", "KiB"))
+
+def axes(objective: str | None = None) -> list[Metric]:
+    """The x axes of the plots (accuracy is always the y axis): the table of metrics' PLOT rows
+    (orchestrator/metrics.py), and the profile's `objective` metric where it is not one of them."""
+    return shown_in(PLOT, objective)
 
 
 def _x(candidate: dict[str, Any], metric: str) -> float | None:
-    value = metric_value(candidate, metric)
-    if value is not None and metric == "size_bytes":
-        value /= 1024
-    return value
+    return metric_row(metric).shown_value(candidate.get("metrics"))
 
 
-def pareto_svg(results: dict[str, Any], metric: str, label: str, unit: str) -> str | None:
+def pareto_svg(results: dict[str, Any], metric: str) -> str | None:
     """One scatter plot of accuracy against `metric` as an SVG string, or None when nothing has that metric.
 
-    Point groups carry ids (`points-feasible`, `points-infeasible`, `points-front`, `points-baseline`,
-    `points-pick`) so the page can be checked from a browser.
+    The axis says the metric's label and unit from the table. Point groups carry ids
+    (`points-feasible`, `points-infeasible`, `points-front`, `points-baseline`, `points-pick`) so
+    the page can be checked from a browser.
     """
     import matplotlib
 
@@ -35,9 +37,10 @@ def pareto_svg(results: dict[str, Any], metric: str, label: str, unit: str) -> s
     device = results.get("device") or {}
     # an emulated device's latency: native-scaled since the selection rule (docs/emulation.md), else emulated
     emulated = (device.get("latency_source") or "emulated") if device.get("emulated") else None
-    estimated = metric == "energy_mj" and any((c["metrics"].get("energy_source") == "estimated") for c in ok)
-    notes = [n for n, on in ((emulated, emulated and metric == "latency_p50"), ("estimated", estimated)) if on]
-    xlabel = f"{label} ({unit})" + (f" — {', '.join(notes).upper()}" if notes else "")
+    row = metric_row(metric)
+    tags = sorted({row.tag(c["metrics"]) for c in ok} - {None})  # "estimated" energy
+    notes = [*([emulated] if emulated and row.percentile is not None else []), *tags]
+    xlabel = f"{row.label} ({row.unit})" + (f" — {', '.join(notes).upper()}" if notes else "")
 
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=100)
     groups = [

@@ -36,7 +36,7 @@ from orchestrator.search.predictor import PredictorService, past_points
 from orchestrator.search.ray_runtime import Interrupts, ray_session
 from orchestrator.search.record import CandidateRecord
 from orchestrator.search.searcher import make_searcher, pipeline_key, recording_callback
-from orchestrator.search.selection import select
+from orchestrator.search.selection import Selection, select
 from orchestrator.search.space import allowed_techniques, enumerate_candidates
 from orchestrator.search.starting import starting_points
 from orchestrator.signals import retake_sigterm
@@ -191,7 +191,8 @@ def execute_run(
             extras["measurement_axes"] = dict(profile.measurement.axes)
         if (described := task.describe()) is not None:
             extras["model"] = described
-        outcome = _finish(store, run_id, loaded, task.name, device_info, records, out, status, error, extras)
+        outcome = _finish(store, run_id, loaded, task.name, device_info, records, out, status, error, extras,
+                          plan.selection)
         registry.notify("run_finished", run_id=run_id, results=outcome.results)
         _trim_caches()
     return outcome
@@ -233,6 +234,7 @@ class SearchPlan:
     baseline_accuracy: float | None = None  # the exported base model's: trials refuse to measure far worse ones
     sample: dict[str, Any] | None = None  # the first held-out inputs (SAMPLE_ROWS): what the device times
     records: list[CandidateRecord] = field(default_factory=list)  # every candidate so far (the run's own list)
+    selection: Selection | OrchestratorError | ValueError | None = None  # the run's one (`_select`), or why none
 
 
 def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniques: list[Any], plan: SearchPlan,
@@ -294,8 +296,9 @@ def _search(options: RunOptions, profile: Profile, task: Any, base: Any, techniq
         try:
             tuner.fit()
             interrupts.check()
+            plan.selection = _select(plan.records, profile)  # once: the final round and the results read it
             extras["decision"] = run_final_round(
-                plan.records, profile, leases[0], cache_dir("models"),
+                plan.selection, profile, leases[0], cache_dir("models"),
                 lambda finalists, rounds: registry.notify("final_round_started", run_id=run_id,
                                                           finalists=finalists, rounds=rounds), plan.sample)
             if predictor is not None:
@@ -353,15 +356,24 @@ def _alive(pid: int | None, host: str | None) -> bool:
     return pid != os.getpid() and process_alive(pid, host)
 
 
+def _select(records: list[CandidateRecord], profile: Profile) -> Selection | OrchestratorError | ValueError:
+    """The run's one selection over its candidates (by id), or why there is none (`select`'s errors, kept)."""
+    try:
+        return select(sorted(records, key=lambda r: r.id), profile)
+    except (NoFeasibleCandidate, ValueError) as exc:
+        return exc
+
+
 def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, device: dict[str, Any],
             records: list[CandidateRecord], out: Path, status: str, error: OrchestratorError | None,
-            extras: dict[str, Any] | None = None) -> RunOutcome:
-    """Select, write results.json / report.html / best.onnx, close the run in the store."""
+            extras: dict[str, Any] | None = None, selected: Any = None) -> RunOutcome:
+    """Write results.json / report.html / best.onnx from the run's one selection (`selected`), close the run."""
     records = sorted(records, key=lambda r: r.id)
     best = baseline = None
     if status == "finished":
         try:
-            selection = select(records, loaded.profile)
+            if isinstance(selection := selected or _select(records, loaded.profile), Exception):
+                raise selection
             records, best, baseline = selection.candidates, selection.best, selection.baseline
             decided = (extras or {}).get("decision") or {}
             if decided.get("pick"):  # the final round decides among the feasible finalists

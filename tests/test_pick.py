@@ -215,9 +215,10 @@ def test_the_final_round_picks_the_truly_faster_model_when_single_measurements_w
                _record("c001", shas["slow"], 0.10, 0.99, 2000, step),
                _record("c002", shas["fast"], 0.90, 0.99, 1000, step + step)]
     prof = profile(max_accuracy_drop=1.0)
-    assert select(records, prof).best.id == "c001"  # what a single measurement would pick
+    selection = select(records, prof)  # the run's one selection: the final round is handed it
+    assert selection.best.id == "c001"  # what a single measurement would pick
     lease = ray_local.remote(DeviceLease).remote(local_device(), prof)
-    block = run_final_round(records, prof, lease, models)
+    block = run_final_round(selection, prof, lease, models)
     ray_local.kill(lease)
     assert block["pick"] == "c002", block
     assert block["rounds"] >= 3 and {f["id"] for f in block["finalists"]} == {"c000", "c001", "c002"}

@@ -10,10 +10,13 @@ from rich.table import Table
 
 from orchestrator.cli.console import candidate_label, out_console
 from orchestrator.cli.format import cell
+from orchestrator.metrics import COMPARE, shown_in
+from orchestrator.metrics import metric as metric_row
 from orchestrator.search.selection import metric_value
 from orchestrator.store import DAMAGED
 
-METRICS = (("accuracy", 4), ("latency_p50", 3), ("size_bytes", 0), ("energy_mj", 4), ("peak_memory_mb", 1))
+#: The metrics compared: the table of metrics' COMPARE rows (orchestrator/metrics.py).
+METRICS = tuple(m.name for m in shown_in(COMPARE))
 
 
 def signature(candidate: dict[str, Any]) -> str:
@@ -34,7 +37,7 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for sig in by_sig_a.keys() & by_sig_b.keys():
         ca, cb = by_sig_a[sig], by_sig_b[sig]
         row = {"pipeline": candidate_label(ca), "params": ca["pipeline"], "a": ca["id"], "b": cb["id"], "metrics": {}}
-        for metric, _ in METRICS:
+        for metric in METRICS:
             va, vb = metric_value(ca, metric), metric_value(cb, metric)
             change = None if va in (None, 0) or vb is None else (vb - va) / va
             row["metrics"][metric] = {"a": va, "b": vb, "relative_change": change}
@@ -66,19 +69,20 @@ def print_comparison(diff: dict[str, Any]) -> None:
     for side in ("a", "b"):  # what of a stored run cannot be read: said, and left out of the comparison
         for what in (diff.get("damaged") or {}).get(side, []):
             console.print(cell(f"  damaged in run {side.upper()} {diff[side]['id']}: {what}"), highlight=False)
-    estimated = any(c and (c.get("metrics") or {}).get("energy_source") == "estimated"
-                    for c in diff["best"].values())
-    names = [f"{m} (estimated)" if m == "energy_mj" and estimated else m for m, _ in METRICS]
+    rows = [metric_row(name) for name in METRICS]
+    picks = [c for c in diff["best"].values() if c]  # a pick's estimated energy marks the column
+    tags = {m.name: sorted({m.tag(c.get("metrics")) for c in picks} - {None}) for m in rows}
+    names = [m.column("report") + "".join(f" ({t})" for t in tags[m.name]) for m in rows]
     table = Table("A", "B", "pipeline", *(f"{n} A→B" for n in names), "feasible A→B")
     for row in diff["shared"]:
         cells = []
-        for metric, digits in METRICS:
-            m = row["metrics"][metric]
+        for metric in rows:
+            m = row["metrics"][metric.name]
             if m["a"] is None or m["b"] is None:
                 cells.append("-")
                 continue
             change = f" ({m['relative_change']:+.1%})" if m["relative_change"] is not None else ""
-            cells.append(f"{m['a']:.{digits}f}→{m['b']:.{digits}f}{change}")
+            cells.append(f"{metric.format(m['a'])}→{metric.format(m['b'])}{change}")
         feas = row["feasible"]
         table.add_row(cell(row["a"]), cell(row["b"]), cell(row["pipeline"]), *cells, f"{feas['a']}→{feas['b']}")
     console.print(table)

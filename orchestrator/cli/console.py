@@ -16,6 +16,8 @@ from rich.table import Table
 from orchestrator.api import hookimpl
 from orchestrator.cli.format import cell, printable
 from orchestrator.errors import ExitCode
+from orchestrator.metrics import TERMINAL, Metric, shown_in
+from orchestrator.metrics import metric as metric_row
 from orchestrator.plugins import get_plugin_manager
 from orchestrator.profile import load_profile
 from orchestrator.search.selection import pipeline_label
@@ -30,24 +32,28 @@ def out_console() -> Console:
 
 
 def print_candidates(candidates: list[dict[str, Any]], best_id: str | None, only_front: bool = False,
-                     console: Console | None = None) -> None:
-    """A table of candidates (or of the Pareto front) with the pick marked."""
+                     console: Console | None = None, objective: str | None = None) -> None:
+    """A table of candidates (or of the Pareto front) with the pick marked.
+
+    Its metric columns are the table of metrics' terminal rows (orchestrator/metrics.py), and the
+    profile's `objective` metric where it is not one of them.
+    """
     console = console or out_console()
-    table = Table("", "id", "pipeline", "accuracy", "drop", "size KiB", "p50 ms", "p90 ms", "energy mJ", "feasible")
+    columns = shown_in(TERMINAL, objective)
+    table = Table("", "id", "pipeline", *(m.column("terminal") for m in columns), "feasible")
     for c in candidates:
         if only_front and not c.get("on_front") and c["id"] != best_id:
             continue
         m = c.get("metrics") or {}
-        lat = m.get("latency_ms") or {}
-        energy = m.get("energy_mj")
-        energy_text = "-" if energy is None else f"{energy:.4f}" + (" (est.)" if m.get("energy_source") == "estimated" else "")
-        table.add_row(
-            "★" if c["id"] == best_id else "", cell(c["id"]), cell(candidate_label(c)),
-            _f(m.get("accuracy"), 4), _f(m.get("accuracy_drop"), 2),
-            _f(m["size_bytes"] / 1024, 1) if m.get("size_bytes") else "-", _f(lat.get("p50"), 3), _f(lat.get("p90"), 3),
-            energy_text, _status_text(c),
-        )
+        table.add_row("★" if c["id"] == best_id else "", cell(c["id"]), cell(candidate_label(c)),
+                      *(_metric_text(row, m) for row in columns), _status_text(c))
     console.print(table)
+
+
+def _metric_text(row: Metric, metrics: dict[str, Any]) -> str:
+    """A metric's cell: its value as the table says, '-' when not measured, '(est.)' after an estimated one."""
+    tag = row.tag(metrics)
+    return row.text(metrics) + (" (est.)" if tag == "estimated" else f" ({tag})" if tag else "")
 
 
 def candidate_label(candidate: dict[str, Any]) -> str:
@@ -61,10 +67,6 @@ def _status_text(c: dict[str, Any]) -> str:
     if c["status"] != "ok":
         return cell(f"{c['status']}: " + (c.get("error") or "")[:60])
     return "yes" if c.get("feasible") else "no"
-
-
-def _f(value: Any, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 class TerminalReporter:
@@ -183,6 +185,20 @@ def quality_name(results: dict[str, Any]) -> str:
         "top1", "cosine", "detection", "segmentation", "relative_error") else metric
 
 
+def pick_line(results: dict[str, Any]) -> str:
+    """'picked c003 (int8-static): accuracy 0.9850 (drop 0.50 pts), p50 0.600 ms, 293 KiB', and the profile's
+    objective metric (its label, value and unit from the table of metrics) where the line does not say it."""
+    best = results["best"]
+    m = best["metrics"]
+    objective = (results.get("objective") or {}).get("metric")
+    row = None if objective in (None, "accuracy", "latency_p50", "size_bytes") else metric_row(objective)
+    own = "" if row is None else (f", {row.label} {row.text(m)} {row.unit}".rstrip()
+                                  + (f" ({row.tag(m)})" if row.tag(m) else ""))
+    return (f"picked {best['id']} ({pipeline_label(best)}): {quality_name(results)} {m['accuracy']:.4f} "
+            f"(drop {m['accuracy_drop']:.2f} pts), p50 {m['latency_ms']['p50']:.3f} ms, "
+            f"{m['size_bytes'] / 1024:.0f} KiB{own}")
+
+
 def run_with_progress(profile_path: Path | None, task: str | None, trials: int | None, out_dir: Path,
                       ray_address: str | None, fresh: bool = False, resume_id: str | None = None,
                       model: str | None = None, inputs: str | None = None, train: str | None = None) -> int:
@@ -204,15 +220,13 @@ def run_with_progress(profile_path: Path | None, task: str | None, trials: int |
     console = out_console()
     results = outcome.results
     best = results.get("best")
+    objective = (results.get("objective") or {}).get("metric")
     if outcome.candidates:
         console.print("Pareto front of the feasible candidates (★ = pick):" if best else "Candidates:")
-        print_candidates(outcome.candidates, best["id"] if best else None, only_front=bool(best), console=console)
+        print_candidates(outcome.candidates, best["id"] if best else None, only_front=bool(best), console=console,
+                         objective=objective)
     if best:
-        m = best["metrics"]
-        console.print(
-            f"picked {best['id']} ({pipeline_label(best)}): {quality_name(results)} {m['accuracy']:.4f} "
-            f"(drop {m['accuracy_drop']:.2f} pts), p50 {m['latency_ms']['p50']:.3f} ms, {m['size_bytes'] / 1024:.0f} KiB"
-        )
+        console.print(pick_line(results))
     decision = results.get("decision") or {}
     if decision.get("sentence"):
         console.print(f"final round: {decision['sentence']}", highlight=False)

@@ -34,9 +34,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from orchestrator.errors import NoFeasibleCandidate
+from orchestrator.metrics import metric as metric_row
 from orchestrator.search.record import CandidateRecord, as_record
-from orchestrator.search.selection import DEFAULT_TIE_BREAK, Candidate, select, smallest_size, tie_break_key
+from orchestrator.search.selection import DEFAULT_TIE_BREAK, Candidate, Selection, smallest_size, tie_break_key
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -213,24 +213,23 @@ def _tie_reason(block: dict[str, Any]) -> str:
 
 def objective_percentile(profile: Any) -> str:
     """The latency percentile the decision compares: the objective's, else the constraints' (e.g. "p90")."""
-    metric = profile.objective.metric
-    return metric.split("_", 1)[1] if metric.startswith("latency_") else profile.constraints.latency_percentile
+    return metric_row(profile.objective.metric).percentile or profile.constraints.latency_percentile
 
 
-def run_final_round(records: list[CandidateRecord], profile: Any, lease: Any, models_dir: Path,
+def run_final_round(selection: Selection | Exception, profile: Any, lease: Any, models_dir: Path,
                     announce: Callable[[list[str], int], None] | None = None,
                     sample: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Measure the finalists and the baseline afresh on `lease` (a DeviceLease actor) and decide; None if nothing to decide.
 
+    `selection` is the run's one selection (`select`, run once): the finalists are its best
+    feasible candidates, and the run's pick is then taken from the same selection. Where there is
+    none (select's error: no baseline, nothing feasible) there is nothing to decide.
     A failure of the final round is not the run's failure: the block then says so and the pick
     stays the selection's, on the search's measurements.
     """
     import ray
 
-
-    try:
-        selection = select(records, profile)
-    except (ValueError, NoFeasibleCandidate):
+    if not isinstance(selection, Selection):
         return None
     metric = profile.objective.metric
     finalists = choose_finalists(selection.feasible, selection.baseline, metric,
@@ -254,7 +253,7 @@ def run_final_round(records: list[CandidateRecord], profile: Any, lease: Any, mo
     outside = {} if base.verdict is None or base.verdict.feasible else {
         base.id: "; ".join(v["message"] for v in base.verdict.violations) or "infeasible"}
     block = decide(finalists, rounds, base.id, profile.objective.tie_within,
-                   decides=metric.startswith("latency_"), tie_break=profile.objective.tie_break, outside=outside)
+                   decides=metric_row(metric).percentile is not None, tie_break=profile.objective.tie_break, outside=outside)
     if result.get("emulated"):  # the rounds were timed natively and scaled: say so wherever the sentence goes
         block["sentence"] += f" [EMULATED device: latency {result.get('latency_source')}]"
     block.update(device=result.get("device"), percentile=pct, seconds=round(time.perf_counter() - started, 2),

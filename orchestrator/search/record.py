@@ -16,8 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-PLAIN_METRICS = ("accuracy", "accuracy_drop", "size_bytes", "peak_memory_mb", "energy_mj")
-LATENCY_METRICS = {"latency_p50": "p50", "latency_p90": "p90", "latency_p99": "p99"}
+from orchestrator.metrics import metric
+
 STATUSES = ("ok", "failed", "rejected", "skipped")
 
 
@@ -81,17 +81,13 @@ class Metrics:
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know
 
     def value(self, name: str) -> float | None:
-        """Metric `name` as a float, or None when not measured; "latency_p50" etc. read latency_ms.
+        """Metric `name` as a float, or None when not measured, read as the table of metrics says
+        (orchestrator/metrics.py; "latency_p50" etc. read latency_ms, a metric this version has no
+        field for is read from `extra`).
 
         Raises ValueError for a name that is not a metric.
         """
-        if name in LATENCY_METRICS:
-            raw = (self.latency_ms or {}).get(LATENCY_METRICS[name])
-        elif name in PLAIN_METRICS:
-            raw = getattr(self, name)
-        else:
-            raise ValueError(f"unknown metric {name!r}")
-        return None if raw is None else float(raw)
+        return metric(name).value(self.to_json())
 
     def to_json(self) -> dict[str, Any]:
         """Scored and measured groups together, as a trial writes them; absent groups are left out."""

@@ -21,22 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from orchestrator.errors import NoFeasibleCandidate
+from orchestrator.metrics import Metric, front_objectives, limits, quality_drop, within
+from orchestrator.metrics import metric as metric_row
 from orchestrator.profile import Constraints, Profile
-from orchestrator.search.record import LATENCY_METRICS, PLAIN_METRICS, CandidateRecord, Verdict, as_record
+from orchestrator.search.record import CandidateRecord, Verdict, as_record
 
 Candidate = Union[CandidateRecord, dict[str, Any]]  # a record, or its JSON (results.json, a trial's report)
 Violation = dict[str, Any]
 
-#: Objectives of the Pareto front, as (metric name, "max" | "min").
-DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (
-    ("accuracy", "max"),
-    ("latency_p50", "min"),
-    ("size_bytes", "min"),
-    ("energy_mj", "min"),
-)
-
-#: Bytes in one MB, as used by `max_model_size_mb`.
-BYTES_PER_MB = 1_000_000
+#: Objectives of the Pareto front, as (metric name, "max" | "min"): the table's front rows (orchestrator/metrics.py).
+DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = front_objectives()
 
 # Relative tolerance when comparing a value with its limit, so float noise at the boundary is allowed.
 _REL_TOL = 1e-9
@@ -45,32 +39,24 @@ _REL_TOL = 1e-9
 def metric_value(candidate: Candidate, name: str) -> float | None:
     """The value of metric `name` of `candidate` as a float, or None when it was not measured.
 
-    Names: "accuracy", "accuracy_drop", "size_bytes", "peak_memory_mb", "energy_mj", and
-    "latency_p50" / "latency_p90" / "latency_p99" (read from ``metrics["latency_ms"]``).
-    Raises ValueError for any other name.
+    Names are the rows of the table of metrics (orchestrator/metrics.py): "accuracy",
+    "accuracy_drop", "size_bytes", "peak_memory_mb", "energy_mj", "latency_p50" / "latency_p90" /
+    "latency_p99" (read from ``metrics["latency_ms"]``). Raises ValueError for any other name.
     """
     if isinstance(candidate, CandidateRecord):
         return candidate.value(name)
-    metrics = candidate.get("metrics") or {}
-    if name in LATENCY_METRICS:
-        value = (metrics.get("latency_ms") or {}).get(LATENCY_METRICS[name])
-    elif name in PLAIN_METRICS:
-        value = metrics.get(name)
-    else:
-        raise ValueError(f"unknown metric {name!r}")
-    return None if value is None else float(value)
+    return metric_row(name).value(candidate.get("metrics"))
 
 
 def accuracy_drop_points(candidate: Candidate, baseline: Candidate) -> float:
-    """Accuracy lost against the baseline, in percentage points: (baseline − candidate) × 100.
+    """Accuracy lost against the baseline, in percentage points (`orchestrator.metrics.quality_drop`).
 
-    Negative when the candidate is more accurate. Rounded to 9 decimals so that e.g. 0.99 − 0.98
-    gives exactly 1.0. Raises ValueError if either accuracy is missing.
+    Negative when the candidate is more accurate. Raises ValueError if either accuracy is missing.
     """
     base, acc = metric_value(baseline, "accuracy"), metric_value(candidate, "accuracy")
     if base is None or acc is None:
         raise ValueError(f"accuracy not measured for {_id(candidate) if acc is None else _id(baseline)}")
-    return round((base - acc) * 100.0, 9)
+    return quality_drop(acc, base)
 
 
 def pipeline_label(candidate: Candidate) -> str:
@@ -85,27 +71,16 @@ def _id(candidate: Candidate) -> str:
     return candidate.id if isinstance(candidate, CandidateRecord) else str(candidate.get("id", ""))
 
 
-# (constraint field, metric, label in messages, unit, scale applied to the metric value)
-def _constraint_specs(constraints: Constraints) -> list[tuple[str, str, str, str, float]]:
-    pct = constraints.latency_percentile
-    return [
-        ("max_latency_ms", f"latency_{pct}", f"latency {pct}", "ms", 1.0),
-        ("max_peak_memory_mb", "peak_memory_mb", "peak memory", "MB", 1.0),
-        ("max_model_size_mb", "size_bytes", "model size", "MB", 1.0 / BYTES_PER_MB),
-        ("max_energy_mj", "energy_mj", "energy", "mJ", 1.0),
-        ("max_accuracy_drop", "accuracy_drop", "accuracy drop", "points", 1.0),
-    ]
-
-
 def constraint_names(constraints: Constraints) -> list[str]:
     """The constraints a profile sets (a limit that is not None), in a fixed order."""
-    return [spec[0] for spec in _constraint_specs(constraints) if getattr(constraints, spec[0]) is not None]
+    return [name for name, _ in limits(constraints) if getattr(constraints, name) is not None]
 
 
 def check_constraints(candidate: Candidate, constraints: Constraints) -> list[Violation]:
     """One violation dict per constraint of `constraints` that `candidate` breaks.
 
-    Each violation has: "constraint" (the field, e.g. "max_latency_ms"), "metric" (e.g. "latency_p90",
+    The limits and their units come from the table of metrics (orchestrator/metrics.py). Each
+    violation has: "constraint" (the field, e.g. "max_latency_ms"), "metric" (e.g. "latency_p90",
     following ``constraints.latency_percentile``), "limit" and "value" (both in the constraint's unit:
     ms, MB with 1 MB = 1,000,000 bytes, mJ, or percentage points), "excess" (value/limit − 1; for
     max_accuracy_drop with limit 0, the value itself) and a human "message".
@@ -115,39 +90,40 @@ def check_constraints(candidate: Candidate, constraints: Constraints) -> list[Vi
     fills it).
     """
     violations: list[Violation] = []
-    for field_name, metric, label, unit, scale in _constraint_specs(constraints):
+    for field_name, row in limits(constraints):
         limit = getattr(constraints, field_name)
         if limit is None:
             continue
-        limit = float(limit)
-        raw = metric_value(candidate, metric)
-        if raw is None:
-            violations.append(
-                {
-                    "constraint": field_name,
-                    "metric": metric,
-                    "limit": limit,
-                    "value": None,
-                    "excess": math.inf,
-                    "message": f"{label} not measured (limit {limit:.2f} {unit})",
-                }
-            )
-            continue
-        value = raw * scale
-        if value <= limit or math.isclose(value, limit, rel_tol=_REL_TOL):
-            continue
-        excess = value / limit - 1.0 if limit > 0 else value
-        violations.append(
-            {
-                "constraint": field_name,
-                "metric": metric,
-                "limit": limit,
-                "value": value,
-                "excess": excess,
-                "message": f"{label} {value:.2f} {unit} > {limit:.2f} {unit}",
-            }
-        )
+        violation = limit_violation(row, metric_value(candidate, row.name), float(limit))
+        if violation is not None:
+            violations.append(violation)
     return violations
+
+
+def limit_violation(row: Metric, raw: float | None, limit: float) -> Violation | None:
+    """The violation of `row`'s limit by the value `raw` (in the metric's own unit), or None when it is met."""
+    spec = row.limit
+    assert spec is not None, f"{row.name} has no limit"
+    label, unit = spec.label or row.label, spec.unit
+    base = {"constraint": spec.field, "metric": row.name, "limit": limit}
+    if raw is None:
+        return {**base, "value": None, "excess": math.inf,
+                "message": f"{label} not measured (limit {limit:.2f} {unit})"}
+    value = raw * spec.scale
+    if within(value, limit, _REL_TOL):
+        return None
+    excess = value / limit - 1.0 if limit > 0 else value
+    return {**base, "value": value, "excess": excess, "message": f"{label} {value:.2f} {unit} > {limit:.2f} {unit}"}
+
+
+def drop_violation(drop: float, constraints: Constraints) -> Violation | None:
+    """The violation of ``max_accuracy_drop`` by a drop of `drop` points, or None (met, or no limit).
+
+    The trial refuses to measure a candidate with this very test (`trial.accuracy_rejection`), and the
+    selection states it for that candidate: one rule, one place.
+    """
+    limit = constraints.max_accuracy_drop
+    return None if limit is None else limit_violation(metric_row("accuracy_drop"), drop, float(limit))
 
 
 def _dominates(a: list[float], b: list[float]) -> bool:
@@ -285,11 +261,10 @@ def _status_violation(message: str) -> Violation:
 
 def _judge(cand: CandidateRecord, baseline: CandidateRecord, constraints: Constraints) -> CandidateRecord:
     """`cand` annotated with its verdict (on_front not decided yet) and its accuracy drop."""
-    if cand.status == "rejected":  # scored, refused on accuracy before any measurement
+    if cand.status == "rejected":  # scored, refused on its drop before any measurement (`drop_violation`)
         drop = accuracy_drop_points(cand, baseline)
-        scored = cand.with_verdict(Verdict(False), drop)
-        violations = [v for v in check_constraints(scored, constraints) if v["constraint"] == "max_accuracy_drop"]
-        return scored.with_verdict(Verdict(False, tuple(violations or [_status_violation(str(cand.error))])), drop)
+        broke = drop_violation(drop, constraints)
+        return cand.with_verdict(Verdict(False, (broke or _status_violation(str(cand.error)),)), drop)
     if cand.status != "ok":
         return cand.with_verdict(Verdict(False, (_status_violation(f"candidate failed: {cand.error}"),)))
     try:
@@ -331,10 +306,7 @@ def select(candidates: list[Candidate], profile: Profile) -> Selection:
     feasible = [c for c in judged if c.verdict is not None and c.verdict.feasible]
     metric = profile.objective.metric
     maximize = profile.objective.goal == "maximize"
-    objectives = DEFAULT_OBJECTIVES
-    if metric not in {name for name, _ in objectives}:
-        objectives = (*objectives, (metric, "max" if maximize else "min"))
-    front = pareto_front(feasible, objectives)
+    front = pareto_front(feasible, front_objectives(metric))
     order = profile.objective.tie_break
     smallest = smallest_size(front)
     best = min(front, key=lambda c: _rank_key(c, metric, maximize, order, smallest)) if front else None
