@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from orchestrator.errors import ProfileError
+from orchestrator.metrics import metric as metric_row
+from orchestrator.metrics import objective_metrics
 from orchestrator.yamlfile import (  # noqa: F401  (re-exported: inventories read YAML the same way)
     MAX_YAML_BYTES,
     MAX_YAML_VALUES,
@@ -43,16 +45,10 @@ EXECUTION_PROVIDERS = (
 
 Percentile = Literal["p50", "p90", "p99"]
 
-#: Metrics an objective may name, and which way is better for each.
-OBJECTIVE_METRICS: dict[str, str] = {
-    "latency_p50": "min",
-    "latency_p90": "min",
-    "latency_p99": "min",
-    "energy_mj": "min",
-    "size_bytes": "min",
-    "peak_memory_mb": "min",
-    "accuracy": "max",
-}
+#: Metrics an objective may name, and which way is better for each: the rows of the table of metrics
+#: (orchestrator/metrics.py) a profile may optimise. `Objective` reads the table itself, so a row added
+#: there is an objective at once.
+OBJECTIVE_METRICS: dict[str, str] = objective_metrics()
 
 
 def _allows_bool(annotation: Any) -> bool:
@@ -162,7 +158,8 @@ class Constraints(_Strict):
 class Objective(_Strict):
     """What the pick optimises among the feasible Pareto front."""
 
-    metric: Literal[tuple(OBJECTIVE_METRICS)]  # type: ignore[valid-type]
+    metric: str = Field(description="a metric of the table (orchestrator/metrics.py) a profile may optimise: "
+                                    + ", ".join(OBJECTIVE_METRICS))
     goal: Literal["minimize", "maximize"] | None = None
     tie_within: float = Field(
         default=0.0, ge=0, lt=1,
@@ -184,9 +181,17 @@ class Objective(_Strict):
             raise ValueError(f"tie_break names a rule twice: {value}")
         return value
 
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        names = objective_metrics()
+        if value not in names:
+            raise ValueError(f"{value!r} is not a metric an objective may name: {', '.join(names)}")
+        return value
+
     @model_validator(mode="after")
     def _goal_matches_metric(self) -> Objective:
-        natural = "minimize" if OBJECTIVE_METRICS[self.metric] == "min" else "maximize"
+        natural = metric_row(self.metric).goal
         if self.goal is None:
             self.goal = natural
         elif self.goal != natural:

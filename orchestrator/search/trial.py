@@ -15,13 +15,13 @@ from typing import Any
 from orchestrator.api import Task
 from orchestrator.errors import MeasurementError, PluginError
 from orchestrator.plugins import get_plugin_manager
-from orchestrator.profile import OBJECTIVE_METRICS
+from orchestrator.metrics import objective_metrics, quality_drop
 from orchestrator.search.basemodel import TrainedModel
 from orchestrator.search.cache import AccuracyCache, StageCache
 from orchestrator.search.pipeline import build_candidate, evaluate_onnx
 from orchestrator.search.predictor import onnx_features, preview_candidate
 from orchestrator.search.record import as_record
-from orchestrator.search.selection import check_constraints, constraint_names, metric_value
+from orchestrator.search.selection import check_constraints, constraint_names, drop_violation, metric_value
 from orchestrator.search.space import PipelineSpec
 
 # What an emulated device's measurement adds (orchestrator/emulation/rule.py); absent keys are left out.
@@ -79,7 +79,7 @@ def trial_values(record: Any, profile: Any) -> dict[str, Any]:
     ok = record.status == "ok" and bool(record.metrics.latency_ms)
     out: dict[str, Any] = {}
     scored = ok or record.status == "rejected"  # rejected: its accuracy is real, nothing else was measured
-    for name, direction in OBJECTIVE_METRICS.items():
+    for name, direction in objective_metrics().items():
         value = metric_value(record, name) if ok or (scored and name == "accuracy") else None
         out[name] = value if value is not None else (0.0 if direction == "max" else WORST)
     names = search_limits(profile)
@@ -92,17 +92,18 @@ def trial_values(record: Any, profile: Any) -> dict[str, Any]:
 def accuracy_rejection(accuracy: float, baseline: float | None, profile: Any, metric: str = "accuracy") -> str | None:
     """Why a scored candidate breaks the profile's accuracy-drop limit (so is not measured), or None.
 
-    `metric` names the quality in the message (a task's accuracy, or cosine, top1, ... for a model
-    brought with --model)."""
-    limit = profile.constraints.max_accuracy_drop
-    if baseline is None or limit is None:
+    The drop and the test are the selection's (`orchestrator.metrics.quality_drop`,
+    `selection.drop_violation`). `metric` names the quality in the message (a task's accuracy, or
+    cosine, top1, ... for a model brought with --model)."""
+    if baseline is None:
         return None
-    drop = round((baseline - accuracy) * 100.0, 9)  # as the selection computes it
-    if drop <= limit:
+    drop = quality_drop(accuracy, baseline)
+    broke = drop_violation(drop, profile.constraints)
+    if broke is None:
         return None
     name = "accuracy" if metric in ("accuracy", "labels") else metric
     what = "accuracy" if name == "accuracy" else "quality"
-    return (f"rejected before measuring: {what} drop {drop:.2f} points > {limit:.2f} "
+    return (f"rejected before measuring: {what} drop {drop:.2f} points > {broke['limit']:.2f} "
             f"({name} {accuracy:.4f}, baseline {baseline:.4f})")
 
 
