@@ -293,6 +293,38 @@ def test_joining_waits_at_most_about_30_s_for_a_port_that_is_not_ray():
     assert int(took) <= 40
 
 
+def test_a_port_that_answers_but_is_not_ray_is_said_to_be_no_ray_cluster(ray_local):
+    """Issue 31 item 15: a port that answers but is not Ray was 8 lines about a missing authentication token.
+    A silent server is no Ray cluster; a real Ray (the session's) joined without its token is told where one goes."""
+    gcs = ray_local.get_runtime_context().gcs_address
+    code = textwrap.dedent("""
+        import socket, sys, threading
+        from orchestrator.search import searcher  # the quiet environment, before Ray
+        from orchestrator.search.ray_runtime import ray_session
+        from orchestrator.errors import OrchestratorError
+        server = socket.create_server(("127.0.0.1", 0))
+        silent = server.getsockname()[1]
+        threading.Thread(target=lambda: [server.accept() for _ in range(100)], daemon=True).start()
+        for address in (f"127.0.0.1:{silent}", sys.argv[1]):
+            try:
+                with ray_session(address):
+                    print("joined?!")
+            except OrchestratorError as exc:
+                print(exc)
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    proc = subprocess.run([sys.executable, "-c", code, gcs], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HOME": ROOT.as_posix() + "/no-home"},
+                          check=False)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2, proc.stdout + proc.stderr[-2000:]
+    assert lines[0].startswith("cannot join the Ray cluster at 127.0.0.1:") and lines[0].endswith(
+        ": not a Ray cluster (the port answers but does not speak Ray's protocol, gRPC)"), lines
+    assert lines[1] == (f"cannot join the Ray cluster at {gcs}: it needs an authentication token (token auth is on): "
+                        "put the cluster's token in $RAY_AUTH_TOKEN or in ~/.ray/auth_token ($RAY_AUTH_TOKEN_PATH "
+                        "names another file), or set RAY_AUTH_MODE=disabled to join a cluster without tokens"), lines
+
+
 # ------------------------------------------------------------------ item 4: one local core, two runs
 
 

@@ -225,6 +225,9 @@ def _join(ray: Any, address: str, quiet: dict[str, Any]) -> None:
         except OSError as exc:
             why = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc)).lower()
             raise OrchestratorError(f"cannot join the Ray cluster at {address}: {why}") from None
+        if not _speaks_grpc(where):  # Ray's GCS (and the Ray client server) speak gRPC, over HTTP/2
+            raise OrchestratorError(f"cannot join the Ray cluster at {address}: not a Ray cluster (the port answers "
+                                    "but does not speak Ray's protocol, gRPC)")
     # Ray tries to reach the GCS this many times (about 1 + RAY_py_gcs_connect_timeout_s + 10 s
     # each) before it gives up; the default is 20 attempts, or 120 with RocksDB.
     attempts = "RAY_gcs_server_port_wait_time_s"
@@ -234,10 +237,33 @@ def _join(ray: Any, address: str, quiet: dict[str, Any]) -> None:
         ray.init(address=address, **quiet)
     except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, ValueError from Ray: one line
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "authentication token" in text.lower():
+            text = ("it needs an authentication token (token auth is on): put the cluster's token in $RAY_AUTH_TOKEN "
+                    "or in ~/.ray/auth_token ($RAY_AUTH_TOKEN_PATH names another file), or set RAY_AUTH_MODE=disabled "
+                    "to join a cluster without tokens")
         raise OrchestratorError(f"cannot join the Ray cluster at {address}: {text}") from None
     finally:
         if saved is None:
             os.environ.pop(attempts, None)
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # and an empty SETTINGS
+
+
+def _speaks_grpc(where: tuple[str, int], timeout: float = 3.0) -> bool:
+    """Whether the server at `where` answers an HTTP/2 client preface with a SETTINGS frame, as any gRPC server does."""
+    try:
+        with socket.create_connection(where, timeout=timeout) as conn:
+            conn.sendall(_HTTP2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = conn.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except OSError:
+        return False
+    return len(head) == 9 and head[3] == 4  # frame type 4: SETTINGS
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
