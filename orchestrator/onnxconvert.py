@@ -50,7 +50,7 @@ def _onnx2torch() -> Any:
                 sys.modules.pop(name, None)
             sys.modules.update(saved)
         return onnx2torch
-    import onnx2torch
+    import onnx2torch  # heavy: it imports torch and onnx (an optional path: brought ONNX files only)
 
     return onnx2torch
 
