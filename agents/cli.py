@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="power model: watts with all --power-cores busy")
     b.add_argument("--power-cores", type=bounded(int, 1), default=None,
                    help="power model: cores behind --power-active-w (default: this device's cores)")
+    b.add_argument("--count-marks", action="store_true",
+                   help="mark each timed run for an instruction-counting QEMU plugin (emulated devices only)")
     b.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     b.add_argument("--axes", type=parse_axes, default={}, metavar="NAME=SIZE,...",
                    help="sizes of named dynamic axes (e.g. sequence=128); others are timed at 1")

@@ -286,6 +286,18 @@ class ModelSection(_Strict):
         return value
 
 
+class CostModel(_Strict):
+    """Instructions -> milliseconds for an emulated board (orchestrator/emulation/icount.py): instructions x cpi
+    / (clock_mhz x 1000)."""
+
+    cpi: float = Field(gt=0, description="cycles per guest instruction on the board")
+    clock_mhz: float = Field(gt=0, description="the board's CPU clock")
+    calibrated: bool = Field(
+        default=False, description="true only when cpi was fitted to latencies measured on a board; "
+                                   "false: a default from a data sheet and an assumed cpi, an estimate")
+    source: str = Field(description="where the figures come from")
+
+
 class Emulation(_Strict):
     """How QEMU stands in for the board when none is registered."""
 
@@ -297,7 +309,19 @@ class Emulation(_Strict):
         description="board latency / this host's native latency, calibrated once from a board's fp32 baseline "
                     "(board p50 / host p50); an emulated device's latency is the native one times this. "
                     "1.0 (the default) means not calibrated: the latency constraint is then unverified")
+    cost_model: CostModel | None = Field(
+        default=None, description="instruction counts -> milliseconds (latency_source: emulated-icount)")
+    latency: Literal["native-scaled", "emulated-icount"] = Field(
+        default="native-scaled",
+        description="where an emulated device's latency comes from: this host's native measurement x latency_scale, "
+                    "or the guest instructions counted on the emulated CPU model through cost_model")
     note: str | None = None
+
+    @model_validator(mode="after")
+    def _icount_needs_cost_model(self) -> Emulation:
+        if self.latency == "emulated-icount" and self.cost_model is None:
+            raise ValueError("latency 'emulated-icount' needs a cost_model (cpi, clock_mhz, source)")
+        return self
 
 
 class PowerModel(_Strict):

@@ -15,6 +15,11 @@ emulated device uses `EmulatedDeviceTransport`, which for each candidate:
 3. **keeps the emulated latency as information** (`emulated_latency_ms`), from a short
    emulated benchmark.
 
+With `emulation.latency: emulated-icount` in the profile, step 2 is instead: **count the guest
+instructions** of the candidate's inferences on the emulated CPU model (orchestrator/emulation/icount.py,
+one onnxruntime thread) and turn them into milliseconds with the profile's `emulation.cost_model`
+(`latency_source: emulated-icount`, `calibrated` as the cost model says; no native measurement).
+
 What `bench` returns has the shape of the agent's bench JSON, plus `emulated`, `latency_source`,
 `latency_scale`, `latency_constraint` ("native-scaled" or "unverified" while the scale is 1.0),
 `native_latency_ms`, `emulated_latency_ms` and `parity`.
@@ -23,10 +28,12 @@ What `bench` returns has the shape of the agent's bench JSON, plus `emulated`, `
 from __future__ import annotations
 
 import platform
+import time
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.devices.base import Device
 from orchestrator.devices.local import LocalTransport
+from orchestrator.emulation import icount
 from orchestrator.emulation.sysroot import SysrootBuildError, build_sysroot
 from orchestrator.emulation.user import QemuUserTransport, emulated_device_for_profile, qemu_binary
 from orchestrator.errors import MeasurementError
@@ -113,22 +120,33 @@ def compare_outputs(host: dict[str, np.ndarray], emulated: dict[str, np.ndarray]
     return verdict
 
 
-def board_energy(profile: Profile, mean_ms: float) -> dict[str, Any]:
+def board_energy(profile: Profile, mean_ms: float, busy: int | None = None, source: str = LATENCY_SOURCE
+                 ) -> dict[str, Any]:
     """Energy per inference on the board from the profile's power model (the agent's formula) and a latency."""
     p, cores = profile.power, profile.hardware.cores
-    busy = min(profile.runtime.intra_op_threads, cores)
+    busy = min(profile.runtime.intra_op_threads if busy is None else busy, cores)
     dynamic_w = (p.active_watts - p.idle_watts) * busy / cores
     return {
         "energy_mj": dynamic_w * mean_ms, "source": "estimated",
         "method": f"power model: (active {p.active_watts:.3g} W - idle {p.idle_watts:.3g} W) x {busy}/{cores} "
-                  f"busy cores x mean latency ({LATENCY_SOURCE})",
+                  f"busy cores x mean latency ({source})",
         "idle_watts": p.idle_watts, "power_watts": p.idle_watts + dynamic_w, "samples": None, "rail": None,
     }
 
 
+def latency_source(profile: Profile | None) -> str:
+    """Where an emulated device's latency comes from for this profile: 'native-scaled' or 'emulated-icount'."""
+    emu = profile.emulation if profile is not None else None
+    return icount.LATENCY_SOURCE if emu is not None and emu.latency == icount.LATENCY_SOURCE else LATENCY_SOURCE
+
+
 def latency_constraint(profile: Profile) -> str:
-    """'native-scaled' when the profile's latency_scale was calibrated, 'unverified' while it is 1.0."""
-    scale = profile.emulation.latency_scale if profile.emulation else 1.0
+    """The latency source when it is calibrated ('native-scaled': latency_scale is not 1.0; 'emulated-icount':
+    the cost model says calibrated), else 'unverified'."""
+    emu = profile.emulation
+    if latency_source(profile) == icount.LATENCY_SOURCE:
+        return icount.LATENCY_SOURCE if emu.cost_model.calibrated else "unverified"
+    scale = emu.latency_scale if emu else 1.0
     return "unverified" if scale == 1.0 else LATENCY_SOURCE
 
 
@@ -177,7 +195,10 @@ class EmulatedDeviceTransport:
         return verdict
 
     def compare(self, models: list[bytes], profile: Profile) -> dict[str, Any]:
-        """The final round, timed natively like `bench` (each model passed the parity gate in its trial), scaled."""
+        """The final round, timed natively like `bench` (each model passed the parity gate in its trial), scaled;
+        with `emulation.latency: emulated-icount`, each model counted again (its runs are the rounds)."""
+        if latency_source(profile) == icount.LATENCY_SOURCE:
+            return self._counted_compare(models, profile)
         native_profile = profile.model_copy(deep=True)
         if self.device.pinned_cpu is not None:
             native_profile.runtime.intra_op_threads = 1
@@ -187,13 +208,31 @@ class EmulatedDeviceTransport:
             model["rounds_ms"] = {k: [v * scale for v in vs] for k, vs in model["rounds_ms"].items()}
         return {**result, "emulated": True, "latency_source": LATENCY_SOURCE, "latency_scale": scale}
 
+    def _counted_compare(self, models: list[bytes], profile: Profile) -> dict[str, Any]:
+        started, rows = time.perf_counter(), []
+        for data in models:
+            counted = icount.count_bench(self.emulator, data, profile)
+            runs = [icount.cost_model(profile).milliseconds(c) for c in counted["instructions"]["per_run"]]
+            rows.append({"sha256": counted["model"]["sha256"], "size_bytes": counted["model"]["size_bytes"],
+                         "rounds_ms": {p: runs for p in ("p50", "p90", "p99")}, "runs_per_round": [1] * len(runs),
+                         "execution_provider": counted.get("execution_provider"),
+                         "instructions": counted["instructions"]})
+        return {"models": rows, "rounds": len(rows[0]["rounds_ms"]["p50"]) if rows else 0, "order": "sequential",
+                "block_runs": 1, "warmup_runs": icount.COUNT_WARMUP_RUNS, "threads": {"intra_op": 1, "inter_op": 1},
+                "pinned_cpu": None, "seconds": round(time.perf_counter() - started, 3), "warnings": [],
+                "emulated": True, "latency_source": icount.LATENCY_SOURCE,
+                "latency_constraint": latency_constraint(profile), "calibrated": profile.emulation.cost_model.calibrated}
+
     def bench(self, model_bytes: bytes, profile: Profile) -> dict[str, Any]:
-        """Gate, measure natively, scale; the agent's bench JSON shape plus the emulation keys (module docstring)."""
+        """Gate, measure natively, scale; the agent's bench JSON shape plus the emulation keys (module docstring).
+        With `emulation.latency: emulated-icount`: gate, then count (`counted_bench`)."""
         name = self.device.name
         info = self.info()
         parity = self.parity(model_bytes, profile.search.seed + PARITY_SEED)
         if not parity["passed"]:
             raise MeasurementError(f"device {name}: fails on aarch64 onnxruntime: {parity['reason']}")
+        if latency_source(profile) == icount.LATENCY_SOURCE:
+            return self.counted_bench(model_bytes, profile, parity)
 
         native_profile = profile.model_copy(deep=True)
         threads = profile.runtime.intra_op_threads
@@ -240,6 +279,25 @@ class EmulatedDeviceTransport:
         return result
 
 
+    def counted_bench(self, model_bytes: bytes, profile: Profile, parity: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+        """Latency from the guest instructions counted on the emulated CPU model and the profile's cost model."""
+        counted = icount.count_bench(self.emulator, model_bytes, profile)
+        labels = self.emulator._labels()
+        result = {
+            **counted,
+            "energy": board_energy(profile, counted["latency_ms"]["mean"], busy=1, source=icount.LATENCY_SOURCE),
+            "arch": self.info().get("arch"),
+            **labels,
+            "latency_constraint": latency_constraint(profile),
+            "noisy": False,
+            "threads": {"intra_op": 1, "inter_op": 1},
+        }
+        if parity is not None:
+            result["parity"] = parity
+        return result
+
+
 def emulated_fallback(profile: Profile, cpus: int, ray_address: str | None = None) -> tuple[Device | None, str]:
     """The profile's emulated device for a run that has no registered device, and a note; (None, why not) when
     QEMU or the arm64 sysroot is not available (the run then falls back to this machine).
@@ -266,6 +324,13 @@ def emulation_note(profile: Profile | None) -> str:
     """What a run on an emulated device measures where (one sentence for the terminal and results.json)."""
     emu = profile.emulation if profile is not None else None
     scale = emu.latency_scale if emu is not None else 1.0
+    if latency_source(profile) == icount.LATENCY_SOURCE:
+        cm = emu.cost_model
+        return ("EMULATED: each candidate is checked under QEMU (aarch64 onnxruntime, outputs against this host's); "
+                f"its latency is the guest instructions counted on the emulated {emu.qemu_cpu} (one thread) x cpi "
+                f"{cm.cpi:g} / {cm.clock_mhz:g} MHz (latency_source: {icount.LATENCY_SOURCE}, emulation.cost_model, "
+                + ("calibrated)" if cm.calibrated else
+                   "NOT calibrated: an estimate; the latency constraint is unverified)"))
     latency = (f"this host's native measurement (latency_source: {LATENCY_SOURCE}; emulation.latency_scale is 1.0, "
                "not calibrated from a board, so the latency constraint is unverified)" if scale == 1.0 else
                f"this host's native measurement x {scale:g} (latency_source: {LATENCY_SOURCE}, the profile's "

@@ -252,12 +252,16 @@ class QemuUserTransport:
         }
 
     def _agent(self, args: list[str], timeout_s: float) -> dict[str, Any]:
+        return self.run_command(self.command(args), timeout_s)
+
+    def run_command(self, command: list[str], timeout_s: float) -> dict[str, Any]:
+        """Run a qemu command line of the agent (`command`, or one made from it); the agent's JSON."""
         name = self.device.name
         try:
             # A scratch working folder: qemu-user drops a guest core file there when the agent crashes
             # and core dumps are on; it goes away with the folder.
             with tempfile.TemporaryDirectory(prefix="eo-qemu-cwd-") as cwd:
-                proc = subprocess.run(self.command(args), capture_output=True, text=True, timeout=timeout_s,
+                proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
                                       env=self.environment(), stdin=subprocess.DEVNULL, cwd=cwd, check=False)
         except subprocess.TimeoutExpired:
             raise MeasurementError(f"device {name}: agent under qemu timed out after {timeout_s:.0f} s") from None

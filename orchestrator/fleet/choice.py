@@ -106,7 +106,7 @@ def choose_devices(profile_name: str, fallback: str, cpus: int,
 def describe_devices(devices: list[Device], source: str, note: str, unreachable: list[dict[str, str]] | None = None,
                      profile: Profile | None = None) -> dict[str, Any]:
     """What results.json says of a run's devices (`source`: registry, fallback or given)."""
-    from orchestrator.emulation.rule import emulation_note, latency_constraint
+    from orchestrator.emulation.rule import emulation_note, latency_constraint, latency_source
 
     described = [d.describe() for d in devices]
     archs = sorted({d["arch"] for d in described})
@@ -124,9 +124,12 @@ def describe_devices(devices: list[Device], source: str, note: str, unreachable:
     if info["emulated"]:
         info["note"] += ". " + emulation_note(profile)
         cpus_emulated = sorted({str(d.extra.get("qemu_cpu")) for d in devices if d.emulated})
-        info.update(latency_source="native-scaled", qemu_cpu=", ".join(cpus_emulated))
+        info.update(latency_source=latency_source(profile), qemu_cpu=", ".join(cpus_emulated))
         if profile is not None and profile.emulation is not None:
             info.update(latency_scale=profile.emulation.latency_scale, latency_constraint=latency_constraint(profile))
+            if profile.emulation.latency == "emulated-icount":
+                info.update(calibrated=profile.emulation.cost_model.calibrated,
+                            cost_model=profile.emulation.cost_model.model_dump())
     return info
 
 

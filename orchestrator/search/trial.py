@@ -26,7 +26,8 @@ from orchestrator.search.space import PipelineSpec
 
 # What an emulated device's measurement adds (orchestrator/emulation/rule.py); absent keys are left out.
 EMULATION_KEYS = ("emulated", "arch", "latency_source", "latency_scale", "latency_constraint", "native_latency_ms",
-                  "native_protocol", "emulated_latency_ms", "parity", "qemu_cpu", "emulation_note")
+                  "native_protocol", "emulated_latency_ms", "parity", "qemu_cpu", "emulation_note",
+                  "calibrated", "cost_model", "instructions", "count_protocol")
 WORST = 1e12  # what a failed or unmeasured trial reports for a metric to be minimised (and 0 accuracy)
 
 
