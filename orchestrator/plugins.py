@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
+import json
 import logging
 import os
+import subprocess
 import sys
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -17,6 +21,7 @@ from orchestrator import hookspecs
 from orchestrator.api import PROJECT_NAME, STAGE_ORDER, Task, Technique
 from orchestrator.devices.transport import BUILTIN_KINDS, TransportKind
 from orchestrator.errors import PluginError
+from orchestrator.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -294,9 +299,6 @@ def _import_timeout() -> float:
 def _probe_key(ep: importlib.metadata.EntryPoint) -> str | None:
     """What the probe's verdict depends on: the entry point and the size and mtime of every file of its module
     (a package: every .py under it) and of its distribution's entry_points.txt; None when its code is not found."""
-    import importlib.util
-    from pathlib import Path
-
     top = ep.value.split(":")[0].split(".")[0]
     try:
         spec = importlib.util.find_spec(top)
@@ -326,11 +328,6 @@ def _probe_key(ep: importlib.metadata.EntryPoint) -> str | None:
 def probe_import(ep: importlib.metadata.EntryPoint) -> str | None:
     """Import an outside plugin in a child process first, within a bounded time: why it is broken (it hangs, or its
     import ends the process, as os._exit does), or None. The verdict is cached until the plugin's files change."""
-    import json
-    import subprocess
-
-    from orchestrator.paths import cache_dir
-
     key = _probe_key(ep)
     cache = None
     if key is not None:
