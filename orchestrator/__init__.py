@@ -16,6 +16,7 @@ from orchestrator.api import (
     choice,
     distillation_loss,
     hookimpl,
+    training_progress,
 )
 from orchestrator.devices.base import Device, bench_args, compare_args
 from orchestrator.devices.transport import Deployable, Transport, TransportKind
@@ -29,4 +30,5 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 __all__ = ["CandidateRecord", "Choice", "Dataset", "Deployable", "Device", "DeviceFacts", "DeviceUnreachable",
            "MeasurementError", "Task", "Technique", "TechniqueContext", "TechniqueParamsError", "TensorSpec", "Transport",
-           "TransportKind", "bench_args", "choice", "compare_args", "distillation_loss", "hookimpl", "__version__"]
+           "TransportKind", "bench_args", "choice", "compare_args", "distillation_loss", "hookimpl", "training_progress",
+           "__version__"]

@@ -385,3 +385,29 @@ def distillation_loss(student_logits: Any, teacher_logits: Any, labels: Any, tem
 
 
 Register = Callable[[Any], None]
+
+
+# ------------------------------------------------------------------ progress of long training
+
+_training_progress: list[Callable[[int, int], None]] = []
+
+
+def training_progress(done: int, total: int) -> None:
+    """A task's `train()` calls this after each epoch (`done` of `total`): while the base model is trained,
+    the run turns it into the `base_model_progress` event (the terminal shows epochs and time left).
+    Outside that, it does nothing; a task that never calls it still works (no progress is shown)."""
+    for callback in _training_progress[-1:]:
+        callback(done, total)
+
+
+class progress_to:  # noqa: N801 - used as a context manager, like a function
+    """While inside, `training_progress(done, total)` calls `callback(done, total)` (the innermost one only)."""
+
+    def __init__(self, callback: Callable[[int, int], None]) -> None:
+        self.callback = callback
+
+    def __enter__(self) -> None:
+        _training_progress.append(self.callback)
+
+    def __exit__(self, *exc: object) -> None:
+        _training_progress.remove(self.callback)

@@ -92,6 +92,24 @@ def base_model_started(run_id: str, task: str) -> None:
 
 
 @hookspec
+def base_model_progress(run_id: str, task: str, epoch: int, epochs: int, elapsed_s: float,
+                        left_s: float | None) -> None:
+    """Called after each epoch while the base model is trained (first use only), when the task reports it
+    (its ``train()`` calls ``orchestrator.training_progress(done, total)``; the built-in tasks do).
+
+    :param run_id: the run.
+    :param task: the task's name.
+    :param epoch: epochs done so far (1 after the first).
+    :param epochs: epochs in all.
+    :param elapsed_s: seconds of training so far.
+    :param left_s: an estimate of the seconds left (elapsed per epoch times epochs left); None before one ends.
+    :returns: nothing. An exception here is logged and does not stop the run.
+
+    Added in 0.5.
+    """
+
+
+@hookspec
 def base_model_ready(run_id: str, accuracy: float, trained_now: bool, quality_metric: str,
                      quality_compares: str) -> None:
     """Called when the base model is ready, before the search starts.

@@ -29,7 +29,7 @@ from orchestrator.paths import cache_dir, store_path
 from orchestrator.plugins import PluginRegistry
 from orchestrator.profile import LoadedProfile, Profile, load_profile, profile_from_text
 from orchestrator.report import write_report
-from orchestrator.search.basemodel import get_base_model
+from orchestrator.search.basemodel import get_base_model, progress_events
 from orchestrator.search.cache import trim_caches
 from orchestrator.search.pipeline import as_onnx_bytes, evaluate_onnx, export_onnx, is_onnx
 from orchestrator.search.predictor import PredictorService, past_points
@@ -165,7 +165,7 @@ def execute_run(
         for axis, size in task.measure_axes(profile.search.seed).items():
             profile.measurement.axes.setdefault(axis, size)
         registry.notify("base_model_started", run_id=run_id, task=task.name)
-        base = get_base_model(task, data, profile.search.seed)
+        base = get_base_model(task, data, profile.search.seed, progress_events(registry, run_id, task.name))
         plan.baseline_accuracy, baseline_onnx = _baseline_accuracy(task, base, data, prior)
         held_out = len(data["eval"])
         plan.sample = task.feeds(data["eval"].rows(0, min(SAMPLE_ROWS, held_out))) if held_out else None

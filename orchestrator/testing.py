@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import pytest
 
-from orchestrator.api import Dataset, DeviceFacts, Task, Technique, TechniqueContext, distillation_loss
+from orchestrator.api import Dataset, DeviceFacts, Task, Technique, TechniqueContext, distillation_loss, training_progress
 from orchestrator.devices.local import LocalTransport
 from orchestrator.devices.local import local_device as _local
 from orchestrator.plugins import get_plugin_manager
@@ -89,7 +89,7 @@ class TinyDigitsTask(Task):
         x, y = torch.from_numpy(data.inputs), torch.from_numpy(data.labels)
         opt = torch.optim.Adam(model.parameters(), lr=0.01)
         model.train()
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.randperm(len(y), generator=gen)
             for i in range(0, len(y), 64):
                 idx = order[i : i + 64]
@@ -103,6 +103,7 @@ class TinyDigitsTask(Task):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+            training_progress(epoch + 1, epochs)
         return model.eval()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator import Dataset, Task, distillation_loss, hookimpl
+from orchestrator import Dataset, Task, distillation_loss, hookimpl, training_progress
 
 CALIBRATION_SIZE = 128
 EVAL_FRACTION = 0.2
@@ -129,7 +129,7 @@ class DigitsTask(Task):
         if teacher is not None:
             teacher.eval()
         model.train()
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.randperm(len(y), generator=gen)
             for i in range(0, len(y), batch):
                 idx = order[i : i + batch]
@@ -147,6 +147,7 @@ class DigitsTask(Task):
                 loss.backward()
                 opt.step()
                 sched.step()
+            training_progress(epoch + 1, epochs)
         model.eval()
         return model
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from orchestrator import hookimpl
 from orchestrator.cli.main import main
 from orchestrator.devices.registry import DeviceRegistry
 from tests.helpers import ROOT
@@ -293,7 +294,7 @@ def test_joining_waits_at_most_about_30_s_for_a_port_that_is_not_ray():
     assert int(took) <= 40
 
 
-def test_a_port_that_answers_but_is_not_ray_is_said_to_be_no_ray_cluster(ray_local):
+def test_a_port_that_answers_but_is_not_ray_is_said_to_be_no_ray_cluster(ray_local, tmp_path):
     """Issue 31 item 15: a port that answers but is not Ray was 8 lines about a missing authentication token.
     A silent server is no Ray cluster; a real Ray (the session's) joined without its token is told where one goes."""
     gcs = ray_local.get_runtime_context().gcs_address
@@ -314,7 +315,7 @@ def test_a_port_that_answers_but_is_not_ray_is_said_to_be_no_ray_cluster(ray_loc
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
     proc = subprocess.run([sys.executable, "-c", code, gcs], cwd=ROOT, capture_output=True, text=True, timeout=180,
-                          env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HOME": ROOT.as_posix() + "/no-home"},
+                          env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HOME": str(tmp_path)},
                           check=False)
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2, proc.stdout + proc.stderr[-2000:]
@@ -738,3 +739,47 @@ def test_a_store_locked_by_another_process_is_one_line_naming_it(tmp_path, comma
     assert line.startswith(f"error: {home / 'runs.sqlite'}") and f"locked by another process (pid {holder.pid} (python" in line
     assert line.endswith("for more than 2 s; try again when it is done"), line
     assert took < 60
+
+
+# ------------------------------------------------------------------ item 22: training the base model shows progress
+
+
+class _ProgressRecorder:
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    @hookimpl
+    def base_model_progress(self, run_id, task, epoch, epochs, elapsed_s, left_s):
+        self.events.append((run_id, task, epoch, epochs, elapsed_s, left_s))
+
+
+def test_training_the_base_model_sends_base_model_progress_after_each_epoch(tmp_path, monkeypatch):
+    """Issue 31 item 22: the base model trained for minutes with nothing said between 'loading' and 'ready'."""
+    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.search.basemodel import get_base_model, progress_events
+    from orchestrator.testing import TinyDigitsTask
+
+    monkeypatch.setenv("EDGE_ORCHESTRATOR_HOME", str(tmp_path / "home"))  # nothing cached: it trains now
+    registry, recorder = get_plugin_manager(), _ProgressRecorder()
+    registry.add_plugin(recorder, "progress-recorder")
+    task = TinyDigitsTask()
+    base = get_base_model(task, task.load_data(0), 0, progress_events(registry, "r1", task.name))
+    assert base.trained_now
+    assert [e[:4] for e in recorder.events] == [("r1", "tiny-digits", i, 5) for i in range(1, 6)]
+    assert all(e[4] >= 0 for e in recorder.events) and recorder.events[-1][5] == 0.0
+    assert all(left is not None and left >= 0 for *_, left in recorder.events)
+    recorder.events.clear()
+    get_base_model(task, task.load_data(0), 0, progress_events(registry, "r2", task.name))
+    assert recorder.events == []  # from the cache: no training, no progress
+
+
+def test_the_terminal_shows_the_base_models_epochs_and_time_left(tmp_path, tiny_env):
+    home = tmp_path / "home"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "--profile", str(X86), "--task", "tiny-digits",
+                           "--trials", "1", "--ray-address", "127.0.0.1:1", "--out", str(tmp_path / "runs")], cwd=ROOT,
+                          env={**tiny_env, "EDGE_ORCHESTRATOR_HOME": str(home)}, capture_output=True, text=True,
+                          timeout=300, check=False)
+    lines = [line.split("] ", 1)[-1] for line in proc.stderr.splitlines() if "training the base model" in line]
+    assert len(lines) == 5, proc.stderr[-3000:]
+    assert lines[0].startswith("training the base model: epoch 1/5, ") and " s so far, about " in lines[0]
+    assert lines[-1].startswith("training the base model: epoch 5/5, ") and "left" not in lines[-1]

@@ -115,6 +115,11 @@ class TerminalReporter:
         self.log(f"loading the {task} base model" + ("" if task == "own-model" else " (trained on first use, then cached)"))
 
     @hookimpl
+    def base_model_progress(self, epoch: int, epochs: int, elapsed_s: float, left_s: float | None) -> None:
+        left = f", about {_duration(left_s)} left" if left_s is not None and epoch < epochs else ""
+        self.log(f"training the base model: epoch {epoch}/{epochs}, {_duration(elapsed_s)} so far{left}")
+
+    @hookimpl
     def base_model_ready(self, accuracy: float, trained_now: bool, quality_metric: str,
                          quality_compares: str = "") -> None:
         how = "as given, not trained" if self.own_model else "trained now" if trained_now else "from cache"
@@ -252,3 +257,13 @@ def run_with_progress(profile_path: Path | None, task: str | None, trials: int |
         click.echo(f"error: {printable(outcome.error, keep=chr(10))}", err=True)
         return outcome.error.exit_code
     return ExitCode.OK
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as `45 s`, `3 min 20 s` or `1 h 05 min`."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

@@ -8,10 +8,11 @@ import io
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from orchestrator.api import Task
+from orchestrator.api import Task, progress_to
 from orchestrator.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,21 @@ def evaluate_torch(task: Task, model: Any, data: Any) -> float:
     return task.score(torch_outputs(task, model, data), data.labels)
 
 
-def get_base_model(task: Task, data: dict[str, Any], seed: int) -> TrainedModel:
+def progress_events(registry: Any, run_id: str, task: str) -> Callable[[int, int], None]:
+    """The base model's training progress (the task's training_progress calls) as base_model_progress events."""
+    started = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        elapsed = time.monotonic() - started
+        left = elapsed / done * max(0, total - done) if done > 0 else None
+        registry.notify("base_model_progress", run_id=run_id, task=task, epoch=done, epochs=total,
+                        elapsed_s=round(elapsed, 1), left_s=None if left is None else round(left, 1))
+
+    return report
+
+
+def get_base_model(task: Task, data: dict[str, Any], seed: int,
+                   on_progress: Callable[[int, int], None] | None = None) -> TrainedModel:
     """Load the cached trained model, or train it now (once) and cache it atomically.
 
     A pretrained task (`Task.pretrained`, or a model brought with `--model`) is used as it is:
@@ -91,7 +106,8 @@ def get_base_model(task: Task, data: dict[str, Any], seed: int) -> TrainedModel:
     log.info("training the %s base model (%d epochs, first use; cached afterwards)", task.name, task.train_epochs)
     torch.manual_seed(seed)
     model = task.build(task.default_arch)
-    task.train(model, data["train"], epochs=task.train_epochs, seed=seed)
+    with progress_to(on_progress or (lambda done, total: None)):  # the task's training_progress() calls
+        task.train(model, data["train"], epochs=task.train_epochs, seed=seed)
     accuracy = evaluate_torch(task, model.eval(), data["eval"])
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
