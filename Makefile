@@ -31,12 +31,14 @@ $(STAMP): pyproject.toml examples/edge-orchestrator-lowrank/pyproject.toml
 	touch $(STAMP)
 
 # Debian packages the tests use: openssh-server (the device tests' sshd on 127.0.0.1), qemu-user-static
-# (the emulated aarch64 device), qemu-system-arm + e2fsprogs (its full-system VM), chromium (the report test). Skipped when not root or not Debian;
+# (the emulated aarch64 device), qemu-user + gcc (its instruction counting: a TCG plugin, docs/emulation.md), qemu-system-arm + e2fsprogs (its full-system VM), chromium (the report test). Skipped when not root or not Debian;
 # the tests that need them then skip, saying why.
 system-packages:
 	@missing=""; \
 	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
 	command -v qemu-aarch64-static >/dev/null || missing="$$missing qemu-user-static debian-archive-keyring"; \
+	command -v qemu-aarch64 >/dev/null || missing="$$missing qemu-user"; \
+	command -v cc >/dev/null || missing="$$missing gcc"; \
 	command -v qemu-system-aarch64 >/dev/null || missing="$$missing qemu-system-arm"; \
 	command -v mke2fs >/dev/null || missing="$$missing e2fsprogs"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
