@@ -130,6 +130,10 @@ class StateFileError(OrchestratorError):
     exit_code = ExitCode.USAGE
 
 
+class DiskFull(OrchestratorError):
+    """A run's folder (or the state folder) has no space left: the run is marked failed, in one line naming it."""
+
+
 class StoreLocked(OrchestratorError):
     """`runs.sqlite` or `registry.sqlite` stayed locked by another process for longer than the busy timeout."""
 

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -20,15 +19,15 @@ from agents.kernel import file_sha256
 from orchestrator.cachelimit import cache_limit
 from orchestrator.devices.base import Device
 from orchestrator.devices.registry import registry_path
-from orchestrator.errors import BaselineError, NoFeasibleCandidate, OrchestratorError, RunNotResumable
+from orchestrator.errors import BaselineError, DiskFull, NoFeasibleCandidate, OrchestratorError, RunNotResumable
 from orchestrator.fleet.choice import choose_devices, describe_devices, device_facts
 from orchestrator.fleet.lease import DeviceLease, LeasePool
 from orchestrator.fleet.measurements import measurements_path
-from orchestrator.modelfacts import model_ops, samples_npz, session_settings
+from orchestrator.modelfacts import model_ops
 from orchestrator.paths import cache_dir, store_path
 from orchestrator.plugins import PluginRegistry
 from orchestrator.profile import LoadedProfile, Profile, load_profile, profile_from_text
-from orchestrator.report import write_report
+from orchestrator.runfiles import write_run_files, write_samples
 from orchestrator.search.basemodel import get_base_model, progress_events
 from orchestrator.search.cache import trim_caches
 from orchestrator.search.pipeline import as_onnx_bytes, evaluate_onnx, export_onnx, is_onnx
@@ -41,7 +40,7 @@ from orchestrator.search.space import allowed_techniques, enumerate_candidates
 from orchestrator.search.starting import starting_points
 from orchestrator.signals import retake_sigterm
 from orchestrator.search.trial import ModelSink, TrialPayload, run_trial
-from orchestrator.store import SAMPLE_ROWS, SAMPLES_FILE, RunStore, process_alive, strict_json
+from orchestrator.store import SAMPLE_ROWS, RunStore, process_alive
 from orchestrator.tasks import fit_to_labels, model_options, refuse_torch_stages, resolve_task
 
 log = logging.getLogger(__name__)
@@ -169,7 +168,7 @@ def execute_run(
         plan.baseline_accuracy, baseline_onnx = _baseline_accuracy(task, base, data, prior)
         held_out = len(data["eval"])
         plan.sample = task.feeds(data["eval"].rows(0, min(SAMPLE_ROWS, held_out))) if held_out else None
-        _write_samples(out, plan.sample)
+        write_samples(out, plan.sample)
         if baseline_onnx is not None:  # the starting points may depend on what the model is made of
             facts = dataclasses.replace(facts, model_ops=model_ops(baseline_onnx))
             plan.first = starting_points(techniques, candidates, facts, profile.search.max_pipeline_length)
@@ -196,15 +195,6 @@ def execute_run(
         registry.notify("run_finished", run_id=run_id, results=outcome.results)
         _trim_caches()
     return outcome
-
-
-def _write_samples(out: Path, feeds: dict[str, Any] | None) -> None:
-    """OUT/samples.npz: the held-out input rows the devices time and the rollout's health check feeds."""
-    if not feeds:
-        return
-    tmp = out / f".{SAMPLES_FILE}.tmp"
-    tmp.write_bytes(samples_npz(feeds))
-    os.replace(tmp, out / SAMPLES_FILE)
 
 
 def _trim_caches() -> None:
@@ -403,13 +393,10 @@ def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, devi
         "candidates": candidates,
         **(extras or {}),
     }
-    if best is not None:
-        shutil.copyfile(cache_dir("models") / f"{best.model_sha256}.onnx", out / "best.onnx")
-        settings = session_settings(out / "best.onnx")
-        if settings is not None:  # what the device must run it with (plugins/session.py): also in the model
-            (out / "best.session.json").write_text(json.dumps(settings, indent=2))
-    (out / "results.json").write_text(strict_json(results, indent=2))  # never NaN/Infinity: not JSON
-    write_report(results, out / "report.html")
+    try:
+        write_run_files(out, results, best.model_sha256 if best is not None else None)
+    except DiskFull as exc:  # the run fails, in one line naming the folder (the first such); the store says so
+        status, error = "failed", error if isinstance(error, DiskFull) else exc
     store.finish_run(run_id, status, best.id if best else None, str(error) if error else None)
     return RunOutcome(run_id, out, results, status, error, candidates)
 

@@ -6,6 +6,7 @@ Ray, real `orchestrate` processes killed with real signals, real file locks.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
 import json
@@ -783,3 +784,43 @@ def test_the_terminal_shows_the_base_models_epochs_and_time_left(tmp_path, tiny_
     assert len(lines) == 5, proc.stderr[-3000:]
     assert lines[0].startswith("training the base model: epoch 1/5, ") and " s so far, about " in lines[0]
     assert lines[-1].startswith("training the base model: epoch 5/5, ") and "left" not in lines[-1]
+
+
+# ------------------------------------------------------------------ item 5: a full disk during a run
+
+
+def test_a_full_disk_under_out_fails_the_run_in_one_line_naming_the_folder(tmp_path, tiny_env):
+    """Issue 31 item 5: --out on a real 1 MB tmpfs filled to the last byte. It was `internal error: OSError: [Errno 28]`
+    with the run left `running` and a half-written results.json; now one line naming the run's folder, exit 1, the
+    run stored `failed` with that line, no half-written file left, and `runs list` reads."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.getuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                                          capture_output=True, check=False).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (and a kernel that lets this container mount)")
+    try:
+        (disk / "runs").mkdir()
+        with open(disk / "filler", "wb") as fh:  # fill it
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+        env = {**tiny_env, "EDGE_ORCHESTRATOR_HOME": str(tmp_path / "home")}
+        done = subprocess.run([sys.executable, "-m", "orchestrator", "--profile", str(X86), "--task", "tiny-digits",
+                               "--trials", "1", "--ray-address", "127.0.0.1:1", "--out", str(disk / "runs")], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 1, done.stderr[-2000:]
+        [folder] = (disk / "runs").iterdir()
+        last = done.stderr.strip().splitlines()[-1]
+        assert last == (f"error: {folder}: no space left on the device (samples.npz could not be written); the run "
+                        "is marked failed: free some space and run again"), done.stderr[-2000:]
+        assert "internal error" not in done.stderr and "wrote " not in done.stderr
+        assert list(folder.iterdir()) == []  # nothing half-written
+        (disk / "filler").unlink()  # space is back: the store says what happened
+        listed = subprocess.run([sys.executable, "-m", "orchestrator", "runs", "show", folder.name], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert listed.returncode == 0 and "failed" in listed.stdout and "no space left" in listed.stdout, listed
+        assert subprocess.run([sys.executable, "-m", "orchestrator", "runs", "list"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120, check=False).returncode == 0
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

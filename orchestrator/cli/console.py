@@ -243,9 +243,10 @@ def run_with_progress(profile_path: Path | None, task: str | None, trials: int |
         console.print(f"EMULATED device {device.get('name')}: latency {device.get('latency_source', 'emulated')}"
                       f"{' (unverified: emulation.latency_scale not calibrated)' if unverified else ''}"
                       "; no real board of the profile measured this run (docs/emulation.md)")
-    written = ["results.json", "report.html", *(["best.onnx"] if best else []),
-               *[name for name in ("best.session.json", "samples.npz") if (outcome.out_dir / name).is_file()]]
-    console.print(f"wrote {outcome.out_dir}/ ({', '.join(written)})")
+    written = [name for name in ("results.json", "report.html", "best.onnx", "best.session.json", "samples.npz")
+               if (outcome.out_dir / name).is_file()]  # what is there (a full disk may have left none)
+    if written:
+        console.print(f"wrote {outcome.out_dir}/ ({', '.join(written)})")
     # the last line, as main() writes errors: one line whatever the width (rich would wrap it at 80 columns
     # when stderr is no terminal), its text escaped, never read as markup
     if outcome.status == "interrupted":

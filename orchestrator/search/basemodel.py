@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from orchestrator.api import Task, progress_to
+from orchestrator.api import Task, progress_to, training_progress
 from orchestrator.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,10 @@ def progress_events(registry: Any, run_id: str, task: str) -> Callable[[int, int
     started = time.monotonic()
 
     def report(done: int, total: int) -> None:
+        nonlocal started
+        if done == 0:  # training starts now (what came before, loading data and torch, is not training)
+            started = time.monotonic()
+            return
         elapsed = time.monotonic() - started
         left = elapsed / done * max(0, total - done) if done > 0 else None
         registry.notify("base_model_progress", run_id=run_id, task=task, epoch=done, epochs=total,
@@ -107,6 +111,7 @@ def get_base_model(task: Task, data: dict[str, Any], seed: int,
     torch.manual_seed(seed)
     model = task.build(task.default_arch)
     with progress_to(on_progress or (lambda done, total: None)):  # the task's training_progress() calls
+        training_progress(0, task.train_epochs)
         task.train(model, data["train"], epochs=task.train_epochs, seed=seed)
     accuracy = evaluate_torch(task, model.eval(), data["eval"])
     buf = io.BytesIO()
