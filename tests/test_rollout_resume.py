@@ -155,6 +155,50 @@ def test_a_rollback_is_refused_while_a_rollout_of_its_profile_is_live(fleet, run
     assert all(working_current(f.disk(n)) == b for n in f.servers)
 
 
+def test_a_rollout_is_refused_while_a_rollback_of_its_profile_is_live(fleet, runs, capsys):
+    """Issue 31 item 1, the other way: `deploy` of P while `rollback --profile P` runs is refused, naming the live
+    rollback's pid and host, and starts no rollout; once the rollback has ended, the profile is free again.
+    The devices' sshd are stopped (SIGSTOP) while the rollback connects, so that it is still running when deploy
+    starts; they go on (SIGCONT) within its connect timeout."""
+    import psutil
+
+    from orchestrator.rollout.deployments import this_host
+
+    f = fleet(2)
+    a, b = sha_of(runs["a"]), sha_of(runs["b"])
+    deploy_run(runs["a"], max_parallel=2)
+    deploy_run(runs["b"], max_parallel=2)
+    before = DeploymentStore().latest()
+    sshds = [psutil.Process(server.proc.pid) for server in f.servers.values()]
+    for sshd in sshds:
+        sshd.suspend()
+    back = subprocess.Popen([sys.executable, "-m", "orchestrator", "rollback", "--profile", before["profile"]],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        try:
+            held = _wait(lambda: DeploymentStore()._read("SELECT * FROM rollbacks WHERE status = 'running' AND "
+                                                         "owner_pid = ?", (back.pid,)), 60, "the rollback", back)
+            assert main(["deploy", runs["a"]]) == 1
+        finally:
+            for sshd in sshds:
+                sshd.resume()
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert err.startswith(f"error: rollback {held[0]['id']} is still running (pid {back.pid} on {this_host()}, "), err
+        assert f"for profile {before['profile']!r}; not rolled out" in err and len(err.splitlines()) == 1
+        assert DeploymentStore().latest()["id"] == before["id"]  # no rollout was started
+        assert back.wait(timeout=60) == 0, back.communicate()[1][-2000:]
+    finally:
+        if back.poll() is None:
+            back.kill()
+        back.communicate()
+    assert all(working_current(f.disk(n)) == a for n in f.servers)
+    assert not DeploymentStore()._read("SELECT * FROM rollbacks WHERE status = 'running'")  # the lock is let go
+    assert main(["deploy", runs["b"], "--max-parallel", "2"]) == 0
+    capsys.readouterr()
+    assert all(working_current(f.disk(n)) == b for n in f.servers)
+
+
 # ------------------------------------------------------------------------------------- network namespaces
 
 

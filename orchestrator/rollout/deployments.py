@@ -12,6 +12,9 @@ Tables (created if missing, next to `devices`):
 A rollout is owned while it runs: its owner's pid, host and a heartbeat (every HEARTBEAT_S) are in
 its row. A `running` rollout is live while its owner's heartbeat is fresh (and, on the same host,
 its pid is alive): `deploy --resume` refuses it, and so does a new rollout of the same profile.
+`orchestrate rollback` holds the same lock on its devices' profiles (`rollbacks`, one row per
+profile, owned and kept alive the same way): a rollback is refused while a rollout of the profile is
+live, and a rollout (new or resumed) while a rollback of the profile is.
 A new rollout of a profile supersedes the profile's older unfinished ones (`superseded`): resuming
 one of those would put an older model back, so `deploy --resume` refuses it unless forced.
 """
@@ -75,6 +78,17 @@ CREATE TABLE IF NOT EXISTS deployments (
     health TEXT,                   -- JSON, the last health check (of any version; `version` inside says which)
     health_at REAL
 );
+CREATE TABLE IF NOT EXISTS rollbacks (
+    id TEXT NOT NULL,              -- one `orchestrate rollback`
+    profile TEXT NOT NULL,         -- a profile its devices belong to: the lock it holds
+    status TEXT NOT NULL,          -- running | done
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    owner_pid INTEGER,
+    owner_host TEXT,
+    heartbeat_at REAL,
+    PRIMARY KEY (id, profile)
+);
 """
 FINAL_STATES = ("healthy",)
 RESUMABLE = ("incomplete", "interrupted", "running")
@@ -103,6 +117,21 @@ def live_message(rollout: dict[str, Any]) -> str:
     age = max(0.0, time.time() - (rollout.get("heartbeat_at") or 0))
     return (f"rollout {rollout['id']} is still running (pid {rollout['owner_pid']} on {rollout['owner_host']}, "
             f"last heartbeat {age:.0f} s ago)")
+
+
+def live_rollback_message(rollback: dict[str, Any]) -> str:
+    """Who runs a live rollback, as a clause."""
+    age = max(0.0, time.time() - (rollback.get("heartbeat_at") or 0))
+    return (f"rollback {rollback['id']} is still running (pid {rollback['owner_pid']} on {rollback['owner_host']}, "
+            f"last heartbeat {age:.0f} s ago) for profile {rollback['profile']!r}")
+
+
+def _refuse_if_rolling_back(db: sqlite3.Connection, profile: str, doing: str, now: float) -> None:
+    """DeployError when a live rollback holds `profile`: a rollout would move devices under it."""
+    for row in db.execute("SELECT * FROM rollbacks WHERE profile = ? AND status = 'running' ORDER BY id", (profile,)):
+        if owner_alive(dict(row), now):
+            raise DeployError(f"{live_rollback_message(dict(row))}; {doing} (it would move devices under a live "
+                              "rollback); wait for it to end")
 
 
 class DeploymentStore:
@@ -151,6 +180,7 @@ class DeploymentStore:
         """
         now = time.time()
         with self._exclusive() as db:
+            _refuse_if_rolling_back(db, profile, "not rolled out", now)
             older = [dict(r) for r in db.execute(
                 f"SELECT * FROM rollouts WHERE profile = ? AND status IN ({', '.join('?' * len(RESUMABLE))})",
                 (profile, *RESUMABLE))]
@@ -173,19 +203,35 @@ class DeploymentStore:
                            [(rollout_id, name, i, now) for i, wave in enumerate(waves) for name in wave])
         return [r["id"] for r in older]
 
-    def refuse_if_live(self, profiles: set[str], doing: str) -> None:
-        """DeployError when a live rollout drives one of `profiles`: `doing` (a rollback) would move its devices
-        under it, and it would then record the wrong version as each device's previous one."""
-        if not profiles:
-            return
+    def begin_rollback(self, profiles: set[str]) -> str:
+        """Take the lock of `profiles` for a rollback (owned by this process; returns its id), or DeployError
+        when a live rollout drives one of them: the rollback would move its devices under it, and it
+        would then record the wrong version as each device's previous one. Rollbacks do not exclude each other."""
         now = time.time()
-        rows = self._read(f"SELECT * FROM rollouts WHERE status = 'running' AND profile IN "
-                          f"({', '.join('?' * len(profiles))}) ORDER BY id", tuple(sorted(profiles)))
-        for row in rows:
-            rollout = dict(row)
-            if owner_alive(rollout, now):
-                raise DeployError(f"{live_message(rollout)} for profile {rollout['profile']!r}; not {doing} "
-                                  "(it would move devices under a live rollout); wait for it to end")
+        rollback_id = (f"rollback-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{int(now * 1e6) % 1_000_000:06d}"
+                       f"-{os.getpid()}")
+        with self._exclusive() as db:
+            if profiles:
+                rows = db.execute(f"SELECT * FROM rollouts WHERE status = 'running' AND profile IN "
+                                  f"({', '.join('?' * len(profiles))}) ORDER BY id", tuple(sorted(profiles)))
+                for row in rows:
+                    rollout = dict(row)
+                    if owner_alive(rollout, now):
+                        raise DeployError(f"{live_message(rollout)} for profile {rollout['profile']!r}; not rolled "
+                                          "back (it would move devices under a live rollout); wait for it to end")
+            db.executemany("INSERT INTO rollbacks (id, profile, status, created_at, owner_pid, owner_host, "
+                           "heartbeat_at) VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                           [(rollback_id, p, now, os.getpid(), this_host(), now) for p in sorted(profiles)])
+        return rollback_id
+
+    def rollback_heartbeat(self, rollback_id: str) -> None:
+        """The rollback's owner is alive."""
+        self._write("UPDATE rollbacks SET heartbeat_at = ? WHERE id = ? AND owner_pid = ? AND owner_host = ?",
+                    (time.time(), rollback_id, os.getpid(), this_host()))
+
+    def finish_rollback(self, rollback_id: str) -> None:
+        """The rollback ended (however): its profiles are free."""
+        self._write("UPDATE rollbacks SET status = 'done', finished_at = ? WHERE id = ?", (time.time(), rollback_id))
 
     def claim(self, rollout_id: str) -> None:
         """Take a stored rollout over to resume it (`running`, owned by this process); DeployError if it is live."""
@@ -196,6 +242,7 @@ class DeploymentStore:
                 raise DeployError(f"no rollout with id {rollout_id!r}")
             if owner_alive(dict(row), now):
                 raise DeployError(f"{live_message(dict(row))}; not resumed (one process drives a rollout at a time)")
+            _refuse_if_rolling_back(db, row["profile"], "not resumed", now)
             db.execute("UPDATE rollouts SET status = 'running', message = NULL, finished_at = NULL, owner_pid = ?, "
                        "owner_host = ?, heartbeat_at = ? WHERE id = ?", (os.getpid(), this_host(), now, rollout_id))
 

@@ -387,7 +387,30 @@ def rollback_devices(names: list[str], max_parallel: int = 4, on_event: Event = 
     """
     registry, store = DeviceRegistry(), DeploymentStore()
     devices = [registry.get(n) for n in names]
-    store.refuse_if_live({d.profile for d in devices}, "rolled back")  # the lock a rollout holds on its profile
+    # the per-profile lock a rollout holds: refused while a rollout of a profile is live; held (kept alive by a
+    # heartbeat) until the rollback ends, so that no rollout of the profile starts or resumes under it
+    rollback_id = store.begin_rollback({d.profile for d in devices})
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            try:
+                store.rollback_heartbeat(rollback_id)
+            except Exception as exc:  # noqa: BLE001 - a missed beat must not end the rollback
+                log.warning("rollback %s: heartbeat not stored: %s", rollback_id, exc)
+
+    heart = threading.Thread(target=beat, name=f"heartbeat-{rollback_id}", daemon=True)
+    heart.start()
+    try:
+        return _rollback_devices(registry, store, devices, names, max_parallel, on_event, target_factory)
+    finally:
+        done.set()
+        heart.join(timeout=HEARTBEAT_S)
+        store.finish_rollback(rollback_id)
+
+
+def _rollback_devices(registry, store, devices, names, max_parallel, on_event, target_factory):
+    """rollback_devices' work, under the profiles' lock."""
     lock = threading.Lock()
 
     def one(device) -> dict[str, Any]:
