@@ -1,23 +1,19 @@
 """Bring your own model: an ONNX file, a PyTorch module from a factory, or a Hugging Face folder, as a task.
 
 `orchestrate --profile P --model SOURCE [--inputs SAMPLES.npz]` (or the profile's `model:` section)
-turns the model into an `OwnModelTask`: a pretrained task (nothing is trained) whose inputs and
-outputs are read from the model (ONNX graph, the Hugging Face config) or from the samples, and
-whose quality is the task metric when the samples carry `labels`, else agreement with the fp32
-model's own outputs on the samples (`QUALITY_METRICS`).
+turns the model into an `OwnModelTask`: a pretrained task whose inputs and outputs are read from the
+model or the samples, and whose quality is the task metric on `labels`, else agreement with the
+fp32 model's own outputs on the samples (`QUALITY_METRICS`).
 
 SOURCE is one of:
-  path/to/model.onnx       an ONNX file: graph-stage techniques on the file itself; training-stage ones
-                           (pruning, fine-tuning) on its onnx2torch conversion where that converts and
-                           agrees with the file on the samples (orchestrator/onnxconvert.py), else left
-                           out with one line saying why
+  path/to/model.onnx       an ONNX file: graph-stage techniques on the file, training-stage ones on its
+                           checked onnx2torch conversion (orchestrator/onnxconvert.py)
   package.module:factory   a Python callable returning a torch.nn.Module with its weights loaded
   path/to/hf-folder        a Hugging Face model folder on disk (config.json + weights), loaded offline
                            with `transformers` (the `hf` extra); never downloads
 
 SAMPLES is an `.npz` of representative inputs, one array per model input, named as the model
-names them, rows along axis 0 (and optionally `labels`). Without it, inputs are random
-(the quality then says so). `--train PATH`: a training set, no held-out row of SAMPLES (orchestrator/trainset.py).
+names them, rows along axis 0 (and optionally `labels`); without it, random. `--train PATH`: a training set, no held-out row of SAMPLES (orchestrator/trainset.py).
 """
 
 from __future__ import annotations
@@ -123,6 +119,7 @@ class OwnModelTask(Task):
         self.inputs, self.outputs = self._specs()
         self.quality_metric = self._quality()
         self._digest: str | None = None
+        self._train_checked = False  # scanned for held-out rows: once, by the driver, not again in each worker
         if self.train_path:
             train_set_of(self).check_inputs(self.inputs)
 
@@ -134,7 +131,7 @@ class OwnModelTask(Task):
                 "source": self.source, "samples": self.samples_path, "quality": self.quality_metric,
                 "axes": self.axes, "search_dir": self.search_dir, "fingerprint": self.fingerprint(),
                 "detection": dataclasses.asdict(self.detection), "train": self.train_path,
-                "train_time_budget_s": self.train_time_budget_s}
+                "train_time_budget_s": self.train_time_budget_s, "train_checked": self._train_checked}
 
     def check_rebuilt(self, spec: dict[str, Any], where: str) -> None:
         """Refuse to go on when `where` (a Ray worker) built other weights than the driver did (`spec`'s fingerprint).
@@ -149,8 +146,10 @@ class OwnModelTask(Task):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> OwnModelTask:
-        return cls(spec["source"], spec.get("samples"), spec.get("quality", "auto"), spec.get("axes"),
+        task = cls(spec["source"], spec.get("samples"), spec.get("quality", "auto"), spec.get("axes"),
                    spec.get("search_dir"), spec.get("detection"), spec.get("train"), spec.get("train_time_budget_s"))
+        task._train_checked = bool(spec.get("train_checked"))
+        return task
 
     def resume_options(self) -> dict[str, Any]:
         """What a resumed run needs to rebuild this model: absolute paths (a factory stays as it is)."""
@@ -379,8 +378,9 @@ class OwnModelTask(Task):
         calibration = {k: v[:cut] for k, v in feeds.items()}
         evaluation = {k: v[cut:] for k, v in feeds.items()} if cut < n else calibration
         samples = self._load_samples()
-        if self.train_path and cut < n:  # quality is measured on rows no training saw
+        if self.train_path and cut < n and not self._train_checked:  # quality is measured on rows no training saw
             train_set_of(self).refuse_overlap(evaluation, [s.name for s in self.inputs])
+            self._train_checked = True
         if self.quality_metric == "labels":
             labels = samples["labels"]
             eval_labels = labels[cut:] if cut < n else labels[:cut]

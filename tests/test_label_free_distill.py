@@ -96,7 +96,22 @@ def test_a_training_set_holding_held_out_rows_is_refused(tmp_path):
     # a calibration row is no held-out row: allowed
     np.savez(tmp_path / "train2.npz", input_ids=np.concatenate([other["input_ids"], ids[:1]]),
              attention_mask=np.concatenate([other["attention_mask"], mask[:1]]))
-    OwnModelTask(BERT, str(samples), train=str(tmp_path / "train2.npz")).load_data(0)
+    driver = OwnModelTask(BERT, str(samples), train=str(tmp_path / "train2.npz"))
+    driver.load_data(0)
+    # the driver scanned the whole set once; a worker rebuilt from its spec does not scan it again
+    spec = driver.spec()
+    assert spec["train_checked"] is True
+    from orchestrator import trainset
+
+    scans = []
+    original = trainset.TrainSet.overlap
+    trainset.TrainSet.overlap = lambda self, *a, **k: scans.append(1) or original(self, *a, **k)
+    try:
+        OwnModelTask.from_spec(spec).load_data(0)
+        OwnModelTask.from_spec({**spec, "train_checked": False}).load_data(0)
+    finally:
+        trainset.TrainSet.overlap = original
+    assert scans == [1]
 
 
 def test_train_set_forms(tmp_path):
