@@ -265,6 +265,11 @@ def test_a_negligible_quality_or_size_difference_does_not_decide_a_tie() -> None
     assert block["pick"] == "c010" and block["tie_broken_by"] == "size"
     assert "it ties on latency with the fastest, c002, within the noise" in block["sentence"]
     assert "and is 2.08x smaller (as accurate; rule: size first)" in block["sentence"], block["sentence"]
+    # as small (within 1%): the next rule, accuracy, decides, and the sentence says both rules
+    contenders[2]["metrics"].update(accuracy=0.9955, size_bytes=22_900_000)
+    block = decide(contenders, rounds, "c000", tie_within=0.03)
+    assert block["pick"] == "c010" and block["tie_broken_by"] == "accuracy"
+    assert "is 0.16 points more accurate (as small; rule: size, then accuracy)" in block["sentence"], block["sentence"]
 
 
 def _baseline_tie() -> tuple[list[dict], dict[str, list[float]]]:

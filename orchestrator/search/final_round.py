@@ -198,17 +198,20 @@ def sentence(block: dict[str, Any], baseline_id: str) -> str:
 
 
 def _tie_reason(block: dict[str, Any]) -> str:
-    """'is 3.94x smaller (rule: size first)' or 'is 0.42 points more accurate (rule: accuracy first)'."""
+    """'is 3.94x smaller (0.84 points less accurate; rule: size first)', or when an earlier rule tied
+    'is 0.28 points more accurate (as small; rule: size, then accuracy)'."""
     tie, rule = block["tie"], block.get("tie_broken_by")
     size, points = tie.get("size_ratio"), tie.get("accuracy_points")
-    size_text = (f"is {size:.2f}x smaller" if size and size >= 1.005 else
-                 "is as small" if size and size > 0.995 else f"is {1 / size:.2f}x larger" if size else "")
-    acc_text = ("" if points is None else f"{points:.2f} points more accurate" if points >= 0.005
+    size_text = (f"{size:.2f}x smaller" if size and size >= 1.005 else
+                 "as small" if size and size > 0.995 else f"{1 / size:.2f}x larger" if size else "size unknown")
+    acc_text = ("quality unknown" if points is None else f"{points:.2f} points more accurate" if points >= 0.005
                 else f"{-points:.2f} points less accurate" if points <= -0.005 else "as accurate")
-    first = rule or "objective"
+    order = list(block.get("tie_break") or DEFAULT_TIE_BREAK)
+    used = order[:order.index(rule) + 1] if rule in order else [rule or "objective"]
+    why = f"{used[0]} first" if len(used) == 1 else ", then ".join(used)
     if rule == "accuracy":
-        return f"{'is ' + acc_text if acc_text else 'is more accurate'} ({size_text or 'size aside'}; rule: accuracy first)"
-    return f"{size_text or 'is smaller'} ({acc_text or 'quality within the budget'}; rule: {first} first)"
+        return f"is {acc_text} ({size_text}; rule: {why})"
+    return f"is {size_text} ({acc_text}; rule: {why})"
 
 
 def objective_percentile(profile: Any) -> str:
