@@ -48,6 +48,7 @@ void qemu_plugin_outs(const char *string);
 EXPORT int qemu_plugin_version = 1;
 
 #define SYS_LSEEK_AARCH64 62
+#define SYS_LSEEK_X86_64 8   /* the x86-64 twin of this host (orchestrator/emulation/twin.py) */
 #define MARK_BASE UINT64_C(0x1c0a7000)
 #define MAX_REGIONS 100000
 
@@ -57,6 +58,7 @@ static bool open_region;
 static uint64_t regions[MAX_REGIONS];
 static size_t n_regions;
 static char out_path[4096];
+static int64_t sys_lseek = SYS_LSEEK_AARCH64;  /* the guest's lseek number, set from the target at install */
 
 static void on_tb_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 {
@@ -66,7 +68,7 @@ static void on_tb_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu, int64_t num, uint64_t a1, uint64_t a2,
                        uint64_t a3, uint64_t a4, uint64_t a5, uint64_t a6, uint64_t a7, uint64_t a8)
 {
-    if (num != SYS_LSEEK_AARCH64 || a1 != UINT64_MAX) {
+    if (num != sys_lseek || (uint32_t)a1 != UINT32_MAX) {  /* fd -1: x86-64 passes it zero-extended */
         return;
     }
     if (a2 == MARK_BASE) {
@@ -100,6 +102,9 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
         if (strncmp(argv[i], "out=", 4) == 0) {
             snprintf(out_path, sizeof out_path, "%s", argv[i] + 4);
         }
+    }
+    if (info != NULL && info->target_name != NULL && strcmp(info->target_name, "x86_64") == 0) {
+        sys_lseek = SYS_LSEEK_X86_64;
     }
     qemu_plugin_register_vcpu_tb_trans_cb(id, on_tb_translate);
     qemu_plugin_register_vcpu_syscall_cb(id, on_syscall);
