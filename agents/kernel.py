@@ -140,7 +140,7 @@ def parse_axes(text: str) -> dict:
     return out
 
 
-#: The model metadata key of a real input sample the host attached for timing (orchestrator/modelfacts.py).
+#: The model metadata key of a real input sample the host attached for timing (orchestrator/models/modelfacts.py).
 SAMPLE_METADATA = "edge_orchestrator.sample"
 
 

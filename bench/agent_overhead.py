@@ -56,8 +56,8 @@ print(json.dumps({"p50": float(np.percentile(samples, 50)), "peak_memory_mb": in
 
 def export_demo_model(folder: Path) -> Path:
     """The digits task's model (its default architecture, untrained) as ONNX."""
+    from orchestrator.hooks.manager import get_plugin_manager
     from orchestrator.search.pipeline import export_onnx
-    from orchestrator.plugins import get_plugin_manager
 
     task = get_plugin_manager().task("digits")
     path = folder / "digits.onnx"

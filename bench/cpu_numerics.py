@@ -47,7 +47,7 @@ def main() -> None:
     import torch
 
     from agents.info import cmd_info
-    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.hooks.manager import get_plugin_manager
     from tests.test_graph_params import CPU, CPU_CASE, SATURATING_U8S8, _cosine, tiny_bert, token_context
 
     started = time.time()

@@ -82,8 +82,8 @@ def build_candidates(names: set[str] | None, log: Any) -> tuple[list[dict[str, A
     from orchestrator.search.basemodel import get_base_model
     from orchestrator.errors import OrchestratorError
     from orchestrator.search.pipeline import build_candidate, evaluate_onnx
-    from orchestrator.plugins import get_plugin_manager
-    from orchestrator.profile import load_profile
+    from orchestrator.hooks.manager import get_plugin_manager
+    from orchestrator.config.profile import load_profile
 
     torch.set_num_threads(1)
     registry = get_plugin_manager()
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from orchestrator.devices.local import LocalTransport, local_device
     from orchestrator.devices.base import bench_args
-    from orchestrator.profile import load_profile
+    from orchestrator.config.profile import load_profile
     from orchestrator.emulation.user import QemuUserTransport, emulated_bench_args, emulated_device
     from orchestrator.emulation.sysroot import SysrootRecipe, build_sysroot
 

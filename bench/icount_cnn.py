@@ -62,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", default="cortex-a72,cortex-a76")
     args = parser.parse_args(argv)
 
+    from orchestrator.config.profile import load_profile
     from orchestrator.devices.base import Device
     from orchestrator.emulation.icount import count_bench
     from orchestrator.emulation.sysroot import build_sysroot
     from orchestrator.emulation.user import QemuUserTransport
-    from orchestrator.profile import load_profile
 
     sysroot = build_sysroot(args.sysroot)
     rows = []

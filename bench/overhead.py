@@ -41,7 +41,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.search_common import (  # noqa: E402
-    X86, TimedRun, caption, check, finish, machine, median, now, private_home, profile_variant, timed_run, work_s,
+    X86,
+    TimedRun,
+    caption,
+    check,
+    finish,
+    machine,
+    median,
+    now,
+    private_home,
+    profile_variant,
+    timed_run,
+    work_s,
 )
 
 TARGET = 0.10
@@ -78,7 +89,7 @@ def shares(run: TimedRun, num_cpus: int) -> dict[str, Any]:
 
 def workloads(folder: Path, quick: bool) -> dict[str, tuple[Any, int]]:
     """name -> (loaded profile, trials)."""
-    from orchestrator.profile import load_profile
+    from orchestrator.config.profile import load_profile
 
     trials = 4 if quick else 12
     cheap = profile_variant(folder, "bench-overhead-cheap",

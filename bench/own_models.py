@@ -60,8 +60,8 @@ def search(source: str, samples: Path, settings: dict[str, Any], trials: int | N
     """One `orchestrate --model SOURCE --inputs SAMPLES` run on the bench profile; its results.json content."""
     import yaml
 
-    from orchestrator.plugins import get_plugin_manager
-    from orchestrator.profile import load_profile
+    from orchestrator.config.profile import load_profile
+    from orchestrator.hooks.manager import get_plugin_manager
     from orchestrator.run import RunOptions, execute_run
 
     data = yaml.safe_load(PROFILE.read_text())
@@ -82,7 +82,7 @@ def _with_session_settings(model: bytes, pipeline: list[dict[str, Any]]) -> byte
     speed-up the settings alone give."""
     import onnx
 
-    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.hooks.manager import get_plugin_manager
 
     steps = [s for s in pipeline if s["technique"] == "ort-session"]
     if not steps:
@@ -101,8 +101,8 @@ def _ratio(num: list[float], den: list[float]) -> tuple[float, list[float]]:
 def side_by_side(results: dict[str, Any], rounds: int) -> dict[str, Any]:
     """fp32 and the pick measured together (and, for a pick with session settings, fp32 with those
     settings too): median p50 of interleaved rounds and the 10-90% spread of the ratios."""
-    from orchestrator.paths import cache_dir
-    from orchestrator.profile import load_profile
+    from orchestrator.config.profile import load_profile
+    from orchestrator.state.paths import cache_dir
 
     profile = load_profile(Path(results["profile_path"])).profile.model_copy(deep=True)
     profile.measurement.axes.update(_axes(results))

@@ -42,8 +42,8 @@ def run_search(seed: int) -> dict[str, Any]:
     """One demo search with a fresh cache and sampler seed `seed`; its results.json content."""
     import tempfile
 
-    from orchestrator.plugins import get_plugin_manager
-    from orchestrator.profile import load_profile
+    from orchestrator.config.profile import load_profile
+    from orchestrator.hooks.manager import get_plugin_manager
     from orchestrator.run import RunOptions, execute_run
 
     with SamplerSeed() as sampler, tempfile.TemporaryDirectory(prefix="eo-pick-") as tmp:
@@ -57,8 +57,8 @@ def run_search(seed: int) -> dict[str, Any]:
 
 def grid_models() -> list[tuple[str, bytes, float]]:
     """(label, ONNX bytes, accuracy) of the base model and every graph-stage configuration of the demo profile."""
-    from orchestrator.plugins import get_plugin_manager
-    from orchestrator.profile import load_profile
+    from orchestrator.config.profile import load_profile
+    from orchestrator.hooks.manager import get_plugin_manager
     from orchestrator.search.basemodel import get_base_model
     from orchestrator.search.pipeline import build_candidate, evaluate_onnx
 
@@ -84,7 +84,7 @@ def grid_models() -> list[tuple[str, bytes, float]]:
 
 def ground_truth(models: list[tuple[str, bytes, float]], rounds: int) -> dict[str, float]:
     """Median p50 (ms) over interleaved rounds of every model, by sha256, all in one agent process."""
-    from orchestrator.profile import load_profile
+    from orchestrator.config.profile import load_profile
 
     result = interleaved_rounds([m for _, m, _ in models], load_profile(X86).profile, rounds)
     return {m["sha256"]: statistics.median(m["rounds_ms"]["p50"]) for m in result["models"]}
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("ground truth: the graph-stage grid of the demo profile, built from the base model", flush=True)
     models = grid_models()
-    from orchestrator.paths import cache_dir
+    from orchestrator.state.paths import cache_dir
 
     accuracy = {hashlib.sha256(m).hexdigest(): (label, acc) for label, m, acc in models}
     for results in repetitions:

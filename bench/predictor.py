@@ -30,12 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.fleet.measurements import MeasurementCache  # noqa: E402
-from orchestrator.devices.local import local_device  # noqa: E402
+from orchestrator.config.profile import load_profile  # noqa: E402
 from orchestrator.devices.base import settings_key
-from orchestrator.paths import cache_dir  # noqa: E402
+from orchestrator.devices.local import local_device  # noqa: E402
+from orchestrator.fleet.measurements import MeasurementCache  # noqa: E402
 from orchestrator.search.predictor import LatencyPredictor, onnx_features  # noqa: E402
-from orchestrator.profile import load_profile  # noqa: E402
+from orchestrator.state.paths import cache_dir  # noqa: E402
 
 
 def score(pairs: list[tuple[float, float]]) -> dict:

@@ -122,7 +122,7 @@ def profile_variant(folder: Path, name: str, search: dict[str, Any] | None = Non
     """
     import yaml
 
-    from orchestrator.profile import load_profile
+    from orchestrator.config.profile import load_profile
 
     data = yaml.safe_load(X86.read_text())
     data["name"] = name
@@ -140,7 +140,7 @@ def profile_variant(folder: Path, name: str, search: dict[str, Any] | None = Non
 
 def space_size(loaded: Any) -> int:
     """How many candidates the profile's search space holds (baseline included)."""
-    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.hooks.manager import get_plugin_manager
     from orchestrator.search.space import allowed_techniques, enumerate_candidates
 
     techniques = allowed_techniques(loaded, get_plugin_manager())
@@ -186,7 +186,7 @@ class TimedRun:
 
 def timed_run(loaded: Any, **options: Any) -> TimedRun:
     """execute_run with RunOptions(**options), its run folder in a temporary place (removed afterwards)."""
-    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.hooks.manager import get_plugin_manager
     from orchestrator.run import RunOptions, execute_run
 
     marks: dict[str, float] = {}

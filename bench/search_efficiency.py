@@ -67,7 +67,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.search_common import (  # noqa: E402
-    caption, check, finish, interleaved_rounds, machine, median, now, private_home, profile_variant, space_size,
+    caption,
+    check,
+    finish,
+    interleaved_rounds,
+    machine,
+    median,
+    now,
+    private_home,
+    profile_variant,
+    space_size,
     timed_run,
 )
 
@@ -298,12 +307,12 @@ def confirm(loaded: Any, feasible: list[dict[str, Any]], baseline: dict[str, Any
     """
     import numpy as np
 
-    from orchestrator.paths import cache_dir
-    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.hooks.manager import get_plugin_manager
+    from orchestrator.models.outputs import onnx_outputs
+    from orchestrator.models.tasks import resolve_task
     from orchestrator.search.final_round import decide
-    from orchestrator.search.pipeline import onnx_outputs
     from orchestrator.search.selection import metric_value
-    from orchestrator.tasks import resolve_task
+    from orchestrator.state.paths import cache_dir
 
     profile = loaded.profile
     if all(c["id"] != baseline["id"] for c in feasible):  # an infeasible baseline is still the reference
@@ -359,7 +368,7 @@ def remeasure(profile: Any, candidates: list[dict[str, Any]], metric: str, times
     import subprocess
 
     from orchestrator.devices.base import bench_args
-    from orchestrator.paths import cache_dir
+    from orchestrator.state.paths import cache_dir
 
     root = Path(__file__).resolve().parents[1]
     percentile = metric.split("_")[1]

@@ -213,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from orchestrator.config.profile import load_profile
+    from orchestrator.hooks.manager import get_plugin_manager
     from orchestrator.search.basemodel import get_base_model
     from orchestrator.search.pipeline import evaluate_onnx
-    from orchestrator.plugins import get_plugin_manager
-    from orchestrator.profile import load_profile
 
     torch.set_num_threads(1)  # as a search trial does: training times comparable with the report's
     profile = load_profile(ROOT / "device_profiles" / "x86-host.yaml").profile

@@ -18,7 +18,7 @@ import pluggy
 from orchestrator.errors import TechniqueParamsError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from orchestrator.profile import Profile
+    from orchestrator.config.profile import Profile
 
 PROJECT_NAME = "edge_orchestrator"
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

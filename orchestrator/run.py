@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -16,20 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from agents.kernel import file_sha256
-from orchestrator.cachelimit import cache_limit
+from orchestrator.config.profile import LoadedProfile, Profile, load_profile, profile_from_text
 from orchestrator.devices.base import Device
 from orchestrator.devices.registry import registry_path
 from orchestrator.errors import BaselineError, DiskFull, NoFeasibleCandidate, OrchestratorError, RunNotResumable
 from orchestrator.fleet.choice import choose_devices, describe_devices, device_facts
 from orchestrator.fleet.lease import DeviceLease, LeasePool
 from orchestrator.fleet.measurements import measurements_path
-from orchestrator.modelfacts import model_ops
-from orchestrator.paths import cache_dir, store_path
-from orchestrator.plugins import PluginRegistry
-from orchestrator.profile import LoadedProfile, Profile, load_profile, profile_from_text
-from orchestrator.runfiles import write_run_files, write_samples
+from orchestrator.hooks.manager import PluginRegistry
+from orchestrator.models.modelfacts import model_ops
+from orchestrator.models.tasks import model_options, resolve_task
+from orchestrator.report.runfiles import full_disk_during_run, write_run_files, write_samples
 from orchestrator.search.basemodel import get_base_model, progress_events
 from orchestrator.search.cache import trim_caches
+from orchestrator.search.fitting import fit_to_labels, refuse_torch_stages
 from orchestrator.search.pipeline import as_onnx_bytes, evaluate_onnx, export_onnx, is_onnx
 from orchestrator.search.predictor import PredictorService, past_points
 from orchestrator.search.ray_runtime import Interrupts, ray_session
@@ -38,10 +38,11 @@ from orchestrator.search.searcher import make_searcher, pipeline_key, recording_
 from orchestrator.search.selection import Selection, select
 from orchestrator.search.space import allowed_techniques, enumerate_candidates
 from orchestrator.search.starting import starting_points
-from orchestrator.signals import retake_sigterm
 from orchestrator.search.trial import ModelSink, TrialPayload, run_trial
-from orchestrator.store import SAMPLE_ROWS, RunStore, process_alive
-from orchestrator.tasks import fit_to_labels, model_options, refuse_torch_stages, resolve_task
+from orchestrator.signals import retake_sigterm
+from orchestrator.state.cachelimit import cache_limit
+from orchestrator.state.paths import cache_dir, state_dir, store_path
+from orchestrator.state.store import SAMPLE_ROWS, RunStore, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ class RunOptions:
     """What the command line asked for."""
 
     task: str | None = None  # a task plugin's name; None: the profile's `task`, else "digits"
-    model: str | None = None  # a model of your own (orchestrator/ownmodel.py); None: the profile's `model`
+    model: str | None = None  # a model of your own (orchestrator/models/ownmodel.py); None: the profile's `model`
     inputs: str | None = None  # its samples (.npz)
-    train: str | None = None  # its training set (--train: label-free distillation; orchestrator/trainset.py)
+    train: str | None = None  # its training set (--train: label-free distillation; orchestrator/models/trainset.py)
     trials: int | None = None
     out_dir: Path = Path("runs")
     ray_address: str | None = None
@@ -89,7 +90,7 @@ def execute_run(
 ) -> RunOutcome:
     """Run the whole loop. Every candidate is stored as soon as it is measured; Ctrl-C keeps them.
 
-    Progress goes to the plugins' event hooks (orchestrator/hookspecs.py): the terminal
+    Progress goes to the plugins' event hooks (orchestrator/hooks/specs.py): the terminal
     reporter is one such plugin (orchestrator/cli/console.py), an exporter another.
 
     `resume` is a stored run (`RunStore.get_run`) that stopped before its end: its candidates
@@ -152,9 +153,15 @@ def execute_run(
                                                              "providers": list(facts.providers)},
                                                   "pipelines": [_step_text(p) for p in first]}}
 
+    full: list[DiskFull] = []  # the store's disk filled (Ray Tune wraps what its callback raises)
+
     def on_candidate(record: CandidateRecord) -> None:
         records.append(record)
-        store.add_candidate(run_id, record.to_json())
+        try:
+            store.add_candidate(run_id, record.to_json())
+        except DiskFull as exc:
+            full.append(exc)
+            raise
         registry.notify("candidate_measured", run_id=run_id, candidate=record.to_json())
 
     status, error = "failed", None
@@ -184,6 +191,11 @@ def execute_run(
         status = "interrupted"
     except OrchestratorError as exc:
         status, error = "failed", exc
+    except Exception as exc:  # a full disk (the store, under Tune's callback; a cache; Ray Tune): one line
+        folders = [state_dir(), out, Path(tempfile.gettempdir())]
+        if (full := full[0] if full else full_disk_during_run(exc, folders) if isinstance(exc, OSError) else None) is None:
+            raise
+        status, error = "failed", full
     finally:
         extras["quality_metric"] = task.quality_metric
         if profile.measurement.axes:
@@ -198,7 +210,7 @@ def execute_run(
 
 
 def _trim_caches() -> None:
-    """Keep the caches under their size limit (orchestrator/cachelimit.py); a failure there never fails the run."""
+    """Keep the caches under their size limit (orchestrator/state/cachelimit.py); a failure there never fails the run."""
     try:
         trim_caches()
     except (OrchestratorError, OSError) as exc:
@@ -373,8 +385,11 @@ def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, devi
             records, baseline = exc.selection.candidates, exc.selection.baseline
         except ValueError as exc:  # the baseline itself failed: nothing to compare against
             status, error = "failed", OrchestratorError(f"run {run_id}: {exc}")
-        for record in records:  # with their verdicts
-            store.add_candidate(run_id, record.to_json())
+        try:
+            for record in records:  # with their verdicts
+                store.add_candidate(run_id, record.to_json())
+        except DiskFull as exc:  # the store's disk is full: results.json still has them all
+            status, error = "failed", exc
     candidates = [r.to_json() for r in records]
     results = {
         "schema_version": 1,
@@ -411,13 +426,9 @@ def _step_text(pipeline: list[dict[str, Any]]) -> str:
 
 def _baseline_accuracy(task: Any, base: Any, data: dict[str, Any],
                        prior: list[CandidateRecord]) -> tuple[float, bytes | None]:
-    """(quality, ONNX bytes) of the exported base model on the held-out split: what the drop is measured from.
-
-    A resumed run reads the quality from its stored baseline (bytes: None).
-
-    A base model that cannot be loaded, exported or evaluated stops the run here, before any
-    trial, with one line naming the stage.
-    """
+    """(quality, ONNX bytes) of the exported base model on the held-out split: what the drop is measured from
+    (a resumed run reads its stored baseline's; bytes None). A base model that cannot be loaded, exported or
+    evaluated stops the run here, before any trial, with one line naming the stage."""
     for record in prior:
         if record.is_baseline and record.status == "ok" and record.metrics.accuracy is not None:
             return float(record.metrics.accuracy), None

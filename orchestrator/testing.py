@@ -23,11 +23,19 @@ from typing import Any, Callable
 
 import pytest
 
-from orchestrator.api import Dataset, DeviceFacts, Task, Technique, TechniqueContext, distillation_loss, training_progress
+from orchestrator.api import (
+    Dataset,
+    DeviceFacts,
+    Task,
+    Technique,
+    TechniqueContext,
+    distillation_loss,
+    training_progress,
+)
+from orchestrator.config.profile import Profile
 from orchestrator.devices.local import LocalTransport
 from orchestrator.devices.local import local_device as _local
-from orchestrator.plugins import get_plugin_manager
-from orchestrator.profile import Profile
+from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.search.pipeline import evaluate_onnx, export_onnx
 
 

@@ -7,7 +7,7 @@ does), each with the teacher's weights; everything else (embeddings, heads) stay
 The student is then distilled toward the teacher's outputs for `epochs` with the task's own
 training (`ctx.fine_tune(model, epochs, teacher=ctx.teacher)`): for a model brought with
 `--model`, label-free on its training set (`--train`), bounded by the profile's
-`search.train_time_budget_s` (orchestrator/owntrain.py).
+`search.train_time_budget_s` (orchestrator/models/owntrain.py).
 
 Written as a third party would: only `orchestrator`'s public API.
 """

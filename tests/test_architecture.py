@@ -252,8 +252,34 @@ def test_every_model_is_a_task_the_search_does_not_know_brought_models():
     from `Task.spec()` (search/trial.py `rebuild_task`)."""
     graph = import_graph()
     leaks = sorted(m for m, targets in graph.items() if m.startswith("orchestrator.search") and
-                   "orchestrator.ownmodel" in targets)
-    assert not leaks, f"search modules import orchestrator.ownmodel: {leaks}"
+                   "orchestrator.models.ownmodel" in targets)
+    assert not leaks, f"search modules import orchestrator.models.ownmodel: {leaks}"
     asks = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "orchestrator").rglob("*.py")
                   if p.name != "ownmodel.py" and re.search(r"isinstance\([^)]*OwnModelTask", p.read_text()))
     assert not asks, f"isinstance on the brought-model task outside its module: {asks}"
+
+
+def test_at_most_ten_loose_modules_at_the_top_of_orchestrator():
+    loose = sorted(p.name for p in (ROOT / "orchestrator").glob("*.py"))
+    assert len(loose) <= 10, f"{len(loose)} loose modules at the top of orchestrator/ (give them rooms): {loose}"
+
+
+def test_models_never_import_the_search():
+    graph = import_graph()
+    back = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith("orchestrator.models")
+                  for t in ts if t.startswith("orchestrator.search"))
+    assert not back, f"the search uses models, never the other way round: {back}"
+
+
+def test_the_builtins_are_the_entry_points_this_distribution_declares():
+    import importlib.metadata
+
+    from orchestrator.api import PROJECT_NAME
+    from orchestrator.hooks.manager import is_builtin
+
+    eps = importlib.metadata.entry_points(group=PROJECT_NAME)
+    ours = {ep.name for ep in eps if is_builtin(ep)}
+    assert {"digits", "quantization", "pruning", "distillation", "nas"} <= ours
+    # a third party's package whose module happens to be named `plugins.*` is not built in
+    outsider = importlib.metadata.EntryPoint(name="x", value="plugins.evil", group=PROJECT_NAME)
+    assert not is_builtin(outsider)

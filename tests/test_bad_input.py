@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from orchestrator.cli.main import main
+from orchestrator.config.profile import MAX_YAML_BYTES, load_profile
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
 from orchestrator.errors import ProfileError
-from orchestrator.profile import MAX_YAML_BYTES, load_profile
-from orchestrator.store import RunStore
+from orchestrator.state.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 X86 = ROOT / "device_profiles" / "x86-host.yaml"
@@ -419,7 +419,7 @@ def test_a_search_param_that_is_infinite_is_refused(tmp_path):
 
 
 def test_results_and_stored_records_are_strict_json(home):
-    from orchestrator.store import strict_json
+    from orchestrator.state.store import strict_json
 
     record = {"id": "c1", "status": "ok", "pipeline": [],
               "metrics": {"accuracy": float("nan"), "energy_mj": float("inf"), "latency_ms": {"p50": 1.5}}}
@@ -462,8 +462,8 @@ class _CountingEntries(list):
 def test_finding_every_hosts_line_looks_at_each_entry_a_bounded_number_of_times(tmp_path, hosts):
     """`devices import` finds each host's line: scanning the hosts mapping for each was quadratic
     (60,000 one-line hosts took minutes). Counted, not timed: each entry is looked at O(1) times."""
+    from orchestrator.config.yamlfile import line_of, read_yaml
     from orchestrator.errors import InventoryError
-    from orchestrator.yamlfile import line_of, read_yaml
 
     path = tmp_path / "inventory.yaml"
     path.write_text("all:\n  hosts:\n" + "".join(f"    pi-{i:05d}: {{ansible_host: 10.0.0.1}}\n" for i in range(hosts)))
@@ -591,7 +591,7 @@ SAMPLE_PROBLEMS = {
 @pytest.mark.parametrize("case", list(SAMPLE_PROBLEMS))
 def test_inputs_that_cannot_stand_for_the_models_inputs_are_one_line(tmp_path, case):
     from orchestrator.errors import ExitCode
-    from orchestrator.ownmodel import ModelSourceError, OwnModelTask
+    from orchestrator.models.ownmodel import ModelSourceError, OwnModelTask
 
     path = _bad_samples(tmp_path, case)
     with pytest.raises(ModelSourceError) as info:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from orchestrator import cachelimit
-from orchestrator.cachelimit import CacheLimitError, cache_limit, parse_size, trim
 from orchestrator.cli.main import cli
 from orchestrator.search.cache import AccuracyCache, StageCache, trim_caches
+from orchestrator.state import cachelimit
+from orchestrator.state.cachelimit import CacheLimitError, cache_limit, parse_size, trim
 
 KB = 1024
 

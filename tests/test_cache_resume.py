@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.fleet.measurements import MeasurementCache
 from orchestrator.cli.main import main
-from orchestrator.paths import store_path
-from orchestrator.plugins import get_plugin_manager
-from orchestrator.profile import load_profile
+from orchestrator.config.profile import load_profile
+from orchestrator.fleet.measurements import MeasurementCache
+from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.run import RunOptions, execute_run
 from orchestrator.search.searcher import pipeline_key
-from orchestrator.store import RunStore
+from orchestrator.state.paths import store_path
+from orchestrator.state.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 X86 = ROOT / "device_profiles" / "x86-host.yaml"
@@ -150,9 +150,9 @@ def _as_measured(seed: int):
     """model sha256 -> the sha256 of the copy a device measures: the digits task's first held-out rows attached."""
     import hashlib
 
-    from orchestrator.modelfacts import with_sample
-    from orchestrator.paths import cache_dir
-    from orchestrator.store import SAMPLE_ROWS
+    from orchestrator.models.modelfacts import with_sample
+    from orchestrator.state.paths import cache_dir
+    from orchestrator.state.store import SAMPLE_ROWS
 
     task = get_plugin_manager().task("digits")
     sample = task.feeds(task.load_data(seed)["eval"].rows(0, SAMPLE_ROWS))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import hookspecs
-from orchestrator.plugins import PluginRegistry
+from orchestrator.hooks import specs as hookspecs
+from orchestrator.hooks.manager import PluginRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "plugins.md").read_text()

@@ -20,12 +20,12 @@ import yaml
 
 from orchestrator import hookimpl
 from orchestrator.cli.main import main
-from orchestrator.search.record import CandidateRecord
-from orchestrator.paths import store_path
-from orchestrator.plugins import get_plugin_manager
-from orchestrator.profile import load_profile
+from orchestrator.config.profile import load_profile
+from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.run import RunOptions, execute_run
-from orchestrator.store import RunStore
+from orchestrator.search.record import CandidateRecord
+from orchestrator.state.paths import store_path
+from orchestrator.state.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 X86 = ROOT / "device_profiles" / "x86-host.yaml"

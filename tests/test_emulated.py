@@ -17,13 +17,13 @@ import pytest
 import yaml
 
 from orchestrator.cli.main import main
+from orchestrator.config.profile import load_profile
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
 from orchestrator.emulation.rule import EmulatedDeviceTransport, compare_outputs
 from orchestrator.errors import MeasurementError, ProfileError
 from orchestrator.fleet.choice import choose_devices
 from orchestrator.fleet.emulated import emulated_view_dir
 from orchestrator.fleet.transports import make_transport
-from orchestrator.profile import load_profile
 from tests.helpers import ROOT
 
 RPI4 = ROOT / "device_profiles" / "rpi4.yaml"

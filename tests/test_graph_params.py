@@ -31,9 +31,9 @@ from torch import nn
 
 from agents.info import cmd_info
 from orchestrator.api import Dataset, DeviceFacts, Task, TechniqueContext, TensorSpec
+from orchestrator.config.profile import load_profile
 from orchestrator.errors import ProfileError
-from orchestrator.plugins import get_plugin_manager
-from orchestrator.profile import load_profile
+from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.search.pipeline import build_candidate, export_onnx
 from orchestrator.search.space import allowed_techniques, configured_technique, enumerate_candidates
 from orchestrator.search.starting import starting_points

@@ -11,8 +11,8 @@ import ipaddress
 import itertools
 import json
 import os
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import sqlite3
@@ -190,8 +190,8 @@ def tiny_env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def search_process(state_home, tiny_env):
     """A real `orchestrate` search in a process of its own, with a private Ray temp folder, measuring."""
-    from orchestrator.paths import store_path
-    from orchestrator.store import RunStore
+    from orchestrator.state.paths import store_path
+    from orchestrator.state.store import RunStore
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="eo-ray-", dir="/tmp"))  # short: Ray's unix sockets live under it
     out = Path(tempfile.mkdtemp(prefix="eo-runs-"))
@@ -252,8 +252,8 @@ def test_nothing_of_a_run_outlives_a_kill_9_by_more_than_10_s(search_process):
 
 
 def test_a_ray_address_where_nothing_answers_fails_fast_in_one_line(tmp_path, tiny_env):
-    from orchestrator.paths import store_path
-    from orchestrator.store import RunStore
+    from orchestrator.state.paths import store_path
+    from orchestrator.state.store import RunStore
 
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "--profile", str(X86), "--task", "tiny-digits",
@@ -335,7 +335,7 @@ import json, sys, time
 from pathlib import Path
 from orchestrator.devices.base import Device
 from orchestrator.devices.local import LocalTransport
-from orchestrator.profile import Profile
+from orchestrator.config.profile import Profile
 profile = Profile.model_validate({
     "name": "lock-test", "hardware": {"arch": "x86_64", "cpu": "test", "cores": 2, "memory_mb": 1024},
     "objective": {"metric": "latency_p50"},
@@ -379,12 +379,12 @@ def test_a_build_folder_left_by_a_killed_process_is_removed_by_the_next_one():
     A folder whose process still runs, one not named with a pid, and one of another pid namespace
     (a container sharing /tmp: its pid means nothing here) are left alone.
     """
-    from orchestrator.paths import _pid_namespace, scratch_dir
+    from orchestrator.state.paths import _pid_namespace, scratch_dir
 
     ns = _pid_namespace()
 
     prefix = f"eo-test-scratch-{os.getpid()}x-"  # a prefix of this test alone (the sweep is once per process)
-    code = ("import sys, time; from orchestrator.paths import scratch_dir\n"
+    code = ("import sys, time; from orchestrator.state.paths import scratch_dir\n"
             f"held = scratch_dir({prefix!r}); d = held.name\n"
             "open(d + '/model.onnx', 'wb').write(b'x' * 1000); print(d, flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -459,7 +459,7 @@ def _without_root_powers() -> list[str]:
 
 
 def _stores(home: Path) -> None:
-    from orchestrator.store import RunStore
+    from orchestrator.state.store import RunStore
 
     RunStore(home / "runs.sqlite").start_run("20250101-000000-x86-host-aaaaaa", "x86-host", str(X86), "digits",
                                              str(home / "out"))
@@ -521,7 +521,7 @@ def test_a_huge_run_id_is_one_short_line_and_a_usage_error(tmp_path, monkeypatch
 def _damaged_run(home: Path, run_id: str) -> None:
     """A run with two candidates in the store, then its device, its options and one candidate overwritten
     with text that is not JSON (a disk fault, a hand edit, a writer of another version)."""
-    from orchestrator.store import RunStore
+    from orchestrator.state.store import RunStore
 
     store = RunStore(home / "runs.sqlite")
     store.start_run(run_id, "x86-host", str(X86), "digits", str(home / "out" / run_id), options={"trials": 2})
@@ -600,7 +600,7 @@ def test_a_long_error_line_is_one_line_when_stderr_is_not_a_terminal(tmp_path, t
 
 @pytest.mark.parametrize("xdg", ["rel/data", "", None])
 def test_a_relative_xdg_data_home_is_ignored(tmp_path, monkeypatch, xdg):
-    from orchestrator.paths import state_dir, store_path
+    from orchestrator.state.paths import state_dir, store_path
 
     monkeypatch.delenv("EDGE_ORCHESTRATOR_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
@@ -639,8 +639,8 @@ def test_a_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, tiny_env):
     """A real run (tiny task, real local Ray) sent SIGTERM once it has stored a candidate: it keeps its
     candidates, is marked interrupted (so --resume takes it up), and exits 143 with one line saying so; no
     Ray core dump, never left `running`."""
-    from orchestrator.paths import store_path
-    from orchestrator.store import RunStore
+    from orchestrator.state.paths import store_path
+    from orchestrator.state.store import RunStore
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="eo-ray-", dir="/tmp"))
     out = tmp_path / "runs"
@@ -679,7 +679,7 @@ def test_a_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, tiny_env):
 
 
 def test_a_run_whose_process_is_gone_is_never_shown_running(tmp_path, monkeypatch, capsys):
-    from orchestrator.store import RunStore
+    from orchestrator.state.store import RunStore
 
     monkeypatch.setenv("EDGE_ORCHESTRATOR_HOME", str(tmp_path / "home"))
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -756,7 +756,7 @@ class _ProgressRecorder:
 
 def test_training_the_base_model_sends_base_model_progress_after_each_epoch(tmp_path, monkeypatch):
     """Issue 31 item 22: the base model trained for minutes with nothing said between 'loading' and 'ready'."""
-    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.hooks.manager import get_plugin_manager
     from orchestrator.search.basemodel import get_base_model, progress_events
     from orchestrator.testing import TinyDigitsTask
 
@@ -824,3 +824,73 @@ def test_a_full_disk_under_out_fails_the_run_in_one_line_naming_the_folder(tmp_p
                               capture_output=True, text=True, timeout=120, check=False).returncode == 0
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+FILL_AT_FIRST_CANDIDATE = """
+import contextlib, os
+from orchestrator import hookimpl
+from orchestrator.testing import TinyDigitsTask
+
+
+@hookimpl
+def register_tasks(register):
+    register(TinyDigitsTask())
+
+
+@hookimpl
+def candidate_measured(run_id, candidate):
+    # the test's own plugin fills the state folder's real tmpfs to the last byte, once the run is under way
+    with open(os.path.join(os.environ["EDGE_ORCHESTRATOR_HOME"], "filler"), "ab") as fh, contextlib.suppress(OSError):
+        while True:
+            fh.write(b"\\0" * 65536)
+            fh.flush()
+"""
+
+
+def test_a_full_state_folder_during_a_run_fails_it_in_one_line_and_the_store_still_reads(tmp_path):
+    """Issue 31 item 5, the state folder: its disk (a real 16 MB tmpfs) fills while a run measures. It was
+    `internal error: OperationalError: disk I/O error` (or Ray Tune's wrapped traceback), the run left `running`,
+    `runs list` failing. Now one line naming the folder, exit 1; the run is stored `failed` with that line (the
+    store gives up its ballast file to close it), and once space is back `runs show` and `runs list` read."""
+    home = tmp_path / "home"
+    home.mkdir()
+    if os.getuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(home)],
+                                          capture_output=True, check=False).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (and a kernel that lets this container mount)")
+    try:
+        pkg = tmp_path / "pkg"
+        (pkg / "eo_fill").mkdir(parents=True)
+        (pkg / "eo_fill" / "__init__.py").write_text(FILL_AT_FIRST_CANDIDATE)
+        info = pkg / "eo_fill-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: eo-fill\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text("[edge_orchestrator]\nfill = eo_fill\n")
+        env = {**os.environ, "EDGE_ORCHESTRATOR_HOME": str(home), "PYTHONPATH": str(pkg),
+               "RAY_TMPDIR": tempfile.mkdtemp(prefix="eo-ray-", dir="/tmp")}
+        out = tmp_path / "runs"
+        done = subprocess.run([sys.executable, "-m", "orchestrator", "--profile", str(X86), "--task", "tiny-digits",
+                               "--trials", "3", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert done.returncode == 1, done.stderr[-3000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {home}: no space left on the device ("), done.stderr[-3000:]
+        assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+        [folder] = out.iterdir()
+        assert json.loads((folder / "results.json").read_text())["status"] == "failed"  # the run's data is kept
+        (home / "filler").unlink()  # space is back
+        shown = subprocess.run([sys.executable, "-m", "orchestrator", "runs", "show", folder.name], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=120, check=False)
+        assert shown.returncode == 0 and "failed" in shown.stdout and "no space left" in shown.stdout, shown
+        assert "running" not in shown.stdout
+        assert subprocess.run([sys.executable, "-m", "orchestrator", "runs", "list"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120, check=False).returncode == 0
+        with open(home / "filler", "wb") as fh, contextlib.suppress(OSError):  # full before a command starts
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        (home / "runs.sqlite-wal").unlink(missing_ok=True)
+        listed = subprocess.run([sys.executable, "-m", "orchestrator", "devices", "list"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert "internal error" not in listed.stderr and "Traceback" not in listed.stderr, listed.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)

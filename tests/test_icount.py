@@ -20,7 +20,7 @@ from orchestrator.devices.base import Device
 from orchestrator.emulation import icount
 from orchestrator.emulation.rule import emulation_note, latency_constraint, latency_source
 from orchestrator.errors import ProfileError
-from orchestrator.profile import load_profile
+from orchestrator.config.profile import load_profile
 from tests.helpers import ROOT
 
 PROFILES = ROOT / "device_profiles"

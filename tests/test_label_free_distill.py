@@ -13,12 +13,13 @@ import numpy as np
 import onnx
 import pytest
 
+from orchestrator.config.profile import Profile, load_profile
 from orchestrator.errors import ModelSourceError
-from orchestrator.ownmodel import OwnModelTask
-from orchestrator.plugins import get_plugin_manager
-from orchestrator.profile import Profile, load_profile
-from orchestrator.search.pipeline import build_candidate, onnx_outputs
-from orchestrator.trainset import TrainSet, augment
+from orchestrator.hooks.manager import get_plugin_manager
+from orchestrator.models.outputs import onnx_outputs
+from orchestrator.models.ownmodel import OwnModelTask
+from orchestrator.models.trainset import TrainSet, augment
+from orchestrator.search.pipeline import build_candidate
 from tests.helpers.own_models import token_samples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def test_a_training_set_holding_held_out_rows_is_refused(tmp_path):
     # the driver scanned the whole set once; a worker rebuilt from its spec does not scan it again
     spec = driver.spec()
     assert spec["train_checked"] is True
-    from orchestrator import trainset
+    from orchestrator.models import trainset
 
     scans = []
     original = trainset.TrainSet.overlap

@@ -87,5 +87,5 @@ def test_function_local_imports_are_only_of_heavy_modules():
 def test_the_rule_tells_heavy_from_light():
     assert heavy_reason("torch.nn") == "torch"
     assert heavy_reason("json") is None
-    assert heavy_reason("orchestrator.profile") is None  # pydantic and yaml load with the CLI anyway
+    assert heavy_reason("orchestrator.config.profile") is None  # pydantic and yaml load with the CLI anyway
     assert heavy_reason("orchestrator.devices.ssh") == "paramiko"  # through its top-level imports

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config.profile import Profile
 from orchestrator.devices.base import Device
 from orchestrator.fleet.lease import DeviceLease, LeasePool, combine_measurements
 from orchestrator.fleet.measurements import MeasurementCache
-from orchestrator.profile import Profile
 
 PROFILE = Profile.model_validate({
     "name": "lease-test", "hardware": {"arch": "x86_64", "cpu": "test", "cores": 2, "memory_mb": 1024},

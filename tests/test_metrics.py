@@ -15,9 +15,9 @@ import pytest
 from rich.console import Console
 
 from orchestrator.cli.console import pick_line, print_candidates
+from orchestrator.config.profile import Profile
 from orchestrator.metrics import METRICS, Metric, front_objectives, limits, metric, objective_metrics, quality_drop
-from orchestrator.profile import Profile
-from orchestrator.report import render_report
+from orchestrator.report.render import render_report
 from orchestrator.search.final_round import objective_percentile
 from orchestrator.search.record import CandidateRecord
 from orchestrator.search.selection import accuracy_drop_points, check_constraints, select
@@ -65,7 +65,7 @@ def terminal(results: dict[str, Any]) -> str:
 
 
 def test_every_objective_and_limit_is_a_row_of_the_table() -> None:
-    from orchestrator.profile import OBJECTIVE_METRICS, Constraints
+    from orchestrator.config.profile import OBJECTIVE_METRICS, Constraints
 
     assert OBJECTIVE_METRICS == objective_metrics()
     assert {name for name, _ in front_objectives()} == {"accuracy", "latency_p50", "size_bytes", "energy_mj"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from onnx import TensorProto, helper
 
-from orchestrator.modelfacts import QUANTIZED_OPS, model_precision
+from orchestrator.models.modelfacts import QUANTIZED_OPS, model_precision
 
 
 def _graph_bytes(op_type: str, weight_type: int = TensorProto.FLOAT) -> bytes:

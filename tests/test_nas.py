@@ -70,13 +70,13 @@ def test_predictor_learns_from_measurements_on_this_machine(eo_tiny_task, eo_loc
 
 def test_predictor_starts_from_earlier_runs_measurements_of_the_device(eo_tiny_task, eo_tiny_onnx):
     """Measurements cached by a real lease on this machine seed the next run's predictor (same device, same settings)."""
+    from orchestrator.config.profile import load_profile
     from orchestrator.devices.local import local_device
     from orchestrator.fleet.lease import DeviceLease
     from orchestrator.fleet.measurements import measurements_path
-    from orchestrator.paths import cache_dir
-    from orchestrator.profile import load_profile
     from orchestrator.search.predictor import PredictorService, past_points
     from orchestrator.search.trial import ModelSink
+    from orchestrator.state.paths import cache_dir
 
     profile = load_profile("device_profiles/x86-host.yaml").profile.model_copy(
         update={"measurement": load_profile("device_profiles/x86-host.yaml").profile.measurement.model_copy(

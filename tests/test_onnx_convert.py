@@ -16,12 +16,12 @@ import yaml
 from onnx import TensorProto, helper
 
 from orchestrator.cli.main import main
-from orchestrator.ownmodel import ModelSourceError, OwnModelTask
-from orchestrator.plugins import get_plugin_manager
-from orchestrator.profile import load_profile
+from orchestrator.config.profile import load_profile
+from orchestrator.hooks.manager import get_plugin_manager
+from orchestrator.models.ownmodel import ModelSourceError, OwnModelTask
+from orchestrator.search.fitting import refuse_torch_stages
 from orchestrator.search.pipeline import build_candidate, evaluate_onnx
 from orchestrator.search.space import allowed_techniques
-from orchestrator.tasks import refuse_torch_stages
 from tests.helpers.own_models import image_samples, small_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_a_conversion_that_disagrees_with_its_onnx_file_is_refused_with_one_line
         task.torch_form()
     loaded = load_profile(_profile(tmp_path, ["int8-dynamic", "prune-structured"]))
     techniques = allowed_techniques(loaded, get_plugin_manager())
-    with caplog.at_level(logging.WARNING, logger="orchestrator.tasks"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.models.tasks"):
         kept = refuse_torch_stages(loaded, techniques, task)
     assert [t.name for t in kept] == ["int8-dynamic"] and techniques is kept
     (line,) = [r.getMessage() for r in caplog.records]

@@ -21,10 +21,10 @@ import yaml
 
 from examples import own_models as own
 from orchestrator.cli.main import main
+from orchestrator.config.profile import load_profile
 from orchestrator.devices.base import bench_args
-from orchestrator.ownmodel import ModelSourceError, OwnModelTask
-from orchestrator.plugins import get_plugin_manager
-from orchestrator.profile import load_profile
+from orchestrator.hooks.manager import get_plugin_manager
+from orchestrator.models.ownmodel import ModelSourceError, OwnModelTask
 from orchestrator.run import RunOptions, execute_run
 from orchestrator.search.basemodel import get_base_model
 from orchestrator.search.pipeline import build_candidate, evaluate_onnx, export_onnx
@@ -76,11 +76,11 @@ def test_a_torch_stage_technique_is_refused_for_an_onnx_model(tmp_path, capsys):
     """Training-stage techniques apply to an ONNX file that onnx2torch converts (tests/test_onnx_convert.py);
     the OCR classifier does not convert (its weights are not where onnx2torch looks): one line, exit 2
     when no graph-stage technique is left."""
-    from orchestrator.search.space import allowed_techniques
-    from orchestrator.tasks import refuse_torch_stages
-    from tests.helpers.own_models import image_samples, small_cnn
-
     import torch
+
+    from orchestrator.search.fitting import refuse_torch_stages
+    from orchestrator.search.space import allowed_techniques
+    from tests.helpers.own_models import image_samples, small_cnn
 
     torch.onnx.export(small_cnn(), (torch.zeros(1, 3, 16, 16),), str(tmp_path / "cnn.onnx"), dynamo=False,
                       input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}})
@@ -128,7 +128,7 @@ def test_a_factory_that_calls_sys_exit_is_an_error_naming_it(tmp_path):
         "instead of returning a model"), done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists()
-    from orchestrator.store import RunStore
+    from orchestrator.state.store import RunStore
     assert not (home / "runs.sqlite").exists() or RunStore(home / "runs.sqlite").list_runs() == []
 
 
@@ -305,7 +305,7 @@ def test_a_plugin_that_registers_nothing_is_reported(tmp_path, monkeypatch):
     """An empty folder on the import path named like a plugin's package: a namespace package with no code."""
     import importlib
 
-    from orchestrator.plugins import PluginInfo, PluginRegistry
+    from orchestrator.hooks.manager import PluginInfo, PluginRegistry
 
     (tmp_path / "shadowed_plugin").mkdir()
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -346,7 +346,7 @@ def test_a_transformer_starts_with_per_channel_dynamic_int8_and_a_cnn_does_not()
 
 
 def test_the_profile_names_its_model_or_task(tmp_path):
-    from orchestrator.tasks import resolve_task
+    from orchestrator.models.tasks import resolve_task
 
     registry = get_plugin_manager()
     samples = own.ocr_samples(tmp_path / "crops.npz", rows=8)
@@ -406,7 +406,7 @@ def test_an_opset_11_model_quantizes_per_channel(tmp_path):
 
 
 def test_the_agent_times_the_real_sample_the_host_attaches(tmp_path):
-    from orchestrator.modelfacts import with_sample
+    from orchestrator.models.modelfacts import with_sample
 
     task = OwnModelTask("tests.helpers.own_models:tiny_bert", str(token_samples(tmp_path / "t.npz")))
     data = task.load_data(0)
@@ -435,7 +435,7 @@ def test_the_agent_times_the_real_sample_the_host_attaches(tmp_path):
 
 @pytest.mark.parametrize("quality", ["cosine", "labels"])
 def test_a_brought_torch_model_is_fine_tuned(tmp_path, quality):
-    """Pruning's epochs train a brought model (orchestrator/owntrain.py): without labels toward its own fp32
+    """Pruning's epochs train a brought model (orchestrator/models/owntrain.py): without labels toward its own fp32
     outputs, with labels on them; either way it gets better on the held-out rows, which it never trained on."""
     import torch
 

@@ -14,9 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from orchestrator import DeviceFacts, Technique, choice
+from orchestrator.config.profile import Profile
 from orchestrator.devices.local import local_device
 from orchestrator.fleet.lease import DeviceLease
-from orchestrator.profile import Profile
 from orchestrator.search.final_round import choose_finalists, decide, run_final_round
 from orchestrator.search.record import CandidateRecord
 from orchestrator.search.searcher import make_searcher, point_config
@@ -151,8 +151,8 @@ def test_an_accuracy_infeasible_candidate_is_never_sent_to_a_device(tmp_path, ra
     import yaml
 
     from orchestrator import run as run_module
-    from orchestrator.plugins import get_plugin_manager
-    from orchestrator.profile import load_profile
+    from orchestrator.config.profile import load_profile
+    from orchestrator.hooks.manager import get_plugin_manager
 
     data = yaml.safe_load((Path(__file__).resolve().parents[1] / "device_profiles" / "x86-host.yaml").read_text())
     data["name"] = "pick-rejects"
@@ -336,7 +336,7 @@ def test_finalists_are_the_best_feasible_on_the_objective_plus_the_baseline() ->
 
 
 def test_builtin_recommendations_are_valid_and_follow_the_device(eo_recommendations) -> None:
-    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.hooks.manager import get_plugin_manager
 
     registry = get_plugin_manager()
     int8 = eo_recommendations(registry.technique("int8-static"))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 
 from orchestrator import Technique, choice, hookimpl
 from orchestrator.cli.main import main
 from orchestrator.errors import PluginError, TechniqueParamsError
-from orchestrator.plugins import DISABLE_ENV, PluginRegistry, get_plugin_manager
+from orchestrator.hooks.manager import DISABLE_ENV, PluginRegistry, get_plugin_manager
 
 
 class Dummy(Technique):

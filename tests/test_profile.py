@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config.profile import OBJECTIVE_METRICS, load_profile
 from orchestrator.errors import ExitCode, ProfileError
-from orchestrator.profile import OBJECTIVE_METRICS, load_profile
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "device_profiles"
 PROFILE_FILES = sorted(PROFILES_DIR.glob("*.yaml"))
@@ -311,9 +311,9 @@ def test_a_profile_from_stored_text_is_the_file_it_was_read_from(tmp_path: Path)
     import onnx
     from onnx import TensorProto, helper
 
-    from orchestrator.plugins import get_plugin_manager
-    from orchestrator.profile import profile_from_text
-    from orchestrator.tasks import resolve_task
+    from orchestrator.config.profile import profile_from_text
+    from orchestrator.hooks.manager import get_plugin_manager
+    from orchestrator.models.tasks import resolve_task
 
     text = X86.read_text(encoding="utf-8") + "model:\n  source: model.onnx\n"
     gone = tmp_path / "moved" / "x86.yaml"

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from agents.info import parse_cpuinfo
+from orchestrator.config.profile import load_profile
 from orchestrator.emulation.sysroot import (
     MANIFEST,
     SysrootBuildError,
@@ -38,7 +39,6 @@ from orchestrator.emulation.user import (
     resolve_qemu_cpu,
 )
 from orchestrator.errors import MeasurementError
-from orchestrator.profile import load_profile
 from tests.helpers import ROOT
 
 

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from orchestrator.cli.main import main
+from orchestrator.config.profile import load_profile
 from orchestrator.devices.base import Device, SshTarget
 from orchestrator.devices.registry import DeviceRegistry
 from orchestrator.emulation.initramfs import modules_in_load_order, write_cpio
@@ -33,7 +34,6 @@ from orchestrator.emulation.system_image import (
     read_system_manifest,
 )
 from orchestrator.emulation.system_vm import QemuSystemVM
-from orchestrator.profile import load_profile
 from tests.helpers import ROOT
 from tests.helpers.qemu import unreachable_registry
 

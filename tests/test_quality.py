@@ -14,11 +14,17 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator.agreement import DetectionSettings, detection_f1, detection_layout, per_output_cosine, pixel_agreement
 from orchestrator.cli.main import main
-from orchestrator.ownmodel import OwnModelTask
-from orchestrator.profile import Profile
-from orchestrator.search.pipeline import onnx_outputs
+from orchestrator.config.profile import Profile
+from orchestrator.models.agreement import (
+    DetectionSettings,
+    detection_f1,
+    detection_layout,
+    per_output_cosine,
+    pixel_agreement,
+)
+from orchestrator.models.outputs import onnx_outputs
+from orchestrator.models.ownmodel import OwnModelTask
 from orchestrator.search.trial import accuracy_rejection
 from tests.helpers import detector
 from tests.helpers.own_models import image_samples
@@ -167,10 +173,10 @@ def test_taylor_importance_without_labels_is_refused_up_front_with_one_line(tmp_
 
 
 def test_taylor_is_left_out_of_an_unlabeled_search_and_works_with_labels(tmp_path) -> None:
-    from orchestrator.plugins import get_plugin_manager
-    from orchestrator.profile import load_profile
+    from orchestrator.config.profile import load_profile
+    from orchestrator.hooks.manager import get_plugin_manager
+    from orchestrator.search.fitting import fit_to_labels
     from orchestrator.search.space import allowed_techniques
-    from orchestrator.tasks import fit_to_labels
 
     loaded = load_profile(_profile(tmp_path, {"prune-structured": {"importance": ["l1", "taylor"]}}))
     techniques = allowed_techniques(loaded, get_plugin_manager())

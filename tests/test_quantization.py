@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from orchestrator.api import Dataset, Task, TechniqueContext
-from orchestrator.plugins import get_plugin_manager
-from orchestrator.profile import load_profile
+from orchestrator.config.profile import load_profile
+from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.search.pipeline import export_onnx
 from tests.helpers import ROOT
 

@@ -13,12 +13,12 @@ import pytest
 
 from agents.info import cmd_info
 from orchestrator.cli.main import main
+from orchestrator.config.profile import load_profile
 from orchestrator.devices.bundle import agent_bundle
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice, key_fingerprint
 from orchestrator.errors import DeviceNotFound, DeviceRefused, InventoryError
 from orchestrator.fleet.inventory import ignored_secrets, read_inventory, to_registration
 from orchestrator.fleet.registration import check_fit
-from orchestrator.profile import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "device_profiles"

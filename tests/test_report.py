@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from orchestrator.report import write_report
+from orchestrator.report.render import write_report
 from tests.helpers.browser import CHROMIUM, REPORT_CHECK, run_in_page
 
 

@@ -19,24 +19,32 @@ import pytest
 
 from orchestrator.cli.main import main
 from orchestrator.devices.registry import DeviceRegistry
+from orchestrator.devices.ssh_deploy import DeployTarget
 from orchestrator.errors import RolloutFailed, RolloutIncomplete
-from orchestrator.modelfacts import model_precision
+from orchestrator.models.modelfacts import model_precision
 from orchestrator.rollout.deployments import DeploymentStore
 from orchestrator.rollout.execute import deploy
 from orchestrator.rollout.healthcheck import TOLERANCES
 from orchestrator.rollout.plan import RolloutOptions, canary_count, chosen_models
-from orchestrator.devices.ssh_deploy import DeployTarget
-from tests.helpers.rollout import FAST, PROFILE, agent_processes, cnn_model, deploy_run, sha_of, working_current
-from tests.helpers.rollout import fleet, profile, runs  # noqa: F401  fixtures, found by name
-
-
+from tests.helpers.rollout import (  # noqa: F401  fixtures, found by name
+    FAST,
+    PROFILE,
+    agent_processes,
+    cnn_model,
+    deploy_run,
+    fleet,
+    profile,
+    runs,
+    sha_of,
+    working_current,
+)
 
 # ------------------------------------------------------------------------------ host side, no device
 
 
 def test_chosen_model_is_read_as_run_py_wrote_it(runs):
-    from orchestrator.paths import store_path
-    from orchestrator.store import RunStore
+    from orchestrator.state.paths import store_path
+    from orchestrator.state.store import RunStore
 
     chosen = chosen_models(runs["a"][:-2])[0]  # a unique prefix of the id is enough
     run = RunStore(store_path()).get_run(runs["a"])
@@ -238,8 +246,8 @@ def test_bad_input_is_one_line_and_an_exit_code(fleet, runs, capsys, own_sshd, t
     assert main(["rollback"]) == 2 and "give --profile NAME or --device NAME" in capsys.readouterr().err
 
     # model files that no longer match the run's sha256 are refused before anything is sent
-    from orchestrator.paths import store_path
-    from orchestrator.store import RunStore
+    from orchestrator.state.paths import store_path
+    from orchestrator.state.store import RunStore
 
     chosen = chosen_models(runs["a"])[0]
     copies = [chosen.path, Path(RunStore(store_path()).get_run(runs["a"])["out_dir"]) / "best.onnx"]

@@ -16,11 +16,9 @@ import onnxruntime as ort
 import pytest
 
 from agents.cli import main as agent_main
-from orchestrator.modelfacts import model_precision
+from orchestrator.models.modelfacts import model_precision
 from orchestrator.rollout.healthcheck import health_spec, reference_data
 from tests.helpers.rollout import ROOT, cnn_model, working_current
-
-
 
 # ------------------------------------------------------------------------------------- the agent, in-process
 

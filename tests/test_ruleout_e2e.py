@@ -12,8 +12,8 @@ import yaml
 
 from orchestrator import hookimpl
 from orchestrator.cli.console import TerminalReporter
-from orchestrator.plugins import get_plugin_manager
-from orchestrator.profile import load_profile
+from orchestrator.config.profile import load_profile
+from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.run import RunOptions, execute_run
 from orchestrator.search.ruleout import RULE_OUT_AFTER
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import pytest
 
-from orchestrator.profile import Profile
+from orchestrator.config.profile import Profile
 from orchestrator.search.ray_runtime import Interrupts
 from orchestrator.search.searcher import make_searcher
 from orchestrator.search.trial import WORST, search_limits, search_objectives, trial_values

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from orchestrator.config.profile import Constraints, Profile
 from orchestrator.errors import NoFeasibleCandidate
-from orchestrator.profile import Constraints, Profile
 from orchestrator.search.record import CandidateRecord
 from orchestrator.search.selection import (
     Selection,

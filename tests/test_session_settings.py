@@ -14,8 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from agents.kernel import create_session, denormals_supported
-from orchestrator.modelfacts import session_settings as _session_settings
-from orchestrator.plugins import get_plugin_manager
+from orchestrator.hooks.manager import get_plugin_manager
+from orchestrator.models.modelfacts import session_settings as _session_settings
 from orchestrator.search.space import order_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import pytest
 
 from orchestrator import Technique, hookimpl
 from orchestrator.api import STAGE_ORDER
-from orchestrator.plugins import PluginRegistry, get_plugin_manager
-from orchestrator.profile import load_profile
+from orchestrator.config.profile import load_profile
+from orchestrator.hooks.manager import PluginRegistry, get_plugin_manager
 from orchestrator.search.pipeline import CandidateBuildError, build_candidate
 from orchestrator.search.space import (
     IncompatiblePipeline,

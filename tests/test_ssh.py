@@ -20,11 +20,11 @@ import psutil
 import pytest
 
 from orchestrator.cli.main import main
+from orchestrator.config.profile import load_profile
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
 from orchestrator.devices.ssh import SshTransport
 from orchestrator.errors import MeasurementError
 from orchestrator.fleet.lease import DeviceLease
-from orchestrator.profile import load_profile
 from tests.helpers.agent import tiny_cnn
 from tests.helpers.sshd import free_port
 
@@ -310,7 +310,7 @@ def test_orchestrate_measures_on_the_registered_devices_and_names_them(ray_local
 @pytest.mark.slow
 def test_sshd_killed_mid_benchmark_fails_that_candidate_and_the_run_finishes(ray_local, own_sshd, device_profile,
                                                                             register_device, tmp_path):
-    from orchestrator.plugins import get_plugin_manager
+    from orchestrator.hooks.manager import get_plugin_manager
     from orchestrator.run import RunOptions, execute_run
 
     # Long enough benchmarks to be caught in the middle (a bench takes a few seconds here).

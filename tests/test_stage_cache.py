@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
-from orchestrator.plugins import get_plugin_manager
+from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.search.cache import StageCache
 from orchestrator.search.pipeline import build_candidate
 

@@ -9,7 +9,7 @@ import torch
 
 from orchestrator import Task
 from orchestrator.errors import TechniqueParamsError
-from orchestrator.plugins import get_plugin_manager
+from orchestrator.hooks.manager import get_plugin_manager
 from plugins.digits import DigitsTask
 from tests.helpers.techniques import check_contract, params_count, tiny_context
 

@@ -9,7 +9,7 @@ import torch
 
 from orchestrator import Dataset
 from orchestrator.errors import TechniqueParamsError
-from orchestrator.plugins import get_plugin_manager
+from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.search.pipeline import compressed_size, export_onnx
 from plugins._batchnorm import recalibrate_batch_norm
 from plugins.digits import DigitsTask

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from orchestrator.errors import TechniqueParamsError
-from orchestrator.plugins import get_plugin_manager
+from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.search.pipeline import export_onnx
 from plugins.digits import DigitsTask
 from tests.helpers.techniques import TINY_ARCH, tiny_context

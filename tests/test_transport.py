@@ -25,7 +25,7 @@ from orchestrator import Deployable, Transport, TransportKind, hookimpl
 from orchestrator.devices.base import Device
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
 from orchestrator.errors import DeployError, MeasurementError, RolloutFailed
-from orchestrator.plugins import PluginRegistry
+from orchestrator.hooks.manager import PluginRegistry
 from tests.helpers import ROOT
 
 X86 = ROOT / "device_profiles" / "x86-host.yaml"

@@ -9,10 +9,10 @@ import sys
 import click
 from rich.table import Table
 
-from orchestrator.cachelimit import KINDS, LIMIT_ENV, cache_limit, cache_root, clear, format_size, info
 from orchestrator.cli.console import out_console
 from orchestrator.cli.format import _ago, cell, printable
 from orchestrator.errors import ExitCode
+from orchestrator.state.cachelimit import KINDS, LIMIT_ENV, cache_limit, cache_root, clear, format_size, info
 
 
 def _interactive() -> bool:

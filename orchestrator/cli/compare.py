@@ -13,7 +13,7 @@ from orchestrator.cli.format import cell
 from orchestrator.metrics import COMPARE, shown_in
 from orchestrator.metrics import metric as metric_row
 from orchestrator.search.selection import metric_value
-from orchestrator.store import DAMAGED
+from orchestrator.state.store import DAMAGED
 
 #: The metrics compared: the table of metrics' COMPARE rows (orchestrator/metrics.py).
 METRICS = tuple(m.name for m in shown_in(COMPARE))

@@ -15,14 +15,14 @@ from rich.table import Table
 
 from orchestrator.api import hookimpl
 from orchestrator.cli.format import cell, printable
+from orchestrator.config.profile import load_profile
 from orchestrator.errors import ExitCode
+from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.metrics import TERMINAL, Metric, shown_in
 from orchestrator.metrics import metric as metric_row
-from orchestrator.plugins import get_plugin_manager
-from orchestrator.profile import load_profile
 from orchestrator.search.selection import pipeline_label
 from orchestrator.signals import terminated
-from orchestrator.store import DAMAGED
+from orchestrator.state.store import DAMAGED
 
 
 def out_console() -> Console:

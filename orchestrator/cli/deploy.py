@@ -13,9 +13,9 @@ from orchestrator.cli.format import printable
 from orchestrator.devices.registry import DeviceRegistry
 from orchestrator.errors import DeployError, DeviceUnreachable, RunNotFound
 from orchestrator.fleet.transports import deployable_reason
-from orchestrator.paths import store_path
 from orchestrator.rollout.deployments import DeploymentStore
-from orchestrator.store import RunStore, read_results
+from orchestrator.state.paths import store_path
+from orchestrator.state.store import RunStore, read_results
 
 
 def _say(text: str) -> None:

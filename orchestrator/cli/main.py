@@ -23,10 +23,11 @@ from orchestrator.cli.deploy import deploy, rollback  # noqa: E402  (`deploy` an
 from orchestrator.cli.devices import devices  # noqa: E402  (the `devices` command group)
 from orchestrator.cli.format import cell, printable
 from orchestrator.errors import ExitCode, OrchestratorError
-from orchestrator.paths import store_path
-from orchestrator.plugins import get_plugin_manager
+from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.signals import sigterm_as_interrupt, terminated
-from orchestrator.store import RunStore, is_locked, locked_error, process_alive
+from orchestrator.state.paths import store_path
+from orchestrator.state.sqlite import is_locked, locked_error
+from orchestrator.state.store import RunStore, process_alive
 
 _SHOW_TRACEBACK = False
 

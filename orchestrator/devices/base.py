@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.hashing import digest
+from orchestrator.state.hashing import digest
 
 if TYPE_CHECKING:  # pydantic stays out of `orchestrate --help`
-    from orchestrator.profile import Profile
+    from orchestrator.config.profile import Profile
 
 AGENT_TIMEOUT_S = 300
 DEFAULT_REMOTE_DIR = ".edge-orchestrator"

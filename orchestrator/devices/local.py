@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 import agents
 from orchestrator.devices.base import AGENT_TIMEOUT_S, Device, bench_args, compare_args
 from orchestrator.errors import MeasurementError
-from orchestrator.paths import state_dir
+from orchestrator.state.paths import state_dir
 
 if TYPE_CHECKING:  # pydantic stays out of `orchestrate --help`
-    from orchestrator.profile import Profile
+    from orchestrator.config.profile import Profile
 
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from typing import Any
 
 from orchestrator.devices.base import Device, SshTarget
 from orchestrator.errors import DeviceNotFound, DeviceRefused
-from orchestrator.paths import state_dir
-from orchestrator.store import connect, writing
+from orchestrator.state.paths import state_dir
+from orchestrator.state.sqlite import connect, writing
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (

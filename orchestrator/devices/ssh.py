@@ -27,11 +27,11 @@ from typing import Any, Callable
 
 import paramiko
 
+from orchestrator.config.profile import Profile
 from orchestrator.devices.base import OFFLINE_RETRY_S, Device, bench_args, compare_args
 from orchestrator.devices.bundle import agent_bundle
 from orchestrator.devices.ssh_session import SshSession
 from orchestrator.errors import ConnectionLost, DeviceOffline, DeviceUnreachable, HostKeyMismatch, MeasurementError
-from orchestrator.profile import Profile
 
 log = logging.getLogger(__name__)
 

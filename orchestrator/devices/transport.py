@@ -19,7 +19,7 @@ from orchestrator.devices.base import Device
 from orchestrator.errors import DeployError, MeasurementError
 
 if TYPE_CHECKING:  # pydantic stays out of `orchestrate --help`
-    from orchestrator.profile import Profile
+    from orchestrator.config.profile import Profile
 
 #: The built-in kinds (orchestrator/fleet/transports.py): names no plugin may register.
 BUILTIN_KINDS = ("local", "ssh", "qemu")

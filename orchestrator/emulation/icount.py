@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any
 from agents.kernel import latency_stats
 from orchestrator.devices.base import axes_args
 from orchestrator.errors import MeasurementError
-from orchestrator.paths import state_dir
+from orchestrator.state.paths import state_dir
 
 if TYPE_CHECKING:
     from orchestrator.emulation.user import QemuUserTransport
-    from orchestrator.profile import Profile
+    from orchestrator.config.profile import Profile
 
 LATENCY_SOURCE = "emulated-icount"
 PLUGIN_SOURCE = Path(__file__).with_name("insncount.c")

@@ -37,12 +37,12 @@ from orchestrator.emulation import icount
 from orchestrator.emulation.sysroot import SysrootBuildError, build_sysroot
 from orchestrator.emulation.user import QemuUserTransport, emulated_device_for_profile, qemu_binary
 from orchestrator.errors import MeasurementError
-from orchestrator.modelfacts import model_precision
+from orchestrator.models.modelfacts import model_precision
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from orchestrator.profile import Profile
+    from orchestrator.config.profile import Profile
 
 LATENCY_SOURCE = "native-scaled"
 PARITY_SAMPLES = 32  # one emulated fp32 run of the demo CNN takes ~0.3 s per sample on a 2-core host

@@ -38,7 +38,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.paths import state_dir
+from orchestrator.state.paths import state_dir
 
 RECIPE_VERSION = 2
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import agents
+from orchestrator.config.profile import load_profile
 from orchestrator.devices.base import Device, bench_args
 from orchestrator.emulation.sysroot import (
     CPU_MODELS,
@@ -46,13 +47,12 @@ from orchestrator.emulation.sysroot import (
     read_manifest,
 )
 from orchestrator.errors import MeasurementError
-from orchestrator.paths import state_dir
-from orchestrator.profile import load_profile
+from orchestrator.state.paths import state_dir
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from orchestrator.profile import Profile
+    from orchestrator.config.profile import Profile
 
 QEMU_BINARIES = ("qemu-aarch64-static", "qemu-aarch64")
 # CPU models QEMU 7.2 lacks -> the nearest it has (same Armv8.x level); the result names both.

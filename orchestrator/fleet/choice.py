@@ -17,7 +17,7 @@ from orchestrator.errors import (
     OrchestratorError,
 )
 from orchestrator.fleet.transports import check_ready, make_transport
-from orchestrator.profile import Profile
+from orchestrator.config.profile import Profile
 
 log = logging.getLogger(__name__)
 

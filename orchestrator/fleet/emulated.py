@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from orchestrator.config.profile import Profile, load_profile
 from orchestrator.devices.base import Device
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
 from orchestrator.emulation.sysroot import SysrootBuildError, build_sysroot
@@ -31,8 +32,7 @@ from orchestrator.errors import (
 )
 from orchestrator.fleet.registration import Registration, check_fit, pin_host_key
 from orchestrator.fleet.transports import make_transport
-from orchestrator.paths import state_dir
-from orchestrator.profile import Profile, load_profile
+from orchestrator.state.paths import state_dir
 
 
 def emulated_fit_profile(profile: Profile) -> tuple[Profile, list[str]]:

@@ -29,10 +29,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 
+from orchestrator.config.profile import line_of, read_yaml, validation_message
 from orchestrator.devices.base import DEFAULT_REMOTE_DIR
 from orchestrator.errors import InventoryError
 from orchestrator.fleet.registration import Registration
-from orchestrator.profile import line_of, read_yaml, validation_message
 
 PASSWORD_VARS = ("ansible_password", "ansible_ssh_pass", "ansible_become_password", "ansible_become_pass")
 IMPLICIT_GROUPS = ("all", "ungrouped")

@@ -18,7 +18,7 @@ from orchestrator.fleet.measurements import MeasurementCache, device_key
 from orchestrator.fleet.transports import make_transport
 
 if TYPE_CHECKING:  # pydantic stays out of `orchestrate --help`
-    from orchestrator.profile import Profile
+    from orchestrator.config.profile import Profile
 
 
 class DeviceLease:

@@ -12,9 +12,9 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from orchestrator.hashing import digest
-from orchestrator.paths import state_dir
-from orchestrator.store import connect
+from orchestrator.state.hashing import digest
+from orchestrator.state.paths import state_dir
+from orchestrator.state.sqlite import connect
 
 MEASUREMENTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS measurements (

@@ -5,13 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from orchestrator.config.profile import load_profile
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
 from orchestrator.errors import DeviceUnreachable, HostKeyMismatch, MeasurementError
 from orchestrator.fleet.emulated import emulated_fit_profile, emulated_view_dir, stop_vm
 from orchestrator.fleet.registration import check_fit
 from orchestrator.fleet.transports import make_transport
-from orchestrator.paths import state_dir
-from orchestrator.profile import load_profile
+from orchestrator.state.paths import state_dir
 
 
 def remove_device(name: str, registry: DeviceRegistry | None = None) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from orchestrator.config.profile import Profile, load_profile
 from orchestrator.devices.base import CONNECT_TIMEOUT_S, DEFAULT_REMOTE_DIR
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
 from orchestrator.errors import (
@@ -15,7 +16,6 @@ from orchestrator.errors import (
     HostKeyMismatch,
 )
 from orchestrator.fleet.transports import make_transport
-from orchestrator.profile import Profile, load_profile
 
 ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
 # Kernels report less than the nominal RAM (firmware, GPU carve-outs): a 4 GB Pi 4 shows about 3.8 GB.

@@ -12,7 +12,7 @@ from orchestrator.devices.base import Device
 from orchestrator.devices.local import LocalTransport
 from orchestrator.devices.registry import RegisteredDevice
 from orchestrator.devices.transport import BUILTIN_KINDS, Deployable, Transport, TransportKind, TransportKinds
-from orchestrator.plugins import get_plugin_manager
+from orchestrator.hooks.manager import get_plugin_manager
 
 
 def _ssh(device: Device) -> Transport:

@@ -33,7 +33,8 @@ from typing import Any, Iterator
 
 from orchestrator.devices.registry import registry_path
 from orchestrator.errors import DeployError
-from orchestrator.store import connect, like_prefix, process_alive
+from orchestrator.state.sqlite import connect
+from orchestrator.state.store import like_prefix, process_alive
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (

@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from orchestrator.config.profile import load_profile
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
 from orchestrator.devices.transport import Deployable
 from orchestrator.errors import DeployError, DeviceUnreachable, HostKeyMismatch, MeasurementError
 from orchestrator.fleet.transports import deploy_target, deployable_reason
-from orchestrator.modelfacts import model_precision
-from orchestrator.paths import cache_dir, store_path
-from orchestrator.profile import load_profile
+from orchestrator.models.modelfacts import model_precision
 from orchestrator.rollout.healthcheck import HEALTH_RUNS, HEALTH_TIME_BUDGET_S, health_spec
 from orchestrator.search.selection import pipeline_label
-from orchestrator.store import SAMPLES_FILE, RunStore
+from orchestrator.state.paths import cache_dir, store_path
+from orchestrator.state.store import SAMPLES_FILE, RunStore
 
 #: What makes a device's `Deployable`: (registered device, command timeout, connect timeout) -> Deployable.
 TargetFactory = Callable[..., Deployable]

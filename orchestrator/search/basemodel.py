@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from orchestrator.api import Task, progress_to, training_progress
-from orchestrator.paths import cache_dir
+from orchestrator.models.outputs import evaluate_torch
+from orchestrator.state.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +48,6 @@ def base_model_key(task: Task, seed: int) -> str:
 
     text = json.dumps({"task": task.fingerprint(), "seed": seed, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def torch_outputs(task: Task, model: Any, data: Any, batch: int = 256) -> list[Any]:
-    """Every output of a torch model on a dataset (numpy, one array per output), inputs in the task's order."""
-    import numpy as np
-    import torch
-
-    names = [spec.name for spec in task.input_specs()]
-    parts: list[list[Any]] = []
-    with torch.no_grad():
-        for start in range(0, len(data), batch):
-            feeds = task.feeds(data.rows(start, start + batch))
-            result = model(*(torch.from_numpy(feeds[n]) for n in names))
-            result = [result] if isinstance(result, torch.Tensor) else list(result)
-            parts = parts or [[] for _ in result]
-            for i, tensor in enumerate(result):
-                parts[i].append(tensor.numpy())
-    return [np.concatenate(p) for p in parts]
-
-
-def evaluate_torch(task: Task, model: Any, data: Any) -> float:
-    """The task's quality (`Task.score`) of a torch model on a dataset."""
-    return task.score(torch_outputs(task, model, data), data.labels)
 
 
 def progress_events(registry: Any, run_id: str, task: str) -> Callable[[int, int], None]:

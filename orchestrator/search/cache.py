@@ -15,7 +15,7 @@ Every file is written to a temporary name and renamed into place, so a crash nev
 a half entry that looks finished; a concurrent writer of the same key writes the same bytes.
 `--fresh` makes a run read none of these (it still writes them).
 
-The cache folder has a size limit (orchestrator/cachelimit.py): a hit marks its entry used, a
+The cache folder has a size limit (orchestrator/state/cachelimit.py): a hit marks its entry used, a
 write may trim the least recently used entries, and `trim_caches()` trims when a run ends.
 """
 
@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cachelimit import note_written, touch, trim_caches
-from orchestrator.hashing import atomic_write, digest
-from orchestrator.paths import cache_dir
+from orchestrator.state.cachelimit import note_written, touch, trim_caches
+from orchestrator.state.hashing import atomic_write, digest
+from orchestrator.state.paths import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ The decision (`decide`):
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -241,7 +240,7 @@ def run_final_round(selection: Selection | Exception, profile: Any, lease: Any, 
         return None
     if announce is not None:
         announce([c.id for c in finalists], profile.measurement.final_rounds)
-    from orchestrator.modelfacts import with_sample
+    from orchestrator.models.modelfacts import with_sample
 
     # timed on the run's real sample, as in the search (`sample`: one held-out input, or None)
     models = [with_sample((models_dir / f"{c.model_sha256}.onnx").read_bytes(), sample) for c in finalists]

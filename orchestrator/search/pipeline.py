@@ -12,13 +12,13 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from agents.kernel import run_as_configured
 from orchestrator.api import Task, TechniqueContext
 from orchestrator.errors import OrchestratorError
-from orchestrator.paths import scratch_dir
-from orchestrator.plugins import PluginRegistry
+from orchestrator.hooks.manager import PluginRegistry
+from orchestrator.models.outputs import onnx_outputs
 from orchestrator.search.cache import StageCache
 from orchestrator.search.space import IncompatiblePipeline, order_pipeline
+from orchestrator.state.paths import scratch_dir
 
 OPSET = 17
 
@@ -61,29 +61,6 @@ def export_onnx(task: Task, model: Any, data: Any = None) -> bytes:
     return buf.getvalue()
 
 
-def onnx_outputs(model_bytes: bytes, task: Task, data: Any, batch: int = 64) -> list[Any]:
-    """Every output of an ONNX model on a dataset (one array per output, rows in order), with onnxruntime here."""
-    import numpy as np
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-    run = run_as_configured(session)  # denormals flushed where the model asks: scored as the device runs it
-    wanted = [i.name for i in session.get_inputs()]
-    parts: list[list[Any]] = []
-    for start in range(0, len(data), batch):
-        feeds = task.feeds(data.rows(start, start + batch))
-        missing = [n for n in wanted if n not in feeds]
-        if missing:
-            raise ValueError(f"the model wants input(s) {', '.join(missing)}; the data has {', '.join(feeds)}")
-        result = run(None, {n: feeds[n] for n in wanted})
-        parts = parts or [[] for _ in result]
-        for i, array in enumerate(result):
-            parts[i].append(array)
-    return [np.concatenate(p) for p in parts]
-
 
 def evaluate_onnx(task: Task, model_bytes: bytes, data: Any, batch: int = 64) -> float:
     """The task's quality (`Task.score`) of an ONNX model on a dataset, with onnxruntime on this host."""
@@ -108,7 +85,7 @@ def build_candidate(
     came from `cache` (an `orchestrator.search.cache.StageCache`, keyed from `root_key`, the key of the
     base model) instead of being built now. Their `build_seconds` are those of the build that
     made them. `training` (a model brought with `--model` only): {technique: [what each fine-tuning
-    used: rows, seconds, passes, the data, why it stopped]} (orchestrator/owntrain.py).
+    used: rows, seconds, passes, the data, why it stopped]} (orchestrator/models/owntrain.py).
     """
     import onnx
 

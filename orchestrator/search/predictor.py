@@ -17,8 +17,8 @@ from typing import Any
 from orchestrator.api import TechniqueContext
 from orchestrator.devices.base import settings_key
 from orchestrator.fleet.measurements import MeasurementCache
-from orchestrator.paths import cache_dir, scratch_dir
 from orchestrator.search.pipeline import export_onnx
+from orchestrator.state.paths import cache_dir, scratch_dir
 
 FEATURES = ("conv_macs", "int8_conv_macs", "depthwise_macs", "matmul_macs", "params", "ops")
 MIN_POINTS = 4

@@ -20,10 +20,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from orchestrator.config.profile import Constraints, Profile
 from orchestrator.errors import NoFeasibleCandidate
 from orchestrator.metrics import Metric, front_objectives, limits, quality_drop, within
 from orchestrator.metrics import metric as metric_row
-from orchestrator.profile import Constraints, Profile
 from orchestrator.search.record import CandidateRecord, Verdict, as_record
 
 Candidate = Union[CandidateRecord, dict[str, Any]]  # a record, or its JSON (results.json, a trial's report)

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from orchestrator.api import STAGE_ORDER, Choice, Technique
+from orchestrator.config.profile import LoadedProfile
 from orchestrator.errors import TechniqueParamsError
-from orchestrator.plugins import PluginRegistry
-from orchestrator.profile import LoadedProfile
+from orchestrator.hooks.manager import PluginRegistry
 
 TechniqueNames = tuple[str, ...]  # the techniques of a pipeline, in order
 PipelineSpec = list[dict[str, Any]]  # record.Pipeline as JSON: [{"technique": name, "params": {...}}]

@@ -14,7 +14,7 @@ from typing import Any
 
 from orchestrator.api import Task
 from orchestrator.errors import MeasurementError, PluginError
-from orchestrator.plugins import get_plugin_manager
+from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.metrics import objective_metrics, quality_drop
 from orchestrator.search.basemodel import TrainedModel
 from orchestrator.search.cache import AccuracyCache, StageCache
@@ -232,7 +232,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload, labels: dict[str, l
             tune.report({**trial_values(record, payload.profile), "record": json.dumps(record)})
             return
         mark = time.perf_counter()
-        from orchestrator.modelfacts import with_sample
+        from orchestrator.models.modelfacts import with_sample
 
         bench = ray.get(payload.pool.measure.remote(with_sample(model_bytes, payload.sample)))
         timing["measure_s"] = time.perf_counter() - mark  # includes waiting for a free device

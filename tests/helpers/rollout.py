@@ -32,11 +32,11 @@ def make_run(profile_path: Path, model: bytes, out_root: Path, latency_ms: float
 
     With `latency_ms` over the profile's limit, the run ends `no_feasible`, with no chosen model.
     """
-    from orchestrator.paths import cache_dir, store_path
-    from orchestrator.profile import load_profile
+    from orchestrator.config.profile import load_profile
     from orchestrator.run import _finish, new_run_id
     from orchestrator.search.record import CandidateRecord
-    from orchestrator.store import RunStore
+    from orchestrator.state.paths import cache_dir, store_path
+    from orchestrator.state.store import RunStore
 
     loaded = load_profile(profile_path)
     sha = hashlib.sha256(model).hexdigest()

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 
 from orchestrator.api import Dataset, TechniqueContext
-from orchestrator.profile import load_profile
+from orchestrator.config.profile import load_profile
 from orchestrator.search.pipeline import export_onnx
 from plugins.digits import DigitsTask
 from tests.helpers import ROOT

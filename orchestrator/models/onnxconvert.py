@@ -4,7 +4,7 @@
 and keeps the module only when it agrees with the ONNX model (onnxruntime) on the samples: every
 output with a cosine of at least `MIN_COSINE` and a relative error (max |torch - onnx| over
 max |onnx|) of at most `MAX_RELATIVE_ERROR`. Otherwise it returns why, in one line, and the run
-goes on with graph-stage techniques only (orchestrator/tasks.py `refuse_torch_stages`).
+goes on with graph-stage techniques only (orchestrator/search/fitting.py `refuse_torch_stages`).
 
 onnx2torch imports torchvision for two converters only (NonMaxSuppression, RoiAlign). Where
 torchvision is missing or cannot load (a CUDA torchvision next to a CPU-only torch), the

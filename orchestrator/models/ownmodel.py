@@ -7,13 +7,13 @@ fp32 model's own outputs on the samples (`QUALITY_METRICS`).
 
 SOURCE is one of:
   path/to/model.onnx       an ONNX file: graph-stage techniques on the file, training-stage ones on its
-                           checked onnx2torch conversion (orchestrator/onnxconvert.py)
+                           checked onnx2torch conversion (orchestrator/models/onnxconvert.py)
   package.module:factory   a Python callable returning a torch.nn.Module with its weights loaded
   path/to/hf-folder        a Hugging Face model folder on disk (config.json + weights), loaded offline
                            with `transformers` (the `hf` extra); never downloads
 
 SAMPLES is an `.npz` of representative inputs, one array per model input, named as the model
-names them, rows along axis 0 (and optionally `labels`); without it, random. `--train PATH`: a training set, no held-out row of SAMPLES (orchestrator/trainset.py).
+names them, rows along axis 0 (and optionally `labels`); without it, random. `--train PATH`: a training set, no held-out row of SAMPLES (orchestrator/models/trainset.py).
 """
 
 from __future__ import annotations
@@ -28,15 +28,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orchestrator.agreement import (DetectionSettings, agreement_score, auto_quality, channel_scales, compares_text,
-                                    detection_layout)
 from orchestrator.api import Dataset, Task, TensorSpec
 from orchestrator.errors import ModelSourceError
-from orchestrator.hfmodel import load_hf_folder
-from orchestrator.modelfacts import onnx_specs, spec_json
-from orchestrator.owntrain import fine_tune, train_set_of
-from orchestrator.search.basemodel import torch_outputs
-from orchestrator.search.pipeline import onnx_outputs
+from orchestrator.models.agreement import (DetectionSettings, agreement_score, auto_quality, channel_scales,
+                                           compares_text, detection_layout)
+from orchestrator.models.hfmodel import load_hf_folder
+from orchestrator.models.modelfacts import onnx_specs, spec_json
+from orchestrator.models.outputs import onnx_outputs, torch_outputs
+from orchestrator.models.owntrain import fine_tune, train_set_of
 
 #: How a model brought without labels is scored against the fp32 model's own outputs (1.0 = identical).
 QUALITY_METRICS = {
@@ -193,7 +192,7 @@ class OwnModelTask(Task):
         if self.kind != "onnx":
             return ""
         if self._convert_why is None:
-            from orchestrator.onnxconvert import CHECK_ROWS, convert
+            from orchestrator.models.onnxconvert import CHECK_ROWS, convert
 
             feeds = {k: v[:CHECK_ROWS] for k, v in self.sample_inputs(0).items()}
             reference = onnx_outputs(Path(self.source).read_bytes(), self, Dataset(feeds, None))

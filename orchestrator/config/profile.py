@@ -1,7 +1,7 @@
 """Device profiles: one YAML file per class of device, validated with pydantic.
 
 A bad profile is reported as one line, `FILE:LINE: field.path: message`, where
-LINE is the line of the offending field in the YAML file (orchestrator/yamlfile.py, which the
+LINE is the line of the offending field in the YAML file (orchestrator/config/yamlfile.py, which the
 other YAML files we read, inventories, share).
 """
 
@@ -15,10 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from orchestrator.errors import ProfileError
-from orchestrator.metrics import metric as metric_row
-from orchestrator.metrics import objective_metrics
-from orchestrator.yamlfile import (  # noqa: F401  (re-exported: inventories read YAML the same way)
+from orchestrator.config.yamlfile import (  # noqa: F401  (re-exported: inventories read YAML the same way)
     MAX_YAML_BYTES,
     MAX_YAML_VALUES,
     YamlFile,
@@ -30,6 +27,9 @@ from orchestrator.yamlfile import (  # noqa: F401  (re-exported: inventories rea
     read_yaml,
     validation_message,
 )
+from orchestrator.errors import ProfileError
+from orchestrator.metrics import metric as metric_row
+from orchestrator.metrics import objective_metrics
 
 #: onnxruntime's execution provider names (`onnxruntime.get_all_providers()` across releases). Kept here
 #: because the host need not have the device's onnxruntime build; a name not in this list is a typo.
@@ -208,7 +208,7 @@ class Search(_Strict):
     time_budget_s: float | None = Field(default=None, gt=0)
     train_time_budget_s: float = Field(
         default=60.0, gt=0,
-        description="a brought model's fine-tuning (orchestrator/owntrain.py) stops after this long, per technique "
+        description="a brought model's fine-tuning (orchestrator/models/owntrain.py) stops after this long, per technique "
                     "of a candidate that trains, even with epochs left; its build info says what it used")
     seed: int = 0
     devices_per_candidate: int = Field(

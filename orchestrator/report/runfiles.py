@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import DiskFull
-from orchestrator.modelfacts import samples_npz, session_settings
-from orchestrator.paths import cache_dir
-from orchestrator.report import write_report
-from orchestrator.store import SAMPLES_FILE, strict_json
+from orchestrator.models.modelfacts import samples_npz, session_settings
+from orchestrator.report.render import write_report
+from orchestrator.state.paths import cache_dir
+from orchestrator.state.store import SAMPLES_FILE, strict_json
 
 FILES = ("best.onnx", "best.session.json", "results.json", "report.html")
 
@@ -60,3 +60,20 @@ def _disk_full(out: Path, exc: OSError, writing: str | None = None) -> DiskFull:
     what = Path(exc.filename).name if exc.filename else writing or "its files"
     return DiskFull(f"{out}: no space left on the device ({what} could not be written); the run is marked "
                     "failed: free some space and run again")
+
+
+def full_disk_during_run(exc: OSError, folders: list[Path]) -> DiskFull | None:
+    """A full disk or quota met anywhere during a run (a cache, Ray Tune's state, a scratch file) as DiskFull
+    naming the folder: the file's own when the error names it, else the first of `folders` (the state folder,
+    the run's folder, the temporary folder) that has less than a megabyte left; None for any other OSError."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where, what = None, Path(exc.filename).name if exc.filename else "a file"
+    if exc.filename:
+        where = Path(exc.filename).parent
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            if where is None and shutil.disk_usage(folder).free < 1 << 20:
+                where = folder
+    return DiskFull(f"{where or folders[0]}: no space left on the device ({what} could not be written); the run is "
+                    "marked failed: free some space and run again")

@@ -17,11 +17,11 @@ from typing import Any
 
 import pluggy
 
-from orchestrator import hookspecs
 from orchestrator.api import PROJECT_NAME, STAGE_ORDER, Task, Technique
 from orchestrator.devices.transport import BUILTIN_KINDS, TransportKind
 from orchestrator.errors import PluginError
-from orchestrator.paths import cache_dir
+from orchestrator.hooks import specs as hookspecs
+from orchestrator.state.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -264,11 +264,17 @@ def _code_id(path: str) -> str:
         return "no-code"
 
 
+PROJECT_DIST = "edge-orchestrator"  # the distribution whose entry points are the built-ins
+
+
 def is_builtin(ep: importlib.metadata.EntryPoint) -> bool:
-    """An entry point into this project's own `plugins` package (and shipped by this project)."""
+    """An entry point this project's own distribution declares (a fact of its metadata, not of the module's name).
+
+    A third party's package cannot declare entry points in edge-orchestrator's metadata, whatever its
+    modules are called; the built-ins live in the top-level `plugins` package (the project's fixed layout).
+    """
     dist = ep.dist
-    return (ep.value == "plugins" or ep.value.startswith(("plugins.", "plugins:"))) and \
-        (dist is None or dist.name.replace("_", "-").lower() == "edge-orchestrator")
+    return dist is not None and dist.name.replace("_", "-").lower() == PROJECT_DIST
 
 
 #: Seconds an outside plugin's import may take in the probe (a child process) before it is called hanging.

@@ -9,12 +9,12 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import RunNotFound, StateFileError, StoreLocked
+from orchestrator.errors import DiskFull, RunNotFound, StateFileError
+from orchestrator.state.sqlite import connect, writing
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -47,162 +47,6 @@ CREATE TABLE IF NOT EXISTS candidates (
 #: In a run's folder: the held-out input rows (by input name) that the rollout's health check feeds.
 SAMPLES_FILE = "samples.npz"
 SAMPLE_ROWS = 8
-
-#: What SQLite says when the file is not a database at all (as opposed to busy, full, or not ours to write).
-_NOT_A_DATABASE = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
-_LOCKED = ("SQLITE_BUSY", "SQLITE_LOCKED")
-#: Seconds a command waits for another process's write to the store to end ($EDGE_ORCHESTRATOR_BUSY_TIMEOUT_S).
-BUSY_TIMEOUT_ENV = "EDGE_ORCHESTRATOR_BUSY_TIMEOUT_S"
-BUSY_TIMEOUT_S = 30.0
-
-
-def busy_timeout() -> float:
-    """How long to wait for a lock another process holds on a store."""
-    try:
-        value = float(os.environ.get(BUSY_TIMEOUT_ENV, BUSY_TIMEOUT_S))
-    except ValueError:
-        return BUSY_TIMEOUT_S
-    return value if value > 0 and math.isfinite(value) else BUSY_TIMEOUT_S
-
-
-def is_locked(exc: BaseException) -> bool:
-    """Whether SQLite gave up waiting for another connection's lock."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return False
-    name = getattr(exc, "sqlite_errorname", None) or ""
-    return name.startswith(_LOCKED) or "database is locked" in str(exc) or "database table is locked" in str(exc)
-
-
-def _holders(paths: list[Path]) -> list[str]:
-    """Other processes of this host that have one of `paths` (or its -wal/-journal) open: 'pid N (command)'."""
-    wanted = set()
-    for path in paths:
-        for suffix in ("", "-wal", "-journal", "-shm"):
-            with contextlib.suppress(OSError):
-                wanted.add(os.path.realpath(f"{path}{suffix}"))
-    found = []
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return []
-    for pid in pids:
-        if pid == os.getpid():
-            continue
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-            if not any(os.readlink(f"/proc/{pid}/fd/{fd}") in wanted for fd in fds if fd.isdigit()):
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                words = [w.decode(errors="replace") for w in fh.read().split(b"\0") if w]
-        except OSError:
-            continue
-        command = " ".join(" ".join(os.path.basename(w) if i == 0 else w for i, w in enumerate(words)).split())
-        found.append(f"pid {pid} ({command[:80]}{'…' if len(command) > 80 else ''})")
-    return found
-
-
-def locked_error(paths: list[Path]) -> StoreLocked:
-    """A store held locked by another process past the busy timeout, in one line naming the holder where known."""
-    paths = [Path(p) for p in paths]
-    holders = _holders(paths)
-    who = f" ({', '.join(holders[:3])}{' …' if len(holders) > 3 else ''})" if holders else ""
-    names = " or ".join(str(p) for p in paths)
-    return StoreLocked(f"{names}: locked by another process{who} for more than {busy_timeout():g} s; "
-                       f"try again when it is done")
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
-    except OSError:  # a folder above it that cannot be entered
-        return False
-
-
-def _read_only_fs(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
-def state_error(path: Path, exc: sqlite3.Error) -> StateFileError | StoreLocked | None:
-    """What is really wrong with the SQLite file `path` when SQLite raised `exc`, as one StateFileError (or
-    StoreLocked: another process held it past the busy timeout); None when `exc` says nothing about the file
-    itself (disk full, a bug of ours).
-
-    Only a file that is not an SQLite database is advised to be moved away: a store this user may not
-    write, or not read, is fine as it is, and moving it would lose every run (or device) in it.
-    """
-    path = Path(path)
-    name = getattr(exc, "sqlite_errorname", None) or ""
-    folder = path.parent
-    if is_locked(exc):
-        return locked_error([path])
-    if name in _NOT_A_DATABASE:
-        what = "a folder" if _is_dir(path) else "not an SQLite database"
-        return StateFileError(f"{path}: {what} ({exc}); move it away and a new one is made")
-    if name.startswith("SQLITE_READONLY"):
-        if _read_only_fs(folder):
-            why = f"the file system of {folder} is mounted read-only"
-        elif not os.access(folder, os.W_OK):
-            why = f"its folder {folder} is not writable by this user (SQLite writes its journal beside it)"
-        elif path.exists() and not os.access(path, os.W_OK):
-            why = f"the file is not writable by this user (mode {path.stat().st_mode & 0o777:04o})"
-        else:
-            why = str(exc)
-        return StateFileError(f"{path}: read-only: {why}; the file is left as it is (give this user write access)")
-    if name == "SQLITE_CANTOPEN":
-        if _is_dir(path):
-            return StateFileError(f"{path}: a folder ({exc}); move it away and a new one is made")
-        if not os.access(folder, os.X_OK):
-            why = f"its folder {folder} cannot be entered by this user"
-        elif path.exists() and not os.access(path, os.R_OK):
-            why = f"the file is not readable by this user (mode {path.stat().st_mode & 0o777:04o})"
-        elif not os.access(folder, os.W_OK):
-            why = (f"its folder {folder} is not writable by this user"
-                   + (" (SQLite writes its journal beside it)" if path.exists() else ", so the store cannot be made"))
-        elif _read_only_fs(folder):
-            why = f"the file system of {folder} is mounted read-only"
-        else:
-            return StateFileError(f"{path}: cannot be opened ({exc})")
-        return StateFileError(f"{path}: permission denied: {why}; the file is left as it is")
-    return None
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    """A connection to one of our SQLite files: WAL (readers never block the writer), rows by name.
-
-    A file that is not an SQLite database (or a folder in its place), or one this user may not
-    read or write, is a StateFileError naming it and what is wrong (state_error).
-    """
-    try:
-        db = sqlite3.connect(path, timeout=busy_timeout())
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-        except BaseException:
-            db.close()
-            raise
-    except sqlite3.DatabaseError as exc:
-        error = state_error(path, exc)
-        if error is None:
-            raise
-        raise error from None
-    db.row_factory = sqlite3.Row
-    return db
-
-
-@contextmanager
-def writing(path: Path) -> Iterator[sqlite3.Connection]:
-    """One write transaction on the SQLite file `path`; a store this user cannot write is a StateFileError."""
-    try:
-        with closing(connect(path)) as db, db:
-            yield db
-    except sqlite3.OperationalError as exc:
-        error = state_error(path, exc)
-        if error is None:
-            raise
-        raise error from None
-
 
 #: The longest id (of a run, a rollout) looked up by prefix: SQLite refuses a LIKE pattern over 50,000
 #: bytes ("LIKE or GLOB pattern too complex"), and an id is a time stamp, a profile name and 6 hex digits.
@@ -265,6 +109,11 @@ def read_results(path: Path) -> dict[str, Any]:
     return results
 
 
+#: The ballast a run store keeps beside itself (`runs.sqlite.reserve`): removed when the disk fills, so the
+#: run can still be closed as failed in the store (a few pages of WAL) instead of staying `running`.
+RESERVE_BYTES = 512 << 10
+
+
 class RunStore:
     """Runs and their candidates. Safe to use from one process at a time per write."""
 
@@ -284,6 +133,7 @@ class RunStore:
     def start_run(self, run_id: str, profile: str, profile_path: str, task: str, out_dir: str,
                   options: dict[str, Any] | None = None) -> None:
         """Record a new run as `running`, owned by this process."""
+        self.keep_reserve()
         with writing(self.path) as db:
             db.execute(
                 "INSERT INTO runs (id, profile, profile_path, task, status, started_at, out_dir, options, pid, host) "
@@ -298,6 +148,7 @@ class RunStore:
         Its start moves to `spent_s` before now, so that the time between its stop and this
         resume does not count against its time budget.
         """
+        self.keep_reserve()
         with writing(self.path) as db:
             db.execute("UPDATE runs SET status = 'running', finished_at = NULL, message = NULL, pid = ?, host = ?, "
                        "started_at = ? WHERE id = ?", (os.getpid(), socket.gethostname(), time.time() - spent_s, run_id))
@@ -316,12 +167,43 @@ class RunStore:
             )
 
     def finish_run(self, run_id: str, status: str, best_id: str | None = None, message: str | None = None) -> None:
-        """Close a run with its final status."""
-        with writing(self.path) as db:
-            db.execute(
-                "UPDATE runs SET status = ?, finished_at = ?, best_id = ?, message = ? WHERE id = ?",
-                (status, time.time(), best_id, message, run_id),
-            )
+        """Close a run with its final status. On a full disk the reserve is given up and the close tried again,
+        so the run is stored as it ended (`failed`, with the line) rather than left `running`."""
+        for attempt in (1, 2):
+            try:
+                with writing(self.path) as db:
+                    db.execute(
+                        "UPDATE runs SET status = ?, finished_at = ?, best_id = ?, message = ? WHERE id = ?",
+                        (status, time.time(), best_id, message, run_id),
+                    )
+                return
+            except DiskFull:
+                if attempt == 2 or not self.release_reserve():
+                    raise
+
+    @property
+    def reserve_path(self) -> Path:
+        """The ballast file beside the store (RESERVE_BYTES)."""
+        return self.path.with_name(self.path.name + ".reserve")
+
+    def keep_reserve(self) -> None:
+        """Make the ballast file beside the store if it is missing (at a run's start; best effort)."""
+        if self.reserve_path.exists():
+            return
+        try:
+            with open(self.reserve_path, "wb") as fh:
+                os.posix_fallocate(fh.fileno(), 0, RESERVE_BYTES)
+        except OSError:  # no room for it now: the run goes on without one
+            with contextlib.suppress(OSError):
+                self.reserve_path.unlink()
+
+    def release_reserve(self) -> bool:
+        """Give the ballast's space back (the disk is full); whether there was one."""
+        try:
+            self.reserve_path.unlink()
+            return True
+        except OSError:
+            return False
 
     def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest runs first, with candidate counts."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.metrics import REPORT, Metric, shown_in
-from orchestrator.report_plots import axes, pareto_svg
+from orchestrator.report.plots import axes, pareto_svg
 from orchestrator.search.selection import pipeline_label
 
 STYLE = """

@@ -3,7 +3,7 @@
 A technique that fine-tunes (prune-structured's and prune-magnitude's `epochs`, drop-layers)
 calls `Task.train`. A brought model has no training loop of its own, so it gets this one:
 
-- with a training set (`--train PATH`, the profile's `model.train`; `orchestrator/trainset.py`):
+- with a training set (`--train PATH`, the profile's `model.train`; `orchestrator/models/trainset.py`):
   label-free distillation on it. The teacher (the technique's, else the fp32 model) runs on each
   batch, augmented (image-like inputs only: small shifts and brightness) and read from the set
   only then, and its outputs are the targets. The held-out rows of `--inputs` are never trained
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.api import Dataset, distillation_loss
-from orchestrator.search.basemodel import torch_outputs
+from orchestrator.models.outputs import torch_outputs
 
 LEARNING_RATE = 1e-4
 BATCH = 8
@@ -46,9 +46,9 @@ def _as_list(out: Any) -> list[Any]:
 
 
 def train_set_of(task: Any) -> Any:
-    """The task's training set (`task.train_path`, `--train`), opened once (lazily: orchestrator/trainset.py)."""
+    """The task's training set (`task.train_path`, `--train`), opened once (lazily: orchestrator/models/trainset.py)."""
     if getattr(task, "_train_set", None) is None:
-        from orchestrator.trainset import TrainSet
+        from orchestrator.models.trainset import TrainSet
 
         task._train_set = TrainSet(task.train_path)
     return task._train_set
@@ -91,7 +91,7 @@ def fit(task: Any, model: Any, reference: Any, data: Dataset, epochs: int, seed:
         optimizer.step()
 
     if train_set is not None:
-        from orchestrator.trainset import augment
+        from orchestrator.models.trainset import augment
 
         target_model = teacher if teacher is not None else reference
         n = len(train_set)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from orchestrator.errors import ExitCode, OrchestratorError
-from orchestrator.paths import state_dir
+from orchestrator.state.paths import state_dir
 
 log = logging.getLogger(__name__)
 

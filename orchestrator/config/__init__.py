@@ -1,0 +1,1 @@
+"""Profiles and the YAML reader (line-numbered errors)."""

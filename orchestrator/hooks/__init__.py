@@ -1,0 +1,1 @@
+"""The plugin hooks (specs) and the plugin manager that loads entry points."""

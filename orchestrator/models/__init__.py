@@ -1,0 +1,1 @@
+"""Models: tasks (built-in and brought with --model), their training, facts and quality metrics."""

@@ -1,0 +1,1 @@
+"""The run's report (Markdown) and its plots."""
