@@ -1,4 +1,5 @@
-"""`orchestrate devices ...`: register, emulate, list, show, probe, remove and import devices (docs/devices.md).
+"""`orchestrate devices ...`: register, emulate, list, show, probe, remove, import and calibrate devices
+(docs/devices.md; calibrate: docs/emulation.md).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _summary(info: dict[str, Any]) -> str:
 
 @click.group()
 def devices() -> None:
-    """Devices in the registry: register, emulate, list, show, probe, remove, import."""
+    """Devices in the registry: register, emulate, list, show, probe, remove, import, calibrate."""
 
 
 @devices.command("register")
@@ -282,3 +283,34 @@ def import_inventory(ctx: click.Context, inventory: Path, profiles_dir: Path, dr
     if not dry_run:
         click.echo(", ".join(f"{n} {what}" for what, n in counts.items()))
     ctx.exit(ExitCode.ERROR if counts["failed"] else ExitCode.OK)
+
+
+@devices.command("calibrate")
+@click.argument("name")
+@click.option("--rounds", default=20, show_default=True, type=click.IntRange(3, 200),
+              help="Interleaved rounds of the suite on the board.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="Twin counts run at a time (counts do not depend on the host's load).")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored calibration as JSON.")
+def calibrate(name: str, rounds: int, jobs: int, as_json: bool) -> None:
+    """Fit the emulated twin's cost model to a real board: the fixed suite timed on NAME and counted on its twin;
+    stored for NAME's profile, whose emulated device then says calibrated (docs/emulation.md)."""
+    from orchestrator.fleet.calibration import calibrate_registered  # numpy and the emulators: only when it runs
+
+    record = calibrate_registered(name, rounds=rounds, jobs=jobs,
+                                  log=lambda line: click.echo(printable(line), err=True))
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    fit, half = record["fit"], record["held_out_half"]
+    click.echo(printable(f"calibrated profile {record['profile']} on board {record['board']} ({record['date']}): "
+                         f"cpi {record['cpi']:.3f} at {record['clock_mhz']:g} MHz"
+                         + (f" + {record['intercept_ms'] * 1e3:.1f} us per run" if record["with_intercept"] else "")))
+    click.echo(f"  twin: {printable(record['twin'])}")
+    for item in record["items"]:
+        click.echo(printable(f"  {item['name']:<34} {item['instructions']:>13,.0f} instructions  board "
+                             f"{item['board_ms']:9.4f} ms  model {item['predicted_ms']:9.4f} ms  {item['error']:+.0%}"))
+    click.echo(f"  fit: median |error| {fit['in_sample']['median_abs_error']:.0%}, leave-one-out "
+               f"{fit['leave_one_out']['median_abs_error']:.0%}; fitted on half, the other half: median |error| "
+               f"{half['median_abs_error']:.0%}, Kendall tau {half['kendall_tau']:.2f}")
+    click.echo(printable(f"  stored in {record['path']}"))

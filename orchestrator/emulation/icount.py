@@ -38,12 +38,13 @@ from typing import TYPE_CHECKING, Any
 
 from agents.kernel import latency_stats
 from orchestrator.devices.base import axes_args
+from orchestrator.emulation.calibration_store import stored_cost_model
 from orchestrator.errors import MeasurementError
 from orchestrator.state.paths import state_dir
 
 if TYPE_CHECKING:
-    from orchestrator.emulation.user import QemuUserTransport
     from orchestrator.config.profile import Profile
+    from orchestrator.emulation.user import QemuUserTransport
 
 LATENCY_SOURCE = "emulated-icount"
 PLUGIN_SOURCE = Path(__file__).with_name("insncount.c")
@@ -61,13 +62,19 @@ class CostModel:
     clock_mhz: float
     calibrated: bool
     source: str
+    intercept_ms: float = 0.0  # a calibration's fixed cost per run, kept only where the fit justified it
 
     def milliseconds(self, instructions: float) -> float:
-        return instructions * self.cpi / (self.clock_mhz * 1e3)
+        return self.intercept_ms + instructions * self.cpi / (self.clock_mhz * 1e3)
 
 
 def cost_model(profile: Profile) -> CostModel | None:
-    """The profile's `emulation.cost_model`, or None when it has none."""
+    """The cost model of the profile's emulated device: a calibration stored for the profile by
+    `orchestrate devices calibrate` (orchestrator/emulation/calibrate.py, `calibrated: true`), else the profile's
+    `emulation.cost_model`; None when it has neither."""
+    stored = stored_cost_model(profile)
+    if stored is not None:
+        return CostModel(**stored)
     emu = profile.emulation
     cm = getattr(emu, "cost_model", None) if emu is not None else None
     if cm is None:

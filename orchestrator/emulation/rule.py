@@ -145,7 +145,7 @@ def latency_constraint(profile: Profile) -> str:
     the cost model says calibrated), else 'unverified'."""
     emu = profile.emulation
     if latency_source(profile) == icount.LATENCY_SOURCE:
-        return icount.LATENCY_SOURCE if emu.cost_model.calibrated else "unverified"
+        return icount.LATENCY_SOURCE if icount.cost_model(profile).calibrated else "unverified"
     scale = emu.latency_scale if emu else 1.0
     return "unverified" if scale == 1.0 else LATENCY_SOURCE
 
@@ -221,7 +221,7 @@ class EmulatedDeviceTransport:
                 "block_runs": 1, "warmup_runs": icount.COUNT_WARMUP_RUNS, "threads": {"intra_op": 1, "inter_op": 1},
                 "pinned_cpu": None, "seconds": round(time.perf_counter() - started, 3), "warnings": [],
                 "emulated": True, "latency_source": icount.LATENCY_SOURCE,
-                "latency_constraint": latency_constraint(profile), "calibrated": profile.emulation.cost_model.calibrated}
+                "latency_constraint": latency_constraint(profile), "calibrated": icount.cost_model(profile).calibrated}
 
     def bench(self, model_bytes: bytes, profile: Profile) -> dict[str, Any]:
         """Gate, measure natively, scale; the agent's bench JSON shape plus the emulation keys (module docstring).
@@ -325,11 +325,11 @@ def emulation_note(profile: Profile | None) -> str:
     emu = profile.emulation if profile is not None else None
     scale = emu.latency_scale if emu is not None else 1.0
     if latency_source(profile) == icount.LATENCY_SOURCE:
-        cm = emu.cost_model
+        cm = icount.cost_model(profile)  # a calibration stored for the profile, else the profile's
         return ("EMULATED: each candidate is checked under QEMU (aarch64 onnxruntime, outputs against this host's); "
                 f"its latency is the guest instructions counted on the emulated {emu.qemu_cpu} (one thread) x cpi "
-                f"{cm.cpi:g} / {cm.clock_mhz:g} MHz (latency_source: {icount.LATENCY_SOURCE}, emulation.cost_model, "
-                + ("calibrated)" if cm.calibrated else
+                f"{cm.cpi:g} / {cm.clock_mhz:g} MHz (latency_source: {icount.LATENCY_SOURCE}, "
+                + (f"calibrated: {cm.source})" if cm.calibrated else
                    "NOT calibrated: an estimate; the latency constraint is unverified)"))
     latency = (f"this host's native measurement (latency_source: {LATENCY_SOURCE}; emulation.latency_scale is 1.0, "
                "not calibrated from a board, so the latency constraint is unverified)" if scale == 1.0 else

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from typing import Any
 
 from orchestrator.api import DeviceFacts
+from orchestrator.config.profile import Profile
 from orchestrator.devices.base import Device
 from orchestrator.devices.local import local_device
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
@@ -17,7 +19,6 @@ from orchestrator.errors import (
     OrchestratorError,
 )
 from orchestrator.fleet.transports import check_ready, make_transport
-from orchestrator.config.profile import Profile
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def choose_devices(profile_name: str, fallback: str, cpus: int,
 def describe_devices(devices: list[Device], source: str, note: str, unreachable: list[dict[str, str]] | None = None,
                      profile: Profile | None = None) -> dict[str, Any]:
     """What results.json says of a run's devices (`source`: registry, fallback or given)."""
+    from orchestrator.emulation.icount import cost_model
     from orchestrator.emulation.rule import emulation_note, latency_constraint, latency_source
 
     described = [d.describe() for d in devices]
@@ -128,8 +130,8 @@ def describe_devices(devices: list[Device], source: str, note: str, unreachable:
         if profile is not None and profile.emulation is not None:
             info.update(latency_scale=profile.emulation.latency_scale, latency_constraint=latency_constraint(profile))
             if profile.emulation.latency == "emulated-icount":
-                info.update(calibrated=profile.emulation.cost_model.calibrated,
-                            cost_model=profile.emulation.cost_model.model_dump())
+                model = cost_model(profile)  # a calibration stored for the profile, else the profile's
+                info.update(calibrated=model.calibrated, cost_model=asdict(model))
     return info
 
 
