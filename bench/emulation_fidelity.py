@@ -79,11 +79,11 @@ def build_candidates(names: set[str] | None, log: Any) -> tuple[list[dict[str, A
     """Build every candidate (one whose technique is not installed is skipped, and said so); and the data."""
     import torch
 
-    from orchestrator.search.basemodel import get_base_model
-    from orchestrator.errors import OrchestratorError
-    from orchestrator.search.pipeline import build_candidate, evaluate_onnx
-    from orchestrator.hooks.manager import get_plugin_manager
     from orchestrator.config.profile import load_profile
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.hooks.manager import get_plugin_manager
+    from orchestrator.search.basemodel import get_base_model
+    from orchestrator.search.pipeline import build_candidate, evaluate_onnx
 
     torch.set_num_threads(1)
     registry = get_plugin_manager()
@@ -155,15 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated candidate names (default: all)")
     parser.add_argument("--parity-samples", type=int, default=64, help="held-out inputs for the parity check")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--twin", action="store_true",
+                        help="only the twin column: this machine's instruction-counted twin vs native (issue 30 item 3); "
+                             "writes bench/results/emulation_fidelity_twin.json")
+    parser.add_argument("--native-reps", type=int, default=3, help="twin column: native repetitions (default 3)")
+    parser.add_argument("--rounds", type=int, default=40, help="twin column: interleaved rounds per rep (default 40)")
+    parser.add_argument("--jobs", type=int, default=2, help="twin column: counts at a time (default 2)")
     args = parser.parse_args(argv)
     _state_home()
     sys.path.insert(0, str(ROOT))
+    if args.twin:
+        return twin_main(args)
 
-    from orchestrator.devices.local import LocalTransport, local_device
-    from orchestrator.devices.base import bench_args
     from orchestrator.config.profile import load_profile
-    from orchestrator.emulation.user import QemuUserTransport, emulated_bench_args, emulated_device
+    from orchestrator.devices.base import bench_args
+    from orchestrator.devices.local import LocalTransport, local_device
     from orchestrator.emulation.sysroot import SysrootRecipe, build_sysroot
+    from orchestrator.emulation.user import QemuUserTransport, emulated_bench_args, emulated_device
 
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -213,6 +221,31 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = round(time.time() - started)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(rows, result["agreement"], cpus)
+    print(f"wrote {out} ({result['seconds']} s)")
+    return 0
+
+
+def twin_main(args: argparse.Namespace) -> int:
+    """The twin column alone: build the candidates, measure natively, count on the twin, calibrate, write the JSON."""
+    from bench.twin_column import print_twin, twin_column
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    started = time.time()
+    candidates, _ = build_candidates(set(args.only.split(",")) if args.only else None, log)
+    block = twin_column(candidates, kendall, (os.cpu_count() or 1) - 1, args.native_reps, args.rounds, args.jobs, log)
+    for cand, row in zip(candidates, block["candidates"], strict=True):
+        row.update(pipeline=cand["pipeline"], size_bytes=cand["size_bytes"], accuracy_host=cand["accuracy_host"])
+    result = {"schema_version": 1, "what": "this machine's instruction-counted twin (qemu-x86_64 + insncount plugin, "
+                                           "this host's onnxruntime) vs native measurement of the same candidates",
+              "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                       "load_average_at_end": os.getloadavg()},
+              "twin": block, "seconds": round(time.time() - started)}
+    out = Path(args.out) if args.out != str(RESULTS) else RESULTS.with_name("emulation_fidelity_twin.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print_twin(block)
     print(f"wrote {out} ({result['seconds']} s)")
     return 0
 
