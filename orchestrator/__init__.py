@@ -18,7 +18,8 @@ from orchestrator.api import (
     hookimpl,
     training_progress,
 )
-from orchestrator.devices.base import Device, bench_args, compare_args
+from orchestrator.devices.base import (Device, EmulatedTarget, LocalTarget, PluginTarget, SshTarget, bench_args,
+                                       compare_args)
 from orchestrator.devices.transport import Deployable, Transport, TransportKind
 from orchestrator.errors import DeviceUnreachable, MeasurementError, TechniqueParamsError
 from orchestrator.search.record import CandidateRecord
@@ -29,6 +30,6 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = ["CandidateRecord", "Choice", "Dataset", "Deployable", "Device", "DeviceFacts", "DeviceUnreachable",
-           "MeasurementError", "Task", "Technique", "TechniqueContext", "TechniqueParamsError", "TensorSpec", "Transport",
-           "TransportKind", "bench_args", "choice", "compare_args", "distillation_loss", "hookimpl", "training_progress",
-           "__version__"]
+           "EmulatedTarget", "LocalTarget", "MeasurementError", "PluginTarget", "SshTarget", "Task", "Technique",
+           "TechniqueContext", "TechniqueParamsError", "TensorSpec", "Transport", "TransportKind", "bench_args",
+           "choice", "compare_args", "distillation_loss", "hookimpl", "training_progress", "__version__"]

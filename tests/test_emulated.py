@@ -99,7 +99,7 @@ def test_registry_gains_the_extra_column_and_keeps_emulated_rows_off_ssh(tmp_pat
     device = emu.device()
     assert (device.transport, device.emulated, device.ssh, device.extra) == ("qemu", True, None, extra)
     with pytest.raises(ValueError, match="emulated"):
-        emu.target()
+        emu.ssh_target()
 
 
 def test_devices_emulate_refuses_in_one_line(tmp_path, capsys, monkeypatch):

@@ -216,3 +216,58 @@ def test_agent_zipapp_is_named_by_its_code_and_runs_with_exit_codes(tmp_path):
     missing = subprocess.run([sys.executable, str(path), "sha256", "--file", str(tmp_path / "nope")],
                              capture_output=True, text=True)
     assert missing.returncode == 4 and json.loads(missing.stdout)["exit_code"] == 4
+
+
+#: The devices table as every release before the `target` column wrote it (issue 28: flat SSH columns).
+OLD_SCHEMA = """
+CREATE TABLE devices (name TEXT PRIMARY KEY, transport TEXT NOT NULL DEFAULT 'ssh', host TEXT NOT NULL,
+    port INTEGER NOT NULL, user TEXT NOT NULL, key_path TEXT, host_key TEXT NOT NULL, profile TEXT NOT NULL,
+    profile_path TEXT NOT NULL, tags TEXT NOT NULL, python TEXT NOT NULL, remote_dir TEXT NOT NULL, arch TEXT,
+    info TEXT, status TEXT NOT NULL, status_reason TEXT, last_seen REAL, registered_at REAL NOT NULL,
+    deployed_model TEXT, extra TEXT);
+"""
+
+
+def test_a_registry_from_before_the_target_column_is_migrated_to_tagged_targets(tmp_path):
+    from orchestrator.devices.base import EmulatedTarget, SshTarget, target_json
+
+    path = tmp_path / "registry.sqlite"
+    pi = _device("pi-1")
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+        for name, transport, host, port, extra in (("pi-1", "ssh", pi.host, 22, None),
+                                                   ("emu", "qemu", "", 0, json.dumps({"qemu_cpu": "cortex-a72"}))):
+            db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, 'pi', NULL, ?, 'rpi4', 'p.yaml', '[]', 'python3', "
+                       "'.eo', 'aarch64', '{}', 'online', NULL, NULL, 1.0, NULL, ?)",
+                       (name, transport, host, port, pi.host_key if transport == "ssh" else "", extra))
+    registry = DeviceRegistry(path)  # opening it migrates
+    with sqlite3.connect(path) as db:
+        stored = dict(db.execute("SELECT name, target FROM devices").fetchall())
+    assert json.loads(stored["pi-1"]) == {"kind": "ssh", "host": "192.0.2.10", "user": "pi", "host_key": pi.host_key,
+                                          "port": 22, "key_path": None, "python": "python3", "remote_dir": ".eo",
+                                          "connect_timeout_s": 10.0}
+    assert json.loads(stored["emu"]) == {"kind": "qemu", "settings": {"qemu_cpu": "cortex-a72"}}
+    assert isinstance(registry.get("pi-1").device().target, SshTarget)
+    emu = registry.get("emu").device()
+    assert emu.target == EmulatedTarget({"qemu_cpu": "cortex-a72"}) and emu.emulated and emu.ssh is None
+    # the stored target is what is true: a flat column an old version changed does not move the device
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE devices SET host = '198.51.100.1' WHERE name = 'pi-1'")
+    assert registry.get("pi-1").ssh_target().host == "192.0.2.10"
+    assert target_json(registry.get("pi-1").target)["host"] == "192.0.2.10"
+
+
+def test_a_plugin_kind_is_stored_as_its_own_tagged_target_and_a_damaged_one_is_shown_as_damaged(tmp_path):
+    from orchestrator.devices.base import PluginTarget
+
+    registry = DeviceRegistry(tmp_path / "registry.sqlite")
+    registry.add(_device("board", transport="serial", host="", port=0, host_key="", extra={"port": "/dev/ttyUSB0"}))
+    board = registry.get("board")
+    assert board.target == PluginTarget("serial", {"port": "/dev/ttyUSB0"})
+    assert board.device().target == board.target and board.device().transport == "serial"
+    with pytest.raises(ValueError, match="a serial device: it has no SSH target"):
+        board.ssh_target()
+    with sqlite3.connect(registry.path) as db:
+        db.execute("UPDATE devices SET target = '{\"kind\": \"ssh\", \"hots\": 1}' WHERE name = 'board'")
+    damaged = registry.get("board")
+    assert damaged.status == "damaged" and "target not a device target" in damaged.status_reason

@@ -1,4 +1,5 @@
-"""A device: the `Device` record, how to reach it over SSH (`SshTarget`), and the agent's `bench` flags for a profile.
+"""A device: the `Device` record, where it is (`Device.target`, one of the tagged `Target` kinds: `SshTarget`,
+`LocalTarget`, `EmulatedTarget`, a plugin's `PluginTarget`), and the agent's `bench` flags for a profile.
 
 Every transport runs the same `agents/` code: the agent is what measures, the host only ships
 the model and reads the JSON the agent prints.
@@ -6,8 +7,8 @@ the model and reads the JSON the agent prints.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from orchestrator.state.hashing import digest
 
@@ -24,6 +25,7 @@ OFFLINE_RETRY_S = 30.0  # an offline device is tried again after this long
 class SshTarget:
     """How to reach a device over SSH. Holds no secret: a key *path* (or none: ssh-agent) and the pinned host key."""
 
+    kind: ClassVar[str] = "ssh"
     host: str
     user: str
     host_key: str  # pinned public host key, "TYPE BASE64" as in known_hosts
@@ -40,20 +42,77 @@ class SshTarget:
 
 
 @dataclass
+class LocalTarget:
+    """This machine: the agent runs as a child process."""
+
+    kind: ClassVar[str] = "local"
+
+
+@dataclass
+class EmulatedTarget:
+    """A board emulated with QEMU user mode: what the emulator needs (CPU model, sysroot, cores, memory, mode)."""
+
+    kind: ClassVar[str] = "qemu"
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PluginTarget:
+    """A transport kind a plugin registers (`register_transports`): its name and its own settings."""
+
+    kind: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+#: Where a device is: one of these, told apart by `kind` (stored as such in the registry, docs/devices.md).
+Target = Union[SshTarget, LocalTarget, EmulatedTarget, PluginTarget]
+_KINDS: dict[str, type] = {"ssh": SshTarget, "local": LocalTarget, "qemu": EmulatedTarget}
+
+
+def target_json(target: Target) -> dict[str, Any]:
+    """`{"kind": ..., <the kind's fields>}`: how the registry stores a target."""
+    return {"kind": target.kind, **{f.name: getattr(target, f.name) for f in fields(target) if f.name != "kind"}}
+
+
+def target_from_json(data: dict[str, Any]) -> Target:
+    """The target `target_json` stored; ValueError for one that is not a JSON object with a known kind's fields."""
+    if not isinstance(data, dict) or not isinstance(data.get("kind"), str) or not data["kind"]:
+        raise ValueError("not an object with a `kind`")
+    rest = {k: v for k, v in data.items() if k != "kind"}
+    cls = _KINDS.get(data["kind"])
+    try:
+        return PluginTarget(data["kind"], **rest) if cls is None else cls(**rest)
+    except TypeError as exc:  # a field missing or unknown
+        raise ValueError(f"a {data['kind']} target: {exc}") from None
+
+
+@dataclass
 class Device:
-    """A device a profile's candidates are measured on."""
+    """A device a profile's candidates are measured on. `target` says where it is (its kind is `transport`);
+    made from `transport`, `ssh` and `extra` when not given, so either form describes the same device."""
 
     name: str
-    transport: str  # "local" | "ssh" | "qemu"
+    transport: str  # the target's kind: "local" | "ssh" | "qemu" | a plugin's
     arch: str
     emulated: bool = False
     pinned_cpu: int | None = None
     ssh: SshTarget | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    target: Target | None = None
+
+    def __post_init__(self) -> None:
+        if self.target is None:
+            self.target = self.ssh if self.ssh is not None else \
+                LocalTarget() if self.transport == "local" else \
+                EmulatedTarget(dict(self.extra)) if self.transport == "qemu" else PluginTarget(self.transport, dict(self.extra))
+        elif self.ssh is None and isinstance(self.target, SshTarget):
+            self.ssh = self.target
+        if self.target.kind != self.transport:
+            raise ValueError(f"device {self.name}: its target is a {self.target.kind} one, its transport {self.transport}")
 
     def describe(self) -> dict[str, Any]:
         """What results.json says of the device (no key path, no host key)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("extra", "ssh")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("extra", "ssh", "target")}
         if self.ssh is not None:
             out["host"] = self.ssh.address
         return out

@@ -3,9 +3,13 @@
 It stores how to reach a device and what it is, never a secret: a key *path* (or none,
 for ssh-agent), never a password or key material; the pinned host key is public.
 
-An emulated device (transport `qemu`, `orchestrate devices emulate`) is reached through no
-network: its SSH columns are empty and never read, and `extra` (JSON) holds what the emulator
-needs (sysroot, CPU model, cores, memory, its device view).
+Where a device is, is stored as its tagged target (`target`, JSON: `{"kind": "ssh", "host": ...}`,
+`{"kind": "qemu", "settings": {...}}`, `{"kind": "local"}`, or a plugin's kind with its settings;
+orchestrator/devices/base.py `Target`). The flat SSH columns are still written, for the versions
+before the target column, and read only to migrate a registry written by one of them: opening it
+fills every row's `target` from them (`MIGRATIONS`, `_migrate_targets`). An emulated device's
+settings (sysroot, CPU model, cores, memory, its device view) are its target's; `extra` keeps other
+facts of a device (a full-system VM's pid and folder).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.devices.base import Device, SshTarget
+from orchestrator.devices.base import Device, EmulatedTarget, LocalTarget, PluginTarget, SshTarget, Target, \
+    target_from_json, target_json
 from orchestrator.errors import DeviceNotFound, DeviceRefused
 from orchestrator.state.paths import state_dir
 from orchestrator.state.sqlite import connect, writing
@@ -46,11 +51,12 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen REAL,
     registered_at REAL NOT NULL,
     deployed_model TEXT,           -- sha256 of the model rolled out to it (set by the rollout)
-    extra TEXT                     -- JSON: what a non-SSH transport needs (qemu: sysroot, qemu_cpu, cores, ...)
+    extra TEXT,                    -- JSON: other facts of the device (a full-system VM's pid and folder)
+    target TEXT                    -- JSON: the tagged target, {"kind": "ssh" | "qemu" | "local" | a plugin's, ...}
 );
 """
 # Columns added after the first release: (name, declaration) for ALTER TABLE on older files.
-MIGRATIONS = (("extra", "extra TEXT"),)
+MIGRATIONS = (("extra", "extra TEXT"), ("target", "target TEXT"))
 STATUSES = ("online", "offline", "host-key-changed")
 
 
@@ -112,21 +118,27 @@ class RegisteredDevice:
             return f"qemu-{self.extra.get('mode', 'user')} -cpu {self.extra.get('qemu_cpu')}"
         return f"{self.user}@{self.host}:{self.port}"
 
-    def target(self) -> SshTarget:
-        """How to reach it over SSH."""
-        if self.emulated:
-            raise ValueError(f"device {self.name} is emulated: it has no SSH target")
-        return SshTarget(host=self.host, port=self.port, user=self.user, key_path=self.key_path,
-                         host_key=self.host_key, python=self.python, remote_dir=self.remote_dir)
+    @property
+    def target(self) -> Target:
+        """Where it is: the tagged target its row stores."""
+        if self.transport == "ssh":
+            return SshTarget(host=self.host, port=self.port, user=self.user, key_path=self.key_path,
+                             host_key=self.host_key, python=self.python, remote_dir=self.remote_dir)
+        if self.transport == "local":
+            return LocalTarget()
+        return EmulatedTarget(dict(self.extra)) if self.emulated else PluginTarget(self.transport, dict(self.extra))
+
+    def ssh_target(self) -> SshTarget:
+        """How to reach it over SSH; ValueError for a device of another kind."""
+        if not isinstance(target := self.target, SshTarget):
+            what = "emulated" if self.emulated else f"a {self.transport} device"
+            raise ValueError(f"device {self.name} is {what}: it has no SSH target")
+        return target
 
     def device(self) -> Device:
         """The device as a run measures on it."""
-        if self.emulated:
-            return Device(name=self.name, transport="qemu", arch=self.arch or "aarch64", emulated=True,
-                          extra=dict(self.extra))
-        if self.transport != "ssh":  # a plugin's kind: what it needs is in `extra`
-            return Device(name=self.name, transport=self.transport, arch=self.arch or "unknown", extra=dict(self.extra))
-        return Device(name=self.name, transport=self.transport, arch=self.arch or "unknown", ssh=self.target())
+        return Device(name=self.name, transport=self.transport, arch=self.arch or ("aarch64" if self.emulated else "unknown"),
+                      emulated=self.emulated, extra=dict(self.extra), target=self.target)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, with the host key's fingerprint (None when emulated) and whether it is emulated."""
@@ -150,6 +162,7 @@ class DeviceRegistry:
                     except sqlite3.OperationalError as exc:  # another process added it just now
                         if "duplicate column" not in str(exc):
                             raise
+            _migrate_targets(db)
 
     def _connect(self) -> sqlite3.Connection:
         return connect(self.path)
@@ -159,6 +172,7 @@ class DeviceRegistry:
         row = asdict(device)
         row["tags"], row["info"] = json.dumps(device.tags), json.dumps(device.info)
         row["extra"] = json.dumps(device.extra) if device.extra else None
+        row["target"] = json.dumps(target_json(device.target))
         row["registered_at"] = row["registered_at"] or time.time()
         cols = ", ".join(row)
         try:
@@ -217,8 +231,27 @@ class DeviceRegistry:
 DAMAGED = "damaged"
 
 
+def _migrate_targets(db: sqlite3.Connection) -> None:
+    """Rows written before the `target` column: their target, made from the flat columns they have."""
+    for row in db.execute("SELECT * FROM devices WHERE target IS NULL").fetchall():
+        device = _from_row(row)
+        if device.status != DAMAGED:
+            db.execute("UPDATE devices SET target = ? WHERE name = ?", (json.dumps(target_json(device.target)), row["name"]))
+
+
+def _with_target(data: dict[str, Any], target: Target) -> None:
+    """The row's fields as its stored target says (the target is what is true; the flat columns follow it)."""
+    data["transport"] = target.kind
+    if isinstance(target, SshTarget):
+        data.update(host=target.host, port=target.port, user=target.user, key_path=target.key_path,
+                    host_key=target.host_key, python=target.python, remote_dir=target.remote_dir)
+    elif isinstance(target, (EmulatedTarget, PluginTarget)):
+        data["extra"] = {**data["extra"], **target.settings}
+
+
 def _from_row(row: sqlite3.Row) -> RegisteredDevice:
     data = dict(row)
+    stored = data.pop("target", None)
     damaged = []
     for column, empty, kind in (("tags", "[]", list), ("info", "{}", dict), ("extra", "{}", dict)):
         try:
@@ -231,6 +264,11 @@ def _from_row(row: sqlite3.Row) -> RegisteredDevice:
                 damaged.append(f"{column} a JSON {type(value).__name__}, not a {kind.__name__}")
                 value = json.loads(empty)
         data[column] = value
+    if stored is not None:
+        try:
+            _with_target(data, target_from_json(json.loads(stored)))
+        except ValueError as exc:
+            damaged.append(f"target not a device target ({exc})")
     if damaged:  # the rest of the row is shown; the device is not used
         data["status"] = DAMAGED
         data["status_reason"] = f"its registry row is damaged: {'; '.join(damaged)} " \

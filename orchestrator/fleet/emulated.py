@@ -175,7 +175,7 @@ def emulate_system_device(profile_path: str | Path, name: str | None = None, tag
                    "memory_mb": emu.memory_mb, "image": str(built), "vm_dir": str(run_dir), "vm_pid": vm.pid,
                    "ssh_seconds": vm.ssh_seconds},
         )
-        target = device.target()
+        target = device.ssh_target()
         target.connect_timeout_s = reg.connect_timeout_s
         transport = make_transport(Device(name=name, transport="ssh", arch="aarch64", ssh=target))
         try:
