@@ -8,7 +8,6 @@ has none), a C compiler, and the session's arm64 sysroot; they skip with the rea
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.config.profile import load_profile
 from orchestrator.devices.base import Device
 from orchestrator.emulation import icount
 from orchestrator.emulation.rule import emulation_note, latency_constraint, latency_source
 from orchestrator.errors import ProfileError
-from orchestrator.config.profile import load_profile
 from tests.helpers import ROOT
 
 PROFILES = ROOT / "device_profiles"
