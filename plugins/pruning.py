@@ -3,7 +3,9 @@
 `prune-structured` removes whole channels with torch-pruning's dependency graph: every
 layer coupled to a pruned channel (the batch norm after a convolution, the next
 convolution's inputs, both sides of a residual addition) loses the same channel, so
-the model stays consistent and is really smaller. The classifier's outputs are kept.
+the model stays consistent and is really smaller. Every output keeps its shape: the layers whose
+channels an output is made of (a classifier's last Linear, each head of a detector feeding its
+final concat) are found on the dependency graph and kept whole (plugins/_keep_outputs.py).
 
 `prune-magnitude` zeroes the smallest weights (unstructured). The tensors keep their
 shapes, so onnxruntime on a CPU runs it exactly as fast as the dense model; what it
@@ -20,6 +22,7 @@ from typing import Any
 
 from orchestrator import Technique, choice, hookimpl
 from plugins._batchnorm import recalibrate_batch_norm
+from plugins._keep_outputs import output_walk, protected_layers
 
 
 def _weight_layer_types() -> tuple[type, ...]:
@@ -52,22 +55,22 @@ def example_input(ctx: Any) -> Any:
     return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
-def output_layer(model: Any, example: Any) -> Any:
-    """The last Conv/Linear the forward pass runs: the classifier, whose outputs must stay."""
+def output_layers(model: Any, example: Any) -> list[Any]:
+    """The Conv/Linear layers (and any other channel-making layer) whose outputs a model output is made of:
+    a classifier's last Linear; every head of a detector (plugins/_keep_outputs.py). Never pruned."""
+    layers = output_walk(model, example)[2]
+    if not any(isinstance(m, _weight_layer_types()) for m in model.modules()):
+        raise ValueError("the model has no Conv or Linear layer to prune")
+    return layers
+
+
+def _shapes(model: Any, example: Any) -> list[tuple[int, ...]]:
     import torch
 
-    order: list[Any] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
-             for m in model.modules() if isinstance(m, _weight_layer_types())]
-    try:
-        with torch.no_grad():
-            model.eval()(*example) if isinstance(example, tuple) else model.eval()(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    if not order:
-        raise ValueError("the model has no Conv or Linear layer to prune")
-    return order[-1]
+    with torch.no_grad():
+        out = model.eval()(*example) if isinstance(example, tuple) else model.eval()(example)
+    out = [out] if isinstance(out, torch.Tensor) else list(out.values()) if isinstance(out, dict) else list(out)
+    return [tuple(t.shape) for t in out if isinstance(t, torch.Tensor)]
 
 
 class PruneStructured(Technique):
@@ -116,19 +119,21 @@ class PruneStructured(Technique):
 
         model = copy.deepcopy(model).eval()
         example = example_input(ctx)
-        keep = output_layer(model, example)
+        shapes = _shapes(model, example)
+        # every head whose channels an output is made of, and every group torch-pruning cannot cut cleanly
+        keep = protected_layers(model, example)
         importance = {
             "l1": lambda: tp.importance.MagnitudeImportance(p=1),
             "l2": lambda: tp.importance.MagnitudeImportance(p=2),
             "taylor": lambda: tp.importance.GroupTaylorImportance(),
         }[params["importance"]]()
         pruner = tp.pruner.BasePruner(
-            model, example, importance=importance,
+            model, example if isinstance(example, tuple) else (example,), importance=importance,
             pruning_ratio=float(params["ratio"]),
             global_pruning=params["scope"] == "global",
             # Global ranking may empty a whole layer; keep at least a tenth of every group.
             max_pruning_ratio=0.9,
-            ignored_layers=[keep],
+            ignored_layers=keep,
             round_to=params["round_to"],
         )
         if params["importance"] == "taylor":
@@ -150,6 +155,8 @@ class PruneStructured(Technique):
         if sum(p.numel() for p in model.parameters()) == before:
             raise ValueError(f"nothing to prune at ratio {params['ratio']} with channels rounded to "
                              f"multiples of {params['round_to']}: the layers are too narrow")
+        if _shapes(model, example) != shapes:  # the protection above is meant to make this impossible
+            raise ValueError(f"pruning changed the model's output shapes from {shapes} to {_shapes(model, example)}")
         if params["epochs"]:
             ctx.fine_tune(model, params["epochs"])
         if params["recalibrate_bn"]:
@@ -177,17 +184,17 @@ class PruneMagnitude(Technique):
         return _check_bool(params, "recalibrate_bn")
 
     def apply(self, model: Any, params: dict[str, Any], ctx: Any) -> Any:
-        """Zero the smallest weights of a copy (all Conv/Linear but the classifier), fine-tune, make it permanent."""
+        """Zero the smallest weights of a copy (all Conv/Linear but the output layers), fine-tune, make it permanent."""
         import copy
 
         from torch.nn.utils import prune
 
         model = copy.deepcopy(model).eval()
         example = example_input(ctx)
-        keep = output_layer(model, example)
-        targets = [(m, "weight") for m in model.modules() if isinstance(m, _weight_layer_types()) and m is not keep]
+        keep = {id(m) for m in output_layers(model, example)}
+        targets = [(m, "weight") for m in model.modules() if isinstance(m, _weight_layer_types()) and id(m) not in keep]
         if not targets:
-            raise ValueError("the model has no Conv or Linear layer to prune besides its classifier")
+            raise ValueError("the model has no Conv or Linear layer to prune besides its output layers")
         amount = float(params["sparsity"])
         if params["scope"] == "global":
             prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)

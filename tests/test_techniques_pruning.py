@@ -13,7 +13,7 @@ from orchestrator.hooks.manager import get_plugin_manager
 from orchestrator.search.pipeline import compressed_size, export_onnx
 from plugins._batchnorm import recalibrate_batch_norm
 from plugins.digits import DigitsTask
-from plugins.pruning import output_layer, sparsity_of
+from plugins.pruning import output_layers, sparsity_of
 from tests.helpers.techniques import TINY_ARCH, check_contract, params_count, tiny_context
 
 
@@ -74,8 +74,8 @@ def test_batch_norm_recalibration_matches_the_data(tiny_resnet):
     assert stem_bn.momentum == 0.1 and not tiny_resnet.training
 
 
-def test_output_layer_is_the_classifier(tiny_resnet):
-    assert output_layer(tiny_resnet, torch.zeros(1, 1, 32, 32)) is tiny_resnet.fc
+def test_the_output_layers_of_a_classifier_are_its_last_linear(tiny_resnet):
+    assert output_layers(tiny_resnet, torch.zeros(1, 1, 32, 32)) == [tiny_resnet.fc]
 
 
 @pytest.mark.parametrize(("scope", "epochs"), [("layer", 0), ("global", 1)])
