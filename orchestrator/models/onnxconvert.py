@@ -6,6 +6,10 @@ output with a cosine of at least `MIN_COSINE` and a relative error (max |torch -
 max |onnx|) of at most `MAX_RELATIVE_ERROR`. Otherwise it returns why, in one line, and the run
 goes on with graph-stage techniques only (orchestrator/search/fitting.py `refuse_torch_stages`).
 
+Weights held in `Constant` nodes instead of initializers (PaddlePaddle's exports, RapidOCR's
+classifier) are moved into initializers first (`constants_as_initializers`): onnx2torch looks a
+Conv's weights up among the initializers only (`KeyError: 'conv1_weights'` otherwise).
+
 onnx2torch imports torchvision for two converters only (NonMaxSuppression, RoiAlign). Where
 torchvision is missing or cannot load (a CUDA torchvision next to a CPU-only torch), the
 conversion still runs; a model with one of those two ops is then refused by the check.
@@ -77,6 +81,26 @@ def agreement(converted: list[Any], reference: list[Any]) -> list[tuple[float, f
     return out
 
 
+def constants_as_initializers(model: Any) -> Any:
+    """`model` (an onnx ModelProto) with each top-level `Constant` node holding a tensor (`value`) made an
+    initializer of the same name; the same object when it has none."""
+    hoisted = [n for n in model.graph.node
+               if n.op_type == "Constant" and [a.name for a in n.attribute] == ["value"]]
+    if not hoisted:
+        return model
+    import onnx  # heavy, and needed only here
+
+    for node in hoisted:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(node.attribute[0].t)
+        tensor.name = node.output[0]
+        model.graph.initializer.append(tensor)
+    kept = [n for n in model.graph.node if not (n.op_type == "Constant" and [a.name for a in n.attribute] == ["value"])]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return model
+
+
 def convert(path: str, feeds: dict[str, Any], input_names: list[str], output_names: list[str],
             reference: list[Any]) -> tuple[Any, str]:
     """(torch module in eval mode, "") when the ONNX file at `path` converts and agrees with
@@ -88,7 +112,9 @@ def convert(path: str, feeds: dict[str, Any], input_names: list[str], output_nam
     except Exception as exc:  # noqa: BLE001
         return None, f"onnx2torch is not usable here ({_first_line(exc)})"
     try:
-        module = onnx2torch.convert(path).eval()
+        import onnx  # heavy, and needed only here
+
+        module = onnx2torch.convert(constants_as_initializers(onnx.load(path))).eval()
     except Exception as exc:  # noqa: BLE001 - an op onnx2torch has no converter for, an opset it lacks
         return None, f"onnx2torch cannot convert it ({_first_line(exc)})"
     try:
