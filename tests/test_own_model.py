@@ -341,7 +341,8 @@ def test_a_transformer_starts_with_per_channel_dynamic_int8_and_a_cnn_does_not()
     transformer = DeviceFacts(arch="x86_64", model_ops=frozenset({"MatMul", "Gather", "Softmax"}))
     cnn = DeviceFacts(arch="x86_64", model_ops=frozenset({"Conv", "Gemm", "MatMul"}))
     dynamic = [p for p in starting_points(techniques, space, transformer, 1) if p and p[0]["technique"] == "int8-dynamic"]
-    assert [p[0]["params"]["per_channel"] for p in dynamic] == [True]
+    assert [(p[0]["params"]["per_channel"], p[0]["params"]["operators"]) for p in dynamic] == \
+        [(True, "conv+matmul"), (True, "conv+matmul+gather")]  # the embedding tables both ways
     assert not any(p and p[0]["technique"] == "int8-dynamic" for p in starting_points(techniques, space, cnn, 1))
 
 
