@@ -53,6 +53,11 @@ class DropLayers(Technique):
     }
     defaults: dict[str, Any] = {}
 
+    def recommended(self, device: Any) -> list[dict[str, Any]]:
+        """DistilBERT's student: every other layer, distilled (3 passes; the time budget bounds them),
+        on every device: half the layers is about half the time wherever the layers dominate."""
+        return [{"keep": 0.5, "epochs": 3}]
+
     def invalid(self, params: dict[str, Any]) -> str | None:
         """keep must be in (0, 1), epochs an integer >= 0."""
         keep, epochs = params.get("keep"), params.get("epochs")

@@ -150,3 +150,20 @@ def test_augment_shifts_and_brightens_images_only_and_is_seeded():
         diffs = [a["image"][i] - padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(5) for dx in range(5)]
         best = min(diffs, key=lambda d: float(d.std()))
         assert best.std() < 1e-5 and abs(float(best.mean())) <= 0.05 * spread + 1e-6
+
+
+def test_the_training_profile_starts_from_drop_layers_and_its_int8_combinations():
+    """examples/own-model-train.yaml sets no technique parameter: drop-layers' recommendation (every other
+    layer, 3 passes) is a starting point, alone and followed by each graph-stage recommendation."""
+    from orchestrator.api import DeviceFacts
+    from orchestrator.search.space import allowed_techniques, enumerate_candidates
+    from orchestrator.search.starting import starting_points
+
+    loaded = load_profile(ROOT / "examples" / "own-model-train.yaml")
+    assert loaded.profile.search.params == {}
+    techniques = allowed_techniques(loaded, get_plugin_manager())
+    facts = DeviceFacts(arch="x86_64", model_ops=frozenset({"MatMul", "Softmax", "Gather"}))
+    points = starting_points(techniques, enumerate_candidates(techniques, 2), facts, 2)
+    drop = {"technique": "drop-layers", "params": {"keep": 0.5, "epochs": 3}}
+    assert [drop] in points
+    assert any(p[0] == drop and p[1]["technique"] == "int8-dynamic" for p in points if len(p) == 2)
