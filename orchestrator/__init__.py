@@ -22,6 +22,7 @@ from orchestrator.devices.base import (Device, EmulatedTarget, LocalTarget, Plug
                                        compare_args)
 from orchestrator.devices.transport import Deployable, Transport, TransportKind
 from orchestrator.errors import DeviceUnreachable, MeasurementError, TechniqueParamsError
+from orchestrator.models.training import TrainingRun, train_epochs
 from orchestrator.search.record import CandidateRecord
 
 try:
@@ -31,5 +32,6 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 __all__ = ["CandidateRecord", "Choice", "Dataset", "Deployable", "Device", "DeviceFacts", "DeviceUnreachable",
            "EmulatedTarget", "LocalTarget", "MeasurementError", "PluginTarget", "SshTarget", "Task", "Technique",
-           "TechniqueContext", "TechniqueParamsError", "TensorSpec", "Transport", "TransportKind", "bench_args",
-           "choice", "compare_args", "distillation_loss", "hookimpl", "training_progress", "__version__"]
+           "TechniqueContext", "TechniqueParamsError", "TensorSpec", "TrainingRun", "Transport", "TransportKind",
+           "bench_args", "choice", "compare_args", "distillation_loss", "hookimpl", "train_epochs",
+           "training_progress", "__version__"]

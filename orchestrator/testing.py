@@ -30,12 +30,12 @@ from orchestrator.api import (
     Technique,
     TechniqueContext,
     distillation_loss,
-    training_progress,
 )
 from orchestrator.config.profile import Profile
 from orchestrator.devices.local import LocalTransport
 from orchestrator.devices.local import local_device as _local
 from orchestrator.hooks.manager import get_plugin_manager
+from orchestrator.models.training import train_epochs
 from orchestrator.search.pipeline import evaluate_onnx, export_onnx
 
 
@@ -95,23 +95,18 @@ class TinyDigitsTask(Task):
 
         gen = torch.Generator().manual_seed(seed)
         x, y = torch.from_numpy(data.inputs), torch.from_numpy(data.labels)
-        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+
+        def loss(idx: Any) -> Any:
+            logits = model(x[idx])
+            if teacher is None:
+                return F.cross_entropy(logits, y[idx])
+            with torch.no_grad():
+                teacher_logits = teacher(x[idx])
+            return distillation_loss(logits, teacher_logits, y[idx], temperature, alpha)
+
         model.train()
-        for epoch in range(epochs):
-            order = torch.randperm(len(y), generator=gen)
-            for i in range(0, len(y), 64):
-                idx = order[i : i + 64]
-                logits = model(x[idx])
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x[idx])
-                    loss = distillation_loss(logits, teacher_logits, y[idx], temperature, alpha)
-                else:
-                    loss = F.cross_entropy(logits, y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            training_progress(epoch + 1, epochs)
+        train_epochs(model, torch.optim.Adam(model.parameters(), lr=0.01), epochs,
+                     lambda _: torch.randperm(len(y), generator=gen).split(64), loss)
         return model.eval()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator import Dataset, Task, distillation_loss, hookimpl, training_progress
+from orchestrator import Dataset, Task, distillation_loss, hookimpl, train_epochs
 
 CALIBRATION_SIZE = 128
 EVAL_FRACTION = 0.2
@@ -126,28 +126,22 @@ class DigitsTask(Task):
         steps = epochs * ((len(y) + batch - 1) // batch)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps)
+
+        def loss(idx: Any) -> Any:
+            shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
+            xb = torch.roll(x[idx], shifts=shift, dims=(2, 3))
+            logits = model(xb)
+            if teacher is None:
+                return F.cross_entropy(logits, y[idx])
+            with torch.no_grad():
+                teacher_logits = teacher(xb)
+            return distillation_loss(logits, teacher_logits, y[idx], temperature, alpha)
+
         if teacher is not None:
             teacher.eval()
         model.train()
-        for epoch in range(epochs):
-            order = torch.randperm(len(y), generator=gen)
-            for i in range(0, len(y), batch):
-                idx = order[i : i + batch]
-                xb = x[idx]
-                shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
-                xb = torch.roll(xb, shifts=shift, dims=(2, 3))
-                logits = model(xb)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(xb)
-                    loss = distillation_loss(logits, teacher_logits, y[idx], temperature, alpha)
-                else:
-                    loss = F.cross_entropy(logits, y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-            training_progress(epoch + 1, epochs)
+        train_epochs(model, opt, epochs, lambda _: torch.randperm(len(y), generator=gen).split(batch), loss,
+                     scheduler=sched)
         model.eval()
         return model
 

@@ -73,3 +73,19 @@ def test_documented_plugin_test_passes(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_the_own_data_task_example_trains_and_distils_with_train_epochs():
+    import torch
+
+    from orchestrator import Dataset
+
+    module = _module("my_camera", next(b for b in BLOCKS if "class MyCamera" in b))
+    torch.manual_seed(0)
+    data = Dataset(torch.randn(20, 3, 4, 4).numpy(), torch.randint(0, 2, (20,)).numpy())
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
+    before = model[1].weight.detach().clone()
+    trained = module.MyCamera().train(model, data, epochs=2, seed=0)
+    assert not trained.training and not torch.equal(before, trained[1].weight)
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
+    module.MyCamera().train(student, data, epochs=1, seed=0, teacher=trained)

@@ -38,21 +38,36 @@ def _top_level_imports(path: Path) -> list[str]:
 
 
 @cache
-def heavy_reason(module: str, _seen: tuple[str, ...] = ()) -> str | None:
-    """The heavy library importing `module` loads (itself, or through project modules' top-level imports), or None."""
-    top = module.split(".")[0]
-    if top in HEAVY:
-        return top
-    if top not in PROJECT or module in _seen:
+def _top_level_imports_of(path: Path) -> tuple[str, ...]:
+    return tuple(_top_level_imports(path))
+
+
+@cache
+def heavy_reason(module: str) -> str | None:
+    """The heavy library importing `module` loads (itself, or through project modules' top-level imports), or None.
+
+    Depth first in import order, each module once (a walk that kept a module's path instead was
+    exponential in the number of import paths: minutes for one module once `orchestrator`'s
+    package imports grew)."""
+    seen: set[str] = set()
+
+    def visit(mod: str) -> str | None:
+        top = mod.split(".")[0]
+        if top in HEAVY:
+            return top
+        if top not in PROJECT or mod in seen:
+            return None
+        seen.add(mod)
+        parts = mod.split(".")
+        for package in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):  # each package's __init__ runs too
+            path = _path(package)
+            for dep in _top_level_imports_of(path) if path else ():
+                reason = visit(dep)
+                if reason:
+                    return reason
         return None
-    parts = module.split(".")
-    for package in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):  # each package's __init__ runs too
-        path = _path(package)
-        for dep in _top_level_imports(path) if path else ():
-            reason = heavy_reason(dep, (*_seen, module))
-            if reason:
-                return reason
-    return None
+
+    return visit(module)
 
 
 def _function_local_imports(tree: ast.Module):

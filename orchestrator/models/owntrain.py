@@ -30,6 +30,7 @@ import numpy as np
 
 from orchestrator.api import Dataset, distillation_loss
 from orchestrator.models.outputs import torch_outputs
+from orchestrator.models.training import train_epochs
 
 LEARNING_RATE = 1e-4
 BATCH = 8
@@ -77,18 +78,12 @@ def fit(task: Any, model: Any, reference: Any, data: Dataset, epochs: int, seed:
     torch.manual_seed(seed)
     names = [spec.name for spec in task.input_specs()]
     start = time.perf_counter()
-    deadline = start + time_budget_s if time_budget_s else float("inf")
+    deadline = start + time_budget_s if time_budget_s else None
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
     order = np.random.default_rng(seed)
     # In eval mode: a few hundred rows in batches of 8 would only corrupt the batch-norm statistics
     # the pretrained model came with, and dropout would make it chase a noisy copy of its teacher.
     model.eval()
-    rows_seen, passes, stopped = 0, 0, "epochs"
-
-    def step(loss: Any) -> None:
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
 
     if train_set is not None:
         from orchestrator.models.trainset import augment
@@ -99,23 +94,16 @@ def fit(task: Any, model: Any, reference: Any, data: Dataset, epochs: int, seed:
         with torch.no_grad():
             probe = _as_list(target_model(*(torch.from_numpy(first[k]) for k in names)))
         scales = [max(float(t.float().var()), 1e-12) for t in probe]
-        for _ in range(epochs):
-            shuffled = order.permutation(n)
-            for begin in range(0, n, TRAIN_SET_BATCH):
-                if time.perf_counter() >= deadline:
-                    stopped = "time budget"
-                    break
-                feeds = augment(train_set.batch(shuffled[begin:begin + TRAIN_SET_BATCH], names), order)
-                x = [torch.from_numpy(feeds[k]) for k in names]
-                with torch.no_grad():
-                    targets = _as_list(target_model(*x))
-                out = _as_list(model(*x))
-                step(sum(F.mse_loss(o.float(), t.float()) / s for o, t, s in zip(out, targets, scales)))
-                rows_seen += len(x[0])
-            else:
-                passes += 1
-                continue
-            break
+        size = TRAIN_SET_BATCH
+
+        def loss(rows: np.ndarray) -> Any:
+            feeds = augment(train_set.batch(rows, names), order)
+            x = [torch.from_numpy(feeds[k]) for k in names]
+            with torch.no_grad():
+                targets = _as_list(target_model(*x))
+            out = _as_list(model(*x))
+            return sum(F.mse_loss(o.float(), t.float()) / s for o, t, s in zip(out, targets, scales))
+
         record = {"data": f"--train {train_set.path} ({train_set.how})", "set_rows": n}
     else:
         n = len(data)
@@ -129,28 +117,25 @@ def fit(task: Any, model: Any, reference: Any, data: Dataset, epochs: int, seed:
             targets = [torch.from_numpy(np.asarray(t, dtype=np.float32))
                        for t in torch_outputs(task, teacher if teacher is not None else reference, data, batch=16)]
             scales = [max(float(t.var()), 1e-12) for t in targets]
-        for _ in range(epochs):
-            shuffled = order.permutation(n)
-            for begin in range(0, n, BATCH):
-                if time.perf_counter() >= deadline:
-                    stopped = "time budget"
-                    break
-                idx = torch.from_numpy(shuffled[begin:begin + BATCH])
-                out = _as_list(model(*(x[idx] for x in inputs)))
-                if labelled and soft is not None:
-                    loss = distillation_loss(out[0], soft[idx], labels[idx], temperature, alpha)
-                elif labelled:
-                    loss = F.cross_entropy(out[0], labels[idx])
-                else:
-                    loss = sum(F.mse_loss(o.float(), t[idx]) / s for o, t, s in zip(out, targets, scales))
-                step(loss)
-                rows_seen += len(idx)
-            else:
-                passes += 1
-                continue
-            break
+        size = BATCH
+
+        def loss(rows: np.ndarray) -> Any:
+            idx = torch.from_numpy(rows)
+            out = _as_list(model(*(x[idx] for x in inputs)))
+            if labelled and soft is not None:
+                return distillation_loss(out[0], soft[idx], labels[idx], temperature, alpha)
+            if labelled:
+                return F.cross_entropy(out[0], labels[idx])
+            return sum(F.mse_loss(o.float(), t[idx]) / s for o, t, s in zip(out, targets, scales))
+
         record = {"data": "the calibration rows of --inputs" + (" (labels)" if labelled else " (label-free)"),
                   "set_rows": n}
-    record.update(rows=rows_seen, epochs_done=passes, epochs_asked=epochs,
-                  seconds=round(time.perf_counter() - start, 3), time_budget_s=time_budget_s, stopped_by=stopped)
+
+    def batches(_: int) -> list[np.ndarray]:
+        shuffled = order.permutation(n)
+        return [shuffled[begin:begin + size] for begin in range(0, n, size)]
+
+    run = train_epochs(model, optimizer, epochs, batches, loss, deadline=deadline, progress=False)
+    record.update(rows=run.rows, epochs_done=run.passes, epochs_asked=epochs,
+                  seconds=round(time.perf_counter() - start, 3), time_budget_s=time_budget_s, stopped_by=run.stopped_by)
     return model.eval(), record
