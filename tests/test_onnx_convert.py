@@ -152,3 +152,28 @@ def test_weights_held_in_constant_nodes_convert(tmp_path):
     assert why == "" and module is not None
     with torch.no_grad():
         np.testing.assert_allclose(module(torch.from_numpy(x)).numpy(), reference[0], rtol=1e-4, atol=1e-5)
+
+
+def test_rapidocrs_classifier_converts_and_its_export_takes_any_batch(tmp_path):
+    """RapidOCR's text-orientation CNN (a wheel `make setup` installs): its weights are Constant nodes, and
+    onnx2torch's opset-11 Softmax (flatten, then reshape to the traced shape) exported at batch 1 failed
+    at any other batch (`Reshape ... requested shape:{1,2}`). Over the last axis it is a plain softmax."""
+    from orchestrator.models.onnxconvert import convert
+
+    import importlib.util
+
+    if importlib.util.find_spec("rapidocr_onnxruntime") is None:  # found, not imported (it needs cv2)
+        pytest.skip("rapidocr-onnxruntime is not installed (make setup installs it)")
+    spec = importlib.util.spec_from_file_location("own_models", ROOT / "examples" / "own_models.py")
+    own_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(own_models)
+    path = str(own_models.ocr_classifier_file())
+    x = np.load(own_models.ocr_samples(tmp_path / "ocr.npz", rows=4))["x"]
+    reference = ort.InferenceSession(path).run(None, {"x": x})
+    output = ort.InferenceSession(path).get_outputs()[0].name
+    module, why = convert(path, {"x": x}, ["x"], [output], reference)
+    assert why == ""
+    torch.onnx.export(module, (torch.from_numpy(x[:1]),), str(tmp_path / "back.onnx"), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    (got,) = ort.InferenceSession(str(tmp_path / "back.onnx")).run(None, {"x": x})
+    np.testing.assert_allclose(got, reference[0], rtol=1e-3, atol=1e-4)

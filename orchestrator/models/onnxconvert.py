@@ -8,7 +8,10 @@ goes on with graph-stage techniques only (orchestrator/search/fitting.py `refuse
 
 Weights held in `Constant` nodes instead of initializers (PaddlePaddle's exports, RapidOCR's
 classifier) are moved into initializers first (`constants_as_initializers`): onnx2torch looks a
-Conv's weights up among the initializers only (`KeyError: 'conv1_weights'` otherwise).
+Conv's weights up among the initializers only (`KeyError: 'conv1_weights'` otherwise). A Softmax
+of opset < 13 over the last axis runs as a plain softmax (`_batch_free_softmax`): onnx2torch's
+flatten-then-reshape form, traced for export, reshapes back to the traced batch size (a pruned
+RapidOCR classifier exported at batch 1 failed at batch 24: `Reshape ... requested shape:{1,2}`).
 
 onnx2torch imports torchvision for two converters only (NonMaxSuppression, RoiAlign). Where
 torchvision is missing or cannot load (a CUDA torchvision next to a CPU-only torch), the
@@ -101,6 +104,27 @@ def constants_as_initializers(model: Any) -> Any:
     return model
 
 
+def _batch_free_softmax(module: Any) -> None:
+    """Each onnx2torch Softmax/LogSoftmax of opset < 13 in `module` made to skip its flatten and reshape
+    when its axis is the input's last (the same values, and no shape baked into an export)."""
+    try:
+        from onnx2torch.node_converters.activations import OnnxSoftmaxV1V11
+    except ImportError:  # another onnx2torch layout: left as it converts
+        return
+
+    class LastAxisSoftmax(OnnxSoftmaxV1V11):
+        def forward(self, input_tensor: Any) -> Any:
+            import torch
+
+            if self.axis in (-1, input_tensor.dim() - 1):
+                return torch.log_softmax(input_tensor, -1) if self.is_log else torch.softmax(input_tensor, -1)
+            return super().forward(input_tensor)
+
+    for sub in module.modules():
+        if type(sub) is OnnxSoftmaxV1V11:
+            sub.__class__ = LastAxisSoftmax
+
+
 def convert(path: str, feeds: dict[str, Any], input_names: list[str], output_names: list[str],
             reference: list[Any]) -> tuple[Any, str]:
     """(torch module in eval mode, "") when the ONNX file at `path` converts and agrees with
@@ -115,6 +139,7 @@ def convert(path: str, feeds: dict[str, Any], input_names: list[str], output_nam
         import onnx  # heavy, and needed only here
 
         module = onnx2torch.convert(constants_as_initializers(onnx.load(path))).eval()
+        _batch_free_softmax(module)
     except Exception as exc:  # noqa: BLE001 - an op onnx2torch has no converter for, an opset it lacks
         return None, f"onnx2torch cannot convert it ({_first_line(exc)})"
     try:
