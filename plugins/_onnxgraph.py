@@ -16,7 +16,7 @@ _MATMUL_LIKE = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInte
                           "MultiHeadAttention", "FusedMatMul"})
 
 
-class _FeedReader:
+class FeedReader:
     """Feeds calibration samples to onnxruntime's calibrator (a CalibrationDataReader)."""
 
     def __init__(self, feeds: list[dict[str, Any]]) -> None:
@@ -29,7 +29,7 @@ class _FeedReader:
         raise NotImplementedError
 
 
-def _calibration_feeds(model: Any, ctx: Any, limit: int) -> list[dict[str, Any]]:
+def calibration_feeds(model: Any, ctx: Any, limit: int) -> list[dict[str, Any]]:
     """Up to `limit` single-sample feeds {model input name: array} from the task's calibration split.
 
     A single-input model whose input the task names otherwise (an ONNX file brought as it is)
@@ -42,7 +42,7 @@ def _calibration_feeds(model: Any, ctx: Any, limit: int) -> list[dict[str, Any]]
     return feeds
 
 
-def _named(model: Any) -> Any:
+def with_node_names(model: Any) -> Any:
     """`model`, or a copy whose nameless nodes got unique names (node exclusions go by name)."""
     if all(node.name for node in model.graph.node):
         return model
@@ -66,7 +66,7 @@ def _uses_contrib_ops(model: Any) -> bool:
     return any(node.domain not in ("", "ai.onnx") for node in model.graph.node)
 
 
-def _prepared(model: Any, work: Any, stem: str) -> tuple[Any, Any]:
+def prepared(model: Any, work: Any, stem: str) -> tuple[Any, Any]:
     """Save `model` and run onnxruntime's quantization pre-processing; returns (prepared path, output path).
 
     ONNX's shape inference knows no contrib operator, so a graph with fused transformer nodes
@@ -77,7 +77,7 @@ def _prepared(model: Any, work: Any, stem: str) -> tuple[Any, Any]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, prep, out = work / f"{stem}-fp32.onnx", work / f"{stem}-prep.onnx", work / f"{stem}-int8.onnx"
-    onnx.save(_at_least_opset_13(_named(model)), str(src))
+    onnx.save(_at_least_opset_13(with_node_names(model)), str(src))
     fused = _uses_contrib_ops(model)
     # auto_merge: a fused BERT's position ids are Min(512, sequence) long, which symbolic inference
     # must merge with `sequence` to go on
@@ -174,14 +174,15 @@ def attention_core(model: Any) -> list[str]:
     return [n.name for n in graph.node if id(n) in core or id(n) in between]
 
 
-def _string_list(params: dict[str, Any], key: str) -> str | None:
+def string_list_error(params: dict[str, Any], key: str) -> str | None:
+    """The error when `params[key]` is not a list of non-empty names, else None."""
     value = params.get(key)
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         return f"{key} must be a list of names, got {value!r}"
     return None
 
 
-def _check_nodes_exist(model: Any, names: list[str]) -> None:
+def check_nodes_exist(model: Any, names: list[str]) -> None:
     """Refuses node names the graph does not have (a typo would otherwise exclude nothing, silently)."""
     missing = sorted(set(names) - {n.name for n in model.graph.node})
     if missing:

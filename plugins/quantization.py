@@ -29,14 +29,14 @@ from typing import Any, ClassVar
 
 from orchestrator import Choice, Technique, choice, hookimpl
 from plugins._onnxgraph import (
-    _calibration_feeds,
-    _check_nodes_exist,
-    _FeedReader,
-    _named,
-    _prepared,
-    _string_list,
+    FeedReader,
     attention_core,
+    calibration_feeds,
+    check_nodes_exist,
     constant_tensors,
+    prepared,
+    string_list_error,
+    with_node_names,
 )
 
 
@@ -82,7 +82,7 @@ class Int8Static(Technique):
                                   or not all(isinstance(v, str) and v for v in op_types)):
             return f"op_types must be 'all' or a non-empty list of operator types, got {op_types!r}"
         for key in ("exclude_op_types", "nodes_to_exclude"):
-            reason = _string_list(params, key)
+            reason = string_list_error(params, key)
             if reason:
                 return reason
         if not isinstance(params.get("exclude_activation_matmul"), bool):
@@ -140,19 +140,19 @@ class Int8Static(Technique):
             "percentile": CalibrationMethod.Percentile,
         }[params["calibration"]]
         op_types = self.op_types(params)
-        _check_nodes_exist(_named(model), params["nodes_to_exclude"])
-        prep, out = _prepared(model, ctx.scratch_dir, "static")
+        check_nodes_exist(with_node_names(model), params["nodes_to_exclude"])
+        prep, out = prepared(model, ctx.scratch_dir, "static")
         excluded = list(params["nodes_to_exclude"])
         if params["exclude_activation_matmul"]:
             excluded += [n for n in attention_core(onnx.load(str(prep))) if n not in excluded]
-        feeds = _calibration_feeds(model, ctx, params["calibration_samples"])
+        feeds = calibration_feeds(model, ctx, params["calibration_samples"])
         try:
             # the histogram calibrators print their progress (and numpy warns of a range it cannot bin: below)
             with contextlib.redirect_stdout(io.StringIO()), np.errstate(over="ignore", invalid="ignore"):
                 quantize_static(
                     str(prep),
                     str(out),
-                    _FeedReader(feeds),
+                    FeedReader(feeds),
                     quant_format=QuantFormat.QDQ if params["quant_format"] == "QDQ" else QuantFormat.QOperator,
                     op_types_to_quantize=op_types,
                     per_channel=params["per_channel"],
@@ -205,7 +205,7 @@ class Int8Dynamic(Technique):
         if params.get("operators") not in self.OPERATORS:
             return f"operators must be one of {sorted(self.OPERATORS)}, got {params.get('operators')!r}"
         for key in ("exclude_op_types", "nodes_to_exclude"):
-            reason = _string_list(params, key)
+            reason = string_list_error(params, key)
             if reason:
                 return reason
         return None
@@ -254,12 +254,12 @@ class Int8Dynamic(Technique):
 
         excluded_types = set(params["exclude_op_types"])
         ops = [op for op in self.OPERATORS[params["operators"]] if op not in excluded_types]
-        named = _named(model)
-        _check_nodes_exist(named, params["nodes_to_exclude"])
+        named = with_node_names(model)
+        check_nodes_exist(named, params["nodes_to_exclude"])
         if not self.quantizable(named, ops, params["nodes_to_exclude"]):
             labels = [op for op in ops if op in ("Conv", "MatMul", "Gather")]  # the fused ones go without saying
             raise ValueError(f"the model has no {'/'.join(labels) or 'such'} node to quantize")
-        prep, out = _prepared(model, ctx.scratch_dir, "dynamic")
+        prep, out = prepared(model, ctx.scratch_dir, "dynamic")
         quantize_dynamic(
             str(prep), str(out),
             op_types_to_quantize=ops,

@@ -21,11 +21,11 @@ from orchestrator.emulation.sysroot import (
     MANIFEST,
     SysrootBuildError,
     SysrootRecipe,
-    _usr_merge,
     build_sysroot,
     cpuinfo_text,
     default_sysroot_dir,
     read_manifest,
+    usr_merge,
     write_apt_config,
 )
 from orchestrator.emulation.user import (
@@ -93,7 +93,7 @@ def test_usr_merge_moves_lib_into_usr_lib_folder_by_folder(tmp_path):
     (tmp_path / "lib/aarch64-linux-gnu/ld-linux-aarch64.so.1").write_text("loader")
     (tmp_path / "usr/lib/aarch64-linux-gnu").mkdir(parents=True)
     (tmp_path / "usr/lib/aarch64-linux-gnu/libstdc++.so.6").write_text("lib")
-    _usr_merge(tmp_path)
+    usr_merge(tmp_path)
     assert (tmp_path / "lib").is_symlink() and os.readlink(tmp_path / "lib") == "usr/lib"
     assert (tmp_path / "lib/aarch64-linux-gnu/ld-linux-aarch64.so.1").read_text() == "loader"
     assert (tmp_path / "usr/lib/aarch64-linux-gnu/libstdc++.so.6").exists()

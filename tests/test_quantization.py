@@ -63,7 +63,7 @@ def test_failed_symbolic_shape_inference_leaves_nothing_in_the_working_directory
     (once, 90 MB of it were committed from a checkout): pre-processing runs in the candidate's scratch folder."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from plugins._onnxgraph import _prepared
+    from plugins._onnxgraph import prepared
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
@@ -76,7 +76,7 @@ def test_failed_symbolic_shape_inference_leaves_nothing_in_the_working_directory
     user.mkdir(), work.mkdir()
     monkeypatch.chdir(user)
     with pytest.raises(Exception, match="symbolic shape inference"):
-        _prepared(model, work, "static")
+        prepared(model, work, "static")
     assert list(user.iterdir()) == []
     assert Path.cwd() == user
     assert (work / "sym_shape_infer_temp.onnx").exists()

@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 
 from orchestrator.cli.console import out_console
-from orchestrator.cli.format import _ago, cell, printable
+from orchestrator.cli.format import ago, cell, printable
 from orchestrator.errors import ExitCode
 from orchestrator.state.cachelimit import KINDS, LIMIT_ENV, cache_limit, cache_root, clear, format_size, info
 
@@ -40,7 +40,7 @@ def cache_info(as_json: bool) -> None:
     table = Table("kind", "entries", "size", "oldest use", "newest use")
     for kind, row in kinds.items():
         table.add_row(kind, str(row["entries"]), format_size(int(row["bytes"] or 0)),
-                      _ago(row["oldest_use"]), _ago(row["newest_use"]))
+                      ago(row["oldest_use"]), ago(row["newest_use"]))
     console = out_console()
     console.print(table)
     said = "no limit" if limit is None else f"limit {format_size(limit)}"

@@ -15,7 +15,7 @@ import click
 from rich.table import Table
 
 from orchestrator.cli.console import out_console
-from orchestrator.cli.format import _ago, cell, deployment_columns, deployment_json, deployment_lines, printable
+from orchestrator.cli.format import ago, cell, deployment_columns, deployment_json, deployment_lines, printable
 from orchestrator.devices.base import CONNECT_TIMEOUT_S, DEFAULT_REMOTE_DIR
 from orchestrator.devices.registry import DeviceRegistry
 from orchestrator.errors import ExitCode, InventoryError, OrchestratorError
@@ -164,7 +164,7 @@ def list_devices(profile_name: str | None, as_json: bool) -> None:
             d.status, f"[red]{cell(d.status)}[/red]")
         table.add_row(cell(d.name), cell(d.profile), cell(d.address),
                       cell(f"{d.arch or '-'}{' (emulated)' if d.emulated or d.emulated_vm else ''}"),
-                      status, _ago(d.last_seen),
+                      status, ago(d.last_seen),
                       *map(cell, deployed[d.name]), cell(", ".join(d.tags) or "-"))
     out_console().print(table)
 
@@ -195,7 +195,7 @@ def show(name: str, as_json: bool) -> None:
         *reach,
         ("tags", ", ".join(d.tags) or "-"),
         ("status", d.status + (f": {d.status_reason}" if d.status_reason else "")),
-        ("last seen", _ago(d.last_seen)),
+        ("last seen", ago(d.last_seen)),
         ("registered", time.strftime("%Y-%m-%d %H:%M", time.localtime(d.registered_at))),
         ("deployed model", d.deployed_model or "-"),
         ("device", _summary(d.info) if d.info else "-"),

@@ -51,7 +51,7 @@ def deployment_columns(devices: list[Any]) -> dict[str, tuple[str, str]]:
         model = f"{row['version'][:12]} ({row['candidate']} {row['label']})" if row["version"] else "none"
         health, said = row["health"], "-"
         if health:
-            said = f"{'ok' if health.get('healthy') else 'FAILED'} {_ago(row['health_at'])}"
+            said = f"{'ok' if health.get('healthy') else 'FAILED'} {ago(row['health_at'])}"
             if health.get("version") and health["version"] != row["version"]:
                 said += f" (of {health['version'][:12]}, rolled back)" if not health.get("healthy") else \
                     f" (of {health['version'][:12]})"
@@ -72,7 +72,8 @@ def deployment_lines(device: Any) -> list[tuple[str, str]]:
     return [("run, candidate", run), ("health", deployment_columns([device])[device.name][1])]
 
 
-def _ago(when: float | None) -> str:
+def ago(when: float | None) -> str:
+    """How long ago `when` (a time.time() value) was: `12 s ago`, `5 min ago`, `3 h ago`, a date, or `never`."""
     if not when:
         return "never"
     seconds = time.time() - when

@@ -19,8 +19,6 @@ from orchestrator.config.yamlfile import (  # noqa: F401  (re-exported: inventor
     MAX_YAML_BYTES,
     MAX_YAML_VALUES,
     YamlFile,
-    _dotted,
-    _line_of,
     dotted,
     line_of,
     parse_yaml,
@@ -380,11 +378,11 @@ class LoadedProfile(BaseModel):
 
     def line_of(self, loc: tuple[str | int, ...]) -> int:
         """The 1-based line of the field at `loc` (or of its nearest parent that exists)."""
-        return _line_of(self.node, loc)
+        return line_of(self.node, loc)
 
     def error(self, loc: tuple[str | int, ...], message: str) -> ProfileError:
         """A ProfileError shaped `FILE:LINE: field.path: message`."""
-        return ProfileError(f"{self.path}:{self.line_of(loc)}: {_dotted(loc)}: {message}")
+        return ProfileError(f"{self.path}:{self.line_of(loc)}: {dotted(loc)}: {message}")
 
 
 def load_profile(path: str | Path) -> LoadedProfile:

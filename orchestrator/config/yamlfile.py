@@ -19,16 +19,12 @@ MAX_YAML_BYTES = 1024 * 1024
 #: Values a YAML file may hold once its aliases are expanded (`*a` repeated: a "billion laughs").
 MAX_YAML_VALUES = 200_000
 
-def _dotted(loc: tuple[str | int, ...]) -> str:
+def dotted(loc: tuple[str | int, ...]) -> str:
+    """A pydantic error location as `field.path[0].name` (`(top level)` when empty)."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
-
-
-def dotted(loc: tuple[str | int, ...]) -> str:
-    """A pydantic error location as `field.path[0].name` (`(top level)` when empty)."""
-    return _dotted(loc)
 
 
 def _keys(node: yaml.MappingNode) -> dict[str, tuple[int, Any]]:
@@ -46,7 +42,8 @@ def _keys(node: yaml.MappingNode) -> dict[str, tuple[int, Any]]:
     return index
 
 
-def _line_of(node: Any, loc: tuple[str | int, ...]) -> int:
+def line_of(node: Any, loc: tuple[str | int, ...]) -> int:
+    """The 1-based line of the field at `loc` in a YAML node tree (or of its nearest parent that exists)."""
     line = node.start_mark.line + 1 if node is not None else 1
     for part in loc:
         child = None
@@ -61,11 +58,6 @@ def _line_of(node: Any, loc: tuple[str | int, ...]) -> int:
             break
         node = child
     return line
-
-
-def line_of(node: Any, loc: tuple[str | int, ...]) -> int:
-    """The 1-based line of the field at `loc` in a YAML node tree (or of its nearest parent that exists)."""
-    return _line_of(node, loc)
 
 
 class YamlFile(NamedTuple):
@@ -143,7 +135,7 @@ def _check_nodes(root: Any, path: Path, error: type[OrchestratorError]) -> None:
         if id(node) in expanded:
             continue  # an alias of a node already checked
         if id(node) in on_path:  # the alias's own line: the node's start is its anchor's
-            raise error(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: an alias inside its own anchor "
+            raise error(f"{path}:{line_of(root, loc)}: {dotted(loc)}: an alias inside its own anchor "
                         "(a recursive YAML structure)")
         if isinstance(node, yaml.MappingNode):
             seen: dict[tuple[str, str], int] = {}
@@ -151,7 +143,7 @@ def _check_nodes(root: Any, path: Path, error: type[OrchestratorError]) -> None:
                 if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
                     continue
                 if (key.tag, key.value) in seen:
-                    raise error(f"{path}:{key.start_mark.line + 1}: {_dotted((*loc, key.value))}: duplicate key "
+                    raise error(f"{path}:{key.start_mark.line + 1}: {dotted((*loc, key.value))}: duplicate key "
                                 f"(first on line {seen[key.tag, key.value]})")
                 seen[key.tag, key.value] = key.start_mark.line + 1
         on_path.add(id(node))
@@ -162,7 +154,7 @@ def _check_nodes(root: Any, path: Path, error: type[OrchestratorError]) -> None:
         if _children(root):  # name the biggest top-level field
             part, child = max(_children(root), key=lambda pc: expanded[id(pc[1])])
             loc, count = (part,), expanded[id(child)]
-        raise error(f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: its aliases expand to {count} values "
+        raise error(f"{path}:{line_of(root, loc)}: {dotted(loc)}: its aliases expand to {count} values "
                     f"(at most {MAX_YAML_VALUES})")
 
 
@@ -191,7 +183,7 @@ def validation_message(path: Path, node: Any, exc: ValidationError) -> str:
         message = f"expected {wanted}, got {_yaml_kind(first.get('input'))}"
     more = len(exc.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
-    return f"{path}:{_line_of(node, loc)}: {_dotted(loc)}: {message}{suffix}"
+    return f"{path}:{line_of(node, loc)}: {dotted(loc)}: {message}{suffix}"
 
 
 def _yaml_kind(value: Any) -> str:

@@ -109,7 +109,7 @@ exec switch_root /newroot /sbin/init
 """
 
 
-def _initramfs(kernel_root: Path, busybox: Path, modules: tuple[str, ...], out: Path) -> tuple[str, list[str]]:
+def write_initramfs(kernel_root: Path, busybox: Path, modules: tuple[str, ...], out: Path) -> tuple[str, list[str]]:
     """Write the initramfs; returns (the kernel's version, the modules in load order)."""
     moddirs = sorted((kernel_root / "lib" / "modules").iterdir())
     if len(moddirs) != 1:

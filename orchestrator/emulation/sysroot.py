@@ -151,7 +151,9 @@ def cpuinfo_text(qemu_cpu: str, cores: int) -> str:
 # ------------------------------------------------------------------------------------------ build
 
 
-def _run(cmd: list[str], what: str, env: dict[str, str] | None = None, download: bool = False) -> str:
+def run_step(cmd: list[str], what: str, env: dict[str, str] | None = None, download: bool = False) -> str:
+    """Run one build step; returns its stdout. A missing tool, a timeout or a failure raises SysrootBuildError
+    (SysrootDownloadError when `download`) naming `what` and the step's last line of output."""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=STEP_TIMEOUT_S, check=False)
     except FileNotFoundError:
@@ -233,9 +235,9 @@ def apt_download(work: Path, suite: str, packages: list[str] | tuple[str, ...],
     conf = write_apt_config(work, suite)
     env = {**os.environ, "APT_CONFIG": str(conf), "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
     log(f"apt-get update (bookworm arm64, private configuration in {conf.parent})")
-    _run(["apt-get", "-q", "update", "-o", "APT::Update::Error-Mode=any"], "apt-get update (arm64)", env, download=True)
+    run_step(["apt-get", "-q", "update", "-o", "APT::Update::Error-Mode=any"], "apt-get update (arm64)", env, download=True)
     log(f"apt-get install --download-only {' '.join(packages)}")
-    _run(["apt-get", "-q", "-y", "install", "--download-only", "--no-install-recommends", *packages],
+    run_step(["apt-get", "-q", "-y", "install", "--download-only", "--no-install-recommends", *packages],
          "apt-get install --download-only (arm64)", env, download=True)
     debs = sorted((work / "apt" / "cache" / "archives").glob("*.deb"))
     if not debs:
@@ -252,7 +254,7 @@ def _download_wheels(work: Path, recipe: SysrootRecipe, log: Callable[[str], Non
            "--abi", "cp" + recipe.python_version.replace(".", ""), "--dest", str(dest)]
     for platform in WHEEL_PLATFORMS:
         cmd += ["--platform", platform]
-    _run([*cmd, *recipe.wheels], "pip download (aarch64 wheels)", download=True)
+    run_step([*cmd, *recipe.wheels], "pip download (aarch64 wheels)", download=True)
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
         raise SysrootDownloadError("pip downloaded no aarch64 wheel")
@@ -282,7 +284,7 @@ def _unpack_wheel(wheel: Path, site: Path) -> None:
                 target.chmod(mode | 0o644)
 
 
-def _usr_merge(root: Path) -> None:
+def usr_merge(root: Path) -> None:
     """bin, sbin, lib -> usr/... as on a merged-/usr Debian (the loader is /lib/ld-linux-aarch64.so.1)."""
     for name in USR_MERGE:
         link, target = root / name, root / "usr" / name
@@ -290,17 +292,17 @@ def _usr_merge(root: Path) -> None:
         if link.is_symlink():
             continue
         if link.is_dir():  # packages ship files under /lib (bookworm's libc6 does): move them into usr/lib
-            _merge_tree(link, target)
+            merge_tree(link, target)
         link.symlink_to(f"usr/{name}")
 
 
-def _merge_tree(src: Path, dst: Path) -> None:
+def merge_tree(src: Path, dst: Path) -> None:
     """Move everything under `src` into `dst` (folders merged), then remove `src`."""
     dst.mkdir(parents=True, exist_ok=True)
     for item in src.iterdir():
         into = dst / item.name
         if item.is_dir() and not item.is_symlink() and into.is_dir() and not into.is_symlink():
-            _merge_tree(item, into)
+            merge_tree(item, into)
         else:
             if into.is_symlink() or into.exists():
                 into.unlink() if not into.is_dir() or into.is_symlink() else shutil.rmtree(into)
@@ -337,8 +339,8 @@ def _build_into(root: Path, work: Path, recipe: SysrootRecipe, log: Callable[[st
     log(f"dpkg -x {len(debs)} packages")
     root.mkdir()
     for deb in debs:
-        _run(["dpkg-deb", "-x", str(deb), str(root)], f"dpkg -x {deb.name}")
-    _usr_merge(root)
+        run_step(["dpkg-deb", "-x", str(deb), str(root)], f"dpkg -x {deb.name}")
+    usr_merge(root)
     python = root / SYSROOT_PYTHON
     if not python.exists():
         raise SysrootBuildError(f"the packages gave no {SYSROOT_PYTHON}")
@@ -360,7 +362,8 @@ def _build_into(root: Path, work: Path, recipe: SysrootRecipe, log: Callable[[st
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (made if missing) while inside: one build of a folder at a time."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -384,7 +387,7 @@ def build_sysroot(dest: Path | str | None = None, recipe: SysrootRecipe | None =
     recipe = recipe or SysrootRecipe()
     dest = Path(dest).expanduser().resolve() if dest is not None else default_sysroot_dir(recipe)
     log = log or (lambda message: None)
-    with _locked(dest.parent / f".{dest.name}.lock"):
+    with locked(dest.parent / f".{dest.name}.lock"):
         if read_manifest(dest) is not None and not force:
             return dest
         for stale in dest.parent.glob(f".{dest.name}.tmp-*"):  # a crashed build's (we hold the lock)

@@ -40,20 +40,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from orchestrator.devices.registry import key_fingerprint
-from orchestrator.emulation.initramfs import OPTIONAL_MODULES, REQUIRED_MODULES, _initramfs
+from orchestrator.emulation.initramfs import OPTIONAL_MODULES, REQUIRED_MODULES, write_initramfs
 from orchestrator.emulation.sysroot import (
     MANIFEST,
     SysrootBuildError,
     SysrootDownloadError,
     SysrootRecipe,
-    _locked,
-    _merge_tree,
-    _run,
-    _usr_merge,
     apt_download,
     build_sysroot,
     default_sysroot_dir,
+    locked,
+    merge_tree,
     read_manifest,
+    run_step,
+    usr_merge,
 )
 
 SYSTEM_RECIPE_VERSION = 2
@@ -157,7 +157,7 @@ BUSYBOX_APPLETS = ("sh", "ash", "ls", "cat", "cp", "mv", "rm", "mkdir", "rmdir",
 
 def _keygen(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"edge-orchestrator-vm-{path.name}", "-f", str(path)],
+    run_step(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"edge-orchestrator-vm-{path.name}", "-f", str(path)],
          f"ssh-keygen {path.name}")
 
 
@@ -169,7 +169,7 @@ def key_fingerprint_of(pub: Path) -> str:
 def _download(work: Path, recipe: SystemImageRecipe, log: Callable[[str], None]) -> tuple[list[Path], Path]:
     """(the rootfs packages' .debs with dependencies, the kernel's .deb), by a private arm64 apt configuration."""
     debs, env = apt_download(work, recipe.sysroot.suite, recipe.packages, log)
-    depends = _run(["apt-cache", "depends", recipe.kernel], f"apt-cache depends {recipe.kernel}", env, download=True)
+    depends = run_step(["apt-cache", "depends", recipe.kernel], f"apt-cache depends {recipe.kernel}", env, download=True)
     names = [ln.split(":", 1)[1].strip() for ln in depends.splitlines()
              if ln.strip().startswith("Depends:") and "linux-image-" in ln]
     if not names:
@@ -236,7 +236,7 @@ def _populate_rootfs(root: Path, image: Path) -> None:
 def _mkfs(root: Path, out: Path) -> int:
     used = sum(p.lstat().st_size for p in root.rglob("*"))
     size_mb = int(used / 2**20 * 1.15) + ROOTFS_FREE_MB
-    _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "eo-root", "-m", "0", "-d", str(root), str(out), f"{size_mb}M"],
+    run_step(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "eo-root", "-m", "0", "-d", str(root), str(out), f"{size_mb}M"],
          "mke2fs -d (rootfs.ext4)")
     return size_mb
 
@@ -250,7 +250,7 @@ def _build_into(image: Path, work: Path, recipe: SystemImageRecipe, sysroot: Pat
     _keygen(image / CLIENT_KEY)
     log(f"dpkg -x {kernel_deb.name}")
     kroot = work / "kernel-root"
-    _run(["dpkg-deb", "-x", str(kernel_deb), str(kroot)], f"dpkg -x {kernel_deb.name}")
+    run_step(["dpkg-deb", "-x", str(kernel_deb), str(kroot)], f"dpkg -x {kernel_deb.name}")
     vmlinuz = sorted((kroot / "boot").glob("vmlinuz-*"))
     if not vmlinuz:
         raise SysrootBuildError(f"{kernel_deb.name} holds no boot/vmlinuz-*")
@@ -258,17 +258,17 @@ def _build_into(image: Path, work: Path, recipe: SystemImageRecipe, sysroot: Pat
     extras = work / "extras"
     log(f"dpkg -x {len(debs)} packages ({', '.join(recipe.packages)} and dependencies)")
     for deb in debs:
-        _run(["dpkg-deb", "-x", str(deb), str(extras)], f"dpkg -x {deb.name}")
-    _usr_merge(extras)
+        run_step(["dpkg-deb", "-x", str(deb), str(extras)], f"dpkg -x {deb.name}")
+    usr_merge(extras)
     busybox = extras / "usr" / "bin" / "busybox"
     log("initramfs: busybox + " + ", ".join(recipe.modules) + " (with dependencies)")
-    kernel_version, loaded = _initramfs(kroot, busybox, recipe.modules, image / INITRD_FILE)
+    kernel_version, loaded = write_initramfs(kroot, busybox, recipe.modules, image / INITRD_FILE)
     shutil.rmtree(kroot)
     log(f"rootfs: the sysroot {sysroot.name} + {len(debs)} packages")
     root = work / "rootfs"
     shutil.copytree(sysroot, root, symlinks=True)
     (root / MANIFEST).unlink(missing_ok=True)
-    _merge_tree(extras, root)
+    merge_tree(extras, root)
     _populate_rootfs(root, image)
     log("mke2fs -d rootfs.ext4")
     size_mb = _mkfs(root, image / ROOTFS_FILE)
@@ -297,7 +297,7 @@ def build_system_image(dest: Path | str | None = None, recipe: SystemImageRecipe
     for tool in ("mke2fs", "ssh-keygen", "dpkg-deb", "apt-get"):
         if shutil.which(tool) is None:
             raise SysrootBuildError(f"{tool} is not installed (Debian: e2fsprogs, openssh-client, dpkg, apt)")
-    with _locked(dest.parent / f".{dest.name}.lock"):
+    with locked(dest.parent / f".{dest.name}.lock"):
         if read_system_manifest(dest) is not None and not force:
             return dest
         root = build_sysroot(sysroot, recipe.sysroot, log=log)
