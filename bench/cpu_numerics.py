@@ -3,7 +3,7 @@ r"""What int8 gives on this CPU: the cosines to fp32 that tests/test_graph_param
 onnxruntime's int8 kernels differ by CPU: on x86-64 without VNNI (AVX2, AVX-512BW) U8S8 adds
 pairs of u8 x s8 products in 16 bits (vpmaddubsw), which saturates with full-range int8 weights;
 with VNNI the sums are exact (issue 34). This prints, for the tiny BERT-like model of
-tests/test_graph_params.py (seed 0, 16 evaluation rows), the mean cosine to fp32 of each
+bench/models.py (the one tests/test_graph_params.py checks; seed 0, 16 evaluation rows), the mean cosine to fp32 of each
 quantized model run with this CPU's kernels and, for the QDQ graphs of int8-static, evaluated as
 written in float (no integer kernel: the same on every CPU), next to this CPU's agent `info`
 (agents/info.py) and the case the tests take for it.
@@ -48,7 +48,7 @@ def main() -> None:
 
     from agents.info import cmd_info
     from orchestrator.hooks.manager import get_plugin_manager
-    from tests.test_graph_params import CPU, CPU_CASE, SATURATING_U8S8, _cosine, tiny_bert, token_context
+    from bench.models import CPU, CPU_CASE, SATURATING_U8S8, cosine, tiny_bert, token_context
 
     started = time.time()
     info = cmd_info(argparse.Namespace())
@@ -64,8 +64,8 @@ def main() -> None:
         def row(model_name, technique, params, source, qdq):
             quantized = technique.apply(source, technique.check_params(params), ctx)
             entry = {"model": model_name, "technique": technique.name, "params": params,
-                     "kernels": round(_cosine(quantized, bert, ctx), 4),
-                     "float": round(_cosine(quantized, bert, ctx, kernels=False), 4) if qdq else None}
+                     "kernels": round(cosine(quantized, bert, ctx), 4),
+                     "float": round(cosine(quantized, bert, ctx, kernels=False), 4) if qdq else None}
             rows.append(entry)
             label = " ".join(f"{k}={v}" for k, v in params.items() if k != "calibration_samples")
             in_float = "" if entry["float"] is None else format(entry["float"], ".4f")

@@ -1,6 +1,6 @@
 """Rollout time for 1, 4 and 8 devices with K=1 and K=4 devices at a time, measured side by side in one run.
 
-The devices are real sshd servers on 127.0.0.1 (tests/helpers/sshd.py), each device with its own folder
+The devices are real sshd servers on 127.0.0.1 (bench/sshd.py), each device with its own folder
 as its disk, registered like any device; the model is a ~1 MB fp32 model (a dense layer), and
 every timed rollout really installs a new version (runs A and B alternate) with the default
 options: one canary, then K at a time, health check after each install. Each repetition runs
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["EDGE_ORCHESTRATOR_HOME"] = str(work / "state")
     import yaml
 
+    from bench.fleet import make_run, start_fleet
     from orchestrator.rollout.execute import deploy
     from orchestrator.rollout.plan import RolloutOptions, chosen_models
-    from tests.helpers.rollout import make_run, start_fleet
 
     base = yaml.safe_load((ROOT / "device_profiles" / "x86-host.yaml").read_text())
     fleets, runs = [], {}

@@ -202,8 +202,8 @@ def execute_run(
             extras["measurement_axes"] = dict(profile.measurement.axes)
         if (described := task.describe()) is not None:
             extras["model"] = described
-        outcome = _finish(store, run_id, loaded, task.name, device_info, records, out, status, error, extras,
-                          plan.selection)
+        outcome = finish_run(store, run_id, loaded, task.name, device_info, records, out, status, error, extras,
+                             plan.selection)
         registry.notify("run_finished", run_id=run_id, results=outcome.results)
         _trim_caches()
     return outcome
@@ -366,7 +366,7 @@ def _select(records: list[CandidateRecord], profile: Profile) -> Selection | Orc
         return exc
 
 
-def _finish(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, device: dict[str, Any],
+def finish_run(store: RunStore, run_id: str, loaded: LoadedProfile, task: str, device: dict[str, Any],
             records: list[CandidateRecord], out: Path, status: str, error: OrchestratorError | None,
             extras: dict[str, Any] | None = None, selected: Any = None) -> RunOutcome:
     """Write results.json / report.html / best.onnx from the run's one selection (`selected`), close the run."""

@@ -49,7 +49,7 @@ def qemu_sysroot(state_home) -> Path:
 @pytest.fixture(scope="session")
 def sshd_server(tmp_path_factory):
     """One real OpenSSH server on 127.0.0.1 for the session (own config, host key, client key); stopped by pid."""
-    from tests.helpers.sshd import Sshd, sshd_missing_reason
+    from bench.sshd import Sshd, sshd_missing_reason
 
     reason = sshd_missing_reason()
     if reason:
@@ -62,7 +62,7 @@ def sshd_server(tmp_path_factory):
 @pytest.fixture
 def own_sshd(tmp_path):
     """A real sshd of the test's own, for tests that stop it, kill it or change its host key."""
-    from tests.helpers.sshd import Sshd, sshd_missing_reason
+    from bench.sshd import Sshd, sshd_missing_reason
 
     reason = sshd_missing_reason()
     if reason:

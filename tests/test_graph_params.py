@@ -10,15 +10,11 @@ parameter, a list restricts a searched one, anything else is one clear profile e
 int8 figures depend on the CPU's integer kernels (issue 34). What quantization itself costs is
 measured on the QDQ graph evaluated as written, in float (the same on every CPU); what this
 CPU's kernels give is measured with the quantizer's settings for this CPU, read from its
-agent's `info` (CPU below). bench/cpu_numerics.py prints every figure these tests check.
+agent's `info` (bench/models.py, CPU). bench/cpu_numerics.py prints every figure these tests check;
+the tiny BERT is bench/models.py's, which it shares with this test.
 """
 
 from __future__ import annotations
-
-import argparse
-import io
-import math
-import warnings
 
 import numpy as np
 import onnx
@@ -27,10 +23,8 @@ import pytest
 import torch
 import yaml
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
-from agents.info import cmd_info
-from orchestrator.api import Dataset, DeviceFacts, Task, TechniqueContext, TensorSpec
+from bench.models import CPU, CPU_CASE, HIDDEN, SATURATING_U8S8, SEQ, VOCAB, cosine, tiny_bert, token_context
 from orchestrator.config.profile import load_profile
 from orchestrator.errors import ProfileError
 from orchestrator.hooks.manager import get_plugin_manager
@@ -42,73 +36,9 @@ from plugins.quantization import attention_core
 from tests.helpers import ROOT
 from tests.helpers.techniques import TINY_ARCH, tiny_context
 
-VOCAB, SEQ, HIDDEN = 500, 16, 64
-
-# This CPU as its agent reports it (agents/info.py). onnxruntime's U8S8 kernels on x86-64 without
-# VNNI (AVX2, AVX-512BW) multiply with vpmaddubsw, which adds pairs of u8 x s8 products in 16 bits:
-# with full-range int8 weights (2 * 255 * 127 > 32767) the sums saturate. With VNNI (32-bit sums),
-# U8U8 (uint8 weights) or on ARM the integer sums are exact.
-CPU = DeviceFacts.from_info(cmd_info(argparse.Namespace()))
-SATURATING_U8S8 = CPU.x86 and not CPU.has("avx512_vnni", "avx_vnni", "amx_int8")
-CPU_CASE = (f"{CPU.arch} ({', '.join(sorted(CPU.isa)) or 'no ISA features reported'}): "
-            + ("U8S8 sums saturate with 8-bit int8 weights: 7-bit weights (static), uint8 weights (dynamic)"
-               if SATURATING_U8S8 else "exact integer sums with 8-bit int8 weights"))
 # int8 kernels run with this CPU's settings give the float evaluation of the quantized graph within this
 # (7-bit weights cost 0.0005 on the tiny BERT below; saturating sums cost 0.017, bench/cpu_numerics.py)
 KERNEL_TOLERANCE = 0.005
-
-
-class _Layer(nn.Module):
-    def __init__(self, hidden: int, heads: int) -> None:
-        super().__init__()
-        self.heads, self.d = heads, hidden // heads
-        self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
-        self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.ff1, self.ff2 = nn.Linear(hidden, 4 * hidden), nn.Linear(4 * hidden, hidden)
-
-    def split(self, x):
-        return x.view(x.shape[0], x.shape[1], self.heads, self.d).permute(0, 2, 1, 3)
-
-    def forward(self, x, mask):
-        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.d) + mask
-        ctx = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).contiguous().view(x.shape[0], x.shape[1], -1)
-        x = self.ln1(x + self.o(ctx))
-        return self.ln2(x + self.ff2(nn.functional.gelu(self.ff1(x))))
-
-
-class TinyBert(nn.Module):
-    """BERT's structure (as Hugging Face writes it) at toy size."""
-
-    def __init__(self, layers: int = 2, heads: int = 4) -> None:
-        super().__init__()
-        self.word, self.pos, self.ln = nn.Embedding(VOCAB, HIDDEN), nn.Embedding(SEQ, HIDDEN), nn.LayerNorm(HIDDEN)
-        self.layers = nn.ModuleList(_Layer(HIDDEN, heads) for _ in range(layers))
-
-    def forward(self, input_ids, attention_mask):
-        x = self.ln(self.word(input_ids) + self.pos(torch.arange(input_ids.shape[1]).unsqueeze(0)))
-        mask = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
-        for layer in self.layers:
-            x = layer(x, mask)
-        return x
-
-
-class TokensTask(Task):
-    """Just what a TechniqueContext needs of a task with two int64 inputs."""
-
-    name = "tokens"
-    inputs = (TensorSpec("input_ids", "int64", ("batch", "sequence")),
-              TensorSpec("attention_mask", "int64", ("batch", "sequence")))
-    outputs = (TensorSpec("last_hidden_state", "float32", ("batch", "sequence", HIDDEN)),)
-
-
-def _tokens(n: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, VOCAB, (n, SEQ)).astype(np.int64)
-    mask = np.ones((n, SEQ), np.int64)
-    for row, length in enumerate(rng.integers(4, SEQ, n)):
-        mask[row, length:] = 0  # padding, which the mask hides
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 @pytest.fixture(scope="module")
@@ -121,57 +51,9 @@ def bert() -> onnx.ModelProto:
     return tiny_bert()
 
 
-def tiny_bert() -> onnx.ModelProto:
-    """TinyBert with seed 0 and sharpened attention, exported to ONNX (opset 17) as the pipeline exports."""
-    torch.manual_seed(0)
-    model = TinyBert().eval()
-    with torch.no_grad():  # sharper attention than a fresh init: what attention computes then matters
-        for layer in model.layers:
-            layer.q.weight.mul_(8)
-            layer.k.weight.mul_(8)
-    example = (torch.zeros((1, SEQ), dtype=torch.int64), torch.ones((1, SEQ), dtype=torch.int64))
-    axes = {0: "batch", 1: "sequence"}
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, example, buf, dynamo=False, opset_version=17,
-                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
-                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes})
-    return onnx.load_from_string(buf.getvalue())
-
-
 @pytest.fixture()
 def ctx(tmp_path):
     return token_context(tmp_path)
-
-
-def token_context(tmp_path) -> TechniqueContext:
-    """32 calibration rows, 16 evaluation rows, the x86 host's profile."""
-    data = {"calibration": Dataset(_tokens(32, 1), None), "eval": Dataset(_tokens(16, 2), None)}
-    data["train"] = data["calibration"]
-    return TechniqueContext(task=TokensTask(), data=data, teacher=None,
-                            profile=load_profile(ROOT / "device_profiles" / "x86-host.yaml").profile,
-                            scratch_dir=tmp_path, seed=0)
-
-
-def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray], kernels: bool = True) -> np.ndarray:
-    options = ort.SessionOptions()
-    if not kernels:  # no fusion: every QuantizeLinear/DequantizeLinear as written, the MatMuls in float
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    rows = [session.run(None, {k: v[i : i + 1] for k, v in feeds.items()})[0] for i in range(len(feeds["input_ids"]))]
-    return np.concatenate(rows).reshape(len(rows), -1)
-
-
-def _cosine(model: onnx.ModelProto, reference: onnx.ModelProto, ctx, kernels: bool = True) -> float:
-    """Mean cosine of `model`'s outputs to `reference`'s on the evaluation rows.
-
-    kernels=False evaluates a QDQ graph as written, in float: what the quantization itself costs,
-    the same on every CPU. kernels=True lets onnxruntime fuse it into this CPU's int8 kernels.
-    """
-    feeds = ctx.data["eval"].inputs
-    a, b = _outputs(model, feeds, kernels), _outputs(reference, feeds)
-    return float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
 
 
 def _io_types(model: onnx.ModelProto) -> list[tuple[str, int]]:
@@ -200,20 +82,20 @@ def test_int8_static_keeps_a_transformer_only_with_its_attention_core_in_float(r
     assert params["reduce_range"] is False
     # what quantization does, on any CPU: the QDQ graphs evaluated in float (measured 0.997 and 0.921)
     kept_model = technique.apply(bert, params, ctx)
-    kept = _cosine(kept_model, bert, ctx, kernels=False)
-    everything = _cosine(technique.apply(bert, {**params, "exclude_activation_matmul": False}, ctx), bert, ctx,
+    kept = cosine(kept_model, bert, ctx, kernels=False)
+    everything = cosine(technique.apply(bert, {**params, "exclude_activation_matmul": False}, ctx), bert, ctx,
                          kernels=False)
     assert kept >= 0.99, kept
     assert 1 - everything > 10 * (1 - kept), (kept, everything)  # quantizing the attention core costs far more
     # with the quantizer's settings for this CPU, its int8 kernels give the same, in both formats
     settings = _static_settings_for_this_cpu(technique, calibration_samples=32)
-    on_cpu = _cosine(kept_model if settings == params else technique.apply(bert, settings, ctx), bert, ctx)
-    everything_on_cpu = _cosine(technique.apply(bert, {**settings, "exclude_activation_matmul": False}, ctx), bert, ctx)
+    on_cpu = cosine(kept_model if settings == params else technique.apply(bert, settings, ctx), bert, ctx)
+    everything_on_cpu = cosine(technique.apply(bert, {**settings, "exclude_activation_matmul": False}, ctx), bert, ctx)
     assert on_cpu >= kept - KERNEL_TOLERANCE, (CPU_CASE, on_cpu, kept)
     assert 1 - everything_on_cpu > 10 * (1 - on_cpu), (CPU_CASE, on_cpu, everything_on_cpu)
     qoperator = technique.apply(bert, {**settings, "quant_format": "QOperator"}, ctx)
     assert any(n.op_type == "QLinearMatMul" for n in qoperator.graph.node)
-    assert _cosine(qoperator, bert, ctx) >= kept - KERNEL_TOLERANCE, CPU_CASE
+    assert cosine(qoperator, bert, ctx) >= kept - KERNEL_TOLERANCE, CPU_CASE
     assert _io_types(qoperator) == _io_types(bert)  # int64 ids and mask in, float32 out
 
 
@@ -239,11 +121,11 @@ def test_int8_dynamic_with_gather_quantizes_the_embedding_tables(registry, bert,
     assert 0.7 * tables < saved < 0.8 * tables  # int8 tables: a quarter of their float32 bytes
     assert _io_types(gather) == _io_types(bert)
     # the tables cost next to nothing on top of the MatMuls (their DequantizeLinear and Gather run in float)
-    assert abs(_cosine(matmul, bert, ctx) - _cosine(gather, bert, ctx)) <= 0.002, CPU_CASE
+    assert abs(cosine(matmul, bert, ctx) - cosine(gather, bert, ctx)) <= 0.002, CPU_CASE
     # and the whole stays close to fp32 where the weights' integer sums are exact on this CPU (measured 0.999)
     exact = gather if not SATURATING_U8S8 else technique.apply(
         bert, technique.check_params({"operators": "matmul+gather", "weight_type": "uint8"}), ctx)
-    assert _cosine(exact, bert, ctx) >= 0.99, CPU_CASE
+    assert cosine(exact, bert, ctx) >= 0.99, CPU_CASE
     with pytest.raises(ValueError, match="the model has no Gather node to quantize"):
         technique.apply(bert, technique.check_params({"operators": "matmul+gather", "exclude_op_types": ["MatMul"],
                                                       "nodes_to_exclude": ["/word/Gather", "/pos/Gather"]}), ctx)
@@ -282,7 +164,7 @@ def test_fp16_keeps_a_transformers_int64_inputs(registry, bert, ctx):
     technique = registry.technique("fp16")
     half = technique.apply(bert, technique.check_params({}), ctx)
     assert _io_types(half) == _io_types(bert)
-    assert _cosine(half, bert, ctx) >= 0.99
+    assert cosine(half, bert, ctx) >= 0.99
 
 
 # --- transformer-optimize --------------------------------------------------------------------------
@@ -293,7 +175,7 @@ def test_transformer_optimize_fuses_a_bert_like_model_and_quantizers_follow(regi
     ops = {n.op_type for n in fused.graph.node}
     assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu"} <= ops
     assert "Attention" not in {n.op_type for n in bert.graph.node}  # the input is untouched
-    assert _cosine(fused, bert, ctx) > 0.9999 and _io_types(fused) == _io_types(bert)
+    assert cosine(fused, bert, ctx) > 0.9999 and _io_types(fused) == _io_types(bert)
     # what may follow it: dynamic int8 knows the fused operators (QAttention, QEmbedLayerNormalization);
     # weights whose integer sums are exact on this CPU, as above (measured 0.999)
     dynamic = registry.technique("int8-dynamic")
@@ -301,13 +183,13 @@ def test_transformer_optimize_fuses_a_bert_like_model_and_quantizers_follow(regi
     quantized = dynamic.apply(fused, dynamic.check_params({"operators": "matmul+gather", "weight_type": weight_type}),
                               ctx)
     assert {"QAttention", "QEmbedLayerNormalization"} <= {n.op_type for n in quantized.graph.node}
-    assert _cosine(quantized, bert, ctx) >= 0.99, CPU_CASE
+    assert cosine(quantized, bert, ctx) >= 0.99, CPU_CASE
     # static int8 of the fused graph: this CPU's kernels and settings give its float evaluation (measured 0.999)
     static = registry.technique("int8-static")
     params = static.check_params({"calibration_samples": 16})
-    in_float = _cosine(static.apply(fused, params, ctx), bert, ctx, kernels=False)
+    in_float = cosine(static.apply(fused, params, ctx), bert, ctx, kernels=False)
     assert in_float >= 0.99, in_float
-    on_cpu = _cosine(static.apply(fused, _static_settings_for_this_cpu(static, calibration_samples=16), ctx), bert, ctx)
+    on_cpu = cosine(static.apply(fused, _static_settings_for_this_cpu(static, calibration_samples=16), ctx), bert, ctx)
     assert on_cpu >= in_float - KERNEL_TOLERANCE, (CPU_CASE, on_cpu, in_float)
 
 

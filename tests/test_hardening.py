@@ -1,6 +1,6 @@
 """Hardening (issue 16): faults and careless use that must end in one clear line, with nothing lost or exposed.
 
-Real parts throughout: a real OpenSSH server on 127.0.0.1 (tests/helpers/sshd.py), a real local
+Real parts throughout: a real OpenSSH server on 127.0.0.1 (bench/sshd.py), a real local
 Ray, real `orchestrate` processes killed with real signals, real file locks.
 """
 
@@ -26,11 +26,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bench.sshd import Sshd, sshd_missing_reason
 from orchestrator import hookimpl
 from orchestrator.cli.main import main
 from orchestrator.devices.registry import DeviceRegistry
 from tests.helpers import ROOT
-from tests.helpers.sshd import Sshd, sshd_missing_reason
 
 X86 = ROOT / "device_profiles" / "x86-host.yaml"
 

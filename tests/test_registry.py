@@ -65,7 +65,7 @@ def test_registry_holds_no_secret_columns(tmp_path):
 
 
 def test_key_fingerprint_matches_ssh_keygen(tmp_path):
-    from tests.helpers.sshd import fingerprint, keygen
+    from bench.sshd import fingerprint, keygen
 
     keygen(tmp_path / "k")
     assert key_fingerprint((tmp_path / "k.pub").read_text()) == fingerprint(tmp_path / "k.pub")

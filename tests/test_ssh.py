@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bench.sshd import free_port
 from orchestrator.cli.main import main
 from orchestrator.config.profile import load_profile
 from orchestrator.devices.registry import DeviceRegistry, RegisteredDevice
@@ -26,7 +27,6 @@ from orchestrator.devices.ssh import SshTransport
 from orchestrator.errors import MeasurementError
 from orchestrator.fleet.lease import DeviceLease
 from tests.helpers.agent import tiny_cnn
-from tests.helpers.sshd import free_port
 
 
 def _bench_processes(remote_dir: Path) -> list[psutil.Process]:

@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.helpers.sshd import SSHD, Sshd, sshd_missing_reason
+from bench.sshd import SSHD, Sshd, sshd_missing_reason
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:

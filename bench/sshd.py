@@ -1,4 +1,4 @@
-"""A real OpenSSH server on 127.0.0.1 for the device tests: its own config, host key and client key.
+"""A real OpenSSH server on 127.0.0.1 for the device tests and the benches: its own config, host key and client key.
 
 Seen on this machine: sshd needs /run/sshd (its privilege-separation folder), needs
 `StrictModes no` when its key files live under a world-writable folder such as /tmp,
