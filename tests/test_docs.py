@@ -89,3 +89,50 @@ def test_the_own_data_task_example_trains_and_distils_with_train_epochs():
     assert not trained.training and not torch.equal(before, trained[1].weight)
     student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
     module.MyCamera().train(student, data, epochs=1, seed=0, teacher=trained)
+
+
+def _written_keys(path: Path, function: str, variable: str) -> set[str]:
+    """The string keys `function` in `path` writes into `variable`: its dict literal, `variable[key] = ...` and
+    `variable.update(key=...)`."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+    keys: set[str] = set()
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == variable for t in node.targets) \
+                and isinstance(node.value, ast.Dict):
+            keys |= {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == variable \
+                and isinstance(node.value, ast.Dict):
+            keys |= {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store) and \
+                isinstance(node.value, ast.Name) and node.value.id == variable and isinstance(node.slice, ast.Constant):
+            keys.add(node.slice.value)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "update" and \
+                isinstance(node.func.value, ast.Name) and node.func.value.id == variable:
+            keys |= {k.arg for k in node.keywords if k.arg}
+    return keys
+
+
+def test_every_key_results_json_gets_is_in_docs_results_md():
+    """results.json's keys, as the run writes them (finish_run's dict and the run's extras), its candidates'
+    (CandidateRecord.to_json) and the final round's decision block: each is named in docs/results.md."""
+    import dataclasses
+
+    from orchestrator.search.record import Metrics
+    from tests.helpers import ROOT as root
+
+    documented = set(re.findall(r"`([a-z_0-9]+)`", (root / "docs" / "results.md").read_text()))
+    run, final_round = root / "orchestrator" / "run.py", root / "orchestrator" / "search" / "final_round.py"
+    top = _written_keys(run, "finish_run", "results") | _written_keys(run, "execute_run", "extras") \
+        | _written_keys(run, "_search", "extras")
+    decision = _written_keys(final_round, "decide", "block") | _written_keys(final_round, "run_final_round", "block")
+    trial = _written_keys(root / "orchestrator" / "search" / "trial.py", "run_trial", "record")
+    record = {"id", "pipeline", "status", "error", "metrics", "device", "model_sha256", "measurement",
+              "violations", "feasible", "on_front"}
+    metrics = {f.name for f in dataclasses.fields(Metrics)} - {"extra"}
+    assert {"schema_version", "candidates", "starting_points", "decision", "ruled_out"} <= top
+    assert {"pick", "leader", "sentence", "protocol"} <= decision and {"build", "cached"} <= trial
+    missing = sorted((top | decision | trial | record | metrics) - documented)
+    assert not missing, f"docs/results.md does not name: {missing}"
