@@ -167,3 +167,22 @@ def test_the_training_profile_starts_from_drop_layers_and_its_int8_combinations(
     drop = {"technique": "drop-layers", "params": {"keep": 0.5, "epochs": 3}}
     assert [drop] in points
     assert any(p[0] == drop and p[1]["technique"] == "int8-dynamic" for p in points if len(p) == 2)
+
+
+def test_a_softmax_output_is_distilled_by_kl_whose_gradient_survives_a_confidently_wrong_student():
+    """A classifier's probabilities: the MSE's gradient through a saturated softmax vanishes where the
+    student is confidently wrong; the KL divergence's (student - teacher on the logits) does not."""
+    import torch
+
+    from orchestrator.models.owntrain import _is_distribution, _label_free
+
+    teacher = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    assert _is_distribution(teacher)
+    assert not _is_distribution(torch.nn.functional.normalize(torch.randn(4, 8), dim=-1))  # an embedding
+    assert not _is_distribution(torch.rand(2, 1, 4, 4))  # a one-channel probability map
+    grads = {}
+    for distribution in (True, False):
+        logits = torch.tensor([[-12.0, 12.0], [12.0, -12.0]], requires_grad=True)  # confidently wrong
+        _label_free(torch.softmax(logits, -1), teacher, float(teacher.var()), distribution).backward()
+        grads[distribution] = float(logits.grad.abs().max())
+    assert grads[True] > 0.3 and grads[False] < 1e-6, grads

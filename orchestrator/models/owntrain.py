@@ -13,7 +13,10 @@ calls `Task.train`. A brought model has no training loop of its own, so it gets 
   outputs on them, the same outputs its quality is then measured against on the held-out rows.
 
 Label-free, the loss is the mean squared error on every output, each divided by the teacher's
-variance on the first rows so no output dominates. Adam at a learning rate gentle enough for
+variance on the first rows so no output dominates; an output that is a probability distribution
+over its last axis (a softmax: non-negative, each row summing to 1) is matched by the KL divergence
+instead, whose gradient does not vanish where the student is confidently wrong (the MSE's does, and
+a pruned RapidOCR classifier stayed at 0.62 top-1 agreement after 4 passes). Adam at a learning rate gentle enough for
 pretrained weights, the order fixed by `seed`, the model in eval mode throughout (batch-norm
 statistics and dropout as they came). Training stops after `epochs` passes or once
 `time_budget_s` (the profile's `search.train_time_budget_s`) is spent, whichever comes first; what
@@ -44,6 +47,23 @@ def _as_list(out: Any) -> list[Any]:
     import torch
 
     return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def _is_distribution(t: Any) -> bool:
+    """Whether a teacher output is a probability distribution over its last axis (a softmax's output)."""
+    t = t.float()
+    return t.dim() >= 2 and t.shape[-1] >= 2 and bool((t >= 0).all()) \
+        and bool(((t.sum(-1) - 1).abs() < 1e-3).all())
+
+
+def _label_free(out: Any, target: Any, scale: float, distribution: bool) -> Any:
+    """One output's label-free loss: KL divergence for a distribution, else the MSE over the teacher's variance."""
+    import torch.nn.functional as F
+
+    if distribution:
+        return F.kl_div((out.float() + 1e-12).log().flatten(0, -2), target.float().flatten(0, -2),
+                        reduction="batchmean")
+    return F.mse_loss(out.float(), target.float()) / scale
 
 
 def train_set_of(task: Any) -> Any:
@@ -94,6 +114,7 @@ def fit(task: Any, model: Any, reference: Any, data: Dataset, epochs: int, seed:
         with torch.no_grad():
             probe = _as_list(target_model(*(torch.from_numpy(first[k]) for k in names)))
         scales = [max(float(t.float().var()), 1e-12) for t in probe]
+        kinds = [_is_distribution(t) for t in probe]
         size = TRAIN_SET_BATCH
 
         def loss(rows: np.ndarray) -> Any:
@@ -102,7 +123,7 @@ def fit(task: Any, model: Any, reference: Any, data: Dataset, epochs: int, seed:
             with torch.no_grad():
                 targets = _as_list(target_model(*x))
             out = _as_list(model(*x))
-            return sum(F.mse_loss(o.float(), t.float()) / s for o, t, s in zip(out, targets, scales))
+            return sum(_label_free(o, t, s, d) for o, t, s, d in zip(out, targets, scales, kinds))
 
         record = {"data": f"--train {train_set.path} ({train_set.how})", "set_rows": n}
     else:
@@ -117,6 +138,7 @@ def fit(task: Any, model: Any, reference: Any, data: Dataset, epochs: int, seed:
             targets = [torch.from_numpy(np.asarray(t, dtype=np.float32))
                        for t in torch_outputs(task, teacher if teacher is not None else reference, data, batch=16)]
             scales = [max(float(t.var()), 1e-12) for t in targets]
+            kinds = [_is_distribution(t) for t in targets]
         size = BATCH
 
         def loss(rows: np.ndarray) -> Any:
@@ -126,7 +148,7 @@ def fit(task: Any, model: Any, reference: Any, data: Dataset, epochs: int, seed:
                 return distillation_loss(out[0], soft[idx], labels[idx], temperature, alpha)
             if labelled:
                 return F.cross_entropy(out[0], labels[idx])
-            return sum(F.mse_loss(o.float(), t[idx]) / s for o, t, s in zip(out, targets, scales))
+            return sum(_label_free(o, t[idx], s, d) for o, t, s, d in zip(out, targets, scales, kinds))
 
         record = {"data": "the calibration rows of --inputs" + (" (labels)" if labelled else " (label-free)"),
                   "set_rows": n}
