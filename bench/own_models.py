@@ -17,6 +17,15 @@ rounds: what the rest of the pipeline adds), the pick's quality
 against fp32 and whether any measured candidate collapsed; writes bench/results/own_models.json
 and the table in docs/own_models.md. Targets (issue 15, the transformer): >= 3.5x smaller,
 >= 2x faster, cosine >= 0.99, never a collapsed candidate measured.
+
+    python bench/own_models.py --train --only minilm-32   # the training profile, one model
+
+`--train` runs examples/own-model-train.yaml instead (drop-layers and prune-structured distilled
+label-free, then int8/fp16/session settings) with each model's training set made from installed
+wheels (examples/own_models.py minilm-train / ocr-cls-train), and adds MiniLM at sequence 32; each
+row then says the pick's training (rows and seconds) and what every trained candidate used. Rows
+of earlier `--only` runs of the same mode are kept in bench/results/own_models[_train].json and
+the table is made from all of them (docs/own_models.md, between the `--train` markers).
 """
 
 from __future__ import annotations
@@ -39,32 +48,85 @@ from bench.search_common import interleaved_rounds, machine, now, private_home  
 from examples import own_models as own  # noqa: E402
 
 PROFILE = ROOT / "examples" / "own-model.yaml"
+TRAIN_PROFILE = ROOT / "examples" / "own-model-train.yaml"
 TARGETS = {"smaller": 3.5, "faster": 2.0, "quality": 0.99}
 
 
-def minilm(folder: Path) -> tuple[str, Path, dict[str, Any]]:
-    """(source, samples .npz, profile model settings) of all-MiniLM-L6-v2 on real sentences, sequence 128."""
-    return str(own.minilm_folder()), own.minilm_samples(folder / "minilm.npz"), {"quality": "cosine"}
+def minilm(folder: Path, train: bool = False, sequence: int = 128) -> tuple[str, Path, dict[str, Any]]:
+    """(source, samples .npz, profile model settings) of all-MiniLM-L6-v2 on real sentences at `sequence`;
+    with `train`, its training set of sentences from installed wheels at the same sequence."""
+    settings: dict[str, Any] = {"quality": "cosine"}
+    if train:
+        settings["train"] = str(own.minilm_train(folder / "minilm-train.npz", sequence))
+    return str(own.minilm_folder()), own.minilm_samples(folder / "minilm.npz", sequence), settings
 
 
-def ocr_classifier(folder: Path) -> tuple[str, Path, dict[str, Any]]:
+def minilm_32(folder: Path, train: bool = False) -> tuple[str, Path, dict[str, Any]]:
+    """MiniLM at sequence 32."""
+    return minilm(folder, train, 32)
+
+
+def ocr_classifier(folder: Path, train: bool = False) -> tuple[str, Path, dict[str, Any]]:
     """(source, samples, settings) of RapidOCR's text-orientation CNN on text-like crops (half upside down)."""
-    return str(own.ocr_classifier_file()), own.ocr_samples(folder / "ocr.npz"), {"quality": "top1"}
+    settings: dict[str, Any] = {"quality": "top1"}
+    if train:
+        settings["train"] = str(own.ocr_train(folder / "ocr-train.npz"))
+    return str(own.ocr_classifier_file()), own.ocr_samples(folder / "ocr.npz"), settings
+
+
+def ocr_detector(folder: Path, train: bool = False) -> tuple[str, Path, dict[str, Any]]:
+    """(source, samples, settings) of RapidOCR's text detector on rendered sentences: cosine of its text map."""
+    settings: dict[str, Any] = {"quality": "cosine"}
+    if train:
+        settings["train"] = str(own.ocr_det_train(folder / "det-train.npz"))
+    return str(own.ocr_detector_file()), own.text_images(folder / "det.npz"), settings
 
 
 MODELS = {"minilm": ("transformer all-MiniLM-L6-v2 (Hugging Face folder)", minilm),
           "ocr-cls": ("CNN RapidOCR text-orientation classifier (ONNX file)", ocr_classifier)}
+TRAIN_MODELS = {"minilm-32": ("transformer all-MiniLM-L6-v2, sequence 32 (Hugging Face folder)", minilm_32),
+                "minilm": ("transformer all-MiniLM-L6-v2, sequence 128 (Hugging Face folder)", minilm),
+                "ocr-cls": ("CNN RapidOCR text-orientation classifier (ONNX file, onnx2torch)", ocr_classifier),
+                "ocr-det": ("CNN RapidOCR PP-OCRv4 text detector, 3x64x256 (ONNX file, onnx2torch)", ocr_detector)}
 
 
-def search(source: str, samples: Path, settings: dict[str, Any], trials: int | None, out: Path) -> dict[str, Any]:
-    """One `orchestrate --model SOURCE --inputs SAMPLES` run on the bench profile; its results.json content."""
+def _training(candidate: dict[str, Any]) -> dict[str, Any]:
+    """{technique: [fine-tuning records]} of a candidate's results.json entry, wherever it is kept."""
+    stack: list[Any] = [candidate]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("training"), dict):
+                return item["training"]
+            stack.extend(item.values())
+    return {}
+
+
+def trained(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per candidate that trained: id, status, pipeline, quality, and what its fine-tuning used."""
+    out = []
+    for c in candidates:
+        records = [r for rs in _training(c).values() for r in rs]
+        if records:
+            out.append({"id": c["id"], "status": c["status"],
+                        "pipeline": " + ".join(s["technique"] for s in c.get("pipeline", [])),
+                        "quality": (c.get("metrics") or {}).get("accuracy"),
+                        "rows": sum(r.get("rows", 0) for r in records),
+                        "seconds": round(sum(r.get("seconds", 0) for r in records), 1),
+                        "stopped_by": sorted({str(r.get("stopped_by")) for r in records})})
+    return out
+
+
+def search(source: str, samples: Path, settings: dict[str, Any], trials: int | None, out: Path,
+           profile_path: Path = PROFILE) -> dict[str, Any]:
+    """One `orchestrate --model SOURCE --inputs SAMPLES [--train]` run on the bench profile; its results.json."""
     import yaml
 
     from orchestrator.config.profile import load_profile
     from orchestrator.hooks.manager import get_plugin_manager
     from orchestrator.run import RunOptions, execute_run
 
-    data = yaml.safe_load(PROFILE.read_text())
+    data = yaml.safe_load(profile_path.read_text())
     data["model"] = {"source": source, "inputs": str(samples), **settings}
     out.mkdir(parents=True, exist_ok=True)
     profile = out / "profile.yaml"
@@ -128,22 +190,54 @@ def _axes(results: dict[str, Any]) -> dict[str, int]:
     return dict(results.get("measurement_axes") or {})
 
 
+def _row(entry: dict[str, Any], train: bool) -> str:
+    """The table row of one model's entry."""
+    f = entry
+    steps = " + ".join(s["technique"] for s in entry["pipeline"]) or "baseline"
+    same = f.get("faster_than_fp32_with_settings")
+    same_text = (f"{same:.2f}x ({f['faster_than_fp32_with_settings_spread'][0]:.2f}-"
+                 f"{f['faster_than_fp32_with_settings_spread'][1]:.2f})" if same else "(no settings)")
+    row = (f"| {entry['title']} | {steps} | {f['smaller']:.2f}x | {f['faster']:.2f}x "
+           f"({f['faster_spread'][0]:.2f}-{f['faster_spread'][1]:.2f}) | {same_text} | "
+           f"{entry['quality_metric']} {entry['quality']:.4f} | ")
+    if train:
+        best = max((t for t in entry["trained"] if t["quality"] is not None), key=lambda t: t["quality"], default=None)
+        row += (f"{entry['pick_training'] or 'none'} | "
+                + "; ".join(f"{t['pipeline']} {t['quality']:.4f} ({t['rows']} rows, {t['seconds']:.0f} s)"
+                            if t["quality"] is not None else f"{t['pipeline']} {t['status']}" for t in entry["trained"])
+                + (f" (best trained: {best['quality']:.4f})" if best else "") + " | ")
+    return row + (f"{entry['measured']} measured, {entry['rejected']} rejected, {len(entry['collapsed_measured'])} "
+                  f"collapsed; search {entry['search_wall_s'] / 60:.1f} min |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=sorted(MODELS), action="append")
+    parser.add_argument("--only", action="append", help="a model's key (repeatable); with --train also minilm-32")
     parser.add_argument("--trials", type=int, help="trial budget (default: the bench profile's)")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds of the side-by-side measurement")
+    parser.add_argument("--train", action="store_true",
+                        help="the training profile (examples/own-model-train.yaml) with each model's training set")
     args = parser.parse_args(argv)
+    models = TRAIN_MODELS if args.train else MODELS
+    unknown = sorted(set(args.only or []) - set(models))
+    if unknown:
+        parser.error(f"--only {unknown[0]}: one of {', '.join(models)}")
     private_home()
-    rows, report = [], {"machine": machine(), "at": now(), "models": {}}
+    results_dir = ROOT / "bench" / "results"
+    results_dir.mkdir(exist_ok=True)
+    stored = results_dir / ("own_models_train.json" if args.train else "own_models.json")
+    report = {"machine": machine(), "at": now(), "models": {}}
+    if args.only and stored.exists():  # the other models' rows of an earlier run stay
+        report["models"] = {k: v for k, v in json.loads(stored.read_text()).get("models", {}).items() if k in models}
     with tempfile.TemporaryDirectory(prefix="eo-own-") as tmp:
-        for key in args.only or list(MODELS):
-            title, make = MODELS[key]
+        for key in args.only or list(models):
+            title, make = models[key]
             folder = Path(tmp) / key
             folder.mkdir()
-            source, samples, settings = make(folder)
+            source, samples, settings = make(folder, True) if args.train else make(folder)
             print(f"== {title}: searching ...", flush=True)
-            results = search(source, samples, settings, args.trials, folder / "runs")
+            results = search(source, samples, settings, args.trials, folder / "runs",
+                             TRAIN_PROFILE if args.train else PROFILE)
             if results["status"] != "finished" or not results.get("best"):
                 print(f"   run {results['status']}: {results.get('message')}")
                 report["models"][key] = {"status": results["status"], "message": results.get("message")}
@@ -153,31 +247,29 @@ def main(argv: list[str] | None = None) -> int:
             collapsed = [c["id"] for c in measured if c["metrics"]["accuracy"] < base_q - 0.05]
             pick = results["best"]
             figures = side_by_side(results, args.rounds)
+            pick_training = [r for rs in _training(pick).values() for r in rs]
             entry = {"title": title, "pick": pick["id"], "pipeline": pick["pipeline"],
                      "quality_metric": results["quality_metric"], "quality": pick["metrics"]["accuracy"],
                      "baseline_quality": base_q, "candidates": len(results["candidates"]),
                      "measured": len(measured), "rejected": sum(c["status"] == "rejected" for c in results["candidates"]),
                      "collapsed_measured": collapsed, "search_wall_s": results["wall_s"],
-                     "decision": (results.get("decision") or {}).get("sentence"), **figures}
+                     "decision": (results.get("decision") or {}).get("sentence"),
+                     "trained": trained(results["candidates"]),
+                     "pick_training": (f"{sum(r.get('rows', 0) for r in pick_training)} rows, "
+                                       f"{sum(r.get('seconds', 0) for r in pick_training):.0f} s"
+                                       if pick_training else None),
+                     "ruled_out": results.get("ruled_out"), **figures}
             report["models"][key] = entry
-            steps = " + ".join(s["technique"] for s in pick["pipeline"]) or "baseline"
-            same = figures.get("faster_than_fp32_with_settings")
-            same_text = (f"{same:.2f}x ({figures['faster_than_fp32_with_settings_spread'][0]:.2f}-"
-                         f"{figures['faster_than_fp32_with_settings_spread'][1]:.2f})" if same else "(no settings)")
-            rows.append(f"| {title} | {steps} | {figures['smaller']:.2f}x | {figures['faster']:.2f}x "
-                        f"({figures['faster_spread'][0]:.2f}-{figures['faster_spread'][1]:.2f}) | {same_text} | "
-                        f"{results['quality_metric']} {pick['metrics']['accuracy']:.4f} | "
-                        f"{entry['measured']} measured, {entry['rejected']} rejected, "
-                        f"{len(collapsed)} collapsed |")
-            print(f"   pick {pick['id']} {steps}: {figures['smaller']:.2f}x smaller, {figures['faster']:.2f}x faster "
-                  f"({figures['faster_spread'][0]:.2f}-{figures['faster_spread'][1]:.2f} over {figures['rounds']} "
-                  f"rounds), {results['quality_metric']} {pick['metrics']['accuracy']:.4f}", flush=True)
+            print(f"   pick {pick['id']} {_row(entry, args.train)}", flush=True)
     m = report["machine"]
+    rows = [_row(e, args.train) for e in report["models"].values() if e.get("faster")]
+    failed = [f"- {k}: run {e['status']}: {e.get('message')}" for k, e in report["models"].items() if not e.get("faster")]
+    header = ("| model | pick | smaller | faster (10-90% of rounds) | faster than fp32 with the pick's session settings "
+              "| quality vs fp32 | ")
+    header += "pick's training | trained candidates: quality (training rows, seconds) | " if args.train else ""
     lines = [f"Measured {report['at']} on {m['cpu']} ({m['cores']} cores, load {m['load_average_at_start']}), "
              f"onnxruntime {m['onnxruntime']}, torch {m['torch']}; 1 thread, pinned core, interleaved rounds.", "",
-             "| model | pick | smaller | faster (10-90% of rounds) | faster than fp32 with the pick's session settings "
-             "| quality vs fp32 | candidates |",
-             "|---|---|---|---|---|---|---|", *rows]
+             header + "candidates |", "|" + "---|" * (header.count("|")), *rows, *([""] + failed if failed else [])]
     mini = report["models"].get("minilm") or {}
     if mini.get("faster"):
         ok = (mini["smaller"] >= TARGETS["smaller"], mini["faster"] >= TARGETS["faster"],
@@ -187,14 +279,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"{'met' if ok[2] else 'NOT met'}, no collapsed candidate measured {'met' if ok[3] else 'NOT met'}."]
     table = "\n".join(lines)
     print("\n" + table)
-    results_dir = ROOT / "bench" / "results"
-    results_dir.mkdir(exist_ok=True)
-    (results_dir / "own_models.json").write_text(json.dumps(report, indent=2))
+    stored.write_text(json.dumps(report, indent=2))
     doc = ROOT / "docs" / "own_models.md"
     if doc.exists():
         text = doc.read_text()
-        start, end = "<!-- bench/own_models.py -->", "<!-- /bench/own_models.py -->"
-        if start in text and end in text and not args.only:
+        mark = "own_models.py --train" if args.train else "own_models.py"
+        start, end = f"<!-- bench/{mark} -->", f"<!-- /bench/{mark} -->"
+        if start in text and end in text and (args.train or not args.only):
             doc.write_text(text[: text.index(start) + len(start)] + "\n" + table + "\n" + text[text.index(end):])
     return 0
 

@@ -4,6 +4,7 @@
     python examples/own_models.py minilm       # writes runs/minilm.npz, prints the Hugging Face folder's path
     python examples/own_models.py minilm-train     # writes runs/minilm-train.npz: a training set (--train)
     python examples/own_models.py ocr-cls-train    # writes runs/ocr-cls-train.npz: a training set (--train)
+    python examples/own_models.py ocr-det          # RapidOCR's text detector: runs/ocr-det.npz (ocr-det-train too)
 
 `ocr-cls`: RapidOCR's text-orientation classifier, a small CNN as an ONNX file
 (`rapidocr-onnxruntime`); its samples are 48 text-like 3x48x192 crops, half upside down.
@@ -17,7 +18,9 @@ profile's `model.train`; uncompressed `np.savez`, read lazily), made only from w
 `minilm-train`, 4096 real English sentences split from the docstrings of the Python standard
 library and the README/description text of installed packages (none of the samples' sentences),
 tokenized like the samples (`--sequence`, 128 by default); `ocr-cls-train`, 1024 crops made like
-the samples with other seeds. Nothing downloads.
+the samples with other seeds. `ocr-det` (RapidOCR's PP-OCRv4 text detector, a DB segmentation
+CNN as an ONNX file) takes 48 images of real sentences from the same installed text rendered in
+Pillow's built-in font, and `ocr-det-train` 1024 images of other sentences. Nothing downloads.
 """
 
 from __future__ import annotations
@@ -127,6 +130,36 @@ def ocr_train(path: Path, rows: int = 1024) -> Path:
     return ocr_samples(path, rows, seed=1)
 
 
+def ocr_detector_file() -> Path:
+    """RapidOCR's text detector (PP-OCRv4 det, a DB segmentation CNN, ONNX) inside the rapidocr-onnxruntime wheel."""
+    return _package_dir("rapidocr_onnxruntime") / "models" / "ch_PP-OCRv4_det_infer.onnx"
+
+
+def text_images(path: Path, rows: int = 48, first: int = 0) -> Path:
+    """Real sentences from installed text (`installed_sentences`, from the `first`-th on) rendered in
+    Pillow's built-in font, two lines on a light 3x64x256 image, normalised as the detector expects."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=16)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    images = []
+    for sentence in installed_sentences(first + rows)[first:]:
+        image = Image.new("RGB", (256, 64), (235, 235, 230))
+        draw = ImageDraw.Draw(image)
+        draw.text((6, 6), sentence[:30], fill=(20, 20, 20), font=font)
+        draw.text((6, 34), sentence[30:60], fill=(20, 20, 20), font=font)
+        pixels = (np.asarray(image, dtype=np.float32) / 255.0 - mean) / std
+        images.append(pixels.transpose(2, 0, 1).astype(np.float32))
+    np.savez(path, x=np.stack(images))
+    return path
+
+
+def ocr_det_train(path: Path, rows: int = 1024) -> Path:
+    """An unlabeled training set for the detector: `rows` other sentences rendered like its samples."""
+    return text_images(path, rows, first=48)
+
+
 def minilm_module() -> Any:
     """all-MiniLM-L6-v2 as a torch module: (input_ids, attention_mask) -> mean-pooled, normalised embedding."""
     import torch
@@ -149,7 +182,8 @@ def minilm_module() -> Any:
 
 
 MODELS = {"ocr-cls": (ocr_classifier_file, ocr_samples), "minilm": (minilm_folder, minilm_samples),
-          "ocr-cls-train": (ocr_classifier_file, ocr_train), "minilm-train": (minilm_folder, minilm_train)}
+          "ocr-cls-train": (ocr_classifier_file, ocr_train), "minilm-train": (minilm_folder, minilm_train),
+          "ocr-det": (ocr_detector_file, text_images), "ocr-det-train": (ocr_detector_file, ocr_det_train)}
 
 
 def main(argv: list[str] | None = None) -> int:
