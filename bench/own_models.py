@@ -45,9 +45,21 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.search_common import interleaved_rounds, machine, now, private_home  # noqa: E402
-from examples import own_models as own  # noqa: E402
 
 PROFILE = ROOT / "examples" / "own-model.yaml"
+EXAMPLE = ROOT / "examples" / "own_models.py"
+
+
+def example(name: str, out: Path, sequence: int | None = None) -> str:
+    """`python examples/own_models.py NAME --out OUT`, as the README has a user run it: writes OUT (samples or a
+    training set) and returns the model's path it prints. The bench imports no example code."""
+    import subprocess
+
+    args = [sys.executable, str(EXAMPLE), name, "--out", str(out)] + (["--sequence", str(sequence)] if sequence else [])
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args[1:])} failed: {done.stderr.strip()[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
 TRAIN_PROFILE = ROOT / "examples" / "own-model-train.yaml"
 TARGETS = {"smaller": 3.5, "faster": 2.0, "quality": 0.99}
 
@@ -57,8 +69,9 @@ def minilm(folder: Path, train: bool = False, sequence: int = 128) -> tuple[str,
     with `train`, its training set of sentences from installed wheels at the same sequence."""
     settings: dict[str, Any] = {"quality": "cosine"}
     if train:
-        settings["train"] = str(own.minilm_train(folder / "minilm-train.npz", sequence))
-    return str(own.minilm_folder()), own.minilm_samples(folder / "minilm.npz", sequence), settings
+        example("minilm-train", folder / "minilm-train.npz", sequence)
+        settings["train"] = str(folder / "minilm-train.npz")
+    return example("minilm", folder / "minilm.npz", sequence), folder / "minilm.npz", settings
 
 
 def minilm_32(folder: Path, train: bool = False) -> tuple[str, Path, dict[str, Any]]:
@@ -70,16 +83,18 @@ def ocr_classifier(folder: Path, train: bool = False) -> tuple[str, Path, dict[s
     """(source, samples, settings) of RapidOCR's text-orientation CNN on text-like crops (half upside down)."""
     settings: dict[str, Any] = {"quality": "top1"}
     if train:
-        settings["train"] = str(own.ocr_train(folder / "ocr-train.npz"))
-    return str(own.ocr_classifier_file()), own.ocr_samples(folder / "ocr.npz"), settings
+        example("ocr-cls-train", folder / "ocr-train.npz")
+        settings["train"] = str(folder / "ocr-train.npz")
+    return example("ocr-cls", folder / "ocr.npz"), folder / "ocr.npz", settings
 
 
 def ocr_detector(folder: Path, train: bool = False) -> tuple[str, Path, dict[str, Any]]:
     """(source, samples, settings) of RapidOCR's text detector on rendered sentences: cosine of its text map."""
     settings: dict[str, Any] = {"quality": "cosine"}
     if train:
-        settings["train"] = str(own.ocr_det_train(folder / "det-train.npz"))
-    return str(own.ocr_detector_file()), own.text_images(folder / "det.npz"), settings
+        example("ocr-det-train", folder / "det-train.npz")
+        settings["train"] = str(folder / "det-train.npz")
+    return example("ocr-det", folder / "det.npz"), folder / "det.npz", settings
 
 
 MODELS = {"minilm": ("transformer all-MiniLM-L6-v2 (Hugging Face folder)", minilm),

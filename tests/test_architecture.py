@@ -221,9 +221,7 @@ def test_the_private_import_finder_finds_one(tmp_path, monkeypatch):
 
 
 #: Benches that still import tests or examples, and why (to be emptied, not grown).
-BENCH_IMPORTS_PENDING = {
-    "bench.own_models": "examples/own_models.py: being reworked by the own-models work (issue 28 item 5 left open)",
-}
+BENCH_IMPORTS_PENDING: dict[str, str] = {}
 
 
 def test_benches_import_only_the_product_and_bench():
