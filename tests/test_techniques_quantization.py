@@ -135,7 +135,7 @@ def test_fp16_halves_the_weights_and_keeps_float32_io(registry, fp32, tmp_path):
     [
         ("int8-dynamic", {"weight_type": "int4"}, "weight_type='int4' is not one of ['int8', 'uint8']"),
         ("int8-dynamic", {"operators": "gemm"},
-         "operators='gemm' is not one of ['conv+matmul', 'conv+matmul+gather', 'matmul', 'matmul+gather']"),
+         "operators must be one of ['conv+matmul', 'conv+matmul+gather', 'matmul', 'matmul+gather'], got 'gemm'"),
         ("int8-dynamic", {"nodes_to_exclude": "Conv_0"}, "nodes_to_exclude must be a list of names, got 'Conv_0'"),
         ("int8-static", {"op_types": []}, "op_types must be 'all' or a non-empty list of operator types, got []"),
         ("int8-static", {"exclude_op_types": ["Add", 3]}, "exclude_op_types must be a list of names, got ['Add', 3]"),
@@ -154,7 +154,7 @@ def test_quantization_refuses_bad_params(registry, name, params, message):
 def test_quantization_search_space_sizes(registry):
     assert len(registry.technique("int8-static").param_grid()) == 2 * 3 * 2 * 2 * 2
     assert registry.technique("int8-static").param_grid()[0]["quant_format"] == "QDQ"  # QDQ first: the grid's head
-    assert len(registry.technique("int8-dynamic").param_grid()) == 2 * 2 * 4
+    assert len(registry.technique("int8-dynamic").param_grid()) == 2 * 2 * 2
     assert registry.technique("fp16").param_grid() == [{"keep_io_types": True}]
 
 
@@ -167,9 +167,8 @@ def test_int8_dynamic_recommends_weights_whose_integer_sums_are_exact_on_the_cpu
     avx2 = DeviceFacts(arch="x86_64", isa=frozenset({"avx2", "fma"}), model_ops=transformer)
     vnni = DeviceFacts(arch="x86_64", isa=frozenset({"avx2", "avx512_vnni"}), model_ops=transformer)
     arm = DeviceFacts(arch="aarch64", isa=frozenset({"asimd"}), model_ops=transformer)
-    both = [{"operators": "conv+matmul"}, {"operators": "conv+matmul+gather"}]  # embedding tables both ways
-    assert technique.recommended(avx2) == [{"per_channel": True, "weight_type": "uint8", **o} for o in both]
-    assert technique.recommended(vnni) == [{"per_channel": True, "weight_type": "int8", **o} for o in both]
-    assert technique.recommended(arm) == [{"per_channel": True, "weight_type": "int8", **o} for o in both]
+    assert technique.recommended(avx2) == [{"per_channel": True, "weight_type": "uint8", "embeddings": True}]
+    assert technique.recommended(vnni) == [{"per_channel": True, "weight_type": "int8", "embeddings": True}]
+    assert technique.recommended(arm) == [{"per_channel": True, "weight_type": "int8", "embeddings": True}]
     cnn = DeviceFacts(arch="x86_64", isa=frozenset({"avx2"}), model_ops=frozenset({"Conv", "MatMul"}))
     assert technique.recommended(cnn) == []
