@@ -64,14 +64,19 @@ TRAIN_PROFILE = ROOT / "examples" / "own-model-train.yaml"
 TARGETS = {"smaller": 3.5, "faster": 2.0, "quality": 0.99}
 
 
-def minilm(folder: Path, train: bool = False, sequence: int = 128) -> tuple[str, Path, dict[str, Any]]:
-    """(source, samples .npz, profile model settings) of all-MiniLM-L6-v2 on real sentences at `sequence`;
-    with `train`, its training set of sentences from installed wheels at the same sequence."""
-    settings: dict[str, Any] = {"quality": "cosine"}
+def _model(name: str, samples: str, quality: str, folder: Path, train: bool,
+           sequence: int | None = None) -> tuple[str, Path, dict[str, Any]]:
+    """(source, samples .npz, profile model settings) of example NAME; with `train`, its training set NAME-train."""
+    settings: dict[str, Any] = {"quality": quality}
     if train:
-        example("minilm-train", folder / "minilm-train.npz", sequence)
-        settings["train"] = str(folder / "minilm-train.npz")
-    return example("minilm", folder / "minilm.npz", sequence), folder / "minilm.npz", settings
+        settings["train"] = str(folder / f"{samples}-train.npz")
+        example(f"{name}-train", Path(settings["train"]), sequence)
+    return example(name, folder / f"{samples}.npz", sequence), folder / f"{samples}.npz", settings
+
+
+def minilm(folder: Path, train: bool = False, sequence: int = 128) -> tuple[str, Path, dict[str, Any]]:
+    """all-MiniLM-L6-v2 on real sentences at `sequence` (training set: sentences from installed wheels)."""
+    return _model("minilm", "minilm", "cosine", folder, train, sequence)
 
 
 def minilm_32(folder: Path, train: bool = False) -> tuple[str, Path, dict[str, Any]]:
@@ -80,21 +85,13 @@ def minilm_32(folder: Path, train: bool = False) -> tuple[str, Path, dict[str, A
 
 
 def ocr_classifier(folder: Path, train: bool = False) -> tuple[str, Path, dict[str, Any]]:
-    """(source, samples, settings) of RapidOCR's text-orientation CNN on text-like crops (half upside down)."""
-    settings: dict[str, Any] = {"quality": "top1"}
-    if train:
-        example("ocr-cls-train", folder / "ocr-train.npz")
-        settings["train"] = str(folder / "ocr-train.npz")
-    return example("ocr-cls", folder / "ocr.npz"), folder / "ocr.npz", settings
+    """RapidOCR's text-orientation CNN on text-like crops (half upside down)."""
+    return _model("ocr-cls", "ocr", "top1", folder, train)
 
 
 def ocr_detector(folder: Path, train: bool = False) -> tuple[str, Path, dict[str, Any]]:
-    """(source, samples, settings) of RapidOCR's text detector on rendered sentences: cosine of its text map."""
-    settings: dict[str, Any] = {"quality": "cosine"}
-    if train:
-        example("ocr-det-train", folder / "det-train.npz")
-        settings["train"] = str(folder / "det-train.npz")
-    return example("ocr-det", folder / "det.npz"), folder / "det.npz", settings
+    """RapidOCR's text detector on rendered sentences: cosine of its text map."""
+    return _model("ocr-det", "det", "cosine", folder, train)
 
 
 MODELS = {"minilm": ("transformer all-MiniLM-L6-v2 (Hugging Face folder)", minilm),

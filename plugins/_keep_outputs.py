@@ -32,7 +32,8 @@ def _as_tuple(example: Any) -> tuple[Any, ...]:
     return example if isinstance(example, tuple) else (example,)
 
 
-def _flatten(out: Any) -> list[Any]:
+def output_tensors(out: Any) -> list[Any]:
+    """The tensors of a forward's output: a tensor, nested tuples/lists/dicts (a Hugging Face output); others skipped."""
     import torch
 
     if isinstance(out, torch.Tensor):
@@ -40,7 +41,7 @@ def _flatten(out: Any) -> list[Any]:
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _flatten(item)]
+        return [t for item in out for t in output_tensors(item)]
     return []
 
 
@@ -52,7 +53,7 @@ def dependency_graph(model: Any, example: Any) -> tuple[Any, list[Any]]:
     outputs: list[Any] = []
 
     def capture(out: Any) -> Any:
-        outputs.extend(t.grad_fn for t in _flatten(out) if t.grad_fn is not None)
+        outputs.extend(t.grad_fn for t in output_tensors(out) if t.grad_fn is not None)
         return out
 
     with torch.enable_grad():  # the graph is read from autograd
@@ -110,8 +111,9 @@ def protected_layers(model: Any, example: Any) -> list[Any]:
     return _tried(model, example, list(kept.values()))
 
 
-def _shapes(out: Any) -> list[tuple[int, ...]]:
-    return [tuple(t.shape) for t in _flatten(out)]
+def output_shapes(out: Any) -> list[tuple[int, ...]]:
+    """The shapes of a forward's output tensors."""
+    return [tuple(t.shape) for t in output_tensors(out)]
 
 
 def _tried(model: Any, example: Any, kept: list[Any]) -> list[Any]:
@@ -130,7 +132,7 @@ def _tried(model: Any, example: Any, kept: list[Any]) -> list[Any]:
     names.update({id(p): n for n, p in model.named_parameters()})
     kept_names = {names[id(m)] for m in kept if id(m) in names}
     with torch.no_grad():
-        want = _shapes(model.eval()(*_as_tuple(example)))
+        want = output_shapes(model.eval()(*_as_tuple(example)))
     roots = (ops.TORCH_CONV, ops.TORCH_LINEAR, ops.TORCH_LSTM)
     every_group = True  # first all groups cut at once, one forward pass; on a failure, group by group
     while True:
@@ -165,7 +167,7 @@ def _runs_as(model: Any, example: Any, shapes: list[tuple[int, ...]]) -> bool:
 
     try:
         with torch.no_grad():
-            return _shapes(model(*_as_tuple(example))) == shapes
+            return output_shapes(model(*_as_tuple(example))) == shapes
     except Exception:  # noqa: BLE001 - a model the cut broke
         return False
 

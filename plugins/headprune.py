@@ -38,6 +38,7 @@ import copy
 from typing import Any
 
 from orchestrator import Technique, choice, hookimpl
+from plugins._keep_outputs import output_shapes, output_tensors
 from plugins.layerdrop import block_list
 from plugins.pruning import example_input
 
@@ -283,7 +284,7 @@ class PruneHeads(Technique):
         example = example_input(ctx)
         inputs = example if isinstance(example, tuple) else (example,)
         with torch.no_grad():
-            shapes = _shapes(model(*inputs))
+            shapes = output_shapes(model(*inputs))
         qkv = {layer for _, _, layers, _ in find_attentions(model) for layer in layers}
         if params["heads"] < 1 and not qkv:  # refused before tracing: what is missing, by name
             raise ValueError("prune-heads: " + (_unprunable_attention(model) or (
@@ -293,7 +294,7 @@ class PruneHeads(Technique):
             expanding_layers(model, qkv)
         try:  # traced from every output tensor (a cache object aside)
             graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=inputs, output_transform=lambda out: [t for t in _tensors(out) if t.requires_grad])
+                model, example_inputs=inputs, output_transform=lambda out: [t for t in output_tensors(out) if t.requires_grad])
         except Exception as exc:  # noqa: BLE001 - the tracer's failure is the architecture's, said in one line
             raise ValueError(f"prune-heads: torch-pruning cannot trace {type(model).__name__}'s dependencies "
                              f"({_one_line(exc)})") from None
@@ -305,7 +306,7 @@ class PruneHeads(Technique):
         model.zero_grad(set_to_none=True)
         try:
             with torch.no_grad():
-                pruned = _shapes(model(*inputs))
+                pruned = output_shapes(model(*inputs))
         except Exception as exc:  # noqa: BLE001 - any failure here is the architecture's, said in one line
             raise ValueError(f"prune-heads: the pruned {type(model).__name__} no longer runs "
                              f"({_one_line(exc)}): it keeps "
@@ -332,24 +333,6 @@ def _calibration_rows(ctx: Any, limit: int, batch: int = 16) -> list[tuple[Any, 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def _tensors(out: Any) -> list[Any]:
-    """The tensors of a forward's output: a tensor, nested tuples/lists/dicts (a Hugging Face output); others skipped."""
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _tensors(item)]
-    return []
-
-
-def _shapes(out: Any) -> list[tuple[int, ...]]:
-    """The shapes of a forward's output tensors."""
-    return [tuple(t.shape) for t in _tensors(out)]
 
 
 @hookimpl

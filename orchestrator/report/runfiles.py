@@ -68,12 +68,13 @@ def full_disk_during_run(exc: OSError, folders: list[Path]) -> DiskFull | None:
     the run's folder, the temporary folder) that has less than a megabyte left; None for any other OSError."""
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
-    where, what = None, Path(exc.filename).name if exc.filename else "a file"
     if exc.filename:
-        where = Path(exc.filename).parent
-    for folder in folders:
-        with contextlib.suppress(OSError):
-            if where is None and shutil.disk_usage(folder).free < 1 << 20:
-                where = folder
-    return DiskFull(f"{where or folders[0]}: no space left on the device ({what} could not be written); the run is "
-                    "marked failed: free some space and run again")
+        return _disk_full(Path(exc.filename).parent, exc)
+    return _disk_full(next((f for f in folders if _nearly_full(f)), folders[0]), exc, "a file")
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
