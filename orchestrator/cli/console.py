@@ -140,7 +140,11 @@ class TerminalReporter:
             if (data.get("cached") or {}).get("measurement"):
                 text += " (measurement from cache)"
             emu = data.get("measurement") or {}
-            if emu.get("latency_source"):  # an emulated device: what the p50 is, and what emulation said
+            if emu.get("instructions"):  # counted on the emulated CPU model: what the p50 is made of
+                text += (f" [EMULATED device: p50 {emu['latency_source']}, {emu['instructions']['median']:,.0f} "
+                         f"instructions on {emu.get('qemu_cpu')} x a{'' if emu.get('calibrated') else 'n uncalibrated'}"
+                         " cost model; aarch64 check passed]")
+            elif emu.get("latency_source"):  # an emulated device: what the p50 is, and what emulation said
                 emulated_p50 = (emu.get("emulated_latency_ms") or {}).get("p50")
                 text += (f" [EMULATED device: p50 {emu['latency_source']}"
                          f"{', unverified' if emu.get('latency_constraint') == 'unverified' else ''}; "
@@ -240,9 +244,15 @@ def run_with_progress(profile_path: Path | None, task: str | None, trials: int |
     device = results.get("device") or {}
     if device.get("emulated"):
         unverified = device.get("latency_constraint") == "unverified"
+        counted = device.get("latency_source") == "emulated-icount"
+        why = "the cost model is not calibrated" if counted else "emulation.latency_scale not calibrated"
         console.print(f"EMULATED device {device.get('name')}: latency {device.get('latency_source', 'emulated')}"
-                      f"{' (unverified: emulation.latency_scale not calibrated)' if unverified else ''}"
-                      "; no real board of the profile measured this run (docs/emulation.md)")
+                      + (f" on {device.get('qemu_cpu')}, {'calibrated' if device.get('calibrated') else 'uncalibrated'}"
+                         if counted else "")
+                      + (f" (unverified: {why})" if unverified else "")
+                      + "; no real board of the profile measured this run (docs/emulation.md)", highlight=False)
+        if device.get("latency_fallback"):
+            console.print(device["latency_fallback"], highlight=False)
     written = [name for name in ("results.json", "report.html", "best.onnx", "best.session.json", "samples.npz")
                if (outcome.out_dir / name).is_file()]  # what is there (a full disk may have left none)
     if written:

@@ -27,8 +27,10 @@ What `bench` returns has the shape of the agent's bench JSON, plus `emulated`, `
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.devices.base import Device
@@ -134,10 +136,39 @@ def board_energy(profile: Profile, mean_ms: float, busy: int | None = None, sour
     }
 
 
-def latency_source(profile: Profile | None) -> str:
-    """Where an emulated device's latency comes from for this profile: 'native-scaled' or 'emulated-icount'."""
+def counting_fallback(profile: Profile | None) -> str | None:
+    """Why a profile that asks for `emulated-icount` falls back to `native-scaled` here (no qemu-aarch64 with
+    plugin support, no C compiler), or None: it does not ask, or counting can run."""
     emu = profile.emulation if profile is not None else None
-    return icount.LATENCY_SOURCE if emu is not None and emu.latency == icount.LATENCY_SOURCE else LATENCY_SOURCE
+    if emu is None or emu.latency != icount.LATENCY_SOURCE:
+        return None
+    return icount.unavailable_reason()
+
+
+def latency_source(profile: Profile | None) -> str:
+    """Where an emulated device's latency comes from for this profile: 'emulated-icount' where the profile asks
+    for it and counting can run here (`counting_fallback`), else 'native-scaled'."""
+    emu = profile.emulation if profile is not None else None
+    asks = emu is not None and emu.latency == icount.LATENCY_SOURCE
+    return icount.LATENCY_SOURCE if asks and counting_fallback(profile) is None else LATENCY_SOURCE
+
+
+def fallback_line(profile: Profile | None) -> str | None:
+    """The one line a run prints (and results.json keeps) when counting was asked for and cannot run, else None."""
+    reason = counting_fallback(profile)
+    if reason is None:
+        return None
+    return (f"emulation.latency asks for {icount.LATENCY_SOURCE}, but instructions cannot be counted here ({reason}): "
+            f"latency falls back to {LATENCY_SOURCE}")
+
+
+def is_current(result: dict[str, Any], profile: Profile) -> bool:
+    """Whether a cached measurement of an emulated device was taken the way this run's would be: the same latency
+    source and, for counted latency, the same cost model (a calibration stored since changes it)."""
+    source = latency_source(profile)
+    if result.get("latency_source", source) != source:
+        return False
+    return source != icount.LATENCY_SOURCE or result.get("cost_model") == asdict(icount.cost_model(profile))
 
 
 def latency_constraint(profile: Profile) -> str:
@@ -159,6 +190,7 @@ class EmulatedDeviceTransport:
         self.native = LocalTransport(Device(name=f"{device.name} (native)", transport="local",
                                             arch=platform.machine(), pinned_cpu=device.pinned_cpu))
         self._info: dict[str, Any] | None = None
+        self._counts: dict[str, dict[str, Any]] = {}  # model sha256 -> its count this run (deterministic: one is enough)
 
     def info(self) -> dict[str, Any]:
         """The emulated board's `info` (asked once), plus this host's CPU, which the latency comes from."""
@@ -208,16 +240,27 @@ class EmulatedDeviceTransport:
             model["rounds_ms"] = {k: [v * scale for v in vs] for k, vs in model["rounds_ms"].items()}
         return {**result, "emulated": True, "latency_source": LATENCY_SOURCE, "latency_scale": scale}
 
+    def _count(self, model_bytes: bytes, profile: Profile) -> dict[str, Any]:
+        """The model's count, taken once per run: the search's count is the final round's too."""
+        sha = hashlib.sha256(model_bytes).hexdigest()
+        counted = self._counts.get(sha)
+        if counted is None or counted["cost_model"] != asdict(icount.cost_model(profile)):
+            counted = self._counts[sha] = icount.count_bench(self.emulator, model_bytes, profile)
+        return counted
+
     def _counted_compare(self, models: list[bytes], profile: Profile) -> dict[str, Any]:
-        started, rows = time.perf_counter(), []
+        started, rows, recounted = time.perf_counter(), [], 0
         for data in models:
-            counted = icount.count_bench(self.emulator, data, profile)
+            recounted += hashlib.sha256(data).hexdigest() not in self._counts
+            counted = self._count(data, profile)
             runs = [icount.cost_model(profile).milliseconds(c) for c in counted["instructions"]["per_run"]]
             rows.append({"sha256": counted["model"]["sha256"], "size_bytes": counted["model"]["size_bytes"],
                          "rounds_ms": {p: runs for p in ("p50", "p90", "p99")}, "runs_per_round": [1] * len(runs),
                          "execution_provider": counted.get("execution_provider"),
                          "instructions": counted["instructions"]})
-        return {"models": rows, "rounds": len(rows[0]["rounds_ms"]["p50"]) if rows else 0, "order": "sequential",
+        # the rounds are each model's counted runs: one count per model per run, the search's where it took one
+        return {"models": rows, "rounds": len(rows[0]["rounds_ms"]["p50"]) if rows else 0, "order": "counted",
+                "counted_now": recounted,
                 "block_runs": 1, "warmup_runs": icount.COUNT_WARMUP_RUNS, "threads": {"intra_op": 1, "inter_op": 1},
                 "pinned_cpu": None, "seconds": round(time.perf_counter() - started, 3), "warnings": [],
                 "emulated": True, "latency_source": icount.LATENCY_SOURCE,
@@ -282,7 +325,7 @@ class EmulatedDeviceTransport:
     def counted_bench(self, model_bytes: bytes, profile: Profile, parity: dict[str, Any] | None = None
                       ) -> dict[str, Any]:
         """Latency from the guest instructions counted on the emulated CPU model and the profile's cost model."""
-        counted = icount.count_bench(self.emulator, model_bytes, profile)
+        counted = self._count(model_bytes, profile)
         labels = self.emulator._labels()
         result = {
             **counted,
@@ -335,5 +378,7 @@ def emulation_note(profile: Profile | None) -> str:
                "not calibrated from a board, so the latency constraint is unverified)" if scale == 1.0 else
                f"this host's native measurement x {scale:g} (latency_source: {LATENCY_SOURCE}, the profile's "
                "emulation.latency_scale)")
-    return ("EMULATED: each candidate is checked under QEMU (aarch64 onnxruntime, outputs against this host's); "
+    fallback = fallback_line(profile)
+    return ((f"{fallback}. " if fallback else "")
+            + "EMULATED: each candidate is checked under QEMU (aarch64 onnxruntime, outputs against this host's); "
             f"its latency is {latency}; the emulated latency is kept as information only")

@@ -108,7 +108,7 @@ def describe_devices(devices: list[Device], source: str, note: str, unreachable:
                      profile: Profile | None = None) -> dict[str, Any]:
     """What results.json says of a run's devices (`source`: registry, fallback or given)."""
     from orchestrator.emulation.icount import cost_model
-    from orchestrator.emulation.rule import emulation_note, latency_constraint, latency_source
+    from orchestrator.emulation.rule import emulation_note, fallback_line, latency_constraint, latency_source
 
     described = [d.describe() for d in devices]
     archs = sorted({d["arch"] for d in described})
@@ -129,9 +129,11 @@ def describe_devices(devices: list[Device], source: str, note: str, unreachable:
         info.update(latency_source=latency_source(profile), qemu_cpu=", ".join(cpus_emulated))
         if profile is not None and profile.emulation is not None:
             info.update(latency_scale=profile.emulation.latency_scale, latency_constraint=latency_constraint(profile))
-            if profile.emulation.latency == "emulated-icount":
+            if latency_source(profile) == "emulated-icount":
                 model = cost_model(profile)  # a calibration stored for the profile, else the profile's
                 info.update(calibrated=model.calibrated, cost_model=asdict(model))
+            elif fallback_line(profile):  # the profile asked for counting, which cannot run here
+                info.update(latency_requested=profile.emulation.latency, latency_fallback=fallback_line(profile))
     return info
 
 

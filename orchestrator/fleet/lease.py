@@ -60,6 +60,11 @@ class DeviceLease:
             if self.cache is not None:
                 keys = self._cache_keys(hashlib.sha256(model_bytes).hexdigest())
                 hit = self.cache.get(*keys)
+                if hit is not None and self.device.emulated:
+                    from orchestrator.emulation.rule import is_current
+
+                    # counted then, scaled now (or another cost model since a calibration): measure again
+                    hit = hit if is_current(hit, self.profile) else None
                 if hit is not None:
                     return {**hit, "device": name, "cached": True}
             result = self.transport.bench(model_bytes, self.profile)

@@ -174,23 +174,28 @@ def _emulation_section(results: dict[str, Any]) -> str:
     device = results.get("device") or {}
     if not device.get("emulated"):
         return ""
+    counted = device.get("latency_source") == "emulated-icount"
     rows = []
     for c in results["candidates"]:
         m = c.get("measurement") or {}
         parity = m.get("parity") or {}
         check = ("passed" if parity.get("passed") else "failed") if parity else (
             "failed" if "fails on aarch64" in (c.get("error") or "") else "-")
+        count = m.get("instructions") or {}
+        figures = (f"{_num(count.get('median'), 0)}{_num(count.get('spread'), 4)}" if counted else
+                   f"{_num((m.get('emulated_latency_ms') or {}).get('p50'), 3)}"
+                   f"{_num((m.get('native_latency_ms') or {}).get('p50'), 3)}")
         rows.append(
             f'<tr><td class="l">{html.escape(c["id"])}</td><td class="l">{html.escape(pipeline_label(c))}</td>'
             f'<td class="l">{html.escape(str(parity.get("precision", "-")))}</td><td class="l">{check}</td>'
-            f"{_sci(parity.get('relative_diff'))}{_num(parity.get('argmax_agreement'), 3)}"
-            f"{_num((m.get('emulated_latency_ms') or {}).get('p50'), 3)}"
-            f"{_num((m.get('native_latency_ms') or {}).get('p50'), 3)}</tr>"
+            f"{_sci(parity.get('relative_diff'))}{_num(parity.get('argmax_agreement'), 3)}{figures}</tr>"
         )
+    heads = ("<th>instructions / inference (counted)</th><th>spread of the counted runs</th>" if counted else
+             "<th>emulated p50 (ms, information)</th><th>native p50 (ms)</th>")
     return (f"<h2>Emulated device</h2><p>{html.escape(device.get('note') or '')}</p>"
             "<table><thead><tr><th>id</th><th>pipeline</th><th>precision</th><th>aarch64 check</th>"
-            "<th>max |diff| / max |host|</th><th>top-1 agreement</th><th>emulated p50 (ms, information)</th>"
-            f"<th>native p50 (ms)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+            f"<th>max |diff| / max |host|</th><th>top-1 agreement</th>{heads}</tr></thead><tbody>{''.join(rows)}"
+            "</tbody></table>")
 
 
 def render_report(results: dict[str, Any]) -> str:
@@ -226,7 +231,8 @@ candidates; black square: the baseline; green star: the pick; grey crosses broke
 Values marked <span class="tag">estimated</span> come from the profile's power model, not a sensor;
 <span class="tag">emulated</span> latencies were measured under QEMU; <span class="tag">native-scaled</span> ones
 were measured natively on the orchestrator host and multiplied by the profile's <code>emulation.latency_scale</code>
-(the device is emulated).</p>
+(the device is emulated); <span class="tag">emulated-icount</span> ones are the guest instructions counted on the
+emulated CPU model times the profile's cost model (an estimate until it is calibrated on a board).</p>
 <div class="plots">{figures or '<p>No candidate was measured.</p>'}</div>
 {_emulation_section(results)}
 <h2>All candidates</h2>

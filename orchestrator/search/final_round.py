@@ -256,10 +256,15 @@ def run_final_round(selection: Selection | Exception, profile: Any, lease: Any, 
         base.id: "; ".join(v["message"] for v in base.verdict.violations) or "infeasible"}
     block = decide(finalists, rounds, base.id, profile.objective.tie_within,
                    decides=metric_row(metric).percentile is not None, tie_break=profile.objective.tie_break, outside=outside)
-    if result.get("emulated"):  # the rounds were timed natively and scaled: say so wherever the sentence goes
+    if result.get("order") == "counted":  # instructions counted on the emulated CPU model: deterministic, no rounds
+        block["sentence"] += (f" [EMULATED device: latency {result.get('latency_source')}, "
+                              f"{'calibrated' if result.get('calibrated') else 'uncalibrated'} cost model; the rounds "
+                              "are each model's counted runs, one count per model]")
+    elif result.get("emulated"):  # the rounds were timed natively and scaled: say so wherever the sentence goes
         block["sentence"] += f" [EMULATED device: latency {result.get('latency_source')}]"
     block.update(device=result.get("device"), percentile=pct, seconds=round(time.perf_counter() - started, 2),
                  protocol={k: result.get(k) for k in ("block_runs", "warmup_runs", "threads", "pinned_cpu",
                                                       "execution_provider", "order")},
-                 **({"emulated": True, "latency_source": result.get("latency_source")} if result.get("emulated") else {}))
+                 **({"emulated": True, "latency_source": result.get("latency_source")} if result.get("emulated") else {}),
+                 **({"calibrated": result.get("calibrated")} if "calibrated" in result else {}))
     return block
