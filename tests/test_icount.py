@@ -116,16 +116,17 @@ def test_icount_latency_needs_a_cost_model_and_an_uncalibrated_one_never_claims_
         load_profile(_variant(tmp_path, "no-cost", **{"emulation.cost_model": None, "emulation.latency":
                                                       "emulated-icount"}))
     profile = load_profile(_variant(tmp_path, "counted", **{"emulation.latency": "emulated-icount"})).profile
-    assert latency_source(profile) == "emulated-icount"
+    counting = icount.unavailable_reason() is None  # else native-scaled (the fallback test above)
+    assert latency_source(profile) == ("emulated-icount" if counting else "native-scaled")
     assert latency_constraint(profile) == "unverified"
-    assert "NOT calibrated" in emulation_note(profile) and "cortex-a72" in emulation_note(profile)
+    assert ("NOT calibrated" in emulation_note(profile) and "cortex-a72" in emulation_note(profile)) or not counting
     model = icount.cost_model(profile)
     assert model.calibrated is False and model.milliseconds(3_000_000) == pytest.approx(2.0)  # 1 cpi, 1500 MHz
     calibrated = load_profile(_variant(tmp_path, "fitted", **{"emulation.latency": "emulated-icount",
                                                               "emulation.cost_model": {
                                                                   "cpi": 1.3, "clock_mhz": 1500, "calibrated": True,
                                                                   "source": "test: fitted to a board"}})).profile
-    assert latency_constraint(calibrated) == "emulated-icount"
+    assert latency_constraint(calibrated) == ("emulated-icount" if counting else "unverified")
 
 
 # ------------------------------------------------------------------------------------ with the emulator
