@@ -9,6 +9,7 @@ from orchestrator.api import (
     Choice,
     Dataset,
     DeviceFacts,
+    NotApplicable,
     Task,
     Technique,
     TechniqueContext,
@@ -31,7 +32,7 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = ["CandidateRecord", "Choice", "Dataset", "Deployable", "Device", "DeviceFacts", "DeviceUnreachable",
-           "EmulatedTarget", "LocalTarget", "MeasurementError", "PluginTarget", "SshTarget", "Task", "Technique",
+           "EmulatedTarget", "LocalTarget", "MeasurementError", "NotApplicable", "PluginTarget", "SshTarget", "Task", "Technique",
            "TechniqueContext", "TechniqueParamsError", "TensorSpec", "TrainingRun", "Transport", "TransportKind",
            "bench_args", "choice", "compare_args", "distillation_loss", "hookimpl", "train_epochs",
            "training_progress", "__version__"]

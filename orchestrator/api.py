@@ -44,6 +44,12 @@ def choice(values: Sequence[Any]) -> Choice:
     return Choice(tuple(values))
 
 
+class NotApplicable(ValueError):
+    """Raise it from `Technique.apply` when the model has nothing the technique can work on, whatever its
+    parameters (no list of blocks to drop, no attention to prune): the search rules the technique out at
+    this first failure (results.json `ruled_out`, reason `not applicable`) instead of after three."""
+
+
 class Technique:
     """One way to make a model smaller or faster. Subclass it and implement `apply`.
 

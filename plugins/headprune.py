@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from orchestrator import Technique, choice, hookimpl
+from orchestrator import NotApplicable, Technique, choice, hookimpl
 from plugins._keep_outputs import output_shapes, output_tensors
 from plugins.layerdrop import block_list
 from plugins.pruning import example_input
@@ -73,14 +73,14 @@ def find_attentions(model: Any) -> list[tuple[str, Any, tuple[Any, Any, Any], in
                 counts = [config.num_attention_heads]
             where = f"{name or 'the model'} ({type(module).__name__})"
             if not counts:
-                raise ValueError(f"prune-heads: {where} has {'/'.join(names)} layers but no head count "
+                raise NotApplicable(f"prune-heads: {where} has {'/'.join(names)} layers but no head count "
                                  f"({', '.join(HEAD_COUNTS)}): cannot tell its heads apart")
             widths = {layer.out_features for layer in layers}
             if len(widths) > 1:
-                raise ValueError(f"prune-heads: {where} has query/key/value of different widths {sorted(widths)} "
+                raise NotApplicable(f"prune-heads: {where} has query/key/value of different widths {sorted(widths)} "
                                  "(grouped-query attention): its key/value heads are shared; not supported")
             if layers[0].out_features % counts[0]:
-                raise ValueError(f"prune-heads: {where}: {layers[0].out_features} channels do not split into "
+                raise NotApplicable(f"prune-heads: {where}: {layers[0].out_features} channels do not split into "
                                  f"{counts[0]} heads")
             found.append((name, module, layers, counts[0]))
             break
@@ -286,17 +286,25 @@ class PruneHeads(Technique):
         with torch.no_grad():
             shapes = output_shapes(model(*inputs))
         qkv = {layer for _, _, layers, _ in find_attentions(model) for layer in layers}
-        if params["heads"] < 1 and not qkv:  # refused before tracing: what is missing, by name
-            raise ValueError("prune-heads: " + (_unprunable_attention(model) or (
-                "found no attention with separate query/key/value Linear layers "
-                f"({', '.join('/'.join(n) for n in QKV_NAMES[:3])}, ...) and a head count")))
-        if params["ffn"] < 1:
+        try:
             expanding_layers(model, qkv)
+            no_ffn = ""
+        except ValueError as exc:
+            no_ffn = str(exc)
+        no_heads = "" if qkv else "prune-heads: " + (_unprunable_attention(model) or (
+            "found no attention with separate query/key/value Linear layers "
+            f"({', '.join('/'.join(n) for n in QKV_NAMES[:3])}, ...) and a head count"))
+        if no_heads and no_ffn:  # refused before tracing, what is missing by name: nothing here to prune at all
+            raise NotApplicable(f"{no_heads}; {no_ffn.removeprefix('prune-heads: ')}")
+        if params["heads"] < 1 and no_heads:
+            raise ValueError(no_heads)
+        if params["ffn"] < 1 and no_ffn:
+            raise ValueError(no_ffn)
         try:  # traced from every output tensor (a cache object aside)
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=inputs, output_transform=lambda out: [t for t in output_tensors(out) if t.requires_grad])
         except Exception as exc:  # noqa: BLE001 - the tracer's failure is the architecture's, said in one line
-            raise ValueError(f"prune-heads: torch-pruning cannot trace {type(model).__name__}'s dependencies "
+            raise NotApplicable(f"prune-heads: torch-pruning cannot trace {type(model).__name__}'s dependencies "
                              f"({_one_line(exc)})") from None
         activity = input_activity(model, _calibration_rows(ctx, params["score_rows"]))
         if params["heads"] < 1:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator import Technique, choice, hookimpl
+from orchestrator import NotApplicable, Technique, choice, hookimpl
 
 
 def block_list(model: Any) -> tuple[str, Any]:
@@ -29,7 +29,7 @@ def block_list(model: Any) -> tuple[str, Any]:
                 and len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best[1])):
             best = (name, module)
     if best is None:
-        raise ValueError("the model has no nn.ModuleList of 2 or more blocks of one class (transformer layers) to drop")
+        raise NotApplicable("the model has no nn.ModuleList of 2 or more blocks of one class (transformer layers) to drop")
     return best
 
 

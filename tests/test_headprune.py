@@ -101,6 +101,11 @@ def test_the_feed_forward_narrows_and_generic_torch_transformers_are_handled_or_
                heads=0.5, ffn=0.5)
     assert "found no attention with separate query/key/value Linear layers" in str(refused.value)
     assert "\n" not in str(refused.value)
+    # nothing at all to prune (no attention, no list of blocks): NotApplicable, so the search rules the technique
+    # out at this first failure; a transformer without prunable attention above kept its feed-forward (ValueError)
+    from orchestrator import NotApplicable
+
+    assert isinstance(refused.value, NotApplicable)
 
 
 def test_parameters_are_checked_before_the_search():

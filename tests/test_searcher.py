@@ -333,6 +333,17 @@ def test_what_rules_a_family_out_and_what_does_not() -> None:
     assert entry["family"] == "p" and entry["message"].startswith("p ruled out: failed in 2 of 2 with the same")
     assert rule.covers(point_config(p(0.5))) is entry and rule.covers(point_config(q(8, "a"))) is None
 
+    rule = RuleOut(labels, space)  # a technique that does not apply to the model: out at its first failure, alone
+    first_line = ("CandidateBuildError: p: NotApplicable: the model has no nn.ModuleList of 2 or more blocks of one "
+                  "class (transformer layers) to drop")
+    [entry] = rule.finished(point_config(p(0.25)), outcome({"pipeline": p(0.25), "status": "failed", "metrics": {},
+                                                            "error": first_line + "\nTraceback ..."}, feasible=False))
+    assert entry["family"] == "p" and entry["reason"] == "not applicable" and entry["failed"] == 1
+    assert entry["message"] == f"p ruled out: it does not apply to this model ({first_line})"
+    assert rule.covers(point_config(p(0.5))) is entry and rule.covers(point_config(q(8, "a"))) is None
+    other = {"pipeline": q(8, "a"), "status": "failed", "metrics": {}, "error": "CandidateBuildError: q: ValueError: x"}
+    assert rule.finished(point_config(q(8, "a")), outcome(other, feasible=False)) == []  # a plain failure: 1 of 3
+
 
 def test_refinement_skips_a_ruled_out_neighbour() -> None:
     from orchestrator.search.refine import Refinement

@@ -6,7 +6,9 @@ pipeline with others), or that uses it with one of its searched parameters at on
 A family is ruled out once RULE_OUT_AFTER of its members were rejected for quality (their
 accuracy drop over the profile's limit), or RULE_OUT_AFTER of them failed to build with the
 same cause (the error's first line, digits aside), while none of its members was feasible
-(measured within every limit): a family with a feasible member is never ruled out. A failed
+(measured within every limit): a family with a feasible member is never ruled out. A technique
+that raised `NotApplicable` (the model has nothing it can work on, whatever its parameters:
+orchestrator/api.py) is ruled out at that first failure. A failed
 measurement does not count (a device's fault, not the family's), nor does a candidate over a
 device limit (a smaller variant of it may fit).
 
@@ -26,6 +28,9 @@ from typing import Any, Callable
 #: How many quality rejections, or build failures with the same cause, rule a family out (none feasible).
 RULE_OUT_AFTER = 3
 
+#: A build failure's first line where a technique raised NotApplicable: "...: drop-layers: NotApplicable: ...".
+NOT_APPLICABLE = re.compile(r"(?:^|: )([A-Za-z0-9_.-]+): NotApplicable: ")
+
 Key = tuple[str, str | None, str | None]  # (technique, parameter or None, json of its value or None)
 
 
@@ -36,6 +41,7 @@ class Outcome:
     kind: str  # "feasible", "rejected" (quality), "failed" (built or scored no candidate), "other"
     accuracy: float | None = None  # a rejected candidate's quality
     error: str | None = None  # a failure's first line
+    inapplicable: str | None = None  # the technique that raised NotApplicable
 
 
 def outcome(record: dict[str, Any] | None, feasible: bool) -> Outcome:
@@ -48,7 +54,8 @@ def outcome(record: dict[str, Any] | None, feasible: bool) -> Outcome:
     if record.get("status") == "rejected":
         return Outcome("rejected", accuracy=(record.get("metrics") or {}).get("accuracy"))
     if record.get("status") == "failed" and not error.startswith("measurement failed"):
-        return Outcome("failed", error=error or "failed")
+        found = NOT_APPLICABLE.search(error)
+        return Outcome("failed", error=error or "failed", inapplicable=found.group(1) if found else None)
     return Outcome("other")
 
 
@@ -124,7 +131,7 @@ class RuleOut:
                 family.told = told
             if key in self.out or family.feasible or (key[1] is not None and (key[0], None, None) in self.out):
                 continue  # a parameter value's family is not announced once its whole technique is out
-            entry = self._verdict(family)
+            entry = self._verdict(family, result)
             if entry is not None:
                 self.out[key] = entry
                 now.append(entry)
@@ -132,7 +139,7 @@ class RuleOut:
                     self.notify(dict(entry))  # the listener's own copy
         return now
 
-    def _verdict(self, family: Family) -> dict[str, Any] | None:
+    def _verdict(self, family: Family, result: Outcome) -> dict[str, Any] | None:
         technique, param, value = family.key
         name = technique if param is None else f"{technique}({param}={json.loads(value)})"
         entry: dict[str, Any] = {"family": name, "technique": technique,
@@ -149,6 +156,10 @@ class RuleOut:
                                   "max": max(scores, default=None)},
                          message=f"{name} ruled out: rejected for quality in {len(family.rejected)} of "
                                  f"{family.finished}{span}")
+            return entry
+        if result.inapplicable == technique and param is None:
+            entry.update(reason="not applicable", failed=1, cause=result.error,
+                         message=f"{name} ruled out: it does not apply to this model ({result.error[:200]})")
             return entry
         errors = max(family.failures.values(), key=len, default=[])
         if len(errors) >= self.after:
