@@ -26,6 +26,14 @@ wheels (examples/own_models.py minilm-train / ocr-cls-train), and adds MiniLM at
 row then says the pick's training (rows and seconds) and what every trained candidate used. Rows
 of earlier `--only` runs of the same mode are kept in bench/results/own_models[_train].json and
 the table is made from all of them (docs/own_models.md, between the `--train` markers).
+
+    python bench/own_models.py --only minilm-32 --olive   # with the peer's column (needs olive-ai)
+
+Where olive-ai is installed (the bench-only extra `bench-olive`), each row also runs Olive's own search on the
+run's fp32 ONNX file, calibration and held-out rows with the run's quality metric and limit (bench/olive_column.py)
+and times Olive's best in the same interleaved rounds as fp32 and the pick: its workflow, size and latency ratio
+against fp32, its quality, and the pick's speed against it (issue 29's target: >= 1.5x). Every model of the
+side-by-side carries the run's held-out rows (samples.npz), which the agent times, as in the run's final round.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import olive_column
+from bench.olive_column import ratio
 from bench.search_common import interleaved_rounds, machine, now, private_home  # noqa: E402
 
 PROFILE = ROOT / "examples" / "own-model.yaml"
@@ -95,6 +105,7 @@ def ocr_detector(folder: Path, train: bool = False) -> tuple[str, Path, dict[str
 
 
 MODELS = {"minilm": ("transformer all-MiniLM-L6-v2 (Hugging Face folder)", minilm),
+          "minilm-32": ("transformer all-MiniLM-L6-v2, sequence 32 (Hugging Face folder)", minilm_32),
           "ocr-cls": ("CNN RapidOCR text-orientation classifier (ONNX file)", ocr_classifier)}
 TRAIN_MODELS = {"minilm-32": ("transformer all-MiniLM-L6-v2, sequence 32 (Hugging Face folder)", minilm_32),
                 "minilm": ("transformer all-MiniLM-L6-v2, sequence 128 (Hugging Face folder)", minilm),
@@ -165,17 +176,20 @@ def _with_session_settings(model: bytes, pipeline: list[dict[str, Any]]) -> byte
     return technique.apply(onnx.load_from_string(model), steps[-1]["params"], None).SerializeToString()
 
 
-def _ratio(num: list[float], den: list[float]) -> tuple[float, list[float]]:
-    """Ratio of the medians, and the 10-90% spread of the per-round ratios."""
-    ratios = sorted(n / d for n, d in zip(num, den))
-    q = len(ratios) // 10
-    return statistics.median(num) / statistics.median(den), [ratios[q], ratios[-1 - q]]
+def _run_sample(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's held-out rows the devices time (its folder's samples.npz), or None."""
+    import numpy as np
+
+    path = Path(results["out_dir"]) / "samples.npz"
+    return dict(np.load(path)) if path.is_file() else None
 
 
-def side_by_side(results: dict[str, Any], rounds: int) -> dict[str, Any]:
+def side_by_side(results: dict[str, Any], rounds: int, extra: list[bytes] | None = None) -> dict[str, Any]:
     """fp32 and the pick measured together (and, for a pick with session settings, fp32 with those
-    settings too): median p50 of interleaved rounds and the 10-90% spread of the ratios."""
+    settings too; and the `extra` models: Olive's): median p50 of interleaved rounds and the 10-90% spread of
+    the ratios. Every model carries the run's held-out rows, which the agent times."""
     from orchestrator.config.profile import load_profile
+    from orchestrator.models.modelfacts import with_sample
     from orchestrator.state.paths import cache_dir
 
     profile = load_profile(Path(results["profile_path"])).profile.model_copy(deep=True)
@@ -183,17 +197,22 @@ def side_by_side(results: dict[str, Any], rounds: int) -> dict[str, Any]:
     base, best = results["baseline"], results["best"]
     models = [(cache_dir("models") / f"{c['model_sha256']}.onnx").read_bytes() for c in (base, best)]
     settings_only = _with_session_settings(models[0], best["pipeline"])
-    compared = interleaved_rounds(models + ([settings_only] if settings_only else []), profile, rounds)["models"]
+    timed = models + ([settings_only] if settings_only else []) + list(extra or [])
+    sample = _run_sample(results)
+    compared = interleaved_rounds([with_sample(m, sample) for m in timed], profile, rounds)["models"]
     fp32_rounds, pick_rounds = (m["rounds_ms"]["p50"] for m in compared[:2])
-    faster, spread = _ratio(fp32_rounds, pick_rounds)
+    faster, spread = ratio(fp32_rounds, pick_rounds)
     out = {"fp32_p50_ms": statistics.median(fp32_rounds), "pick_p50_ms": statistics.median(pick_rounds),
            "faster": faster, "faster_spread": spread, "rounds": len(fp32_rounds),
+           "timed_on": "the run's held-out rows" if sample else "random inputs",
+           "fp32_rounds_ms": fp32_rounds, "pick_rounds_ms": pick_rounds,
+           "extra_rounds_ms": [m["rounds_ms"]["p50"] for m in compared[len(timed) - len(extra or []):]],
            "smaller": base["metrics"]["size_bytes"] / best["metrics"]["size_bytes"],
            "fp32_kib": base["metrics"]["size_bytes"] / 1024, "pick_kib": best["metrics"]["size_bytes"] / 1024}
     if settings_only:
         same = compared[2]["rounds_ms"]["p50"]
         out["fp32_with_settings_p50_ms"] = statistics.median(same)
-        out["faster_than_fp32_with_settings"], out["faster_than_fp32_with_settings_spread"] = _ratio(same, pick_rounds)
+        out["faster_than_fp32_with_settings"], out["faster_than_fp32_with_settings_spread"] = ratio(same, pick_rounds)
     return out
 
 
@@ -218,8 +237,9 @@ def _row(entry: dict[str, Any], train: bool) -> str:
                 + "; ".join(f"{t['pipeline']} {t['quality']:.4f} ({t['rows']} rows, {t['seconds']:.0f} s)"
                             if t["quality"] is not None else f"{t['pipeline']} {t['status']}" for t in entry["trained"])
                 + (f" (best trained: {best['quality']:.4f})" if best else "") + " | ")
-    return row + (f"{entry['measured']} measured, {entry['rejected']} rejected, {len(entry['collapsed_measured'])} "
-                  f"collapsed; search {entry['search_wall_s'] / 60:.1f} min |")
+    return row + olive_column.cell(entry) + (
+        f" {entry['measured']} measured, {entry['rejected']} rejected, {len(entry['collapsed_measured'])} "
+        f"collapsed; search {entry['search_wall_s'] / 60:.1f} min |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds of the side-by-side measurement")
     parser.add_argument("--train", action="store_true",
                         help="the training profile (examples/own-model-train.yaml) with each model's training set")
+    have_olive = olive_column.olive_version() is not None
+    parser.add_argument("--olive", action=argparse.BooleanOptionalAction, default=have_olive,
+                        help="Olive's best CPU workflow as a column (default: on where olive-ai is installed)")
+    parser.add_argument("--olive-samples", type=int, default=0,
+                        help="Olive's TPE iterations per workflow (default 0: its whole search space, sequentially)")
     args = parser.parse_args(argv)
+    if args.olive and not have_olive:
+        parser.error(f"--olive: {olive_column.NOT_INSTALLED} (pip install 'edge-orchestrator[bench-olive]')")
     models = TRAIN_MODELS if args.train else MODELS
     unknown = sorted(set(args.only or []) - set(models))
     if unknown:
@@ -239,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     results_dir.mkdir(exist_ok=True)
     stored = results_dir / ("own_models_train.json" if args.train else "own_models.json")
     report = {"machine": machine(), "at": now(), "models": {}}
-    if args.only and stored.exists():  # the other models' rows of an earlier run stay
-        report["models"] = {k: v for k, v in json.loads(stored.read_text()).get("models", {}).items() if k in models}
+    if args.only and stored.exists():  # the other models' rows of an earlier run stay, with when and where they ran
+        old = json.loads(stored.read_text())
+        report["models"] = {k: {"at": old.get("at"), "machine": old.get("machine"), **v}
+                            for k, v in old.get("models", {}).items() if k in models}
     with tempfile.TemporaryDirectory(prefix="eo-own-") as tmp:
         for key in args.only or list(models):
             title, make = models[key]
@@ -258,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
             base_q = results["baseline"]["metrics"]["accuracy"]
             collapsed = [c["id"] for c in measured if c["metrics"]["accuracy"] < base_q - 0.05]
             pick = results["best"]
-            figures = side_by_side(results, args.rounds)
+            olive = (olive_column.prepare(results, source, samples, folder / "olive", args.olive_samples)
+                     if args.olive else None)
+            figures = side_by_side(results, args.rounds, [m for _, m in olive["models"]] if olive else None)
             pick_training = [r for rs in _training(pick).values() for r in rs]
             entry = {"title": title, "pick": pick["id"], "pipeline": pick["pipeline"],
                      "quality_metric": results["quality_metric"], "quality": pick["metrics"]["accuracy"],
@@ -270,8 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                      "pick_training": (f"{sum(r.get('rows', 0) for r in pick_training)} rows, "
                                        f"{sum(r.get('seconds', 0) for r in pick_training):.0f} s"
                                        if pick_training else None),
-                     "ruled_out": results.get("ruled_out"), **figures}
-            report["models"][key] = entry
+                     "ruled_out": results.get("ruled_out"), **figures,
+                     "olive": (olive_column.summary(olive, figures, results["baseline"]["metrics"]["size_bytes"])
+                               if olive else {"missing": olive_column.NOT_INSTALLED if not have_olive else "not run"})}
+            report["models"][key] = {**entry, "at": report["at"], "machine": report["machine"]}
             print(f"   pick {pick['id']} {_row(entry, args.train)}", flush=True)
     m = report["machine"]
     rows = [_row(e, args.train) for e in report["models"].values() if e.get("faster")]
@@ -279,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     header = ("| model | pick | smaller | faster (10-90% of rounds) | faster than fp32 with the pick's session settings "
               "| quality vs fp32 | ")
     header += "pick's training | trained candidates: quality (training rows, seconds) | " if args.train else ""
+    header += "Olive's best: workflow, smaller, faster (10-90%), quality | pick faster than Olive's best | "
     lines = [f"Measured {report['at']} on {m['cpu']} ({m['cores']} cores, load {m['load_average_at_start']}), "
              f"onnxruntime {m['onnxruntime']}, torch {m['torch']}; 1 thread, pinned core, interleaved rounds.", "",
              header + "candidates |", "|" + "---|" * (header.count("|")), *rows, *([""] + failed if failed else [])]
@@ -289,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["", f"Transformer targets: >= {TARGETS['smaller']}x smaller {'met' if ok[0] else 'NOT met'}, "
                       f">= {TARGETS['faster']}x faster {'met' if ok[1] else 'NOT met'}, cosine >= {TARGETS['quality']} "
                       f"{'met' if ok[2] else 'NOT met'}, no collapsed candidate measured {'met' if ok[3] else 'NOT met'}."]
+    olive = [f"{k} {'met' if e['olive']['target_met'] else 'NOT met'} ({e['olive']['pick_vs_olive']:.2f}x)"
+             for k, e in report["models"].items() if "target_met" in (e.get("olive") or {})]
+    lines += ["", f"Pick >= {olive_column.TARGET}x faster than Olive's best: {'; '.join(olive)}."] if olive else []
+    older = sorted({f"{e['at']} on {e['machine']['cpu']} (load {e['machine']['load_average_at_start']})"
+                    for e in report["models"].values() if e.get("at") and e["at"] != report["at"]})
+    lines += ["", "Rows kept from earlier runs were measured " + "; ".join(older) + "."] if older else []
     table = "\n".join(lines)
     print("\n" + table)
     stored.write_text(json.dumps(report, indent=2))
@@ -297,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         text = doc.read_text()
         mark = "own_models.py --train" if args.train else "own_models.py"
         start, end = f"<!-- bench/{mark} -->", f"<!-- /bench/{mark} -->"
-        if start in text and end in text and (args.train or not args.only):
+        if start in text and end in text:
             doc.write_text(text[: text.index(start) + len(start)] + "\n" + table + "\n" + text[text.index(end):])
     return 0
 
