@@ -46,7 +46,9 @@ def _attention_layers(model) -> int:
 def test_drop_layers_distilled_label_free_on_a_separate_training_set(tmp_path):
     samples = token_samples(tmp_path / "samples.npz", rows=48, seed=0)
     train = token_samples(tmp_path / "train.npz", rows=512, seed=1)  # other rows than the samples
-    task = OwnModelTask(BERT, str(samples), train=str(train), train_time_budget_s=60)
+    # a budget far beyond the ~10 s the 3 passes take on a quiet core: the passes, not the clock, end it even when the
+    # machine is loaded (a 60 s budget ran out after 416 rows with five jobs on two cores)
+    task = OwnModelTask(BERT, str(samples), train=str(train), train_time_budget_s=600)
     data = task.load_data(0)  # checks the training set holds none of the 24 held-out rows
     assert task.quality_metric == "cosine" and len(data["eval"]) == 24
     assert all(isinstance(a, np.memmap) for a in task._train_set.arrays.values())  # read lazily
@@ -59,7 +61,7 @@ def test_drop_layers_distilled_label_free_on_a_separate_training_set(tmp_path):
     assert "training" not in info0  # nothing trained at 0 epochs
     (record,) = info["training"]["drop-layers"]
     assert record["rows"] == 3 * 512 and record["epochs_done"] == 3 and record["stopped_by"] == "epochs"
-    assert record["set_rows"] == 512 and "--train" in record["data"] and 0 < record["seconds"] < 60
+    assert record["set_rows"] == 512 and "--train" in record["data"] and 0 < record["seconds"] < 600
     # measured on the held-out rows through onnxruntime: measured 0.99939 before, 0.999996 after (gap 150x smaller)
     print(f"cosine to fp32 on the 24 held-out rows: {before:.6f} before distillation, {after:.6f} after")
     assert before < 0.9999
@@ -80,7 +82,9 @@ def test_the_time_budget_stops_training(tmp_path):
     _, _, info = _build(task, data, 0.5, 3)
     (record,) = info["training"]["drop-layers"]
     assert record["stopped_by"] == "time budget" and record["epochs_done"] == 0
-    assert 0 < record["rows"] < 4096 and record["seconds"] < 2.0
+    # the budget starts at the first step (the teacher's scales before it are set-up): a step or two, then the clock;
+    # seconds count the set-up too, a few seconds at most on a loaded machine
+    assert 0 < record["rows"] < 4096 and record["seconds"] < 10.0
 
 
 def test_a_training_set_holding_held_out_rows_is_refused(tmp_path):
@@ -169,20 +173,27 @@ def test_the_training_profile_starts_from_drop_layers_and_its_int8_combinations(
     assert any(p[0] == drop and p[1]["technique"] == "int8-dynamic" for p in points if len(p) == 2)
 
 
-def test_a_softmax_output_is_distilled_by_kl_whose_gradient_survives_a_confidently_wrong_student():
-    """A classifier's probabilities: the MSE's gradient through a saturated softmax vanishes where the
-    student is confidently wrong; the KL divergence's (student - teacher on the logits) does not."""
+def test_probabilities_are_distilled_by_losses_whose_gradient_survives_a_confidently_wrong_student():
+    """A classifier's probabilities (softmax) and a detector's map (sigmoid): the MSE's gradient through a
+    saturated output vanishes where the student is confidently wrong; the KL divergence's and the binary
+    cross-entropy's (student - teacher at the logits) do not."""
     import torch
 
-    from orchestrator.models.owntrain import _is_distribution, _label_free
+    from orchestrator.models.owntrain import _kind, _label_free
 
     teacher = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
-    assert _is_distribution(teacher)
-    assert not _is_distribution(torch.nn.functional.normalize(torch.randn(4, 8), dim=-1))  # an embedding
-    assert not _is_distribution(torch.rand(2, 1, 4, 4))  # a one-channel probability map
+    assert _kind(teacher) == "distribution"
+    assert _kind(torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)) == "value"  # an embedding
+    assert _kind(torch.rand(2, 1, 4, 4)) == "probability"  # a one-channel probability map
     grads = {}
-    for distribution in (True, False):
+    for kind in ("distribution", "value"):
         logits = torch.tensor([[-12.0, 12.0], [12.0, -12.0]], requires_grad=True)  # confidently wrong
-        _label_free(torch.softmax(logits, -1), teacher, float(teacher.var()), distribution).backward()
-        grads[distribution] = float(logits.grad.abs().max())
-    assert grads[True] > 0.3 and grads[False] < 1e-6, grads
+        _label_free(torch.softmax(logits, -1), teacher, float(teacher.var()), kind).backward()
+        grads["softmax", kind] = float(logits.grad.abs().max())
+    text_map = torch.tensor([[0.95, 0.05, 0.9]])  # the teacher's map
+    for kind in ("probability", "value"):
+        logits = torch.tensor([[-12.0, 12.0, -12.0]], requires_grad=True)  # the student's: every pixel wrong
+        _label_free(torch.sigmoid(logits), text_map, float(text_map.var()), kind).backward()
+        grads["sigmoid", kind] = float(logits.grad.abs().max())
+    assert grads["softmax", "distribution"] > 0.3 and grads["softmax", "value"] < 1e-6, grads
+    assert grads["sigmoid", "probability"] > 0.2 and grads["sigmoid", "value"] < 1e-3, grads

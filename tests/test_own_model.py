@@ -339,6 +339,13 @@ def test_a_transformer_starts_with_per_channel_dynamic_int8_and_a_cnn_does_not()
     assert not any(p and p[0]["technique"] == "int8-dynamic" for p in starting_points(techniques, space, cnn, 1))
 
 
+def test_an_unnamed_softmax_classifier_is_judged_by_top1_agreement(tmp_path):
+    """RapidOCR's classifier names its output save_infer_model/scale_0.tmp_1: its fp32 rows, probabilities over
+    2 classes, say it is a classifier (a correlation of probabilities would reject what changes no answer)."""
+    samples = own.ocr_samples(tmp_path / "crops.npz", rows=8)
+    assert OwnModelTask(str(OCR_CLS), str(samples)).quality_metric == "top1"
+
+
 def test_the_profile_names_its_model_or_task(tmp_path):
     from orchestrator.models.tasks import resolve_task
 

@@ -213,14 +213,27 @@ def pixel_agreement(output: Any, reference: Any) -> float:
 # ------------------------------------------------------------------------- choosing and scoring
 
 
+def _class_probabilities(fp32_probe: Callable[[], Any]) -> bool:
+    """Whether fp32's rows of a 2-D output are probability distributions over 2 or more classes (a softmax)."""
+    try:
+        values = np.asarray(fp32_probe(), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - a model that cannot run here fails later with its own message
+        return False
+    return values.ndim == 2 and values.shape[1] >= 2 and bool((values >= 0).all()) \
+        and bool(np.allclose(values.sum(axis=1), 1.0, atol=1e-3))
+
+
 def auto_quality(outputs: Sequence[Any], fp32_probe: Callable[[], Any]) -> str:
-    """The label-free metric for a model's output specs (name, shape): top1 for classifier logits, segmentation
+    """The label-free metric for a model's output specs (name, shape): top1 for classifier logits (by name) or
+    probabilities (fp32's rows sum to 1), segmentation
     for a segmentation map, detection for a YOLO-style head whose fp32 values (`fp32_probe()`) agree, else cosine."""
     out = outputs[0]
     classifier = any(word in out.name.lower() for word in ("logit", "prob", "softmax", "class")) or \
         (len(out.shape) == 2 and out.shape[1] == "classes")
     if classifier and len(out.shape) == 2:
         return "top1"
+    if len(out.shape) == 2 and _class_probabilities(fp32_probe):
+        return "top1"  # unnamed, but its rows are probabilities over classes: a softmax classifier
     if len(outputs) == 1 and segmentation_shaped(out.shape, out.name):
         return "segmentation"
     if len(outputs) == 1 and detection_layout(out.shape):
