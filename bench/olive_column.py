@@ -18,13 +18,15 @@ applies:
 - `int8`: `OnnxQuantization` searched: dynamic or static, int8/uint8, per-channel, reduce-range,
   pre-processing, and for static the calibration method (MinMax, Entropy, Percentile) and QDQ/QOperator;
 - `transformers-opt + int8` (a MatMul/Softmax model without convolutions): Olive's BERT CPU recipe,
-  `OrtTransformersOptimization` then the same searched `OnnxQuantization`.
+  `OrtTransformersOptimization` (BERT fusions; heads and hidden size from the Hugging Face folder's config.json
+  where there is one) then the same searched `OnnxQuantization`.
 
 Each workflow's best is Olive's own: the fastest of its candidates (Olive's latency) that meet both goals. It is
 then scored again by the product (the run's task, the same rows) and timed beside fp32 and the pick; Olive's best
-is the faster of the workflows' bests in those rounds, or fp32 itself where no workflow gave a model. `OrtSessionParamsTuning` is not run: it tunes thread counts,
-which the protocol fixes at one, and its result is session options beside the model, not in the file the device
-times.
+is the faster of the workflows' bests in those rounds, or fp32 itself where no workflow gave a model.
+`OrtSessionParamsTuning` is not run: it tunes thread counts, which the protocol fixes at one, and its result is
+session options beside the model, not in the file the device times. Three olive-ai 0.13 bugs are worked around
+(see `bench_evaluator`, `workflow_config`, `patch_footprint`).
 """
 
 from __future__ import annotations
@@ -109,14 +111,33 @@ def bench_evaluator(heldout: str = "", **kwargs: Any) -> Any:
     return BenchEvaluator(**kwargs)
 
 
+def patch_footprint() -> None:
+    """olive-ai 0.13: a joint search of two passes fails at every point after the first ("FootprintNode" object has
+    no field "model_config": a cached pass output is recorded under the field's alias); record it under its name."""
+    from olive.engine.footprint import FootprintNode
+
+    update = FootprintNode.update
+    if getattr(update, "eo_patched", False):
+        return
+
+    def renamed(self: Any, **kwargs: Any) -> Any:
+        if "model_config" in kwargs:
+            kwargs["model_config_data"] = kwargs.pop("model_config")
+        return update(self, **kwargs)
+
+    renamed.eo_patched = True  # type: ignore[attr-defined]
+    FootprintNode.update = renamed
+
+
 USER_SCRIPT = """import functools
 import sys
 sys.path.insert(0, {root!r})
 from olive.data.registry import Registry
 from olive.evaluator.registry import Registry as Evaluators
-from bench.olive_column import bench_evaluator, npz_rows
+from bench.olive_column import bench_evaluator, npz_rows, patch_footprint
 Registry.register_dataset("eo_npz_rows")(npz_rows)
 Evaluators.register("eo_bench")(functools.partial(bench_evaluator, heldout={heldout!r}))
+patch_footprint()
 """
 
 
@@ -129,7 +150,8 @@ def is_transformer(model_bytes: bytes) -> bool:
     return {"MatMul", "Softmax"} <= ops and not ops & {"Conv", "ConvTranspose"}
 
 
-def workflow_config(name: str, fp32: Path, folder: Path, limit: float, samples: int) -> dict[str, Any]:
+def workflow_config(name: str, fp32: Path, folder: Path, limit: float, samples: int,
+                    shape: dict[str, int] | None = None) -> dict[str, Any]:
     """The `olive run` config of workflow `name` on the fp32 file, with the bench's data, metric and goal."""
     meta = {"user_script": str(folder / "olive_user_script.py")}
     data = [{"name": split, "type": "DataContainer", **meta,
@@ -146,7 +168,8 @@ def workflow_config(name: str, fp32: Path, folder: Path, limit: float, samples: 
                                "goal": {"type": "threshold", "value": limit}}]}]
     passes: dict[str, Any] = {}
     if name == "transformers-opt + int8":
-        passes["transformers_optimization"] = {"type": "OrtTransformersOptimization", "model_type": "bert"}
+        passes["transformers_optimization"] = {"type": "OrtTransformersOptimization", "model_type": "bert",
+                                               **(shape or {})}
     passes["quantization"] = {"type": "OnnxQuantization", "data_config": "calibration"}
     slug = name.replace(" + ", "_").replace("-", "_")
     return {"workflow_id": slug, "input_model": {"type": "ONNXModel", "model_path": str(fp32)},
@@ -219,7 +242,7 @@ def onnx_file(path: str) -> Path:
 
 
 def olive_best(task: Any, fp32_bytes: bytes, limit: float, folder: Path, samples: int,
-               log: Any = print) -> dict[str, Any]:
+               shape: dict[str, int] | None = None, log: Any = print) -> dict[str, Any]:
     """Olive's workflows on the fp32 file; per workflow its best candidate within `limit`, scored again by the
     product. {"workflows": {name: {...}}, "models": [(name, bytes)]} (the bests, to be timed side by side)."""
     from orchestrator.models.outputs import onnx_outputs
@@ -234,7 +257,7 @@ def olive_best(task: Any, fp32_bytes: bytes, limit: float, folder: Path, samples
         how = "every point of its search space" if samples <= 0 else f"TPE, {samples} iterations"
         log(f"   olive: {name} ({how}) ...")
         try:
-            tried = run_workflow(workflow_config(name, fp32, folder, limit, samples), folder)
+            tried = run_workflow(workflow_config(name, fp32, folder, limit, samples, shape), folder)
         except RuntimeError as exc:
             report["workflows"][name] = {"error": str(exc), "tried": 0}
             log(f"   olive: {name}: {exc}")
@@ -285,8 +308,19 @@ def prepare(results: dict[str, Any], source: str, samples: Path, folder: Path, b
     limit = results["baseline"]["metrics"]["accuracy"] - drop / 100.0
     task = OwnModelTask(source, str(samples), quality=results["quality_metric"])
     fp32 = (cache_dir("models") / f"{results['baseline']['model_sha256']}.onnx").read_bytes()
-    report = olive_best(task, fp32, limit, folder, budget)
+    report = olive_best(task, fp32, limit, folder, budget, transformer_shape(source))
     return {**report, "limit": limit, "budget": budget, "version": olive_version()}
+
+
+def transformer_shape(source: str) -> dict[str, int]:
+    """num_heads and hidden_size from a Hugging Face folder's config.json, as an Olive user would give them for
+    its exported ONNX file (its attention fusion does not find them in this export by itself), else none."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return {}
+    data = json.loads(config.read_text())
+    heads, hidden = data.get("num_attention_heads"), data.get("hidden_size")
+    return {"num_heads": heads, "hidden_size": hidden} if heads and hidden else {}
 
 
 def summary(report: dict[str, Any], figures: dict[str, Any], fp32_bytes: int) -> dict[str, Any]:

