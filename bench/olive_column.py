@@ -183,7 +183,8 @@ def workflow_config(name: str, fp32: Path, folder: Path, limit: float, samples: 
             "search_strategy": ({"execution_order": "joint", "sampler": "sequential"} if samples <= 0 else
                                 {"execution_order": "joint", "sampler": "tpe", "max_iter": samples}),
             "evaluator": "bench", "host": "local_system", "target": "local_system",
-            "cache_dir": str(folder / "cache"), "output_dir": str(folder / slug), "log_severity_level": 3}
+            "cache_dir": str(folder / "cache"), "output_dir": str(folder / slug),
+            "log_severity_level": 2}  # warnings: one "... FAILED." line per search point that failed
 
 
 def write_data(task: Any, data: dict[str, Any], folder: Path) -> None:
@@ -202,9 +203,10 @@ def write_data(task: Any, data: dict[str, Any], folder: Path) -> None:
         np.savez(folder / f"{split}.npz", meta=np.array(json.dumps(meta)), **rows, **extra)
 
 
-def run_workflow(config: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
+def run_workflow(config: dict[str, Any], folder: Path) -> tuple[list[dict[str, Any]], int]:
     """`python -m olive run --config` in its own process (Olive patches onnxruntime's calibrater in place); every
-    candidate it evaluated: its model file, passes, Olive's latency and quality, whether it met the goal."""
+    candidate it evaluated: its model file, passes, Olive's latency and quality, whether it met the goals; and how
+    many search points failed (a quantizer's or calibrater's error)."""
     path = folder / f"{config['workflow_id']}.json"
     path.write_text(json.dumps(config, indent=1))
     env = {**os.environ, "OLIVE_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -232,7 +234,7 @@ def run_workflow(config: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
                     "passes": chain, "olive_latency_ms": values["latency-p50"]["value"],
                     "olive_quality": values["quality-accuracy_score"]["value"],
                     "goal_met": bool(node["metrics"].get("if_goals_met"))})
-    return out
+    return out, sum(line.rstrip().endswith(") ... FAILED.") for line in (done.stdout + done.stderr).splitlines())
 
 
 def onnx_file(path: str) -> Path:
@@ -257,12 +259,15 @@ def olive_best(task: Any, fp32_bytes: bytes, limit: float, folder: Path, samples
         how = "every point of its search space" if samples <= 0 else f"TPE, {samples} iterations"
         log(f"   olive: {name} ({how}) ...")
         try:
-            tried = run_workflow(workflow_config(name, fp32, folder, limit, samples, shape), folder)
+            tried, failed = run_workflow(workflow_config(name, fp32, folder, limit, samples, shape), folder)
         except RuntimeError as exc:
             report["workflows"][name] = {"error": str(exc), "tried": 0}
             log(f"   olive: {name}: {exc}")
             continue
-        entry: dict[str, Any] = {"tried": len(tried), "met_goals": sum(t["goal_met"] for t in tried), "best": None}
+        entry: dict[str, Any] = {"tried": len(tried), "failed": failed, "met_goals": sum(t["goal_met"] for t in tried),
+                                 "best": None, "points": [{"what": describe(t["passes"]), **{
+                                     k: t[k] for k in ("olive_latency_ms", "olive_quality", "goal_met")}}
+                                     for t in tried]}
         for cand in sorted((t for t in tried if t["goal_met"]), key=lambda t: t["olive_latency_ms"]):
             model = onnx_file(cand["path"]).read_bytes()
             quality = float(task.score(onnx_outputs(model, task, data["eval"]), data["eval"].labels))
@@ -353,8 +358,8 @@ def cell(entry: dict[str, Any]) -> str:
     olive = entry.get("olive")
     if not olive or "missing" in olive:
         return f"{(olive or {}).get('missing', 'not measured')} | - |"
-    tried = ", ".join(f"{k}: {v['tried']} tried, {v.get('met_goals', 0)} met the goals"
-                      for k, v in olive["workflows"].items())
+    tried = ", ".join(f"{k}: {v['tried']} evaluated" + (f", {v['failed']} failed" if v.get("failed") else "")
+                      + f", {v.get('met_goals', 0)} met the goals" for k, v in olive["workflows"].items())
     what = (f"{olive['taken']}: {olive['workflow']}, {olive['smaller']:.2f}x smaller, {olive['faster']:.2f}x "
             f"({olive['faster_spread'][0]:.2f}-{olive['faster_spread'][1]:.2f}), quality {olive['quality']:.4f}"
             if olive["workflow"] else olive["taken"]) + f" ({tried})"
