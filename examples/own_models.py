@@ -18,7 +18,7 @@ The `-train` names write unlabeled training sets for label-free distillation (`-
 profile's `model.train`; uncompressed `np.savez`, read lazily), made only from what is installed:
 `minilm-train`, 4096 real English sentences split from the docstrings of the Python standard
 library and the README/description text of installed packages (none of the samples' sentences),
-tokenized like the samples (`--sequence`, 128 by default); `ocr-cls-train`, 1024 crops of other
+tokenized like the samples (`--sequence`, 128 by default); `ocr-cls-train`, 4096 crops of other
 sentences rendered like the samples. `ocr-det` (RapidOCR's PP-OCRv4 text detector, a DB segmentation
 CNN as an ONNX file) takes 48 images of real sentences from the same installed text rendered in
 Pillow's built-in font, and `ocr-det-train` 1024 images of other sentences. Nothing downloads.
@@ -140,8 +140,10 @@ def ocr_samples(path: Path, rows: int = 200) -> Path:
     return text_crops(path, rows)
 
 
-def ocr_train(path: Path, rows: int = 1024) -> Path:
-    """An unlabeled training set for the OCR classifier: `rows` crops of other sentences (none of the samples')."""
+def ocr_train(path: Path, rows: int = 4096) -> Path:
+    """An unlabeled training set for the OCR classifier: `rows` crops of other sentences (none of the samples'),
+    450 MB as float32. Its size is what recovers a pruned classifier: half its channels pruned, 4 passes,
+    top-1 agreement on the 100 held-out crops 0.58 after 1,024 crops, 0.97 after 4,096."""
     return text_crops(path, rows, first=200, seed=1)
 
 
