@@ -227,7 +227,8 @@ def run_workflow(config: dict[str, Any], folder: Path) -> tuple[list[dict[str, A
         while at and nodes[at].get("from_pass"):
             chain.insert(0, {"pass": nodes[at]["from_pass"],
                              "config": {k: v for k, v in (nodes[at].get("pass_run_config") or {}).items()
-                                        if k not in ("data_config", "user_script", "script_dir") and v is not None}})
+                                        if k not in ("data_config", "user_script", "script_dir") and v is not None
+                                        and not (isinstance(v, dict) and "olive_parameter_type" in v)}})
             at = nodes[at].get("parent_model_id")
         path = (node.get("model_config_data") or {}).get("config", {}).get("model_path")
         out.append({"model_id": node_id, "path": path,
