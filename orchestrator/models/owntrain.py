@@ -28,6 +28,7 @@ candidate's build info lists under `training`.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -84,8 +85,6 @@ def _label_free(out: Any, target: Any, scale: float, kind: str) -> Any:
 def _decay(step: int, steps: int, start: float, time_budget_s: float | None) -> float:
     """The learning rate's factor: a half cosine from 1 to 0 over the training's length, the epochs' `steps` or
     the time budget, whichever is further along."""
-    import math
-
     done = step / max(steps, 1)
     if time_budget_s:
         done = max(done, (time.perf_counter() - start) / time_budget_s)
