@@ -184,7 +184,7 @@ def workflow_config(name: str, fp32: Path, folder: Path, limit: float, samples: 
                                 {"execution_order": "joint", "sampler": "tpe", "max_iter": samples}),
             "evaluator": "bench", "host": "local_system", "target": "local_system",
             "cache_dir": str(folder / "cache"), "output_dir": str(folder / slug),
-            "log_severity_level": 2}  # warnings: one "... FAILED." line per search point that failed
+            "log_severity_level": 2}  # warnings and errors: one line per search point that failed
 
 
 def write_data(task: Any, data: dict[str, Any], folder: Path) -> None:
@@ -235,7 +235,11 @@ def run_workflow(config: dict[str, Any], folder: Path) -> tuple[list[dict[str, A
                     "passes": chain, "olive_latency_ms": values["latency-p50"]["value"],
                     "olive_quality": values["quality-accuracy_score"]["value"],
                     "goal_met": bool(node["metrics"].get("if_goals_met"))})
-    return out, sum(line.rstrip().endswith(") ... FAILED.") for line in (done.stdout + done.stderr).splitlines())
+    # a point whose pass raised: "Pass run_pass failed" / "Pass run failed." (caught in the pass), or the search's
+    # "... FAILED." (raised past it), one line each
+    lines = (done.stdout + done.stderr).splitlines()
+    return out, sum(("] Pass run_pass failed" in line or "] Pass run failed." in line
+                     or line.rstrip().endswith(") ... FAILED.")) for line in lines)
 
 
 def onnx_file(path: str) -> Path:
