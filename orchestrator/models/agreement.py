@@ -213,14 +213,20 @@ def pixel_agreement(output: Any, reference: Any) -> float:
 # ------------------------------------------------------------------------- choosing and scoring
 
 
+def is_distribution(values: Any) -> bool:
+    """Whether an output's rows over its last axis are probability distributions over 2 or more classes (a
+    softmax's: non-negative, each summing to 1)."""
+    values = np.asarray(values, dtype=np.float64)
+    return values.ndim >= 2 and values.shape[-1] >= 2 and bool((values >= 0).all()) \
+        and bool(np.allclose(values.sum(axis=-1), 1.0, atol=1e-3))
+
+
 def _class_probabilities(fp32_probe: Callable[[], Any]) -> bool:
-    """Whether fp32's rows of a 2-D output are probability distributions over 2 or more classes (a softmax)."""
+    """Whether fp32's rows of a 2-D output are probability distributions (`is_distribution`)."""
     try:
-        values = np.asarray(fp32_probe(), dtype=np.float64)
+        return is_distribution(fp32_probe())
     except Exception:  # noqa: BLE001 - a model that cannot run here fails later with its own message
         return False
-    return values.ndim == 2 and values.shape[1] >= 2 and bool((values >= 0).all()) \
-        and bool(np.allclose(values.sum(axis=1), 1.0, atol=1e-3))
 
 
 def auto_quality(outputs: Sequence[Any], fp32_probe: Callable[[], Any]) -> str:
